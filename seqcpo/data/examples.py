@@ -1,0 +1,281 @@
+"""Records -> :class:`Example` (prefix ids, continuation ids) for the two tasks of PAPER.md.
+
+- ``continuation`` (Wikidump setting): tokenize each document, cut non-overlapping windows of
+  ``prefix_tokens`` + ``continuation_tokens``; the prefix is ``x``, the continuation ``y_0``. No EOS:
+  the document goes on. Documents shorter than one window are skipped and counted.
+- ``instruction`` (Dolly setting): render instruction (+ context) with a prompt template; the
+  continuation is the response tokens followed by EOS, so the loss covers the response only.
+
+Both tasks tokenize text with ``add_special_tokens=False`` and put in front of each prefix the special
+tokens the tokenizer itself would put in front of a plain string (a BOS for Llama tokenizers, nothing
+for GPT-2 or SmolLM2): the model sees the same start of sequence as in pre-training.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from seqcpo.data.config import DataConfig, DataError
+from seqcpo.data.sources import Record
+from seqcpo.types import Example
+
+logger = logging.getLogger(__name__)
+
+#: The "plain" prompt template (Alpaca-like). The Input block is left out when the context is empty.
+PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+PLAIN_TEMPLATE_NO_CONTEXT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def build_examples(
+    records: list[Record], cfg: DataConfig, tokenizer: Any, source: str
+) -> tuple[list[list[Example]], dict[str, int]]:
+    """Turn records into examples, grouped per record (one group per usable record, in source order).
+
+    Returns (groups, stats). Raises :class:`DataError` on a malformed record or when nothing is usable.
+    """
+    if cfg.task == "continuation":
+        groups, stats = continuation_examples(records, cfg, tokenizer, source)
+    else:
+        groups, stats = instruction_examples(records, cfg, tokenizer, source)
+    if not groups:
+        if stats["skipped_bad"]:
+            raise DataError(
+                f"{source}: no usable examples: {stats['skipped_bad']} of {len(records)} records are malformed "
+                "and were skipped (skip_bad_records=True), the rest gave no example"
+            )
+        if cfg.task == "continuation":
+            need = cfg.prefix_tokens + cfg.continuation_tokens
+            raise DataError(
+                f"{source}: no usable examples: all {len(records)} documents are shorter than prefix_tokens + "
+                f"continuation_tokens = {need} tokens; lower prefix_tokens or continuation_tokens"
+            )
+        raise DataError(f"{source}: no usable examples from {len(records)} records")
+    return groups, stats
+
+
+def continuation_examples(
+    records: list[Record], cfg: DataConfig, tokenizer: Any, source: str
+) -> tuple[list[list[Example]], dict[str, int]]:
+    """Token windows: window j of a document covers tokens [j*W, (j+1)*W), W = prefix + continuation."""
+    total = len(records)
+    records, values, bad = _extract(
+        records,
+        cfg,
+        lambda r: (
+            _text(r, cfg, "text_field", required=True, allow_empty=True),
+            _text(r, cfg, "category_field", required=False) or None,
+        ),
+    )
+    texts = [text for text, _ in values]
+    token_lists = _tokenize(tokenizer, texts)
+    lead = leading_special_ids(tokenizer)
+    p, c = cfg.prefix_tokens, cfg.continuation_tokens
+    w = p + c
+    groups: list[list[Example]] = []
+    windows: list[tuple[list[int], list[int]]] = []  # text-only (prefix, continuation) ids, for decoding
+    skipped = 0
+    for record, ids, (_, category) in zip(records, token_lists, values):
+        n = min(cfg.windows_per_document, len(ids) // w)
+        if n == 0:
+            skipped += 1  # includes empty documents: blank rows are normal in text corpora
+            continue
+        group = []
+        for j in range(n):
+            x, y = ids[j * w : j * w + p], ids[j * w + p : (j + 1) * w]
+            windows.append((x, y))
+            meta = {
+                "id": record.id if j == 0 else f"{record.id}#{j}",
+                "category": category,
+                "source": source,
+                "window": j,
+            }
+            group.append(Example(prefix_ids=lead + x, continuation_ids=list(y), meta=meta))
+        groups.append(group)
+    prompts = tokenizer.batch_decode([x for x, _ in windows])
+    references = tokenizer.batch_decode([y for _, y in windows])
+    for ex, prompt, reference in zip((e for g in groups for e in g), prompts, references):
+        ex.meta["prompt"] = prompt
+        ex.meta["reference"] = reference
+    stats = {
+        "records": total,
+        "skipped_bad": bad,
+        "skipped_short": skipped,
+        "examples": len(windows),
+    }
+    return groups, stats
+
+
+def instruction_examples(
+    records: list[Record], cfg: DataConfig, tokenizer: Any, source: str
+) -> tuple[list[list[Example]], dict[str, int]]:
+    """prefix_ids = rendered prompt (last ``max_prefix_tokens`` kept), continuation_ids = response + EOS
+    (first ``max_continuation_tokens - 1`` response tokens kept)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; task=instruction ends every continuation with EOS")
+    mode = _template_mode(cfg.prompt_template, tokenizer)
+    total = len(records)
+    records, values, bad = _extract(
+        records,
+        cfg,
+        lambda r: (
+            _text(r, cfg, "instruction_field", required=True),
+            _text(r, cfg, "context_field", required=False),
+            _text(r, cfg, "response_field", required=True),
+            _text(r, cfg, "category_field", required=False) or None,
+        ),
+    )
+    instructions = [v[0] for v in values]
+    contexts = [v[1] for v in values]
+    responses = [v[2] for v in values]
+    categories = [v[3] for v in values]
+    prompts = [render_prompt(i, c, tokenizer, mode) for i, c in zip(instructions, contexts)]
+    # A chat template writes its own BOS into the text; the plain one relies on the tokenizer's.
+    lead = leading_special_ids(tokenizer) if mode == "plain" else []
+    prompt_ids = _tokenize(tokenizer, prompts)
+    response_ids = _tokenize(tokenizer, responses)
+    max_body = cfg.max_prefix_tokens - len(lead)
+    max_response = cfg.max_continuation_tokens - 1
+    groups: list[list[Example]] = []
+    truncated_prefix = truncated_response = 0
+    for k, r in enumerate(records):
+        x, y = prompt_ids[k], response_ids[k]
+        if not y:  # whitespace-only after the tokenizer's normalisation
+            if not cfg.skip_bad_records:
+                raise DataError(f'{r.where}: field "{cfg.response_field}" tokenizes to nothing')
+            bad += 1
+            continue
+        cut_x, cut_y = len(x) > max_body, len(y) > max_response
+        x = x[-max_body:] if cut_x else x  # keep the end: the request and "### Response:" sit there
+        y = y[:max_response] if cut_y else y
+        truncated_prefix += cut_x
+        truncated_response += cut_y
+        prefix = lead + x
+        meta = {
+            "id": r.id,
+            "prompt": tokenizer.decode(prefix) if cut_x else prompts[k],
+            "reference": tokenizer.decode(y) if cut_y else responses[k],
+            "category": categories[k],
+            "source": source,
+            "instruction": instructions[k],
+            "context": contexts[k],
+            "prefix_truncated": cut_x,
+            "continuation_truncated": cut_y,
+        }
+        groups.append([Example(prefix_ids=prefix, continuation_ids=y + [eos], meta=meta)])
+    stats = {
+        "records": total,
+        "skipped_bad": bad,
+        "examples": len(groups),
+        "prefix_truncated": truncated_prefix,
+        "continuation_truncated": truncated_response,
+        "chat_template": int(mode == "chat"),
+    }
+    return groups, stats
+
+
+def render_prompt(instruction: str, context: str, tokenizer: Any, template: str = "auto") -> str:
+    """The prompt text for one instruction.
+
+    ``template``: "chat" renders one user message (instruction, then the context after a blank line when
+    non-empty) with the tokenizer's chat template and ``add_generation_prompt=True``; "plain" fills
+    :data:`PLAIN_TEMPLATE`::
+
+        ### Instruction:
+        {instruction}
+
+        ### Input:
+        {context}
+
+        ### Response:
+
+    (the Input block left out when the context is empty); "auto" picks "chat" when the tokenizer has a
+    chat template, else "plain".
+    """
+    mode = _template_mode(template, tokenizer)
+    if mode == "chat":
+        content = f"{instruction}\n\n{context}" if context else instruction
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    if context:
+        return PLAIN_TEMPLATE.format(instruction=instruction, context=context)
+    return PLAIN_TEMPLATE_NO_CONTEXT.format(instruction=instruction)
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """Special tokens the tokenizer puts before a plain string (e.g. Llama's BOS); [] for GPT-2/SmolLM2."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
+# -- helpers
+
+
+def _template_mode(template: str, tokenizer: Any) -> str:
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has_chat:
+        raise DataError(
+            "prompt_template='chat' but the tokenizer has no chat template; use prompt_template='plain' "
+            "(or 'auto', which falls back to plain)"
+        )
+    if template == "auto":
+        return "chat" if has_chat else "plain"
+    if template not in ("chat", "plain"):
+        raise ValueError(f"prompt_template={template!r}: choose auto, plain or chat")
+    return template
+
+
+def _extract(records: list[Record], cfg: DataConfig, fields: Any) -> tuple[list[Record], list[tuple], int]:
+    """Apply ``fields(record)`` to every record; a malformed record raises, or is skipped and counted when
+    ``cfg.skip_bad_records``. Returns (kept records, their field tuples, number skipped)."""
+    kept, values, problems = [], [], []
+    for r in records:
+        try:
+            values.append(fields(r))
+        except DataError as e:
+            if not cfg.skip_bad_records:
+                raise
+            problems.append(str(e))
+            continue
+        kept.append(r)
+    if problems:
+        shown = "; ".join(problems[:3])
+        logger.warning("skipped %d malformed records (skip_bad_records=True): %s%s", len(problems), shown,
+                       "; ..." if len(problems) > 3 else "")
+    return kept, values, len(problems)
+
+
+def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_empty: bool = False) -> str:
+    """The string field that ``cfg.<option>`` names, stripped; "" for a missing optional one.
+
+    Errors name the record's location, the field, and the option that maps another name.
+    """
+    name = getattr(cfg, option)
+    fields = record.fields
+    if fields.get(name) is None:
+        if not required:
+            return ""
+        present = ", ".join(map(str, fields)) or "none"
+        state = "missing field" if name not in fields else "null field"
+        raise DataError(
+            f'{record.where}: {state} "{name}" (fields present: {present}); map another name with {option}'
+        )
+    value = fields[name]
+    if not isinstance(value, str):
+        raise DataError(f'{record.where}: field "{name}" must be a string, got {type(value).__name__}')
+    value = value.strip()
+    if required and not value and not allow_empty:
+        raise DataError(f'{record.where}: field "{name}" is empty')
+    return value
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]

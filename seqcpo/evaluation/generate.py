@@ -1,0 +1,373 @@
+"""Continuations from saved checkpoints, written to a resumable JSONL file.
+
+Each row is one (example, model, decoding) triple::
+
+    {"id", "model", "decoding", "prompt", "reference", "generation", "category", "num_tokens", "stopped",
+     "model_path", "config"}
+
+``model`` is the model's label, ``decoding`` the config's name, ``config`` all its fields. ``num_tokens``
+counts the generated tokens (eos excluded), ``stopped`` says whether eos ended the text before
+``max_new_tokens``. Rows already in the file (keyed by id + model + decoding) are skipped, so an
+interrupted run resumes where it stopped; a half-written last line left by a crash is dropped. Resuming
+with a config of the same name but other settings (say another ``max_new_tokens``) is an error.
+
+Decoding configurations are written as compact specs (:func:`parse_decoding`)::
+
+    greedy                   sample:t=0.7,p=0.9      beam:n=4      topk:k=50      sample:t=1.0,m=128,s=3
+
+Keys: ``t`` temperature, ``p`` top-p, ``k`` top-k, ``n`` beams, ``m`` max new tokens, ``s`` seed.
+Sampling is seeded per batch from (seed, ids in the batch), so a rerun of the same batch reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from seqcpo.types import Example
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("greedy", "sample", "beam")
+_KEY_ALIASES = {
+    "t": "temperature",
+    "temperature": "temperature",
+    "p": "top_p",
+    "top_p": "top_p",
+    "k": "top_k",
+    "top_k": "top_k",
+    "n": "num_beams",
+    "num_beams": "num_beams",
+    "m": "max_new_tokens",
+    "max_new_tokens": "max_new_tokens",
+    "s": "seed",
+    "seed": "seed",
+}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One decoding configuration.
+
+    Attributes:
+        name: the label in generation files and reports (by default the spec it was parsed from).
+        strategy: "greedy", "sample" or "beam".
+        temperature: softmax temperature (sample only).
+        top_k: keep the k most likely tokens, 0 = off (sample only).
+        top_p: nucleus mass, 1.0 = off (sample only).
+        num_beams: beam width (beam only).
+        max_new_tokens: generation length cap.
+        seed: base seed for sampling.
+    """
+
+    name: str = "greedy"
+    strategy: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "sample" and self.temperature <= 0:
+            raise ValueError("sampling needs temperature > 0; use the 'greedy' strategy for argmax decoding")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.num_beams < 1 or (self.strategy == "beam" and self.num_beams < 2):
+            raise ValueError(f"beam search needs num_beams >= 2 (got {self.num_beams}); use 'greedy' for 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.GenerationConfig``."""
+        if self.strategy == "greedy":
+            return {"do_sample": False, "num_beams": 1}
+        if self.strategy == "beam":
+            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
+
+def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> GenerationConfig:
+    """Parse a compact decoding spec into a :class:`GenerationConfig`.
+
+    >>> parse_decoding("sample:t=0.7,p=0.9")
+    GenerationConfig(name='sample:t=0.7,p=0.9', strategy='sample', temperature=0.7, top_k=0, top_p=0.9, num_beams=1, max_new_tokens=64, seed=0)
+    >>> parse_decoding("beam:n=4").num_beams
+    4
+    >>> parse_decoding("topk:k=50").top_k
+    50
+    """
+    spec = spec.strip()
+    head, _, tail = spec.partition(":")
+    head = head.strip().lower()
+    fields: dict[str, Any] = {"max_new_tokens": max_new_tokens, "seed": seed}
+    if head in ("greedy", "sample", "beam"):
+        fields["strategy"] = head
+    elif head == "topk":
+        fields["strategy"] = "sample"
+    elif head in ("topp", "nucleus"):
+        fields["strategy"] = "sample"
+    else:
+        raise ValueError(f"unknown decoding {head!r} in {spec!r}; use greedy, sample, beam, topk or topp")
+    if head == "beam":
+        fields["num_beams"] = 4
+    for part in filter(None, (p.strip() for p in tail.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in _KEY_ALIASES:
+            raise ValueError(f"bad option {part!r} in decoding {spec!r}; keys: t, p, k, n, m, s")
+        name = _KEY_ALIASES[key]
+        fields[name] = float(value) if name in ("temperature", "top_p") else int(value)
+    if head == "topk" and fields.get("top_k", 0) == 0:
+        raise ValueError(f"{spec!r}: topk needs k=K")
+    if head in ("topp", "nucleus") and "top_p" not in fields:
+        raise ValueError(f"{spec!r}: {head} needs p=P")
+    return GenerationConfig(name=spec, **fields)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_checkpoint(path: str, dtype: str = "float32", device: str | None = None, tokenizer_path: str | None = None):
+    """Load (model, tokenizer) from a checkpoint folder or name, in eval mode on ``device``.
+
+    Uses :mod:`seqcpo.models` (which knows the embedded default and GGUF conversions) when it is
+    importable, plain ``transformers`` otherwise.
+    """
+    try:
+        from seqcpo.models import load_model, load_tokenizer
+    except ImportError:  # seqcpo.models not installed in this tree: plain transformers
+        load_model = load_tokenizer = None
+    if load_model is not None:
+        model = load_model(path, dtype=dtype)
+        tokenizer = load_tokenizer(tokenizer_path or path)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer
+
+
+def pad_id_of(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id lists. Returns input_ids (B, T) and attention_mask (B, T)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the JSONL file
+
+
+def _row_key(row: dict) -> tuple[str, str, str]:
+    return (str(row["id"]), str(row["model"]), str(row["decoding"]))
+
+
+def read_generations(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """Read a generations JSONL file. A torn last line (crash mid-write) is skipped, and cut off the file
+    when ``repair``; an unreadable line elsewhere is skipped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    rows: list[dict] = []
+    good_end = 0  # byte offset just past the last complete, parseable line
+    offset = 0
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        is_last = i == len(lines) - 1
+        end = offset + len(line) + (0 if is_last else 1)
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+                if not is_last:
+                    good_end = end
+            except json.JSONDecodeError:
+                if is_last:
+                    logger.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
+                else:
+                    logger.warning("%s: skipping unreadable line %d", path, i + 1)
+                    good_end = end
+        elif not is_last:
+            good_end = end
+        offset = end
+    if repair:
+        tail = data[good_end:]
+        if tail.strip():
+            try:
+                json.loads(tail)
+                # complete last row without its newline: finish the line rather than drop the row
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+            except json.JSONDecodeError:
+                with open(path, "r+b") as f:
+                    f.truncate(good_end)
+        elif tail:
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+    return rows
+
+
+def _append_rows(path: Path, rows: Iterable[dict]) -> None:
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    with open(path, "ab") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def example_texts(example: Example, tokenizer) -> tuple[str, str]:
+    """(prompt, reference) text of an example: from ``meta`` when the data source rendered them."""
+    meta = example.meta or {}
+    prompt = meta.get("prompt")
+    if prompt is None:
+        prompt = tokenizer.decode(example.prefix_ids, skip_special_tokens=True)
+    reference = meta.get("reference")
+    if reference is None:
+        reference = tokenizer.decode(example.continuation_ids, skip_special_tokens=True)
+    return prompt, reference
+
+
+def example_id(example: Example, index: int) -> str:
+    meta = example.meta or {}
+    return str(meta.get("id", index))
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: GenerationConfig, pad_id: int,
+                   eos_id: int | None) -> list[list[int]]:
+    """Generate one batch. Returns the new token ids of each row, cut at the first eos (eos excluded)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prefix_ids, pad_id)  # (B, T), (B, T)
+    hf_config = HFGenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        **config.generate_kwargs(),
+    )
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        generation_config=hf_config,
+    )  # (B, T + new)
+    new = out[:, input_ids.shape[1]:].tolist()
+    results = []
+    for row in new:
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        results.append(row)
+    return results
+
+
+def generate_continuations(
+    model_path: str,
+    examples: Sequence[Example],
+    configs: Sequence[GenerationConfig],
+    out_path: str | os.PathLike,
+    batch_size: int = 16,
+    model_label: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    progress: bool = True,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> list[dict]:
+    """Generate a continuation of every example under every config and append the rows to ``out_path``.
+
+    Rows already present for (id, model_label, config.name) are kept and not regenerated. The model is
+    loaded only when something is left to generate. Returns the rows of this model for the requested
+    examples and configs (config-major, then example order), old and new.
+    """
+    from tqdm.auto import tqdm
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    label = model_label or str(model_path)
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"decoding names must be unique, got {names}")
+    done = {_row_key(r): r for r in read_generations(out_path, repair=True)}
+    ids = [example_id(ex, i) for i, ex in enumerate(examples)]
+    if len(set(ids)) != len(ids):
+        raise ValueError("example ids (meta['id']) must be unique to key the generation file")
+
+    for c in configs:  # a resumed file must have been made with the same settings
+        wanted = asdict(c)
+        for i in range(len(examples)):
+            old = done.get((ids[i], label, c.name))
+            if old is not None and old.get("config", wanted) != wanted:
+                raise ValueError(
+                    f"{out_path} already holds {label!r} / {c.name!r} rows made with {old['config']}, not {wanted}; "
+                    "write to a new file (--out) or give this run another decoding name or model label"
+                )
+    todo = [(c, i) for c in configs for i in range(len(examples)) if (ids[i], label, c.name) not in done]
+    if todo:
+        model, tokenizer = model_and_tokenizer or load_checkpoint(model_path, dtype=dtype, device=device)
+        pad_id, eos_id = pad_id_of(tokenizer), tokenizer.eos_token_id
+        bar = tqdm(total=len(todo), desc=f"generate {label}", unit="ex", disable=not progress)
+        for config in configs:
+            pending = [i for c, i in todo if c is config]
+            pending.sort(key=lambda i: -len(examples[i].prefix_ids))  # similar lengths share a batch
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start:start + batch_size]
+                if config.strategy == "sample":
+                    salt = zlib.crc32("\x00".join(ids[i] for i in batch).encode())
+                    torch.manual_seed((config.seed * 1_000_003 + salt) % (2**63))
+                new_ids = generate_batch(model, [examples[i].prefix_ids for i in batch], config, pad_id, eos_id)
+                rows = []
+                for i, gen in zip(batch, new_ids):
+                    prompt, reference = example_texts(examples[i], tokenizer)
+                    rows.append({
+                        "id": ids[i],
+                        "model": label,
+                        "decoding": config.name,
+                        "prompt": prompt,
+                        "reference": reference,
+                        "generation": tokenizer.decode(gen, skip_special_tokens=True),
+                        "category": (examples[i].meta or {}).get("category"),
+                        "num_tokens": len(gen),
+                        "stopped": len(gen) < config.max_new_tokens,
+                        "model_path": str(model_path),
+                        "config": asdict(config),
+                    })
+                _append_rows(out_path, rows)
+                for r in rows:
+                    done[_row_key(r)] = r
+                bar.update(len(batch))
+        bar.close()
+    return [done[(ids[i], label, c.name)] for c in configs for i in range(len(examples))]

@@ -1,0 +1,556 @@
+"""Pairwise judges: which of two continuations of a prompt is better.
+
+A judge returns a :class:`Verdict` with ``winner`` "A", "B", "tie", or ``None`` when it failed (HTTP
+errors past the retry budget, replies that never parsed). A failure is reported as a failure and never
+counted as a loss (see :mod:`seqcpo.evaluation.winrate`).
+
+Both backends fill the same prompt template (``seqcpo/templates/judge_pairwise.txt`` by default, or any
+file with the placeholders ``{prompt}``, ``{a}``, ``{b}``); the template asks for one letter: ``A``, ``B``,
+or ``C`` for a tie. Its SHA-256 is part of every report and of every cache key.
+
+- :class:`OpenAIJudge` POSTs to ``{url}/chat/completions`` of any OpenAI-compatible server (a hosted
+  model, vLLM, llama.cpp) with the standard library only. The API key is read from the environment
+  variable named by ``api_key_env`` and goes nowhere but the ``Authorization`` header: not into a file,
+  a log line, a cache key or an exception message.
+- :class:`LocalJudge` runs a local causal LM once per pair and reads the preference from the next-token
+  log-probabilities of the answer letters ``A``, ``B`` and ``C`` (= tie) after the rendered prompt
+  (through the chat template when the tokenizer has one). Deterministic: no sampling.
+
+Verdicts that succeeded are cached in ``<cache_dir>/judge_cache.jsonl`` keyed by
+SHA-256(judge model, template text, prompt, a, b); failures are not cached, so a rerun retries them.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+logger = logging.getLogger(__name__)
+
+WINNERS = ("A", "B", "tie")
+DEFAULT_CACHE_DIR = Path(os.environ.get("SEQCPO_CACHE", Path.home() / ".cache" / "seqcpo")) / "judge"
+
+
+@dataclass
+class Verdict:
+    """One pairwise judgement.
+
+    Attributes:
+        winner: "A", "B", "tie", or None when the judge failed.
+        raw: the judge's reply text (API backend) or its answer log-probs as JSON (local backend).
+        error: why it failed (None on success).
+        cached: True when read from the verdict cache.
+    """
+
+    winner: str | None
+    raw: str = ""
+    error: str | None = None
+    cached: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.winner is None
+
+
+@runtime_checkable
+class PairwiseJudge(Protocol):
+    """Anything with ``judge(prompt, a, b) -> Verdict`` and ``describe() -> dict`` (backend, model, host,
+    prompt_sha256). ``judge_many`` is optional; :func:`judge_all` falls back to a loop."""
+
+    def judge(self, prompt: str, a: str, b: str) -> Verdict:
+        ...
+
+    def describe(self) -> dict:
+        ...
+
+
+def judge_all(judge: PairwiseJudge, triples: Sequence[tuple[str, str, str]], progress: bool = True) -> list[Verdict]:
+    """Judge many (prompt, a, b) triples, concurrently when the judge supports it."""
+    many = getattr(judge, "judge_many", None)
+    if many is not None:
+        return many(triples, progress=progress)
+    return [judge.judge(*t) for t in triples]
+
+
+# ----------------------------------------------------------------------------- the prompt
+
+
+def load_judge_prompt(path: str | os.PathLike | None = None) -> tuple[str, str]:
+    """Read a judge prompt template. Returns (text, SHA-256 hex of its UTF-8 bytes).
+
+    ``None`` reads the packaged default ``seqcpo/templates/judge_pairwise.txt``.
+    """
+    if path is None:
+        text = resources.files("seqcpo").joinpath("templates/judge_pairwise.txt").read_text(encoding="utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    missing = [p for p in ("{prompt}", "{a}", "{b}") if p not in text]
+    if missing:
+        raise ValueError(f"judge prompt {path or 'default'} lacks the placeholder(s) {', '.join(missing)}")
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def render_judge_prompt(template: str, prompt: str, a: str, b: str) -> str:
+    """Fill the placeholders in one pass (not ``str.format``: texts may contain braces or placeholders)."""
+    values = {"{prompt}": prompt, "{a}": a, "{b}": b}
+    return re.sub(r"\{prompt\}|\{a\}|\{b\}", lambda m: values[m.group(0)], template)
+
+
+_BARE = re.compile(r"^[\s\"'*\[\(]*(A|B|C|tie)[\s\"'*\]\)\.]*$", re.IGNORECASE)
+_TAGGED = re.compile(
+    r"(?:answer|verdict|winner|better)\s*(?:is)?\s*[:\-]?\s*[\"'*\[\(]*\s*(A|B|C|tie)\b(?![\w'])",
+    re.IGNORECASE,
+)
+_BRACKETED = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
+
+
+def parse_answer(text: str | None) -> str | None:
+    """Map a judge reply to "A", "B", "tie" or None (unparseable).
+
+    Accepted: a bare letter (``A``, ``"B".``, ``**C**``), ``tie``, ``[[A]]``, or ``Answer: B`` anywhere
+    (the last such tag wins). ``C`` means tie, as the default template asks.
+
+    >>> [parse_answer(s) for s in ["A", " b.", "C", "Tie", "Answer: B", "[[A]]", "I think so"]]
+    ['A', 'B', 'tie', 'tie', 'B', 'A', None]
+    """
+    if not text:
+        return None
+    text = text.strip()
+    m = _BARE.match(text)
+    if m is None:
+        tags = _BRACKETED.findall(text) or _TAGGED.findall(text)
+        if not tags:
+            return None
+        letter = tags[-1]
+    else:
+        letter = m.group(1)
+    letter = letter.upper()
+    return {"A": "A", "B": "B", "C": "tie", "TIE": "tie"}[letter]
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+class VerdictCache:
+    """Append-only JSONL cache of successful verdicts, safe for threads and for concurrent processes
+    appending to the same file (each entry is one ``os.write`` on an O_APPEND descriptor; a torn line
+    is skipped on load)."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None):
+        self.path = Path(cache_dir or DEFAULT_CACHE_DIR) / "judge_cache.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._entries[entry["key"]] = entry
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def key(judge_model: str, template: str, prompt: str, a: str, b: str) -> str:
+        blob = json.dumps([judge_model, template, prompt, a, b], ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def get(self, key: str) -> Verdict | None:
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None:
+            return None
+        return Verdict(winner=entry["winner"], raw=entry.get("raw", ""), cached=True)
+
+    def put(self, key: str, verdict: Verdict, judge_model: str) -> None:
+        if verdict.winner is None:
+            return
+        entry = {"key": key, "winner": verdict.winner, "raw": verdict.raw, "judge_model": judge_model}
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            self._entries[key] = entry
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible API
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, delay: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class OpenAIJudge:
+    """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+        url: the API base, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``.
+        model: the judge model name sent in the request (e.g. ``gpt-4o-mini``).
+        api_key_env: name of the environment variable holding the key. Unset: no Authorization header
+            (fine for a local vLLM or llama.cpp server).
+        prompt_path: judge prompt template file; None = the packaged default.
+        max_concurrency: requests in flight at once in :meth:`judge_many`.
+        max_retries: retries of one request after 429, 5xx, time-outs and connection errors.
+        max_malformed: extra tries when the reply is not JSON, has no choices, or names no A/B/C.
+        timeout: seconds per request (socket time-out).
+        backoff_base, backoff_max: retry ``i`` (from 1) sleeps ``min(backoff_max, backoff_base * 2**(i-1))``
+            times a uniform jitter in [0.5, 1]; a 429's ``Retry-After`` (capped at ``backoff_max``) wins.
+        cache_dir: folder of ``judge_cache.jsonl``.
+    """
+
+    backend = "openai"
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        prompt_path: str | os.PathLike | None = None,
+        max_concurrency: int = 8,
+        max_retries: int = 5,
+        timeout: float = 60.0,
+        cache_dir: str | os.PathLike | None = None,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        max_malformed: int = 2,
+        temperature: float = 0.0,
+        max_tokens: int = 8,
+    ):
+        if max_concurrency < 1 or max_retries < 0 or max_malformed < 0:
+            raise ValueError("max_concurrency >= 1, max_retries >= 0 and max_malformed >= 0 are required")
+        base = url.rstrip("/")
+        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        parsed = urllib.parse.urlsplit(self.endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"judge URL must be http(s)://host[:port]/..., got scheme {parsed.scheme!r}")
+        self.host = parsed.hostname + (f":{parsed.port}" if parsed.port else "")  # no user:password@
+        self.model = model
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
+            # never echo the value: a user may have passed the key itself
+            raise ValueError("api_key_env must be the NAME of an environment variable (letters, digits, _), "
+                             "not the key itself")
+        self.api_key_env = api_key_env
+        self._api_key = os.environ.get(api_key_env) or None
+        if self._api_key is None:
+            shown = api_key_env if re.fullmatch(r"[A-Z_][A-Z0-9_]*", api_key_env) else "named by api_key_env"
+            logger.warning("the environment variable %s is not set: calling the judge without an Authorization "
+                           "header", shown)
+        self.template, self.prompt_sha256 = load_judge_prompt(prompt_path)
+        self.prompt_path = str(prompt_path) if prompt_path else None
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.max_malformed = max_malformed
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.cache = VerdictCache(cache_dir)
+        self.stats: Counter = Counter()  # requests, retries, cache_hits, failures, malformed
+        self._stats_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge(host={self.host!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "host": self.host,
+            "prompt_sha256": self.prompt_sha256,
+            "prompt_path": self.prompt_path,
+        }
+
+    def _count(self, what: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[what] += n
+
+    def _scrub(self, text: str) -> str:
+        """Remove the key from any text we keep (a server may echo it back)."""
+        if self._api_key and self._api_key in text:
+            return text.replace(self._api_key, "***")
+        return text
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+    def _post(self, body: bytes) -> str:
+        """One HTTP request. Returns the response text, or raises _Retryable / a final error string."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+        self._count("requests")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as e:
+            # the error body is not kept: some APIs echo (part of) the key in 401 messages
+            status = e.code
+            retry_after = _retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
+            e.close()
+            if status == 429:
+                raise _Retryable("HTTP 429", retry_after) from None
+            if status >= 500 or status == 408:
+                raise _Retryable(f"HTTP {status}") from None
+            raise _Final(f"HTTP {status} from {self.host}") from None
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            kind = "time-out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "connection error"
+            raise _Retryable(f"{kind} ({type(reason).__name__})") from None
+
+    def _ask(self, text: str) -> Verdict:
+        body = json.dumps({
+            "model": self.model,
+            "messages": [{"role": "user", "content": text}],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }).encode("utf-8")
+        retries = malformed = 0
+        while True:
+            try:
+                reply = self._post(body)
+            except _Final as e:
+                return Verdict(None, error=str(e))
+            except _Retryable as e:
+                retries += 1
+                if retries > self.max_retries:
+                    return Verdict(None, error=f"{e.reason}; gave up after {self.max_retries} retries")
+                delay = min(e.delay, self.backoff_max) if e.delay is not None else self._backoff(retries)
+                logger.info("judge %s: %s, retry %d/%d in %.2fs", self.host, e.reason, retries, self.max_retries, delay)
+                self._count("retries")
+                time.sleep(delay)
+                continue
+            content, problem = _reply_content(reply)
+            winner = parse_answer(content) if problem is None else None
+            if winner is not None:
+                return Verdict(winner, raw=self._scrub(content))
+            problem = problem or "answer names none of A, B, C"
+            self._count("malformed")
+            malformed += 1
+            raw = self._scrub((content if content is not None else reply)[:2000])
+            if malformed > self.max_malformed:
+                return Verdict(None, raw=raw, error=f"malformed reply: {problem}")
+            logger.info("judge %s: malformed reply (%s), asking again (%d/%d)", self.host, problem, malformed,
+                        self.max_malformed)
+            time.sleep(self._backoff(malformed))
+
+    def judge(self, prompt: str, a: str, b: str) -> Verdict:
+        key = VerdictCache.key(self.model, self.template, prompt, a, b)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self._count("cache_hits")
+            return hit
+        verdict = self._ask(render_judge_prompt(self.template, prompt, a, b))
+        if verdict.failed:
+            self._count("failures")
+        else:
+            self.cache.put(key, verdict, self.model)
+        return verdict
+
+    def judge_many(self, triples: Sequence[tuple[str, str, str]], progress: bool = True) -> list[Verdict]:
+        from tqdm.auto import tqdm
+
+        unique = list(dict.fromkeys(triples))  # identical triples are asked once
+        results: dict[tuple[str, str, str], Verdict] = {}
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            futures = {pool.submit(self._judge_safely, *t): t for t in unique}
+            with tqdm(total=len(futures), desc=f"judge {self.model}", unit="pair", disable=not progress) as bar:
+                for f in as_completed(futures):
+                    results[futures[f]] = f.result()
+                    bar.update(1)
+        return [results[t] for t in triples]
+
+    def _judge_safely(self, prompt: str, a: str, b: str) -> Verdict:
+        """:meth:`judge`, with an unexpected error turned into a failed verdict (one bad item must not
+        lose a whole batch of paid calls)."""
+        try:
+            return self.judge(prompt, a, b)
+        except Exception as e:  # noqa: BLE001
+            self._count("failures")
+            logger.warning("judge %s: unexpected %s", self.host, type(e).__name__)
+            return Verdict(None, error=self._scrub(f"unexpected {type(e).__name__}: {e}"))
+
+
+class _Final(Exception):
+    pass
+
+
+def _reply_content(text: str) -> tuple[str | None, str | None]:
+    """(message content, problem) from a chat-completions response body."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None, "not JSON"
+    if not isinstance(data, dict) or not data.get("choices"):
+        return None, "no choices"
+    try:
+        choice = data["choices"][0]
+        content = choice.get("message", {}).get("content")
+        if content is None:
+            content = choice.get("text")  # completions-style servers
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None, "no message in the first choice"
+    if not isinstance(content, str):
+        return None, "no message content"
+    return content, None
+
+
+# ----------------------------------------------------------------------------- local model
+
+
+class LocalJudge:
+    """A local Hugging Face causal LM as a judge, by next-token log-probabilities.
+
+    The filled template (right-stripped, so it ends with ``Answer:``; wrapped in the chat template when
+    the tokenizer has one) is run once; the score of a label is the log-sum-exp of the next-token
+    log-probs of its single-token spellings (``"A"``, ``" A"``; ``"B"``, ``" B"``; ``"C"``, ``" C"`` for a
+    tie). The verdict is the arg-max label, ties between scores broken in the order A, B, tie. ``raw``
+    holds the three scores as JSON. Prompts longer than the model's context keep their last tokens.
+    """
+
+    backend = "local"
+
+    def __init__(
+        self,
+        model_path: str,
+        prompt_path: str | os.PathLike | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        use_chat_template: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        model_and_tokenizer=None,
+    ):
+        from seqcpo.evaluation.generate import load_checkpoint
+
+        self.model_path = str(model_path)
+        self.template, self.prompt_sha256 = load_judge_prompt(prompt_path)
+        self.prompt_path = str(prompt_path) if prompt_path else None
+        self.model, self.tokenizer = model_and_tokenizer or load_checkpoint(self.model_path, dtype=dtype, device=device)
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        self.label_ids = {label: self._single_token_ids(letter) for label, letter in (("A", "A"), ("B", "B"), ("tie", "C"))}
+        cfg = self.model.config
+        self.max_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.cache = VerdictCache(cache_dir) if cache_dir is not None else None
+        self.stats: Counter = Counter()
+
+    def _single_token_ids(self, letter: str) -> list[int]:
+        ids = set()
+        for spelling in (letter, " " + letter):
+            enc = self.tokenizer.encode(spelling, add_special_tokens=False)
+            if len(enc) == 1:
+                ids.add(enc[0])
+        if not ids:
+            raise ValueError(f"the judge tokenizer has no single token for {letter!r}; LocalJudge needs one")
+        return sorted(ids)
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend,
+            "model": self.model_path,
+            "host": None,
+            "prompt_sha256": self.prompt_sha256,
+            "prompt_path": self.prompt_path,
+            "answer_tokens": {k: v for k, v in self.label_ids.items()},
+        }
+
+    def render_ids(self, prompt: str, a: str, b: str) -> list[int]:
+        text = render_judge_prompt(self.template, prompt, a, b).rstrip()
+        if self.use_chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(text)["input_ids"]
+        if len(ids) > self.max_length:
+            logger.warning("judge prompt of %d tokens cut to its last %d", len(ids), self.max_length)
+            ids = ids[-self.max_length:]
+        return ids
+
+    def judge(self, prompt: str, a: str, b: str) -> Verdict:
+        import torch
+
+        key = None
+        if self.cache is not None:
+            key = VerdictCache.key(self.model_path, self.template, prompt, a, b)
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats["cache_hits"] += 1
+                return hit
+        ids = self.render_ids(prompt, a, b)
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0, -1]  # (V,)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        scores = {label: torch.logsumexp(logp[tids], dim=0).item() for label, tids in self.label_ids.items()}
+        winner = max(WINNERS, key=lambda lab: scores[lab])  # max keeps the first of equal scores
+        verdict = Verdict(winner, raw=json.dumps({"logp": scores}))
+        self.stats["requests"] += 1
+        if self.cache is not None:
+            self.cache.put(key, verdict, self.model_path)
+        return verdict
+
+    def judge_many(self, triples: Sequence[tuple[str, str, str]], progress: bool = True) -> list[Verdict]:
+        from tqdm.auto import tqdm
+
+        return [self.judge(*t) for t in tqdm(triples, desc="judge (local)", unit="pair", disable=not progress)]
+
+
+def build_judge(backend: str, model: str | None = None, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                prompt_path: str | None = None, cache_dir: str | None = None, **kwargs) -> PairwiseJudge | None:
+    """Judge from CLI options: backend "openai" (needs url and model), "local" (model = path) or "none"."""
+    if backend == "none":
+        return None
+    if backend == "openai":
+        if not url or not model:
+            raise ValueError("--judge openai needs --judge-url (e.g. https://api.openai.com/v1) and --judge-model")
+        return OpenAIJudge(url, model, api_key_env=api_key_env, prompt_path=prompt_path, cache_dir=cache_dir, **kwargs)
+    if backend == "local":
+        if not model:
+            raise ValueError("--judge local needs --judge-model PATH (a local causal LM checkpoint or name)")
+        return LocalJudge(model, prompt_path=prompt_path, cache_dir=cache_dir, **kwargs)
+    raise ValueError(f"unknown judge backend {backend!r}; use openai, local or none")

@@ -1,0 +1,248 @@
+"""``report.md``, ``results.json`` and PNG plots from an evaluation's results dict.
+
+The results dict (written verbatim to ``results.json``)::
+
+    {"seqcpo_version", "created_utc", "data": {...}, "judge": {backend, model, host, prompt_sha256} | None,
+     "judge_stats": {...}, "order": "both" | "random", "order_seed": int,
+     "runs": [{"label", "model", "alpha", "decoding", "num_items", "win_rate_vs_gold": WinRate | None,
+               "win_rate_by_category": {category: WinRate}, "mauve": MauveResult | None, "rouge_l",
+               "distinct_1", "distinct_2", "distinct_3", "rep_4", "mean_tokens", "gold_ppl": {...} | None}],
+     "head_to_head": [{"a", "b", "decoding", "win_rate": WinRate, "by_category": {...}}]}
+
+Every write is atomic (temporary file in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+PLOT_WINRATE = "winrate.png"
+PLOT_MAUVE = "mauve.png"
+PLOT_ALPHA = "alpha_sweep.png"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def judge_label(judge: dict | None) -> str:
+    """One-line judge description: backend, model, host (API), first 12 hex of the prompt hash."""
+    if not judge:
+        return "no judge"
+    where = f" @ {judge['host']}" if judge.get("host") else ""
+    return f"{judge['backend']}: {judge['model']}{where}, prompt sha256 {judge['prompt_sha256'][:12]}"
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _fmt_wr(wr: dict | None) -> str:
+    if not wr or wr.get("rate") is None:
+        return "-"
+    return f"{100 * wr['rate']:.1f} [{100 * wr['ci_low']:.1f}, {100 * wr['ci_high']:.1f}]"
+
+
+def render_markdown(results: dict) -> str:
+    judge = judge_label(results.get("judge"))
+    lines = ["# seqcpo evaluation", ""]
+    lines.append(f"- created: {results.get('created_utc', '-')}, seqcpo {results.get('seqcpo_version', '-')}")
+    data = results.get("data") or {}
+    if data:
+        lines.append("- data: " + ", ".join(f"{k}={v}" for k, v in data.items()))
+    lines.append(f"- judge: {judge}")
+    if results.get("judge"):
+        j = results["judge"]
+        lines.append(f"- judge prompt: {j.get('prompt_path') or 'default (seqcpo/templates/judge_pairwise.txt)'}, "
+                     f"sha256 `{j['prompt_sha256']}`")
+        order = results.get("order", "both")
+        rule = ("both orders per item; disagreeing verdicts count as a tie" if order == "both"
+                else f"one random order per item (seed {results.get('order_seed')})")
+        lines.append(f"- win rate = (wins + 0.5 ties) / n over items the judge did not fail; {rule}; "
+                     "95% Wilson score interval")
+    if results.get("judge_stats"):
+        lines.append("- judge calls: " + ", ".join(f"{k}={v}" for k, v in sorted(results["judge_stats"].items())))
+    lines.append("")
+
+    lines += ["## Models x decoding", "",
+              "| model | alpha | decoding | win rate vs gold % [95% CI] | n | failed | judge | MAUVE (n gold/model) "
+              "| ROUGE-L | distinct-1/2/3 | rep-4 | mean tokens | gold ppl |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.get("runs", []):
+        wr = r.get("win_rate_vs_gold")
+        mv = r.get("mauve")
+        mauve = "-" if not mv else f"{mv['score']:.3f} ({mv['n_p']}/{mv['n_q']}){' (!)' if mv.get('warning') else ''}"
+        ppl = (r.get("gold_ppl") or {}).get("ppl")
+        lines.append(
+            f"| {r['label']} | {_fmt(r.get('alpha'), 2)} | `{r['decoding']}` | {_fmt_wr(wr)} | "
+            f"{wr['n'] if wr else '-'} | {wr['failed'] if wr else '-'} | {judge if wr else '-'} | {mauve} | "
+            f"{_fmt(r.get('rouge_l'))} | {_fmt(r.get('distinct_1'))}/{_fmt(r.get('distinct_2'))}/"
+            f"{_fmt(r.get('distinct_3'))} | {_fmt(r.get('rep_4'))} | {_fmt(r.get('mean_tokens'), 1)} | {_fmt(ppl, 2)} |"
+        )
+    warns = [f"{r['label']} / `{r['decoding']}`: {r['mauve']['warning']}" for r in results.get("runs", [])
+             if r.get("mauve") and r["mauve"].get("warning")]
+    errs = [f"{r['label']} / `{r['decoding']}`: {r['mauve_error']}" for r in results.get("runs", []) if r.get("mauve_error")]
+    if warns or errs:
+        lines += ["", "MAUVE notes (features: " + ", ".join(sorted({r['mauve']['featurizer'] for r in results['runs'] if r.get('mauve')})) + "):", ""]
+        lines += [f"- (!) {w}" for w in warns] + [f"- {e}" for e in errs]
+
+    cat_rows = [(r, cat, wr) for r in results.get("runs", []) for cat, wr in (r.get("win_rate_by_category") or {}).items()]
+    if cat_rows:
+        lines += ["", "## Win rate vs gold by category", "", f"Judge: {judge}", "",
+                  "| model | decoding | category | win rate % [95% CI] | n | W/T/L | failed |", "|---|---|---|---|---|---|---|"]
+        for r, cat, wr in cat_rows:
+            lines.append(f"| {r['label']} | `{r['decoding']}` | {cat} | {_fmt_wr(wr)} | {wr['n']} | "
+                         f"{wr['wins']}/{wr['ties']}/{wr['losses']} | {wr['failed']} |")
+
+    h2h = results.get("head_to_head") or []
+    if h2h:
+        lines += ["", "## Head to head", "", f"Judge: {judge}. Win rate of the first model over the second.", "",
+                  "| model | vs | decoding | win rate % [95% CI] | n | W/T/L | failed | judge |", "|---|---|---|---|---|---|---|---|"]
+        for h in h2h:
+            wr = h["win_rate"]
+            lines.append(f"| {h['a']} | {h['b']} | `{h['decoding']}` | {_fmt_wr(wr)} | {wr['n']} | "
+                         f"{wr['wins']}/{wr['ties']}/{wr['losses']} | {wr['failed']} | {judge} |")
+
+    plots = results.get("plots") or []
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _save_png(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _grouped_bars(runs: list[dict], value, error, ylabel: str, title: str, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if value(r) is not None]
+    if not runs:
+        return False
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    decodings = list(dict.fromkeys(r["decoding"] for r in runs))
+    width = 0.8 / len(decodings)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) * max(1, len(decodings)) ** 0.5 + 2), 3.5))
+    for j, dec in enumerate(decodings):
+        xs, ys, errs = [], [], [[], []]
+        for i, lab in enumerate(labels):
+            r = next((r for r in runs if r["label"] == lab and r["decoding"] == dec), None)
+            if r is None:
+                continue
+            xs.append(i + (j - (len(decodings) - 1) / 2) * width)
+            ys.append(value(r))
+            lo, hi = error(r) if error else (value(r), value(r))
+            errs[0].append(value(r) - lo)
+            errs[1].append(hi - value(r))
+        ax.bar(xs, ys, width=width, label=dec, yerr=errs if error else None, capsize=3)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, title="decoding", title_fontsize=7)
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _alpha_plot(runs: list[dict], judge: str, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.get("alpha") is not None]
+    if len({r["alpha"] for r in runs}) < 2:
+        return False
+    metrics = [("win rate vs gold", lambda r: (r.get("win_rate_vs_gold") or {}).get("rate")),
+               ("MAUVE", lambda r: (r.get("mauve") or {}).get("score"))]
+    metrics = [(name, f) for name, f in metrics if any(f(r) is not None for r in runs)]
+    if not metrics:
+        return False
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    for ax, (name, f) in zip(axes[0], metrics):
+        for dec in dict.fromkeys(r["decoding"] for r in runs):
+            pts = sorted(((r["alpha"], f(r), r) for r in runs if r["decoding"] == dec and f(r) is not None),
+                         key=lambda p: p[0])
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            ax.plot(xs, ys, marker="o", label=dec)
+            if name.startswith("win"):
+                lo = [p[2]["win_rate_vs_gold"]["ci_low"] for p in pts]
+                hi = [p[2]["win_rate_vs_gold"]["ci_high"] for p in pts]
+                ax.fill_between(xs, lo, hi, alpha=0.2)
+        ax.set_xlabel("alpha (ensemble weight)")
+        ax.set_ylabel(name)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"weight-space ensemble sweep; judge: {judge}", fontsize=8)
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_plots(results: dict, out_dir: str | os.PathLike) -> list[str]:
+    """Write the PNGs that the results support. Returns their file names."""
+    out_dir = Path(out_dir)
+    runs = results.get("runs", [])
+    judge = judge_label(results.get("judge"))
+    written = []
+
+    def wr_rate(r):
+        return (r.get("win_rate_vs_gold") or {}).get("rate")
+
+    def wr_ci(r):
+        w = r["win_rate_vs_gold"]
+        return w["ci_low"], w["ci_high"]
+
+    if _grouped_bars(runs, wr_rate, wr_ci, "win rate vs gold (95% CI)", f"judge: {judge}", out_dir / PLOT_WINRATE):
+        written.append(PLOT_WINRATE)
+    if _grouped_bars(runs, lambda r: (r.get("mauve") or {}).get("score"), None, "MAUVE vs gold",
+                     "MAUVE (n per side in report.md)", out_dir / PLOT_MAUVE):
+        written.append(PLOT_MAUVE)
+    if _alpha_plot(runs, judge, out_dir / PLOT_ALPHA):
+        written.append(PLOT_ALPHA)
+    return written
+
+
+def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
+    """Write plots, ``results.json`` and ``report.md`` into ``out_dir``. Returns the results with ``plots``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = dict(results)
+    results["plots"] = write_plots(results, out_dir)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "report.md", render_markdown(results))
+    return results

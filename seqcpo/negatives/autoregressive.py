@@ -1,0 +1,336 @@
+"""AN, autoregressive negatives (PAPER.md, "Negatives" table, row AN; ranked variant ANR).
+
+Construction: continue the prefix ``x`` with a model (PAPER.md default: the reference model) under a
+:class:`DecodingConfig` (greedy, temperature / top-k / top-p sampling, beam search). A negative stops
+at EOS (the EOS is kept in it) or after ``max_new_tokens`` tokens.
+
+Backends:
+    "shared_prefill" (default; sample and greedy): the left-padded prefix batch runs through the model
+        once with a KV cache; the cache is repeated K times along the batch and all B*K rows decode
+        together in our own loop (finished rows emit pad; the loop stops when every row has finished).
+        The prefix is encoded once instead of K times.
+    "hf": ``model.generate(..., num_return_sequences=K)``, seeded from the generator inside
+        ``torch.random.fork_rng``. Beam search always uses it.
+
+Ranked (ANR), ``rank_by``:
+    "rouge" (PAPER.md default): ``score = rouge_l_f(negative, gold)``, higher = better.
+    "temperature": negative i is sampled at ``decoding.temperatures[i]``; lower = better,
+        ``score = -temperature``.
+
+Dropped rule (shared by all generators): a sampled negative identical to the gold is regenerated, at
+most ``max_tries`` generations in all; if it is still a copy it is kept with ``valid = False`` and the
+loss masks it out. Greedy and beam search are deterministic, so their copies are dropped at once (beam
+search asks for one extra beam when ``num_beams > K`` and skips a beam equal to the gold).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from seqcpo.negatives.mean_field import model_device, sample_categorical, seeded_model_rng
+from seqcpo.negatives.similarity import rouge_l_f, sort_best_first
+from seqcpo.types import Example, Negatives
+
+STRATEGIES = ("sample", "greedy", "beam")
+BACKENDS = ("shared_prefill", "hf", "vllm")
+RANK_BY = ("rouge", "temperature")
+
+
+@dataclass
+class DecodingConfig:
+    """How AN continues a prefix.
+
+    Attributes:
+        strategy: "sample", "greedy" or "beam".
+        temperature: sampling temperature (> 0) for "sample".
+        top_k: keep the k most likely tokens before sampling; 0 disables.
+        top_p: nucleus sampling mass in (0, 1]; 1.0 disables.
+        num_beams: beams for "beam" (must be >= K).
+        temperatures: optional K temperatures, negative i sampled at temperatures[i] (needed by
+            ``rank_by="temperature"``); overrides ``temperature``.
+    """
+
+    strategy: str = "sample"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 4
+    temperatures: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"decoding strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; use strategy='greedy' for argmax")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.temperatures is not None:
+            self.temperatures = [float(t) for t in self.temperatures]
+            if self.strategy != "sample":
+                raise ValueError("decoding.temperatures needs strategy='sample'")
+            if any(t <= 0 for t in self.temperatures):
+                raise ValueError(f"every temperature must be > 0, got {self.temperatures}")
+
+    def check_k(self, k: int) -> None:
+        """Raise ValueError when this config cannot make K distinct negatives per prefix."""
+        if self.strategy == "greedy" and k > 1:
+            raise ValueError(
+                f"greedy decoding gives one deterministic continuation per prefix, so it cannot make k={k} "
+                "AN negatives: use strategy='beam' (num_beams >= k) or strategy='sample'"
+            )
+        if self.strategy == "beam" and self.num_beams < k:
+            raise ValueError(f"beam search returns at most num_beams sequences: need num_beams >= k, got {self.num_beams} < {k}")
+        if self.temperatures is not None and len(self.temperatures) != k:
+            raise ValueError(f"decoding.temperatures has {len(self.temperatures)} values for k={k}; give one per negative")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering of (N, V) logits (already divided by the temperature), as transformers
+    does it: filtered entries become -inf; top-p keeps the smallest set whose mass reaches ``top_p``
+    (at least one token)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= 1.0 - top_p
+        remove[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def _cut_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:
+    """Keep tokens up to and including the first EOS (everything after it is padding)."""
+    return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
+
+
+def _left_pad(prefixes: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) input ids and attention mask for left-padded prefixes."""
+    if any(len(p) == 0 for p in prefixes):
+        raise ValueError("autoregressive negatives need a non-empty prefix (prepend BOS to empty prefixes)")
+    L = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prefixes), L), dtype=torch.long)
+    for b, p in enumerate(prefixes):
+        ids[b, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[b, L - len(p) :] = 1
+    return ids, mask
+
+
+def _cache_kwarg(out) -> str:
+    """Name of the KV-cache argument, read off the prefill's output (so wrapped models with a bare
+    ``forward(*args, **kwargs)`` work too): ``cache`` in transformers 5.x, ``past_key_values`` before."""
+    return "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class AutoregressiveNegatives:
+    """AN: continuations of the prefix decoded from a model.
+
+    Args:
+        model: a transformers causal LM (PAPER.md default: the reference model).
+        decoding: the :class:`DecodingConfig`.
+        eos_token_id / pad_token_id: the model's EOS and pad ids.
+        max_new_tokens: the longest negative.
+        backend: "shared_prefill" (default), "hf" or "vllm" (needs the optional vllm package, not yet wired).
+            Beam search always runs on "hf".
+        batch_size: prefixes per generation call (each expands to K rows).
+        rank_by: "rouge" or "temperature" (needs ``decoding.temperatures``).
+        max_tries: generations in all per negative before a copy of the gold is dropped.
+
+    Returns ``Negatives`` with ``ids[b][i]`` of at most ``max_new_tokens`` tokens, ending with EOS unless cut.
+    """
+
+    name = "an"
+    needs_model = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        decoding: DecodingConfig | None = None,
+        eos_token_id: int = 2,
+        pad_token_id: int = 0,
+        max_new_tokens: int = 64,
+        backend: str = "shared_prefill",
+        batch_size: int = 16,
+        rank_by: str = "rouge",
+        max_tries: int = 8,
+    ):
+        decoding = decoding if decoding is not None else DecodingConfig()
+        if backend not in BACKENDS:
+            raise ValueError(f"an: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "vllm":
+            try:
+                import vllm  # noqa: F401
+            except ImportError as err:
+                raise ImportError("an: backend='vllm' needs the optional vllm package (pip install vllm)") from err
+            raise NotImplementedError("an: backend='vllm' is not implemented yet; use 'shared_prefill' or 'hf'")
+        if rank_by not in RANK_BY:
+            raise ValueError(f"an: rank_by must be one of {RANK_BY}, got {rank_by!r}")
+        if rank_by == "temperature" and decoding.temperatures is None:
+            raise ValueError("an: rank_by='temperature' needs decoding.temperatures (one temperature per negative)")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError(f"an: max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+        self.model = model
+        self.decoding = decoding
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.max_new_tokens = max_new_tokens
+        self.backend = "hf" if decoding.strategy == "beam" else backend  # our loop has no beam search
+        self.batch_size = batch_size
+        self.rank_by = rank_by
+        self.max_tries = max_tries
+
+    # ---- decoding -------------------------------------------------------------------------------
+
+    def _temperatures(self, k: int) -> list[float]:
+        d = self.decoding
+        return list(d.temperatures) if d.temperatures is not None else [d.temperature] * k
+
+    @torch.no_grad()
+    def _shared_prefill(self, prefixes: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[list[int]]]:
+        """Decode K continuations of each prefix: one cached prefill, cache repeated K times, B*K rows."""
+        model, d = self.model, self.decoding
+        device = model_device(model)
+        ids, mask = _left_pad(prefixes, self.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)  # (B, L): real tokens count from 0 under left padding
+        params = inspect.signature(model.forward).parameters
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # (B, 1, V), not (B, L, V)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **last_only)
+        cache_kw, cache = _cache_kwarg(out), _output_cache(out)
+        cache.batch_repeat_interleave(k)  # (B, ...) -> (B*k, ...): row b*k + i is negative i of prefix b
+        logits = out.logits[:, -1, :].float().repeat_interleave(k, dim=0)  # (B*k, V)
+        mask = mask.repeat_interleave(k, dim=0)  # (B*k, L)
+        next_pos = mask.sum(-1, keepdim=True)  # (B*k, 1)
+        temps = torch.tensor(self._temperatures(k), device=device).repeat(len(prefixes)).unsqueeze(1)  # (B*k, 1)
+        n_rows = len(prefixes) * k
+        finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        steps = []
+        for step in range(self.max_new_tokens):
+            if d.strategy == "greedy":
+                tok = logits.argmax(-1)  # (B*k,)
+            else:
+                filtered = filter_logits(logits / temps, d.top_k, d.top_p)
+                tok = sample_categorical(filtered.softmax(-1), generator).squeeze(1)
+            tok = tok.masked_fill(finished, self.pad_token_id)  # finished rows emit pad
+            steps.append(tok)
+            finished |= tok == self.eos_token_id
+            if bool(finished.all()) or step == self.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(
+                input_ids=tok.unsqueeze(1), attention_mask=mask, position_ids=next_pos, use_cache=True,
+                **{cache_kw: cache},
+            )
+            cache = _output_cache(out)
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+        gen = torch.stack(steps, dim=1).tolist()  # (B*k, steps)
+        rows = [_cut_at_eos(r, self.eos_token_id) for r in gen]
+        return [rows[b * k : (b + 1) * k] for b in range(len(prefixes))]
+
+    @torch.no_grad()
+    def _hf_generate(self, prefixes: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[list[int]]]:
+        """Decode with ``model.generate`` (left-padded prompts), seeded from the generator."""
+        model, d = self.model, self.decoding
+        device = model_device(model)
+        ids, mask = _left_pad(prefixes, self.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        common = dict(
+            input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+        )
+        if d.strategy == "beam":
+            n_ret = min(d.num_beams, k + 1)  # one spare beam replaces a copy of the gold
+            calls = [dict(do_sample=False, num_beams=d.num_beams, num_return_sequences=n_ret)]
+        elif d.strategy == "greedy":
+            n_ret = k
+            calls = [dict(do_sample=False, num_beams=1, num_return_sequences=k)]
+        elif d.temperatures is None:
+            n_ret = k
+            calls = [dict(do_sample=True, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, num_return_sequences=k)]
+        else:
+            n_ret = 1  # one call per column, each at its own temperature
+            calls = [dict(do_sample=True, temperature=t, top_k=d.top_k, top_p=d.top_p, num_return_sequences=1) for t in d.temperatures]
+        per_call = []
+        for kwargs in calls:
+            with seeded_model_rng(generator, device):
+                seqs = model.generate(**common, **kwargs)  # (B*n_ret, L + new)
+            rows = [_cut_at_eos(r, self.eos_token_id) for r in seqs[:, ids.shape[1] :].tolist()]
+            per_call.append([rows[b * n_ret : (b + 1) * n_ret] for b in range(len(prefixes))])
+        # Column i of prefix b: from the single call, or from call i when each column has its own temperature.
+        return [sum((c[b] for c in per_call), []) for b in range(len(prefixes))]
+
+    def _decode(self, prefixes: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[list[int]]]:
+        """K (or, for beam, up to K+1) continuations per prefix, in chunks of ``batch_size`` prefixes."""
+        run = self._shared_prefill if self.backend == "shared_prefill" else self._hf_generate
+        out: list[list[list[int]]] = []
+        for start in range(0, len(prefixes), self.batch_size):
+            out.extend(run(prefixes[start : start + self.batch_size], k, generator))
+        return out
+
+    # ---- the generator protocol -----------------------------------------------------------------
+
+    def __call__(
+        self,
+        examples: Sequence[Example],
+        k: int,
+        generator: torch.Generator,
+        ranked: bool = False,
+    ) -> Negatives:
+        if k < 1:
+            raise ValueError(f"an: k must be >= 1, got {k}")
+        self.decoding.check_k(k)
+        golds = [list(ex.continuation_ids) for ex in examples]
+        prefixes = [list(ex.prefix_ids) for ex in examples]
+        decoded = self._decode(prefixes, k, generator)
+        if self.decoding.strategy == "beam":
+            # Best beams first, skipping one equal to the gold when a spare beam exists.
+            ids = []
+            for gold, beams in zip(golds, decoded):
+                keep = [s for s in beams if s != gold][:k]
+                ids.append(keep + [gold] * (k - len(keep)))
+        else:
+            ids = decoded
+            if self.decoding.strategy == "sample":
+                # Regenerate only the prefixes that still have a copy of the gold, keep their other columns.
+                for _ in range(max(1, self.max_tries) - 1):
+                    todo = [b for b in range(len(examples)) if any(s == golds[b] for s in ids[b])]
+                    if not todo:
+                        break
+                    redo = self._decode([prefixes[b] for b in todo], k, generator)
+                    for b, new in zip(todo, redo):
+                        ids[b] = [n if old == golds[b] else old for old, n in zip(ids[b], new)]
+        all_ids, all_valid, all_scores = [], [], []
+        temps = self._temperatures(k)
+        for gold, row in zip(golds, ids):
+            valid = [s != gold for s in row]
+            if self.rank_by == "temperature":
+                scores = [-t for t in temps]
+            else:
+                scores = [rouge_l_f(s, gold) for s in row] if ranked else []
+            if ranked:
+                row, valid, scores = sort_best_first(row, valid, scores)
+            all_ids.append(row)
+            all_valid.append(valid)
+            all_scores.append(scores)
+        return Negatives(
+            ids=all_ids,
+            valid=all_valid,
+            scores=all_scores if ranked else None,
+            sources=[[self.name] * k for _ in examples],
+        )

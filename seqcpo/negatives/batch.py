@@ -1,0 +1,75 @@
+"""BN, batch negatives (PAPER.md, "Negatives" table, row BN; ranked variant BNR).
+
+Construction: the negatives of example b are the gold continuations of other examples in the same
+batch, drawn at random without replacement among the *distinct* golds that differ from b's gold (two
+examples sharing a gold count once, so no negative copies the gold and no two negatives of a row are
+equal). A batch that cannot supply K such golds for every example raises ``ValueError``.
+
+Ranked (BNR): by similarity to the gold, ``score = rouge_l_f(negative, gold)``, higher = better.
+
+Dropped rule (shared by all generators): a negative identical to the gold never enters the loss;
+BN excludes such golds before drawing, so all its negatives are valid (``max_tries`` is accepted for a
+uniform interface).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from seqcpo.negatives.similarity import rouge_l_f, sort_best_first
+from seqcpo.types import Example, Negatives
+
+
+class BatchNegatives:
+    """BN: other examples' golds from the same batch.
+
+    Returns ``Negatives`` with ``ids[b][k]`` a copy of another example's ``continuation_ids`` and, when
+    ranked, ``scores[b][k]`` its ROUGE-L F to example b's gold.
+    """
+
+    name = "bn"
+    needs_model = False
+
+    def __init__(self, max_tries: int = 8):
+        self.max_tries = max_tries
+
+    def __call__(
+        self,
+        examples: Sequence[Example],
+        k: int,
+        generator: torch.Generator,
+        ranked: bool = False,
+    ) -> Negatives:
+        if k < 1:
+            raise ValueError(f"bn: k must be >= 1, got {k}")
+        golds = [list(ex.continuation_ids) for ex in examples]
+        distinct: list[list[int]] = []
+        for g in golds:
+            if g not in distinct:
+                distinct.append(g)
+        if len(distinct) < k + 1:
+            raise ValueError(
+                "batch negatives need at least k+1 examples with distinct golds per batch: "
+                f"got batch size {len(examples)} ({len(distinct)} distinct golds) for k={k}; "
+                "raise the batch size or use fewer BN negatives"
+            )
+        all_ids, all_valid, all_scores = [], [], []
+        for gold in golds:
+            pool = [g for g in distinct if g != gold]
+            pick = torch.randperm(len(pool), generator=generator)[:k].tolist()
+            ids = [list(pool[i]) for i in pick]
+            valid = [True] * k
+            scores = [rouge_l_f(neg, gold) for neg in ids] if ranked else []
+            if ranked:
+                ids, valid, scores = sort_best_first(ids, valid, scores)
+            all_ids.append(ids)
+            all_valid.append(valid)
+            all_scores.append(scores)
+        return Negatives(
+            ids=all_ids,
+            valid=all_valid,
+            scores=all_scores if ranked else None,
+            sources=[[self.name] * k for _ in examples],
+        )

@@ -1,0 +1,77 @@
+"""Mixtures of negative generators in one batch (PAPER.md, "Negatives": "Mixtures of generators in one
+batch are allowed").
+
+Each generator makes its share of the K negatives per example; the shares are concatenated in the
+order listed, so column ``i`` always comes from the same generator (``sources`` says which).
+
+Ranked: the groups keep the order listed (list the generators best first, e.g. "an:2,tn:2"), each
+group is ranked by its own rule (PAPER.md table), and each group's scores are shifted, per example, so
+that every score of a group lies above every score of the groups after it: a row's scores stay
+non-increasing across group boundaries, and differences within a group are unchanged.
+
+Dropped rule: each generator applies it to its own negatives; the mixture passes ``valid`` through.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from seqcpo.negatives.base import NegativeGenerator
+from seqcpo.types import Example, Negatives
+
+
+class MixtureNegatives:
+    """Several generators, each making a fixed count of the K negatives.
+
+    Args:
+        parts: ``[(generator, count), ...]``, counts >= 1; K must equal their sum.
+    """
+
+    name = "mix"
+
+    def __init__(self, parts: Sequence[tuple[NegativeGenerator, int]]):
+        if not parts:
+            raise ValueError("mix: give at least one (generator, count) pair")
+        for gen, count in parts:
+            if int(count) != count or count < 1:
+                raise ValueError(f"mix: every count must be a positive integer, got {count} for {getattr(gen, 'name', gen)!r}")
+        self.parts = [(gen, int(count)) for gen, count in parts]
+        self.needs_model = any(gen.needs_model for gen, _ in self.parts)
+
+    @property
+    def k(self) -> int:
+        """The K this mixture makes (the sum of its counts)."""
+        return sum(count for _, count in self.parts)
+
+    def __call__(
+        self,
+        examples: Sequence[Example],
+        k: int,
+        generator: torch.Generator,
+        ranked: bool = False,
+    ) -> Negatives:
+        if k != self.k:
+            counts = ", ".join(f"{gen.name}:{count}" for gen, count in self.parts)
+            raise ValueError(f"mix: k={k} must equal the sum of the counts ({counts} = {self.k})")
+        groups = [gen(examples, count, generator, ranked=ranked) for gen, count in self.parts]
+        ids = [sum((g.ids[b] for g in groups), []) for b in range(len(examples))]
+        valid = [sum((g.valid[b] for g in groups), []) for b in range(len(examples))]
+        sources = [sum((g.sources[b] for g in groups), []) for b in range(len(examples))]
+        scores = None
+        if ranked:
+            scores = []
+            for b in range(len(examples)):
+                row: list[float] = []
+                floor = None  # the highest score of the groups already placed after this one
+                for g in reversed(groups):
+                    s = list(g.scores[b])
+                    if floor is not None and s and min(s) <= floor:
+                        shift = floor + 1.0 - min(s)  # lift the whole group above the later ones
+                        s = [x + shift for x in s]
+                    if s:
+                        floor = max(s)
+                    row = s + row
+                scores.append(row)
+        return Negatives(ids=ids, valid=valid, scores=scores, sources=sources)

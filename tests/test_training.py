@@ -1,0 +1,246 @@
+"""The training system on a tiny random-init Llama saved to disk: steps that learn, resume, offline
+negatives, checkpoints that plain transformers reloads, and config errors that name the field."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama, make_toy_tokenizer
+from seqcpo.training.config import ConfigError, load_config, parse_overrides
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    tok = make_toy_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tok))
+    model_dir = root / "tiny-llama"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    words = ["river", "market", "bridge", "city", "wool", "salt", "square", "bread", "books", "fog"]
+    data = root / "train.jsonl"
+    with open(data, "w") as fh:
+        for i in range(60):
+            a, b = words[i % 10], words[(3 * i + 1) % 10]
+            rec = {
+                "id": f"r{i}",
+                "instruction": f"Describe the {a} near the {b}.",
+                "context": "",
+                "response": f"The {a} is by the {b} and the {words[(i + 5) % 10]} is near.",
+            }
+            fh.write(json.dumps(rec) + "\n")
+    return {"model": str(model_dir), "data": str(data), "root": root}
+
+
+def _cfg(assets, tmp_path, **over):
+    base = dict(
+        model_name_or_path=assets["model"],
+        dataset=assets["data"],
+        task="instruction",
+        prompt_template="plain",
+        validation_size=4,
+        test_size=4,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        objective="cpo",
+        num_negatives=2,
+        negatives="tn:1,bn:1",
+        beta=1.0,
+        seed=0,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    base.update(over)
+    return load_config(None, base)
+
+
+def _losses(history):
+    return [h["loss"] for h in history if "loss" in h and "eval_loss" not in h]
+
+
+def test_cpo_steps_change_parameters_and_lower_loss_on_a_fixed_batch(assets, tmp_path):
+    from seqcpo.data import load_splits
+    from seqcpo.models import load_model, load_tokenizer
+    from seqcpo.training.trainer import ExampleDataset, SeqCPOTrainer, candidate_batch
+
+    cfg = _cfg(assets, tmp_path, max_steps=8)
+    tok = load_tokenizer(cfg.model_name_or_path)
+    model = load_model(cfg.model_name_or_path)
+    splits = load_splits(cfg.data_config(), tok)
+    fixed = splits.train[:4] * 8  # one batch, seen every step: the loss on it must fall
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = SeqCPOTrainer(model, cfg, train_dataset=ExampleDataset(fixed), processing_class=tok)
+
+    negs = trainer.make_negatives(fixed[:4])
+    batch = candidate_batch(fixed[:4], negs)
+    from seqcpo.logps import sequence_logps
+    from seqcpo.losses import cpo_loss, mle_loss, preference_metrics
+
+    def fixed_batch_loss_and_metrics():
+        with torch.no_grad():
+            out = sequence_logps(model, batch)
+            loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0]) + cpo_loss(out.logps, ref, cfg.beta)
+            return loss.item(), preference_metrics(out.logps, ref, cfg.beta)
+
+    with torch.no_grad():
+        ref = trainer.reference.logps(batch)
+    loss0, m0 = fixed_batch_loss_and_metrics()
+    trainer.train()
+    loss1, m1 = fixed_batch_loss_and_metrics()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before), "every parameter should move under full fine-tuning"
+    assert loss1 < loss0 - 0.1, (loss0, loss1)
+    assert m1["rewards/margins"] > m0["rewards/margins"] + 1e-3, (m0, m1)
+    assert m1["logps/chosen"] > m0["logps/chosen"]
+    assert len(_losses(trainer.state.log_history)) == 8
+
+
+def test_resume_reproduces_the_uninterrupted_losses(assets, tmp_path):
+    from seqcpo.training.run import train
+
+    full = train(_cfg(assets, tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3))
+    full_losses = _losses(full["trainer"].state.log_history)
+    # an interrupted run: the same config stopped after 3 steps, then resumed from its checkpoint
+    out_b = tmp_path / "b"
+    train(_cfg(assets, out_b, max_steps=6, save_strategy="steps", save_steps=3, output_dir=str(out_b / "run")))
+    ckpt3 = out_b / "run" / "checkpoint-3"
+    assert ckpt3.is_dir()
+    # remove what came after step 3, as if the run had died there
+    import shutil
+
+    shutil.rmtree(out_b / "run" / "checkpoint-6")
+    resumed = train(
+        _cfg(assets, out_b, max_steps=6, save_strategy="steps", save_steps=3, output_dir=str(out_b / "run"),
+             resume_from_checkpoint=str(ckpt3))
+    )
+    resumed_losses = _losses(resumed["trainer"].state.log_history)
+    assert len(full_losses) == 6
+    assert resumed_losses[-3:] == pytest.approx(full_losses[-3:], rel=1e-5, abs=1e-6)
+
+
+def test_checkpoint_reloads_with_plain_transformers(assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from seqcpo.training.run import train
+
+    out = train(_cfg(assets, tmp_path, max_steps=2))
+    final = out["final_checkpoint"]
+    assert os.path.exists(os.path.join(final, "model.safetensors"))
+    card = open(os.path.join(final, "README.md")).read()
+    assert "cpo" in card and "tn:1,bn:1" in card
+    cfg_dump = open(os.path.join(tmp_path / "run", "seqcpo_config.yaml")).read()
+    assert "beta: 1.0" in cfg_dump and "hub_token" not in cfg_dump
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = tok("### Instruction:\nDescribe the river", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > ids.shape[1]
+    trained = out["trainer"].model.state_dict()
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, trained[n]), n
+
+
+def test_offline_negatives_resume_and_train_with_precomputed_reference(assets, tmp_path):
+    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.run import make_negatives, train
+
+    cfg = _cfg(assets, tmp_path, negatives="tn:1,mn:1")
+    out_dir = str(tmp_path / "neg")
+    info = make_negatives(cfg, out_dir, shard_size=16)
+    shards = sorted(f for f in os.listdir(out_dir) if f.startswith("shard-"))
+    assert len(shards) == info["shards"] > 1
+    first = open(os.path.join(out_dir, shards[0])).read()
+    # interrupt: lose the last shard and the completion flag, then resume
+    os.remove(os.path.join(out_dir, shards[-1]))
+    man = json.load(open(os.path.join(out_dir, "manifest.json")))
+    man["complete"] = False
+    json.dump(man, open(os.path.join(out_dir, "manifest.json"), "w"))
+    with pytest.raises(ValueError, match="incomplete"):
+        read_offline_negatives(out_dir, cfg)
+    mtime = os.path.getmtime(os.path.join(out_dir, shards[0]))
+    make_negatives(cfg, out_dir, shard_size=16)
+    assert os.path.getmtime(os.path.join(out_dir, shards[0])) == mtime, "finished shards are not redone"
+    assert open(os.path.join(out_dir, shards[0])).read() == first
+    rows, meta = read_offline_negatives(out_dir, cfg)
+    row = next(iter(rows.values()))
+    assert len(row["negatives"]) == 2 and len(row["ref_logps"]) == 3
+    # the stored reference log-probs are the starting model's
+    out = train(_cfg(assets, tmp_path / "t", negatives="tn:1,mn:1", negatives_path=out_dir, max_steps=2))
+    assert out["trainer"].reference.name == "precomputed"
+    assert out["steps"] == 2
+    # other settings: refused, not overwritten
+    with pytest.raises(ValueError, match="other settings"):
+        make_negatives(_cfg(assets, tmp_path, negatives="tn:2"), out_dir, shard_size=16)
+
+
+def test_mle_dpo_ranked_and_lora_run(assets, tmp_path):
+    from seqcpo.training.run import train
+
+    for i, over in enumerate(
+        [
+            dict(objective="mle"),
+            dict(objective="dpo", num_negatives=1, negatives="tn"),
+            dict(objective="cpo_ranked", negatives="tn:1,mn:1"),
+            dict(lora=True, lora_r=4, learning_rate=1e-2),
+        ]
+    ):
+        out = train(_cfg(assets, tmp_path / str(i), max_steps=2, **over))
+        assert out["steps"] == 2
+        losses = _losses(out["trainer"].state.log_history)
+        assert all(l == l for l in losses)  # no NaN
+    assert out["trainer"].reference.name == "adapter_disabled"
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out["final_checkpoint"])
+    assert type(merged).__name__ == "LlamaForCausalLM"
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("beta: 0.3\nnum_negatives: 2\nnegatives: tn\nlearning_rate: 1.0e-4\nreport_to: none\n")
+    cfg = load_config(p, parse_overrides(["--beta", "0.5", "--lora", "--max_steps=7", "--mn_c", "0.2"]))
+    assert cfg.beta == 0.5 and cfg.num_negatives == 2 and cfg.lora is True and cfg.max_steps == 7
+    assert cfg.learning_rate == 1e-4 and cfg.mn_c == 0.2
+
+
+@pytest.mark.parametrize(
+    "text, over, match",
+    [
+        ("betta: 0.1\n", {}, r"c.yaml: unknown field 'betta' \(did you mean 'beta'\?\)"),
+        ("beta: [1, 2]\n", {}, r"c.yaml: field 'beta'"),
+        ("beta: 0.1\n  bad: indent\n", {}, r"c.yaml line 2: not valid YAML"),
+        ("objective: ppo\n", {}, r"objective='ppo': choose one of"),
+        ("", {"num_negatives": "four"}, r"command line: field 'num_negatives'"),
+        ("objective: dpo\n", {}, r"num_negatives=4: objective dpo uses exactly one negative"),
+        ("reference: precomputed\n", {}, r"reference='precomputed'.*seqcpo negatives"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, text, over, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(p, over)
+
+
+def test_cli_reports_bad_data_with_file_and_line(assets, tmp_path, capsys):
+    from seqcpo.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": \n')
+    rc = main(["train", "--model_name_or_path", assets["model"], "--dataset", str(bad), "--task", "instruction",
+               "--output_dir", str(tmp_path / "o"), "--report_to", "none", "--use_cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "bad.jsonl line 2" in err and "JSON" in err
+    rc = main(["train", "--config", str(tmp_path / "missing.yaml")])
+    assert rc == 2 and "missing.yaml: no such config file" in capsys.readouterr().err
