@@ -269,16 +269,40 @@ def shared_sequence_logps(
     pad_token_id: int = 0,
     length_normalize: bool = False,
     chunk_size: int = 1024,
+    head_in_forward: bool = False,
 ) -> SequenceLogps:
-    """Prefix-shared log-probs of every candidate (the fast path; see the module docstring)."""
+    """Prefix-shared log-probs of every candidate (the fast path; see the module docstring).
+
+    ``head_in_forward``: apply the LM head inside the model's own forward (needed when its weights are
+    sharded by FSDP or DeepSpeed ZeRO-3); by default the head runs outside, chunked, on continuation
+    positions only.
+    """
     device = next(model.parameters()).device
     sb = build_prefix_shared_batch(batch, pad_token_id=pad_token_id, device=device)
     impl = _attn_implementation(model)
     mask = sb.attention_mask(None if impl in ("sdpa", "flash_attention_2") else _model_dtype(model))
+    if head_in_forward:
+        # Sharded (FSDP / ZeRO-3) weights exist only inside the model's forward: let it apply the head to every
+        # position, then pick the continuation positions. Costs a (B, L, V) logits tensor in the model dtype.
+        logits = model(
+            input_ids=sb.input_ids, attention_mask=mask, position_ids=sb.position_ids, use_cache=False
+        ).logits
+        flat = torch.cat(
+            [
+                torch.log_softmax(logits[r, p].float(), -1).gather(1, t[:, None]).squeeze(1)
+                for r, p, t in _chunks(sb.src_row, sb.src_pos, sb.targets, chunk_size)
+            ]
+        )
+        return _finish(flat, sb.cand_index, sb.token_counts, length_normalize)
     hidden = _final_hidden(model, sb.input_ids, mask, sb.position_ids)  # (B, L, H)
     h = hidden[sb.src_row, sb.src_pos]  # (N, H)
     flat = token_logps_from_hidden(model, h, sb.targets, chunk_size=chunk_size)
     return _finish(flat, sb.cand_index, sb.token_counts, length_normalize)
+
+
+def _chunks(rows, pos, targets, size):
+    for s in range(0, rows.shape[0], size):
+        yield rows[s : s + size], pos[s : s + size], targets[s : s + size]
 
 
 def naive_sequence_logps(
@@ -327,11 +351,13 @@ def sequence_logps(
     pad_token_id: int = 0,
     length_normalize: bool = False,
     chunk_size: int = 1024,
+    head_in_forward: bool = False,
 ) -> SequenceLogps:
     """``logp(y_i|x)`` for every candidate of every example, (B, K+1); ``layout`` is "shared" or "naive"."""
     if layout == "shared":
         return shared_sequence_logps(
-            model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize, chunk_size=chunk_size
+            model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize, chunk_size=chunk_size,
+            head_in_forward=head_in_forward,
         )
     if layout == "naive":
         return naive_sequence_logps(model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize)

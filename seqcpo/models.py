@@ -314,7 +314,8 @@ def _checked_path(name_or_path: str) -> str:
     if os.path.exists(expanded):
         if not os.path.isdir(expanded):
             raise ValueError(f"{path}: expected a model folder (with config.json), got a file")
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
+        is_adapter = os.path.isfile(os.path.join(expanded, "adapter_config.json"))  # a LoRA checkpoint
+        if not is_adapter and not os.path.isfile(os.path.join(expanded, "config.json")):
             raise FileNotFoundError(f"{path}: no config.json, so not a model checkpoint folder")
         return expanded
     if _looks_local(path):

@@ -247,3 +247,16 @@ def test_wrapped_model_gives_the_same_negatives_without_deprecated_kwargs():
         wrapped = an(_Wrapped(model), cfg)(examples(), 2, gen(0))
     assert wrapped == plain
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+@pytest.mark.parametrize("backend", ["shared_prefill", "hf"])
+def test_model_in_train_mode_with_dropout_is_seeded_and_left_in_train_mode(backend):
+    model = make_tiny_gpt2().train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+    g = an(model, DecodingConfig("sample"), backend=backend)
+    state = torch.get_rng_state()
+    a, b = g(examples(), 2, gen(0)), g(examples(), 2, gen(0))
+    assert a == b and model.training
+    assert torch.equal(torch.get_rng_state(), state)

@@ -75,6 +75,9 @@ def test_generate_then_eval_end_to_end(setup):
     assert _run(["generate", *common]) == 0
     gen_rows = (out / "generations.jsonl").read_text().splitlines()
     assert len(gen_rows) == 2 * 2 * 4
+    first = json.loads(gen_rows[0])
+    assert first["judge_prompt"].startswith("Name a colour number") and "### " not in first["judge_prompt"]
+    assert first["prompt"] != first["judge_prompt"]  # the model saw the templated prompt
 
     assert _run(["eval", *common, "--judge", "local", "--judge-model", judge, "--head-to-head", "A", "B",
                  "--mauve-features", "model"]) == 0
@@ -165,3 +168,28 @@ def test_evaluation_never_imports_training_code():
     code = ("import sys, seqcpo.evaluation, seqcpo.evaluation.cli; "
             f"bad = [m for m in sys.modules if m.startswith({FORBIDDEN!r})]; print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_alphas_labels_and_data_config(tmp_path):
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / cli.ENSEMBLE_FILE).write_text(json.dumps({"alpha": 0.25}))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    args = argparse.Namespace(models=[str(ens), str(plain), str(tmp_path / "x" / "plain")], labels=None, alphas=None)
+    assert cli._alphas(args) == [0.25, None, None]
+    assert cli._labels(args) == ["ens", "plain", "plain-2"]
+    args.alphas = [0.0, 0.5, 1.0]
+    assert cli._alphas(args) == [0.0, 0.5, 1.0]
+
+    top = tmp_path / "top.yaml"
+    top.write_text("dataset: wiki\ntask: continuation\nprefix_tokens: 8\n")
+    ns = _parser().parse_args(["eval", "--models", "m", "--data-config", str(top), "--prefix-tokens", "12",
+                               "--out", str(tmp_path)])
+    cfg = cli.data_config_from_args(ns)
+    assert (cfg.dataset, cfg.task, cfg.prefix_tokens) == ("wiki", "continuation", 12)  # flags win over YAML
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  dataset: wiki\n  prefix_tokenz: 8\n")
+    ns.data_config = str(bad)
+    with pytest.raises(SystemExit, match="prefix_tokenz"):
+        cli.data_config_from_args(ns)

@@ -59,7 +59,8 @@ def _make_handler(state: _State):
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length))
             text = body["messages"][0]["content"]
-            marker = re.search(r"marker=(\w+)", text).group(1)
+            found = re.search(r"marker=(\w+)", text)
+            marker = found.group(1) if found else "plain"
             with state.lock:
                 state.counts[marker] += 1
                 n = state.counts[marker]
@@ -77,7 +78,7 @@ def _make_handler(state: _State):
 
         def _answer(self, marker: str, n: int, text: str):
             a_text = text.split("[Continuation A]")[1].split("[Continuation B]")[0]
-            if marker == "okA":
+            if marker in ("okA", "plain"):
                 return self._send(200, _chat("A"))
             if marker == "okTie":
                 return self._send(200, _chat("C"))
@@ -242,3 +243,52 @@ def test_url_is_normalised_and_userinfo_not_reported(tmp_path):
     assert j.describe()["host"] == "api.example.com"
     with pytest.raises(ValueError):
         OpenAIJudge("ftp://x", "m", cache_dir=tmp_path)
+
+
+def test_eval_cli_with_openai_judge_leaks_no_key(server, tmp_path, monkeypatch, caplog, capfd):
+    """``seqcpo eval --judge openai`` end to end against the local server: the key is sent, and found in
+    no file under --out, no log line and no console output."""
+    import argparse
+
+    import torch
+
+    from conftest import make_tiny_llama, make_toy_tokenizer
+    from seqcpo.evaluation import cli
+
+    url, state = server
+    monkeypatch.setenv(KEY_ENV, KEY)
+    caplog.set_level(logging.DEBUG)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared CPU
+    ckpt = tmp_path / "ckpt"
+    tok = make_toy_tokenizer()
+    make_tiny_llama(0, vocab_size=len(tok)).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "response": "The quick brown fox.",
+                                        "category": "qa"}) + "\n" for i in range(10)))
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "eval", "--models", str(ckpt), "--dataset", str(data), "--task", "instruction", "--test-size", "3",
+        "--validation-size", "1", "--max-new-tokens", "4", "--judge", "openai", "--judge-url", url,
+        "--judge-model", "judge-test-model", "--judge-api-key-env", KEY_ENV, "--mauve-features", "none",
+        "--no-ppl", "--out", str(out), "--no-progress"])
+    try:
+        assert args.func(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((out / "results.json").read_text())
+    wr = results["runs"][0]["win_rate_vs_gold"]
+    assert (wr["ties"], wr["n"], wr["failed"]) == (3, 3, 0)  # the server always says "A": position bias -> ties
+    assert results["judge"]["host"] == url.split("/")[2] and state.counts["plain"] == 6
+    assert all(a == f"Bearer {KEY}" for a in state.auth)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"results.json", "report.md", "judgments.jsonl", "generations.jsonl",
+                                       "judge_cache.jsonl", "winrate.png"}
+    for p in files:
+        assert KEY.encode() not in p.read_bytes(), p
+    assert KEY not in caplog.text
+    console = capfd.readouterr()
+    assert KEY not in console.out and KEY not in console.err

@@ -137,4 +137,5 @@ def test_parse_answer_variants():
     assert parse_answer("A") == "A" and parse_answer("**B**") == "B" and parse_answer("C.") == "tie"
     assert parse_answer("tie") == "tie" and parse_answer("Final verdict: [[B]]") == "B"
     assert parse_answer("Answer: A") == "A" and parse_answer("Reasoning... Answer: C") == "tie"
+    assert parse_answer("My answer: a tie") is None and parse_answer("Verdict: tie") == "tie"
     assert parse_answer("") is None and parse_answer("Both are good") is None and parse_answer(None) is None

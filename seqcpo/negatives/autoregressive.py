@@ -129,7 +129,7 @@ def _left_pad(prefixes: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
 def _cache_kwarg(out) -> str:
     """Name of the KV-cache argument, read off the prefill's output (so wrapped models with a bare
     ``forward(*args, **kwargs)`` work too): ``cache`` in transformers 5.x, ``past_key_values`` before."""
-    return "past_key_values"
+    return "cache" if hasattr(out, "cache") else "past_key_values"
 
 
 def _output_cache(out):
@@ -160,16 +160,15 @@ class AutoregressiveNegatives:
     def __init__(
         self,
         model: torch.nn.Module,
-        decoding: DecodingConfig | None = None,
-        eos_token_id: int = 2,
-        pad_token_id: int = 0,
+        decoding: DecodingConfig,
+        eos_token_id: int,
+        pad_token_id: int,
         max_new_tokens: int = 64,
         backend: str = "shared_prefill",
         batch_size: int = 16,
         rank_by: str = "rouge",
         max_tries: int = 8,
     ):
-        decoding = decoding if decoding is not None else DecodingConfig()
         if backend not in BACKENDS:
             raise ValueError(f"an: backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "vllm":
@@ -277,10 +276,14 @@ class AutoregressiveNegatives:
 
     def _decode(self, prefixes: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[list[int]]]:
         """K (or, for beam, up to K+1) continuations per prefix, in chunks of ``batch_size`` prefixes."""
-        run = self._shared_prefill if self.backend == "shared_prefill" else self._hf_generate
         out: list[list[list[int]]] = []
         for start in range(0, len(prefixes), self.batch_size):
-            out.extend(run(prefixes[start : start + self.batch_size], k, generator))
+            chunk = prefixes[start : start + self.batch_size]
+            if self.backend == "hf":
+                out.extend(self._hf_generate(chunk, k, generator))  # seeds each generate call itself
+            else:
+                with seeded_model_rng(generator, model_device(self.model)):  # dropout, if the model trains
+                    out.extend(self._shared_prefill(chunk, k, generator))
         return out
 
     # ---- the generator protocol -----------------------------------------------------------------

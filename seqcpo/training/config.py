@@ -97,6 +97,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     an_num_beams: int = field(default=4, metadata={"help": "AN: beams for beam search."})
     an_max_new_tokens: int = field(default=64, metadata={"help": "AN: longest negative in tokens."})
     an_backend: str = field(default="shared_prefill", metadata={"help": "AN: shared_prefill (fast) | hf (model.generate)."})
+    an_batch_size: int = field(default=16, metadata={"help": "AN: prefixes decoded together."})
     an_rank_by: str = field(default="rouge", metadata={"help": "AN ranked: rouge (ROUGE-L F to the gold) | temperature."})
     an_temperatures: Optional[str] = field(
         default=None, metadata={"help": "AN ranked by temperature: K comma-separated temperatures, best (lowest) first."}
@@ -183,6 +184,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             "an_max_new_tokens": self.an_max_new_tokens,
             "an_backend": self.an_backend,
             "an_rank_by": self.an_rank_by,
+            "an_batch_size": self.an_batch_size,
         }
         if self.an_temperatures:
             opts["an_temperatures"] = [float(x) for x in self.an_temperatures.split(",")]

@@ -79,6 +79,17 @@ def train(cfg: SeqCPOConfig) -> dict[str, Any]:
         from seqcpo.io import atomic_write_json
 
         atomic_write_json(os.path.join(cfg.output_dir, "log_history.json"), trainer.state.log_history)
+        atomic_write_json(
+            os.path.join(cfg.output_dir, "run_info.json"),
+            {
+                "world_size": trainer.args.world_size,
+                "distributed_type": str(trainer.accelerator.distributed_type),
+                "steps": trainer.state.global_step,
+                "train_loss": result.training_loss,
+                "seconds": round(time.time() - t0, 1),
+                "model_path": path,
+            },
+        )
     return {
         "output_dir": cfg.output_dir,
         "final_checkpoint": final_dir,

@@ -22,7 +22,6 @@ import copy
 import hashlib
 import os
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -138,6 +137,8 @@ class SeqCPOTrainer(Trainer):
         self.generator = None
         self._policy_snapshot = None
         self._snapshot_step = -1
+        # Sharded weights (FSDP, ZeRO-3) exist only inside forward: the LM head must run there too.
+        self.head_in_forward = bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
         logps_options = dict(
             layout=args.logps_layout,
             pad_token_id=self.pad_token_id,
@@ -221,7 +222,7 @@ class SeqCPOTrainer(Trainer):
         elif not cfg.uses_negatives:
             out = sequence_logps(
                 model, candidate_batch(examples, None), layout=cfg.logps_layout, pad_token_id=self.pad_token_id,
-                chunk_size=cfg.logits_chunk_size,
+                chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
             )
             loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0])
             metrics["loss/mle"] = loss.item()
@@ -235,6 +236,7 @@ class SeqCPOTrainer(Trainer):
             out = sequence_logps(
                 model, batch, layout=cfg.logps_layout, pad_token_id=self.pad_token_id,
                 length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size,
+                head_in_forward=self.head_in_forward,
             )
             ref = self.reference.logps(batch).to(out.logps.device)
             mask = torch.tensor(batch.candidate_mask, dtype=torch.bool, device=out.logps.device)
