@@ -141,3 +141,14 @@ def test_judge_prompt_file(tmp_path):
     bad.write_text("Q: {prompt} {a}")
     with pytest.raises(ValueError, match="{b}"):
         load_judge_prompt(bad)
+
+
+def test_eos_ids_include_the_models_end_of_turn_tokens():
+    tok = make_toy_tokenizer()
+    model = make_tiny_llama(0, vocab_size=len(tok))
+    model.generation_config.eos_token_id = [2, 7]
+    from seqcpo.evaluation.generate import eos_ids_of, left_pad
+
+    assert eos_ids_of(model, tok) == [2, 7]
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -244,3 +244,24 @@ def test_cli_reports_bad_data_with_file_and_line(assets, tmp_path, capsys):
     assert "bad.jsonl line 2" in err and "JSON" in err
     rc = main(["train", "--config", str(tmp_path / "missing.yaml")])
     assert rc == 2 and "missing.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_config_reference_is_current():
+    from pathlib import Path
+
+    from seqcpo.training.config import config_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
+    assert doc.read_text() == config_reference(), "regenerate: python -m seqcpo.training.config > docs/CONFIG.md"
+
+
+def test_shipped_training_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = [p for p in root.glob("*.yaml") if "grid" not in p.name]
+    assert paths
+    for p in paths:
+        first = p.read_text().splitlines()[0]
+        assert first.startswith("# seqcpo "), f"{p.name} must start with the command that runs it"
+        load_config(p, {"output_dir": "/tmp/seqcpo-config-check", "report_to": "none", "bf16": False, "use_cpu": True})

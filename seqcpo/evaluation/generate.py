@@ -186,6 +186,15 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
+def eos_ids_of(model, tokenizer) -> list[int]:
+    """Every id that ends a generation: the tokenizer's eos plus the model's ``generation_config`` eos
+    ids (chat models often stop on an end-of-turn token that is not the tokenizer's eos)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token-id lists. Returns input_ids (B, T) and attention_mask (B, T)."""
     width = max(len(s) for s in seqs)
@@ -291,8 +300,13 @@ def example_id(example: Example, index: int) -> str:
 
 @torch.no_grad()
 def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: GenerationConfig, pad_id: int,
-                   eos_id: int | None) -> list[list[int]]:
+                   eos_ids: int | Sequence[int] | None) -> list[list[int]]:
     """Generate one batch. Returns the new token ids of each row, cut at the first eos (eos excluded)."""
+    if eos_ids is None:
+        eos_ids = []
+    elif isinstance(eos_ids, int):
+        eos_ids = [eos_ids]
+    stop = set(eos_ids)
     from transformers import GenerationConfig as HFGenerationConfig
 
     device = next(model.parameters()).device
@@ -300,7 +314,7 @@ def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: Generatio
     hf_config = HFGenerationConfig(
         max_new_tokens=config.max_new_tokens,
         pad_token_id=pad_id,
-        eos_token_id=eos_id,
+        eos_token_id=list(eos_ids) or None,
         **config.generate_kwargs(),
     )
     out = model.generate(
@@ -311,9 +325,8 @@ def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: Generatio
     new = out[:, input_ids.shape[1]:].tolist()
     results = []
     for row in new:
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        results.append(row)
+        cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+        results.append(row[:cut])
     return results
 
 
@@ -360,7 +373,7 @@ def generate_continuations(
     todo = [(c, i) for c in configs for i in range(len(examples)) if (ids[i], label, c.name) not in done]
     if todo:
         model, tokenizer = model_and_tokenizer or load_checkpoint(model_path, dtype=dtype, device=device)
-        pad_id, eos_id = pad_id_of(tokenizer), tokenizer.eos_token_id
+        pad_id, eos_ids = pad_id_of(tokenizer), eos_ids_of(model, tokenizer)
         bar = tqdm(total=len(todo), desc=f"generate {label}", unit="ex", disable=not progress)
         for config in configs:
             pending = [i for c, i in todo if c is config]
@@ -370,7 +383,7 @@ def generate_continuations(
                 if config.strategy == "sample":
                     salt = zlib.crc32("\x00".join(ids[i] for i in batch).encode())
                     torch.manual_seed((config.seed * 1_000_003 + salt) % (2**63))
-                new_ids = generate_batch(model, [examples[i].prefix_ids for i in batch], config, pad_id, eos_id)
+                new_ids = generate_batch(model, [examples[i].prefix_ids for i in batch], config, pad_id, eos_ids)
                 rows = []
                 for i, gen in zip(batch, new_ids):
                     prompt, reference = example_texts(examples[i], tokenizer)

