@@ -1,0 +1,235 @@
+"""Shared pieces of the CPU and GPU benchmarks: synthetic batches, the timed steps, peak memory, tables.
+
+Every step is forward + backward of the training loss, optimizer excluded, gradients cleared (set to
+None) outside the timed region. Variants are interleaved (rep 1 of every variant, then rep 2, ...) and the
+median is reported, so a slow stretch on a shared machine hits all variants alike.
+
+Variants (``STEP_VARIANTS``):
+    mle              L_mle on the gold only, B rows of P + C tokens (the baseline of every ratio).
+    naive_live       CPO, K+1 rows per example (``layout="naive"``), reference forward live, same layout.
+    shared_live      CPO, one prefix-shared row per example, reference forward live in the same layout.
+    shared_live_bf16 as shared_live, the frozen reference copy held in bf16 (CPU: AVX512-BF16 matmuls).
+    shared_cached    CPO, prefix-shared, reference log-probs precomputed (``PrecomputedReference``).
+
+Token floor of a shape: (P + (K+1) C) / (P + C), the ratio of tokens a prefix-shared CPO step must process
+to those of the MLE step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from seqcpo.logps import sequence_logps
+from seqcpo.losses import cpo_loss, mle_loss
+from seqcpo.reference import FrozenCopyReference, PrecomputedReference
+from seqcpo.types import CandidateBatch
+
+STEP_VARIANTS = ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached")
+
+
+@dataclass
+class Shape:
+    batch: int
+    prefix: int
+    cont: int
+    k: int
+
+    @property
+    def floor(self) -> float:
+        return (self.prefix + (self.k + 1) * self.cont) / (self.prefix + self.cont)
+
+    @property
+    def name(self) -> str:
+        return f"B{self.batch} P{self.prefix} C{self.cont} K{self.k}"
+
+
+def random_batch(shape: Shape, vocab_size: int, seed: int = 0, low: int = 3) -> CandidateBatch:
+    """Full-length random prefixes and K+1 full-length continuations (the floor assumes full length)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(low, vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    B, K = shape.batch, shape.k
+    return CandidateBatch(
+        prefix_ids=[ids(shape.prefix) for _ in range(B)],
+        candidate_ids=[[ids(shape.cont) for _ in range(K + 1)] for _ in range(B)],
+        candidate_mask=[[True] * (K + 1) for _ in range(B)],
+    )
+
+
+def gold_only(batch: CandidateBatch) -> CandidateBatch:
+    return CandidateBatch(
+        prefix_ids=batch.prefix_ids,
+        candidate_ids=[[c[0]] for c in batch.candidate_ids],
+        candidate_mask=[[True] for _ in batch.candidate_ids],
+    )
+
+
+def make_step(variant: str, model, batch: CandidateBatch, *, beta: float = 0.1, lam: float = 1.0, ref_model=None,
+              chunk_size: int = 1024) -> Callable[[], float]:
+    """A closure running one forward + backward of ``variant``; returns the loss value."""
+    gold = gold_only(batch)
+    if variant == "mle":
+        def step():
+            out = sequence_logps(model, gold, chunk_size=chunk_size)
+            loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0])
+            loss.backward()
+            return loss.item()
+        return step
+    if variant in ("naive_live", "shared_live", "shared_live_bf16"):
+        layout = "naive" if variant == "naive_live" else "shared"
+        if ref_model is None:
+            raise ValueError(f"{variant} needs ref_model")
+        reference = FrozenCopyReference(ref_model, copy_model=False, layout=layout, chunk_size=chunk_size)
+    elif variant == "shared_cached":
+        layout = "shared"
+        reference = PrecomputedReference()
+        if batch.ref_logps is None:
+            raise ValueError("shared_cached needs batch.ref_logps (see precompute_ref_logps)")
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose from {STEP_VARIANTS}")
+    mask = torch.tensor(batch.candidate_mask, dtype=torch.bool)
+
+    def step():
+        out = sequence_logps(model, batch, layout=layout, chunk_size=chunk_size)
+        ref = reference.logps(batch).to(out.logps.device)
+        loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0]) + lam * cpo_loss(
+            out.logps, ref, beta, mask=mask.to(out.logps.device)
+        )
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, batch: CandidateBatch) -> CandidateBatch:
+    """The batch with ``ref_logps`` filled in by one (untimed) reference pass, as ``seqcpo negatives`` does."""
+    ref = sequence_logps(ref_model, batch).logps.float().cpu()
+    return CandidateBatch(batch.prefix_ids, batch.candidate_ids, batch.candidate_mask, ref_logps=ref)
+
+
+# ---- peak memory ----------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RSSPeak:
+    """Peak resident set size above the level at entry, sampled every ``interval`` s by a thread.
+
+    CPU tensors come from malloc; large blocks are mmapped and returned on free, so RSS follows the live
+    tensors closely. A spike shorter than the interval can be missed (the figure is a lower bound).
+    """
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak_delta = 0
+
+    def __enter__(self):
+        self.base = _rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.peak_delta = self.peak - self.base
+        return False
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    times: dict[str, list[float]] = field(default_factory=dict)
+    mem: dict[str, float] = field(default_factory=dict)  # bytes
+
+    def median(self, v: str) -> float:
+        return statistics.median(self.times[v])
+
+
+def interleaved(steps: dict[str, Callable[[], float]], model, reps: int, *, sync: Callable[[], None] = lambda: None,
+                warmup: int = 1, measure_mem: Callable | None = None) -> Timings:
+    """Warm each step up, then time ``reps`` rounds of every step in turn. ``measure_mem(name, step)`` -> bytes."""
+    out = Timings()
+
+    def run(name, fn):
+        model.zero_grad(set_to_none=True)
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - t
+        model.zero_grad(set_to_none=True)
+        return dt
+
+    for name, fn in steps.items():
+        for _ in range(warmup):
+            run(name, fn)
+        if measure_mem is not None:
+            model.zero_grad(set_to_none=True)
+            out.mem[name] = measure_mem(name, fn)
+            model.zero_grad(set_to_none=True)
+    for _ in range(reps):
+        for name, fn in steps.items():
+            out.times.setdefault(name, []).append(run(name, fn))
+    return out
+
+
+def machine_info() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+        info["logical_cpus"] = len(names)
+    except OSError:
+        info["cpu"] = platform.processor()
+    info["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["loadavg_1m_at_start"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    info["date_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return info
+
+
+def write_json(obj: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
