@@ -17,10 +17,8 @@ validation/test keep only its first window (one independent item per document).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -130,29 +128,23 @@ def export_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> str:
 
     Atomic: a temporary file in the same folder is renamed over ``path``, so readers never see half a file.
     """
+    from seqcpo.io import atomic_write_jsonl
+
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in examples:
-                row = {
-                    "id": ex.meta.get("id"),
-                    "prompt": ex.meta.get("prompt"),
-                    "reference": ex.meta.get("reference"),
-                    "category": ex.meta.get("category"),
-                    "prefix_ids": list(ex.prefix_ids),
-                    "continuation_ids": list(ex.continuation_ids),
-                }
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_jsonl(
+        path,
+        (
+            {
+                "id": ex.meta.get("id"),
+                "prompt": ex.meta.get("prompt"),
+                "reference": ex.meta.get("reference"),
+                "category": ex.meta.get("category"),
+                "prefix_ids": list(ex.prefix_ids),
+                "continuation_ids": list(ex.continuation_ids),
+            }
+            for ex in examples
+        ),
+    )
     return path
 
 

@@ -32,7 +32,8 @@ from typing import Sequence
 import torch
 
 from seqcpo.negatives.mean_field import model_device, sample_categorical, seeded_model_rng
-from seqcpo.negatives.similarity import rouge_l_f, sort_best_first
+from seqcpo.negatives.similarity import rouge_l_f
+from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.types import Example, Negatives
 
 STRATEGIES = ("sample", "greedy", "beam")
@@ -318,7 +319,7 @@ class AutoregressiveNegatives:
                     redo = self._decode([prefixes[b] for b in todo], k, generator)
                     for b, new in zip(todo, redo):
                         ids[b] = [n if old == golds[b] else old for old, n in zip(ids[b], new)]
-        all_ids, all_valid, all_scores = [], [], []
+        out = NegativesBuilder(self.name, ranked)
         temps = self._temperatures(k)
         for gold, row in zip(golds, ids):
             valid = [s != gold for s in row]
@@ -326,14 +327,5 @@ class AutoregressiveNegatives:
                 scores = [-t for t in temps]
             else:
                 scores = [rouge_l_f(s, gold) for s in row] if ranked else []
-            if ranked:
-                row, valid, scores = sort_best_first(row, valid, scores)
-            all_ids.append(row)
-            all_valid.append(valid)
-            all_scores.append(scores)
-        return Negatives(
-            ids=all_ids,
-            valid=all_valid,
-            scores=all_scores if ranked else None,
-            sources=[[self.name] * k for _ in examples],
-        )
+            out.add(row, valid, scores)
+        return out.build()

@@ -34,3 +34,35 @@ class NegativeGenerator(Protocol):
         ranked: bool = False,
     ) -> Negatives:
         ...
+
+
+class NegativesBuilder:
+    """Collects each example's K negatives in turn and builds :class:`Negatives`.
+
+    When ``ranked``, every row is reordered best first by its scores (``sort_best_first``), which is how all
+    generators hand the ranking to the loss: column order is the ranking.
+    """
+
+    def __init__(self, name: str, ranked: bool):
+        self.name = name
+        self.ranked = ranked
+        self.ids: list[list[list[int]]] = []
+        self.valid: list[list[bool]] = []
+        self.scores: list[list[float]] = []
+
+    def add(self, ids: list[list[int]], valid: list[bool], scores: list[float]) -> None:
+        from seqcpo.negatives.similarity import sort_best_first
+
+        if self.ranked:
+            ids, valid, scores = sort_best_first(ids, valid, scores)
+        self.ids.append(ids)
+        self.valid.append(valid)
+        self.scores.append(scores)
+
+    def build(self) -> Negatives:
+        return Negatives(
+            ids=self.ids,
+            valid=self.valid,
+            scores=self.scores if self.ranked else None,
+            sources=[[self.name] * len(row) for row in self.ids],
+        )

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from seqcpo.negatives.similarity import rouge_l_f, sort_best_first
+from seqcpo.negatives.similarity import rouge_l_f
+from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.types import Example, Negatives
 
 
@@ -55,21 +56,12 @@ class BatchNegatives:
                 f"got batch size {len(examples)} ({len(distinct)} distinct golds) for k={k}; "
                 "raise the batch size or use fewer BN negatives"
             )
-        all_ids, all_valid, all_scores = [], [], []
+        out = NegativesBuilder(self.name, ranked)
         for gold in golds:
             pool = [g for g in distinct if g != gold]
             pick = torch.randperm(len(pool), generator=generator)[:k].tolist()
             ids = [list(pool[i]) for i in pick]
             valid = [True] * k
             scores = [rouge_l_f(neg, gold) for neg in ids] if ranked else []
-            if ranked:
-                ids, valid, scores = sort_best_first(ids, valid, scores)
-            all_ids.append(ids)
-            all_valid.append(valid)
-            all_scores.append(scores)
-        return Negatives(
-            ids=all_ids,
-            valid=all_valid,
-            scores=all_scores if ranked else None,
-            sources=[[self.name] * k for _ in examples],
-        )
+            out.add(ids, valid, scores)
+        return out.build()

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from seqcpo.negatives.similarity import sort_best_first
+from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.types import Example, Negatives
 
 
@@ -124,7 +124,7 @@ def mean_field_negatives_from_logits(
         raise ValueError(f"mn: temperature must be > 0 when sampling, got {temperature}")
     c_col = torch.tensor(cs).unsqueeze(1)  # (k, 1)
 
-    all_ids, all_valid, all_scores = [], [], []
+    out = NegativesBuilder(source, ranked)
     for gold_list, lg in zip(golds, logits):
         gold = torch.tensor(list(gold_list), dtype=torch.long)  # (T,)
         T = gold.numel()
@@ -152,17 +152,8 @@ def mean_field_negatives_from_logits(
             valid = (negs != gold).any(dim=1).tolist()
             ids = negs.tolist()
         scores = [-x for x in cs]
-        if ranked:
-            ids, valid, scores = sort_best_first(ids, valid, scores)
-        all_ids.append(ids)
-        all_valid.append(valid)
-        all_scores.append(scores)
-    return Negatives(
-        ids=all_ids,
-        valid=all_valid,
-        scores=all_scores if ranked else None,
-        sources=[[source] * k for _ in golds],
-    )
+        out.add(ids, valid, scores)
+    return out.build()
 
 
 def continuation_logits(

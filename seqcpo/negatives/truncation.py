@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from seqcpo.negatives.similarity import sort_best_first
+from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.types import Example, Negatives
 
 
@@ -64,7 +64,7 @@ class TruncationNegatives:
         if k < 1:
             raise ValueError(f"tn: k must be >= 1, got {k}")
         eos = self.eos_token_id
-        all_ids, all_valid, all_scores = [], [], []
+        out = NegativesBuilder(self.name, ranked)
         for ex in examples:
             gold = list(ex.continuation_ids)
             body = gold[:-1] if gold and gold[-1] == eos else gold
@@ -79,14 +79,5 @@ class TruncationNegatives:
                 ids = [body + [eos] for _ in range(k)]
                 valid = [False] * k
             scores = [float(j) for j in cuts]
-            if ranked:
-                ids, valid, scores = sort_best_first(ids, valid, scores)
-            all_ids.append(ids)
-            all_valid.append(valid)
-            all_scores.append(scores)
-        return Negatives(
-            ids=all_ids,
-            valid=all_valid,
-            scores=all_scores if ranked else None,
-            sources=[[self.name] * k for _ in examples],
-        )
+            out.add(ids, valid, scores)
+        return out.build()

@@ -31,7 +31,7 @@ from transformers import Trainer
 from seqcpo.logps import sequence_logps, unwrap_model
 from seqcpo.losses import cpo_loss, mle_loss, preference_metrics
 from seqcpo.negatives import build_negative_generator
-from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference, is_peft_model
+from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
 from seqcpo.training.config import SeqCPOConfig
 from seqcpo.types import CandidateBatch, Example, Negatives
 
