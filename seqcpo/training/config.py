@@ -120,6 +120,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             self.output_dir = "runs/seqcpo"
         # A custom collator passes python lists through; the Trainer must not drop our columns.
         self.remove_unused_columns = False
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+            # non-reentrant checkpointing needs no input gradients, so it also works under LoRA
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         DataConfig.__post_init__(self)
         TrainingArguments.__post_init__(self)
         self.validate()
