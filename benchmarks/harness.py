@@ -11,6 +11,10 @@ Variants (``STEP_VARIANTS``):
     shared_live_bf16 as shared_live, the frozen reference copy held in bf16 (CPU: AVX512-BF16 matmuls).
     shared_cached    CPO, prefix-shared, reference log-probs precomputed (``PrecomputedReference``).
 
+A ``_flex`` suffix (``shared_live_flex``, ``shared_cached_flex``) runs policy and reference with
+``attn_implementation="flex_attention"`` (the prefix-shared ``BlockMask``; CUDA only for training), the other
+variants with the model's own implementation (SDPA here).
+
 Token floor of a shape: (P + (K+1) C) / (P + C), the ratio of tokens a prefix-shared CPO step must process
 to those of the MLE step.
 """
@@ -28,12 +32,13 @@ from typing import Callable
 
 import torch
 
-from seqcpo.logps import sequence_logps
+from seqcpo.logps import sequence_logps, use_attention
 from seqcpo.losses import cpo_loss, mle_loss
 from seqcpo.reference import FrozenCopyReference, PrecomputedReference
 from seqcpo.types import CandidateBatch
 
-STEP_VARIANTS = ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached")
+STEP_VARIANTS = ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached", "shared_live_flex",
+                 "shared_cached_flex")
 
 
 @dataclass
@@ -75,6 +80,15 @@ def gold_only(batch: CandidateBatch) -> CandidateBatch:
 def make_step(variant: str, model, batch: CandidateBatch, *, beta: float = 0.1, lam: float = 1.0, ref_model=None,
               chunk_size: int = 1024) -> Callable[[], float]:
     """A closure running one forward + backward of ``variant``; returns the loss value."""
+    if variant.endswith("_flex"):
+        inner = make_step(variant[: -len("_flex")], model, batch, beta=beta, lam=lam, ref_model=ref_model,
+                          chunk_size=chunk_size)
+
+        def flex_step():
+            with use_attention(model, "flex_attention"), use_attention(ref_model, "flex_attention"):
+                return inner()
+
+        return flex_step
     gold = gold_only(batch)
     if variant == "mle":
         def step():
@@ -161,27 +175,31 @@ class RSSPeak:
 
 @dataclass
 class Timings:
-    times: dict[str, list[float]] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=dict)  # wall-clock seconds
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # process CPU seconds (all threads)
     mem: dict[str, float] = field(default_factory=dict)  # bytes
 
     def median(self, v: str) -> float:
         return statistics.median(self.times[v])
 
+    def cpu_median(self, v: str) -> float:
+        return statistics.median(self.cpu[v])
+
 
 def interleaved(steps: dict[str, Callable[[], float]], model, reps: int, *, sync: Callable[[], None] = lambda: None,
-                warmup: int = 1, measure_mem: Callable | None = None) -> Timings:
+                warmup: int = 0, measure_mem: Callable | None = None) -> Timings:
     """Warm each step up, then time ``reps`` rounds of every step in turn. ``measure_mem(name, step)`` -> bytes."""
     out = Timings()
 
     def run(name, fn):
         model.zero_grad(set_to_none=True)
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         sync()
-        dt = time.perf_counter() - t
+        dt, dc = time.perf_counter() - t, time.process_time() - c
         model.zero_grad(set_to_none=True)
-        return dt
+        return dt, dc
 
     for name, fn in steps.items():
         for _ in range(warmup):
@@ -192,7 +210,9 @@ def interleaved(steps: dict[str, Callable[[], float]], model, reps: int, *, sync
             model.zero_grad(set_to_none=True)
     for _ in range(reps):
         for name, fn in steps.items():
-            out.times.setdefault(name, []).append(run(name, fn))
+            dt, dc = run(name, fn)
+            out.times.setdefault(name, []).append(dt)
+            out.cpu.setdefault(name, []).append(dc)
     return out
 
 

@@ -22,6 +22,8 @@ Both return :class:`SequenceLogps`: ``logps`` (B, K+1), summed over each continu
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +87,29 @@ class PrefixSharedBatch:
             return allowed
         mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
         return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def block_mask(self, block_size: int = 128):
+        """The same mask as a FlexAttention ``BlockMask`` (B, 1, L, L), for ``attn_implementation="flex_attention"``.
+
+        mask_mod: ``kv <= q and (segment[kv] == segment[q] or segment[kv] == 0)``. Blocks that mask_mod
+        leaves empty (one continuation against another, anything above the diagonal) are skipped by the
+        kernel, so attention costs what the prefix-shared structure needs, not L x L.
+        """
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg = self.segment_ids
+        B, L = seg.shape
+
+        def mask_mod(b, h, q, kv):
+            s_kv = seg[b, kv]
+            return (kv <= q) & ((seg[b, q] == s_kv) | (s_kv == 0))
+
+        return create_block_mask(mask_mod, B, None, L, L, device=seg.device, BLOCK_SIZE=block_size)
+
+    @property
+    def single_segment(self) -> bool:
+        """True when every row holds one continuation (the MLE batch): the mask is then plain causal."""
+        return int(self.segment_ids.max()) <= 1
 
 
 def _check_batch(batch: CandidateBatch) -> None:
@@ -237,6 +262,69 @@ def _model_dtype(model) -> torch.dtype:
     return next(p for p in model.parameters()).dtype
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+@contextlib.contextmanager
+def use_attention(model, impl: str | None):
+    """Run the model with ``config._attn_implementation = impl`` for the duration (None: leave it as it is).
+
+    transformers' attention layers read the implementation off the (shared) config at every forward, so
+    this switches the kernel for one call without reloading anything.
+    """
+    cfg = getattr(unwrap_model(model), "config", None)
+    if impl is None or cfg is None or getattr(cfg, "_attn_implementation", None) == impl:
+        yield
+        return
+    old = cfg._attn_implementation
+    cfg._attn_implementation = impl
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
+def _needs_grad(model) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+
+
+def shared_attention_mask(model, sb: PrefixSharedBatch):
+    """The mask to hand the model for ``sb``, and the attention implementation to run it under.
+
+    Returns ``(mask, impl)``, ``impl`` None when the model's own implementation is used:
+
+    - one continuation per row (the MLE batch): the layout is plain causal, so a 2-D padding mask goes in
+      and the model's causal kernel runs (no (B, 1, L, L) mask is built, SDPA may take ``is_causal``);
+    - ``flex_attention``: a FlexAttention ``BlockMask`` (:meth:`PrefixSharedBatch.block_mask`). torch 2.13
+      has no FlexAttention backward on CPU, so a CPU call that needs gradients falls back to SDPA with the
+      dense boolean mask (same numbers, see tests/test_fast_paths.py);
+    - ``sdpa``: dense boolean (B, 1, L, L) mask; ``eager``: the additive mask in the model's dtype;
+    - flash-attention kernels take no arbitrary 4-D mask: they fall back to SDPA with the dense mask.
+    """
+    impl = _attn_implementation(model)
+    if sb.single_segment:
+        return (sb.segment_ids >= 0).long(), None
+    if impl == "flex_attention":
+        if sb.input_ids.device.type == "cpu" and _needs_grad(model):
+            _warn_once("FlexAttention has no backward on CPU in this torch: running SDPA with a dense mask instead")
+            return sb.attention_mask(None), "sdpa"
+        return sb.block_mask(), None
+    if impl == "sdpa":
+        return sb.attention_mask(None), None
+    if impl == "eager":
+        return sb.attention_mask(_model_dtype(model)), None
+    if impl.startswith("flash_attention") or impl.startswith("paged"):
+        _warn_once(f"attn_implementation={impl!r} takes no prefix-shared 4-D mask: running SDPA with a dense mask instead")
+        return sb.attention_mask(None), "sdpa"
+    return sb.attention_mask(None), None  # kernels registered by the user: assume they take a boolean mask
+
+
 def _final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """(R, L, H) final (post-norm) hidden states through the model's own forward.
 
@@ -279,14 +367,14 @@ def shared_sequence_logps(
     """
     device = next(model.parameters()).device
     sb = build_prefix_shared_batch(batch, pad_token_id=pad_token_id, device=device)
-    impl = _attn_implementation(model)
-    mask = sb.attention_mask(None if impl in ("sdpa", "flash_attention_2") else _model_dtype(model))
+    mask, impl = shared_attention_mask(model, sb)
     if head_in_forward:
         # Sharded (FSDP / ZeRO-3) weights exist only inside the model's forward: let it apply the head to every
         # position, then pick the continuation positions. Costs a (B, L, V) logits tensor in the model dtype.
-        logits = model(
-            input_ids=sb.input_ids, attention_mask=mask, position_ids=sb.position_ids, use_cache=False
-        ).logits
+        with use_attention(model, impl):
+            logits = model(
+                input_ids=sb.input_ids, attention_mask=mask, position_ids=sb.position_ids, use_cache=False
+            ).logits
         flat = torch.cat(
             [
                 torch.log_softmax(logits[r, p].float(), -1).gather(1, t[:, None]).squeeze(1)
@@ -294,7 +382,8 @@ def shared_sequence_logps(
             ]
         )
         return _finish(flat, sb.cand_index, sb.token_counts, length_normalize)
-    hidden = _final_hidden(model, sb.input_ids, mask, sb.position_ids)  # (B, L, H)
+    with use_attention(model, impl):
+        hidden = _final_hidden(model, sb.input_ids, mask, sb.position_ids)  # (B, L, H)
     h = hidden[sb.src_row, sb.src_pos]  # (N, H)
     flat = token_logps_from_hidden(model, h, sb.targets, chunk_size=chunk_size)
     return _finish(flat, sb.cand_index, sb.token_counts, length_normalize)

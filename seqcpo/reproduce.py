@@ -54,7 +54,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from seqcpo.io import atomic_write_json, atomic_write_text
+from seqcpo.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from seqcpo.training.config import ConfigError, load_config
 
 logger = logging.getLogger("seqcpo")
@@ -80,6 +80,8 @@ EVAL_DEFAULTS: dict[str, Any] = {
 }
 JUDGE_KEYS = ("backend", "model", "url", "api_key_env", "prompt", "concurrency", "max_retries", "timeout", "note")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# Checked against this machine's hardware by TrainingArguments; a GPU grid must dry-run on a laptop.
+_HOST_FLAGS = {"bf16": False, "fp16": False, "tf32": None, "use_cpu": True}
 
 
 class GridError(ConfigError):
@@ -177,8 +179,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
         if not isinstance(trained, bool):
             raise GridError(f"{where}: arms.{name}.train must be true or false")
         merged = {**base, **over}
-        try:  # check the fields now, not hours later
-            load_config(None, {**merged, "output_dir": str(out_dir / "arms" / name)})
+        try:  # check the fields now, not hours later (mixed precision is checked on the machine that trains)
+            load_config(None, {**merged, **_HOST_FLAGS, "output_dir": str(out_dir / "arms" / name)})
         except ConfigError as e:
             raise GridError(f"{where}: arm {name!r}: {e}") from None
         arms.append(Arm(name, "train" if trained else "model", merged))
@@ -192,7 +194,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
         _unknown(w, spec, ("from", "to", "alphas", "name"))
         for key in ("from", "to"):
             if spec.get(key) not in trained_names:
-                raise GridError(f"{w}.{key}: {spec.get(key)!r} is not a trained arm ({', '.join(sorted(trained_names))})")
+                known = ", ".join(sorted(trained_names))
+                raise GridError(f"{w}.{key}: {spec.get(key)!r} is not a trained arm ({known})")
         alphas = [float(x) for x in spec.get("alphas", [0, 0.5, 1])]
         ens_name = str(spec.get("name") or f"{spec['from']}~{spec['to']}")
         if not re.match(r"^[A-Za-z0-9_.+~-]+$", ens_name):
@@ -235,6 +238,14 @@ def load_grid(path: str | os.PathLike) -> Grid:
     except ValueError as e:
         raise GridError(f"{where}: eval.decoding: {e}") from None
     return Grid(where, str(raw.get("name") or Path(where).stem), out_dir, base, arms, ensembles, ev)
+
+
+def data_config(overrides: dict[str, Any]):
+    """The :class:`seqcpo.data.DataConfig` part of an arm's fields (no TrainingArguments, no hardware checks)."""
+    from seqcpo.data import DataConfig
+
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in overrides.items() if k in names})
 
 
 def _decoding_configs(ev: dict, default_max_new_tokens: int):
@@ -314,8 +325,8 @@ class _Runner:
             return None
         expected = self.ensemble_fp(self._ensemble(arm)) if arm.kind == "ensemble" else self.train_fp(arm)
         if done["fingerprint"] != expected:
-            if arm.kind == "ensemble":
-                return None  # cheap: interpolate again
+            if arm.kind != "train":
+                return None  # cheap: interpolate (or resolve the untrained model) again
             raise GridError(
                 f"{self.grid.path}: arm {arm.name!r} was trained with another config than the grid now gives "
                 f"({folder / 'done.json'}); delete {folder} to retrain it, or set another out_dir"
@@ -380,7 +391,7 @@ class _Runner:
     def generate_fp(self, arm: Arm) -> str:
         ev = self.grid.eval
         keys = ("split", "num_examples", "decoding", "max_new_tokens", "seed", "dtype", "ppl")
-        data = load_config(None, {**arm.overrides, "output_dir": "unused"}).data_config()
+        data = data_config(arm.overrides)
         return fingerprint([self.train_fp(arm), {k: ev[k] for k in keys}, dataclasses.asdict(data)])
 
     def generate(self, arm: Arm) -> dict:
@@ -396,7 +407,10 @@ class _Runner:
             return done
         ev = self.grid.eval
         ckpt = self.checkpoint(arm)
-        data = load_config(None, {**arm.overrides, "output_dir": "unused"}).data_config()
+        reused = self._reuse_endpoint(arm, folder, ckpt, fp)
+        if reused is not None:
+            return reused
+        data = data_config(arm.overrides)
         logger.info("grid: %s: generating from %s", arm.name, ckpt)
         model, tokenizer = load_checkpoint(ckpt, dtype=ev["dtype"], device=ev["device"])
         examples = getattr(load_splits(data, tokenizer), ev["split"])
@@ -424,6 +438,32 @@ class _Runner:
             "seconds": seconds, "generated_tokens": sum(r.get("num_tokens", 0) for r in rows),
             "gold_ppl_seconds": ppl_seconds})
 
+    def _reuse_endpoint(self, arm: Arm, folder: Path, ckpt: str, fp: str) -> dict | None:
+        """Alpha 0 and 1 are bit for bit the endpoint models: copy the endpoint's generations, relabelled.
+
+        Generation is seeded per batch of example ids (not by the model label), so the copy is exactly what
+        generating again would give; it saves the slowest stage of two arms per ensemble.
+        """
+        from seqcpo.evaluation import read_generations
+
+        if arm.kind != "ensemble" or arm.alpha not in (0.0, 1.0):
+            return None
+        ens = self._ensemble(arm)
+        end = self.grid.arm(ens.from_arm if arm.alpha == 0.0 else ens.to_arm)
+        end_folder = self.arm_dir(end) / "generate"
+        end_done = read_done(end_folder)
+        if end_done is None or end_done["fingerprint"] != self.generate_fp(end):
+            return None
+        rows = [dict(r, model=arm.name, model_path=ckpt) for r in read_generations(end_folder / "generations.jsonl")]
+        atomic_write_jsonl(folder / "generations.jsonl", rows)
+        ppl = json.loads((end_folder / "gold_ppl.json").read_text(encoding="utf-8"))
+        atomic_write_json(folder / "gold_ppl.json", ppl)
+        logger.info("grid: %s: generations copied from %s (identical weights)", arm.name, end.name)
+        return write_done(folder, "generate", fp, {
+            "checkpoint": ckpt, "rows": len(rows), "examples": end_done["examples"], "decoding": end_done["decoding"],
+            "seconds": 0.0, "generated_tokens": end_done["generated_tokens"], "gold_ppl_seconds": 0.0,
+            "reused_from": end.name})
+
     # ---- stage 3: evaluate
     def judge(self):
         """The pairwise judge of ``eval.judge``, built at first use (a local judge loads a model)."""
@@ -436,6 +476,8 @@ class _Runner:
                 kwargs = {k: j[k] for k in ("concurrency", "max_retries", "timeout") if k in j}
                 if "concurrency" in kwargs:
                     kwargs["max_concurrency"] = kwargs.pop("concurrency")
+            elif j["backend"] == "local":
+                kwargs = {k: j[k] for k in ("debias", "tie_margin") if k in j}
             try:
                 self._judge = build_judge(j["backend"], model=j.get("model"), url=j.get("url"),
                                           api_key_env=j.get("api_key_env", "OPENAI_API_KEY"),
@@ -498,17 +540,17 @@ class _Runner:
             logger.warning("grid: %s: baseline %s has no generations yet; head-to-head left for a rerun",
                            arm.name, base.name)
         runs, h2h, judgments = [], [], []
-        for dec in ev["decoding"]:
-            rs = [r for r in rows if r["decoding"] == str(dec)]
+        for dec in (c.name for c in _decoding_configs(ev, 1)):  # the names generation wrote
+            rs = [r for r in rows if r["decoding"] == dec]
             refs, gens = [r["reference"] for r in rs], [r["generation"] for r in rs]
             run = {"label": arm.name, "model": rs[0]["model_path"] if rs else None, "alpha": arm.alpha,
-                   "decoding": str(dec), "decoding_config": rs[0]["config"] if rs else None, "num_items": len(rs),
+                   "decoding": dec, "decoding_config": rs[0]["config"] if rs else None, "num_items": len(rs),
                    "win_rate_vs_gold": None, "win_rate_by_category": {}, "mauve": None}
             if judge is not None:
                 items = win_rate_vs_gold(judge, rs, order=ev["order"], seed=int(ev["order_seed"]), progress=progress)
                 run["win_rate_vs_gold"] = summarize(items).to_dict()
                 run["win_rate_by_category"] = {k: v.to_dict() for k, v in summarize_by_category(items).items()}
-                judgments += [dict(i.to_dict(), kind="vs_gold", model=arm.name, decoding=str(dec)) for i in items]
+                judgments += [dict(i.to_dict(), kind="vs_gold", model=arm.name, decoding=dec) for i in items]
             if ev["mauve"] == "minilm" and rs:
                 feats = eval_metrics.minilm_features(refs + gens, progress=progress)
                 try:
@@ -524,17 +566,17 @@ class _Runner:
             run["gold_ppl"] = ppl
             runs.append(run)
             if judge is not None and base_rows is not None:
-                brs = [r for r in base_rows if r["decoding"] == str(dec)]
+                brs = [r for r in base_rows if r["decoding"] == dec]
                 items = head_to_head(judge, rs, brs, order=ev["order"], seed=int(ev["order_seed"]), progress=progress)
-                h2h.append({"a": arm.name, "b": base.name, "decoding": str(dec), "win_rate": summarize(items).to_dict(),
+                h2h.append({"a": arm.name, "b": base.name, "decoding": dec, "win_rate": summarize(items).to_dict(),
                             "by_category": {k: v.to_dict() for k, v in summarize_by_category(items).items()}})
                 judgments += [dict(i.to_dict(), kind="head_to_head", model=arm.name, opponent=base.name,
-                                   decoding=str(dec)) for i in items]
+                                   decoding=dec) for i in items]
         seconds = round(time.perf_counter() - t0, 1)
         atomic_write_json(folder / "results.json", {
             "runs": runs, "head_to_head": h2h, "judge": judge.describe() if judge is not None else None,
             "judge_stats": dict(getattr(judge, "stats", {}) or {}) if judge is not None else {}})
-        atomic_write_text(folder / "judgments.jsonl", "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
+        atomic_write_jsonl(folder / "judgments.jsonl", judgments)
         return write_done(folder, "evaluate", fp, {"seconds": seconds, "judged_items": len(judgments)})
 
 
@@ -598,11 +640,12 @@ def write_grid_report(runner: _Runner, command: str) -> str:
             "train_steps": tr.get("steps") if arm.kind != "ensemble" else None,
             "ensemble_seconds": tr.get("seconds") if arm.kind == "ensemble" else None,
             "generate_seconds": gen.get("seconds"),
+            "generations_copied_from": gen.get("reused_from"),
             "generated_tokens": gen.get("generated_tokens"),
             "evaluate_seconds": (read_done(ev_folder) or {}).get("seconds"),
         }
     first = next((a for a in grid.arms if a.name not in missing), grid.arms[0])
-    data_cfg = load_config(None, {**first.overrides, "output_dir": "unused"}).data_config()
+    data_cfg = data_config(first.overrides)
     ev = grid.eval
     results = {
         "seqcpo_version": seqcpo.__version__,
@@ -652,14 +695,17 @@ def write_grid_report(runner: _Runner, command: str) -> str:
         mv = r.get("mauve")
         mauve = "-" if not mv else f"{mv['score']:.3f} ({mv['n_p']}/{mv['n_q']}){' (!)' if mv.get('warning') else ''}"
         train_s = c["train_seconds"] if c["kind"] != "ensemble" else f"({c['ensemble_seconds']} interp.)"
+        gen_s = c["generate_seconds"] if not c["generations_copied_from"] else f"(= {c['generations_copied_from']})"
         lines.append(
             f"| {r['label']} | {c['summary']} | `{r['decoding']}` | {_pct(wr)} | {wr['n'] if wr else '-'} | "
-            f"{_pct(hw)} | {hw['n'] if hw else '-'} | {mauve} | {r['rouge_l']:.3f} | {train_s if train_s is not None else '-'} | "
-            f"{c['train_steps'] if c['train_steps'] is not None else '-'} | {c['generate_seconds']} |"
+            f"{_pct(hw)} | {hw['n'] if hw else '-'} | {mauve} | {r['rouge_l']:.3f} | "
+            f"{train_s if train_s is not None else '-'} | "
+            f"{c['train_steps'] if c['train_steps'] is not None else '-'} | {gen_s} |"
         )
     lines += ["", "Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items. MAUVE marked (!) "
               "comes from too few samples to discriminate. train s includes model loading; ensemble arms cost an "
-              "interpolation on top of their two endpoints' training.", ""]
+              "interpolation on top of their two endpoints' training; alpha 0 and 1 are bit for bit their endpoints, "
+              "so their generations are copied (gen s \"(= arm)\").", ""]
     detail = render_markdown(results)  # the evaluation package's full tables and plots, one heading level down
     lines += ["---", ""] + [("#" + ln if ln.startswith("#") else ln) for ln in detail.splitlines()]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -106,7 +106,8 @@ def test_architecture_mismatches_say_what_differs(pair, tmp_path):
     base = make_tiny_llama().config.to_dict()
     wider = LlamaForCausalLM(LlamaConfig(**{**base, "vocab_size": 300, "intermediate_size": 48}))
     p_wider = _save(wider, tmp_path / "wider")
-    with pytest.raises(EnsembleError, match=r"shapes differ for 6 tensors, first .*mlp.down_proj.weight: \[32, 64\] in .* vs \[32, 48\]"):
+    shapes = r"shapes differ for 6 tensors, first .*mlp.down_proj.weight: \[32, 64\] in .* vs \[32, 48\]"
+    with pytest.raises(EnsembleError, match=shapes):
         interpolate_checkpoints(a, p_wider, [0.5], tmp_path / "out")
 
     tied = LlamaForCausalLM(LlamaConfig(**{**base, "vocab_size": 300, "tie_word_embeddings": True}))

@@ -139,3 +139,35 @@ def test_parse_answer_variants():
     assert parse_answer("Answer: A") == "A" and parse_answer("Reasoning... Answer: C") == "tie"
     assert parse_answer("My answer: a tie") is None and parse_answer("Verdict: tie") == "tie"
     assert parse_answer("") is None and parse_answer("Both are good") is None and parse_answer(None) is None
+
+
+def test_debiased_local_judge_cancels_position_bias():
+    """A judge that always prefers position A by 3 nats but slightly prefers the candidate's text.
+
+    Candidate as A: logp(A) - logp(B) = 3 + 0.5; candidate as B: logp(B) - logp(A) = -3 + 0.5.
+    Summed: +1.0 > 0 -> win. Arg-max verdicts would say A both times: win then loss -> tie.
+    """
+    import json
+
+    from seqcpo.evaluation.judges import Verdict
+    from seqcpo.evaluation.winrate import combine_orders, debiased_outcome, from_candidate_side, judge_pairs
+
+    class BiasedJudge:
+        debias = True
+        tie_margin = 0.0
+
+        def judge(self, prompt, a, b):
+            bonus = 0.5 if a == "cand" else -0.5
+            return Verdict("A", raw=json.dumps({"logp": {"A": -0.1, "B": -0.1 - 3.0 - bonus, "tie": -9.0}}))
+
+        def describe(self):
+            return {}
+
+    pairs = [{"key": "k", "id": "1", "category": None, "prompt": "p", "candidate": "cand", "baseline": "gold"}]
+    [item] = judge_pairs(BiasedJudge(), pairs, order="both", progress=False)
+    assert item.outcome == "win"
+    assert combine_orders(from_candidate_side("A", "A"), from_candidate_side("A", "B")) == "tie"
+    BiasedJudge.tie_margin = 1.5
+    [item] = judge_pairs(BiasedJudge(), pairs, order="both", progress=False)
+    assert item.outcome == "tie"
+    assert debiased_outcome([Verdict(None), Verdict("A", raw="{}")], ["A", "B"]) is None

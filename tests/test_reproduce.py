@@ -2,7 +2,6 @@
 stages, reports every arm, and the shipped grid files load and dry-run."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +109,8 @@ def test_grid_runs_resumes_after_interruption_and_reports_every_arm(assets, tmp_
     assert labels == ["base", "mle", "cpo", "mle~cpo@0", "mle~cpo@0.5"]
     for r in results["runs"]:
         wr = r["win_rate_vs_gold"]
-        assert wr["n"] + wr["failed"] == 4 and 0 <= wr["ci_low"] <= wr["rate"] <= wr["ci_high"] <= 1
+        assert wr["n"] + wr["failed"] == 4
+        assert 0 <= wr["ci_low"] <= wr["rate"] <= wr["ci_high"] <= 1
         assert r["mauve"]["n_p"] == r["mauve"]["n_q"] == 4
         assert 0 <= r["rouge_l"] <= 1
     h2h = {h["a"]: h for h in results["head_to_head"]}
@@ -121,6 +121,8 @@ def test_grid_runs_resumes_after_interruption_and_reports_every_arm(assets, tmp_
     assert compute["mle"]["train_steps"] == 2 and compute["cpo"]["train_steps"] == 2
     assert compute["base"]["train_steps"] == 0 and compute["mle"]["generate_seconds"] >= 0
     assert compute["mle~cpo@0.5"]["ensemble_seconds"] is not None
+    assert compute["mle~cpo@0"]["generations_copied_from"] == "mle"  # alpha 0 is bitwise the MLE model
+    assert compute["mle~cpo@0.5"]["generations_copied_from"] is None
     text = Path(report).read_text()
     assert text.splitlines()[2] == f"Regenerate this report (finished stages are skipped): `seqcpo reproduce {grid}`"
     assert "the local judge is weak" in text and "| mle~cpo@0.5 |" in text and "MAUVE (n gold/model)" in text
@@ -211,3 +213,15 @@ def test_cli_reproduce_dry_run(assets, tmp_path, capsys):
     assert main(["reproduce", grid, "--dry-run"]) == 0
     assert "grid 'tiny'" in capsys.readouterr().out
     assert main(["reproduce", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_only_runs_a_subset_and_an_ensemble_needs_its_endpoints(assets, tmp_path):
+    grid = _grid(assets, tmp_path, judge="none", mauve="none")
+    report = run_grid(grid, only=["mle"])
+    out = tmp_path / "out"
+    assert (out / "arms/mle/evaluate/done.json").is_file() and not (out / "arms/cpo").exists()
+    text = Path(report).read_text()
+    assert "`seqcpo reproduce" in text and "--only mle`" in text
+    assert "not evaluated yet: base, cpo, mle~cpo@0, mle~cpo@0.5" in text
+    with pytest.raises(GridError, match="ensemble 'mle~cpo' needs arm 'cpo' trained first"):
+        run_grid(grid, only=["mle~cpo"])

@@ -83,6 +83,10 @@ def register(subparsers) -> None:
     ev.add_argument("--judge-timeout", type=float, default=60.0, help="openai: seconds per request")
     ev.add_argument("--judge-max-tokens", type=int, default=16, help="openai: max_tokens per reply (0 = not sent)")
     ev.add_argument("--judge-cache", help="verdict cache folder (default: OUT/judge_cache)")
+    ev.add_argument("--judge-no-debias", action="store_true",
+                    help="local: combine the two orders by arg-max verdicts (disagreement = tie) instead of summed log-odds")
+    ev.add_argument("--judge-tie-margin", type=float, default=0.0,
+                    help="local, debiased: summed log-odds within this band count as a tie")
     ev.add_argument("--order", choices=("both", "random"), default="both",
                     help="both: judge each pair in both orders (disagreement = tie); random: one seeded order")
     ev.add_argument("--order-seed", type=int, default=0, help="seed of --order random")
@@ -310,6 +314,8 @@ def run_eval(args) -> int:
     if args.judge == "openai":
         judge_kwargs = dict(max_concurrency=args.judge_concurrency, max_retries=args.judge_max_retries,
                             timeout=args.judge_timeout, max_tokens=args.judge_max_tokens or None)
+    elif args.judge == "local":
+        judge_kwargs = dict(debias=not args.judge_no_debias, tie_margin=args.judge_tie_margin)
     try:
         judge_factory = lambda: build_judge(args.judge, model=args.judge_model, url=args.judge_url,  # noqa: E731
                                             api_key_env=args.judge_api_key_env, prompt_path=args.judge_prompt,

@@ -450,6 +450,10 @@ class LocalJudge:
     log-probs of its single-token spellings (``"A"``, ``" A"``; ``"B"``, ``" B"``; ``"C"``, ``" C"`` for a
     tie). The verdict is the arg-max label, ties between scores broken in the order A, B, tie. ``raw``
     holds the three scores as JSON. Prompts longer than the model's context keep their last tokens.
+
+    ``debias`` (default True): when both orders are judged, the win rate reads the summed log-odds of the
+    two orders instead of the two arg-max verdicts (:func:`seqcpo.evaluation.winrate.debiased_outcome`), so
+    the position bias of a small judge cancels; ``tie_margin`` is the log-odds band counted as a tie.
     """
 
     backend = "local"
@@ -463,9 +467,13 @@ class LocalJudge:
         use_chat_template: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         model_and_tokenizer=None,
+        debias: bool = True,
+        tie_margin: float = 0.0,
     ):
         from seqcpo.evaluation.generate import load_checkpoint
 
+        self.debias = debias
+        self.tie_margin = float(tie_margin)
         self.model_path = str(model_path)
         self.template, self.prompt_sha256 = load_judge_prompt(prompt_path)
         self.prompt_path = str(prompt_path) if prompt_path else None
@@ -496,6 +504,8 @@ class LocalJudge:
             "prompt_sha256": self.prompt_sha256,
             "prompt_path": self.prompt_path,
             "answer_tokens": {k: v for k, v in self.label_ids.items()},
+            "combine": (f"log-odds summed over both orders, tie within {self.tie_margin:g}" if self.debias
+                        else "arg-max verdicts"),
         }
 
     def render_ids(self, prompt: str, a: str, b: str) -> list[int]:

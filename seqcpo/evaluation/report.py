@@ -66,8 +66,12 @@ def render_markdown(results: dict) -> str:
         lines.append(f"- judge prompt: {j.get('prompt_path') or 'default (seqcpo/templates/judge_pairwise.txt)'}, "
                      f"sha256 `{j['prompt_sha256']}`")
         order = results.get("order", "both")
-        rule = ("both orders per item; disagreeing verdicts count as a tie" if order == "both"
-                else f"one random order per item (seed {results.get('order_seed')})")
+        if order == "both" and str(j.get("combine", "")).startswith("log-odds"):
+            rule = f"both orders per item, the judge's {j['combine']} (position bias cancels)"
+        elif order == "both":
+            rule = "both orders per item; disagreeing verdicts count as a tie"
+        else:
+            rule = f"one random order per item (seed {results.get('order_seed')})"
         lines.append(f"- win rate = (wins + 0.5 ties) / n over items the judge did not fail; {rule}; "
                      "95% Wilson score interval")
     if results.get("judge_stats"):

@@ -6,6 +6,11 @@ Rules (the paper leaves them open; these are ours):
   read from the candidate's side, give the item's outcome when they agree (win/win = win, loss/loss =
   loss, tie/tie = tie); **any disagreement is a tie** (win/loss, and also win/tie or loss/tie), which
   cancels position bias. If either verdict failed, the item is **failed**.
+- **Debiased log-odds** (a judge with ``debias = True``, the local judge by default, both orders): small local
+  judges answer mostly by position, so the verdict pair is nearly always a disagreement. Instead the
+  candidate's log-odds ``logp(its letter) - logp(the other letter)`` are summed over the two orders, so a
+  constant position bias cancels exactly; the item is a win above ``tie_margin``, a loss below ``-tie_margin``,
+  else a tie.
 - **Random order** (``order="random"``): one verdict per item, the candidate's position drawn from a
   ``random.Random`` seeded by (seed, item key), so the draw does not depend on item order; the position
   is recorded per item.
@@ -18,6 +23,7 @@ Rules (the paper leaves them open; these are ours):
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import defaultdict
@@ -102,6 +108,34 @@ def combine_orders(as_a: str | None, as_b: str | None) -> str | None:
     return as_a if as_a == as_b else "tie"
 
 
+def debiased_outcome(verdicts: Sequence[Verdict], positions: Sequence[str], tie_margin: float = 0.0) -> str | None:
+    """Outcome from a judge's answer log-probs summed over both orders (see the module docstring).
+
+    Each verdict's ``raw`` is JSON with ``{"logp": {"A": .., "B": .., "tie": ..}}``; the candidate stood at
+    ``positions[i]`` in verdict i.
+
+    >>> import json
+    >>> v = lambda a, b: Verdict("A", raw=json.dumps({"logp": {"A": a, "B": b, "tie": -9.0}}))
+    >>> debiased_outcome([v(-0.1, -2.5), v(-0.2, -1.0)], ["A", "B"])  # +2.4 as A, -0.8 as B: net +1.6
+    'win'
+    """
+    total = 0.0
+    for v, pos in zip(verdicts, positions):
+        if v.winner is None:
+            return None
+        try:
+            logp = json.loads(v.raw)["logp"]
+        except (TypeError, ValueError, KeyError):
+            return None
+        other = "B" if pos == "A" else "A"
+        total += logp[pos] - logp[other]
+    if total > tie_margin:
+        return "win"
+    if total < -tie_margin:
+        return "loss"
+    return "tie"
+
+
 def summarize(items: Sequence[ItemResult]) -> WinRate:
     wins = sum(i.outcome == "win" for i in items)
     losses = sum(i.outcome == "loss" for i in items)
@@ -155,7 +189,10 @@ def judge_pairs(
         vs = verdicts[k:k + len(positions)]
         k += len(positions)
         sides = [from_candidate_side(v.winner, pos) for v, pos in zip(vs, positions)]
-        outcome = combine_orders(*sides) if order == "both" else sides[0]
+        if order == "both" and getattr(judge, "debias", False):
+            outcome = debiased_outcome(vs, positions, getattr(judge, "tie_margin", 0.0))
+        else:
+            outcome = combine_orders(*sides) if order == "both" else sides[0]
         results.append(ItemResult(
             id=str(pair["id"]),
             category=pair.get("category"),

@@ -1,0 +1,194 @@
+"""CPU benchmark: the CPO step against the MLE step, and autoregressive-negative throughput, on SmolLM2-135M.
+
+    .venv/bin/python benchmarks/run_cpu.py                  # the full set, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/run_cpu.py --quick          # one shape, one rep: a smoke run
+
+What it measures (issue 6, "Targets"):
+
+1. Step time, forward + backward of the training loss (optimizer excluded), fp32, ``--threads`` threads, for
+   the variants of ``harness.STEP_VARIANTS`` on a small grid of shapes. Every CPO ratio is taken against the
+   MLE step on the same examples in the same run, printed beside the token floor (P + (K+1)C) / (P + C) and
+   ratio / floor. Variants are interleaved and the median of the reps is reported (min beside it: on a
+   shared machine the min is the least disturbed figure).
+2. Peak memory: the resident set size sampled every 2 ms during one (untimed) step, minus the RSS before it
+   (``harness.RSSPeak``).
+3. AN throughput: ``AutoregressiveNegatives(backend="shared_prefill")`` against ``backend="hf"``
+   (``model.generate(num_return_sequences=K)``), same prefixes, K, dtype, sampling at temperature 1, and
+   EOS suppressed (``eos_token_id=-1``) so both decode exactly ``max_new_tokens`` tokens per row; tokens/s
+   counts the generated tokens.
+
+Writes ``benchmarks/results/cpu.json`` and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (  # noqa: E402
+    RSSPeak,
+    Shape,
+    interleaved,
+    machine_info,
+    make_step,
+    markdown_table,
+    precompute_ref_logps,
+    random_batch,
+    write_json,
+)
+
+# (shape, variants); the naive layout runs at the demo shape only (it is the slowest by far)
+FULL_GRID = [
+    (Shape(4, 32, 64, 4), ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached")),
+    (Shape(4, 128, 64, 4), ("mle", "shared_live", "shared_live_bf16", "shared_cached")),
+    (Shape(4, 32, 64, 8), ("mle", "shared_live", "shared_cached")),
+]
+QUICK_GRID = [(Shape(2, 16, 16, 4), ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached"))]
+
+
+def step_benchmarks(model, ref, ref_bf16, grid, reps_first: int, reps: int) -> list[dict]:
+    rows = []
+    for i, (shape, variants) in enumerate(grid):
+        batch = precompute_ref_logps(ref, random_batch(shape, model.config.vocab_size, seed=i))
+        refs = {"naive_live": ref, "shared_live": ref, "shared_live_bf16": ref_bf16}
+        steps = {v: make_step(v, model, batch, ref_model=refs.get(v)) for v in variants}
+
+        def mem(name, fn):
+            with RSSPeak() as peak:
+                fn()
+            return peak.peak_delta
+
+        t0 = time.time()
+        res = interleaved(steps, model, reps_first if i == 0 else reps, measure_mem=mem)
+        base = res.median("mle")
+        base_min = min(res.times["mle"])
+        for v in variants:
+            med = res.median(v)
+            ratio = med / base
+            rows.append(
+                dict(
+                    shape=shape.name, batch=shape.batch, prefix=shape.prefix, cont=shape.cont, k=shape.k,
+                    variant=v, times_s=res.times[v], median_s=med, min_s=min(res.times[v]),
+                    ratio=ratio, ratio_of_mins=min(res.times[v]) / base_min, floor=shape.floor,
+                    ratio_over_floor=ratio / shape.floor if v != "mle" else None,
+                    cpu_s=res.cpu[v], cpu_median_s=res.cpu_median(v), cpu_ratio=res.cpu_median(v) / res.cpu_median("mle"),
+                    peak_rss_mib=res.mem[v] / 2**20,
+                )
+            )
+        print(f"# {shape.name}: {time.time() - t0:.0f} s", flush=True)
+    return rows
+
+
+def an_benchmark(model, batch: int, k: int, prefix: int, max_new_tokens: int, reps: int) -> list[dict]:
+    from seqcpo.negatives.autoregressive import AutoregressiveNegatives, DecodingConfig
+
+    g = torch.Generator().manual_seed(0)
+    prefixes = [torch.randint(3, model.config.vocab_size, (prefix,), generator=g).tolist() for _ in range(batch)]
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    gens = {
+        be: AutoregressiveNegatives(
+            model, DecodingConfig(strategy="sample", temperature=1.0), eos_token_id=-1, pad_token_id=pad,
+            max_new_tokens=max_new_tokens, backend=be, batch_size=batch,
+        )
+        for be in ("shared_prefill", "hf")
+    }
+    times: dict[str, list[float]] = {be: [] for be in gens}
+    tokens: dict[str, int] = {}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for be, an in gens.items():
+            t = time.perf_counter()
+            out = an._decode(prefixes, k, torch.Generator().manual_seed(rep))
+            dt = time.perf_counter() - t
+            tokens[be] = sum(len(s) for row in out for s in row)
+            if rep:
+                times[be].append(dt)
+    rows = []
+    for be in gens:
+        med = statistics.median(times[be])
+        rows.append(dict(backend=be, batch=batch, k=k, prefix=prefix, max_new_tokens=max_new_tokens,
+                         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                         generated_tokens=tokens[be], times_s=times[be], median_s=med, tokens_per_s=tokens[be] / med))
+    hf = next(r for r in rows if r["backend"] == "hf")["tokens_per_s"]
+    for r in rows:
+        r["speedup_vs_hf"] = r["tokens_per_s"] / hf
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or Hub id")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2, help="timed reps per variant (after one untimed memory run)")
+    ap.add_argument("--reps-first", type=int, default=3, help="timed reps at the first (demo) shape")
+    ap.add_argument("--an-batch", type=int, default=4)
+    ap.add_argument("--an-k", type=int, default=4)
+    ap.add_argument("--an-prefix", type=int, default=32)
+    ap.add_argument("--an-new-tokens", type=int, default=64)
+    ap.add_argument("--an-reps", type=int, default=3)
+    ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--skip-an", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape, one rep (a smoke run)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu.json"))
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from seqcpo.models import load_model, resolve_model_path
+
+    t0 = time.time()
+    model = load_model(resolve_model_path(args.model), dtype="float32", attn_implementation="sdpa")
+    model.train()  # SmolLM2 has no dropout; train mode as in training
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+    result = {"machine": machine_info(), "model": args.model, "dtype": "float32",
+              "memory_metric": "peak RSS delta over one step, sampled every 2 ms", "command": " ".join(sys.argv)}
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    reps_first, reps = (1, 1) if args.quick else (args.reps_first, args.reps)
+    if not args.skip_steps:
+        result["steps"] = step_benchmarks(model, ref, ref_bf16, grid, reps_first, reps)
+    if not args.skip_an:
+        an_kw = dict(batch=args.an_batch, k=args.an_k, prefix=args.an_prefix, max_new_tokens=args.an_new_tokens)
+        if args.quick:
+            an_kw.update(batch=2, max_new_tokens=8)
+        del ref_bf16
+        result["an"] = an_benchmark(ref, reps=1 if args.quick else args.an_reps, **an_kw)
+    result["wall_s"] = time.time() - t0
+    write_json(result, args.out)
+    print(render(result))
+    print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
+    return result
+
+
+def render(result: dict) -> str:
+    out = [f"machine: {result['machine'].get('cpu')}, {result['machine'].get('torch_threads')} threads, "
+           f"torch {result['machine']['torch']}, {result['machine']['date_utc']}"]
+    if "steps" in result:
+        out.append("\n" + markdown_table(
+            ["shape", "variant", "median s", "min s", "ratio vs MLE", "ratio of mins", "CPU-time ratio", "floor",
+             "ratio / floor", "peak RSS MiB"],
+            [[r["shape"], r["variant"], r["median_s"], r["min_s"], r["ratio"], r["ratio_of_mins"], r["cpu_ratio"],
+              r["floor"], "" if r["ratio_over_floor"] is None else r["ratio_over_floor"], r["peak_rss_mib"]]
+             for r in result["steps"]],
+        ))
+    if "an" in result:
+        out.append("\n" + markdown_table(
+            ["AN backend", "B", "K", "P", "new tokens", "dtype", "generated", "median s", "tokens/s", "vs hf"],
+            [[r["backend"], r["batch"], r["k"], r["prefix"], r["max_new_tokens"], r["dtype"], r["generated_tokens"],
+              r["median_s"], r["tokens_per_s"], r["speedup_vs_hf"]] for r in result["an"]],
+        ))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
