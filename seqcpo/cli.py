@@ -120,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_overrides", False) and args.func not in (cmd_ensemble, cmd_reproduce):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from seqcpo.data import DataError
+    from seqcpo.ensemble import EnsembleError
     from seqcpo.training.config import ConfigError
 
     try:
         rc = args.func(args, extra) if getattr(args, "takes_overrides", None) is not None else args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, EnsembleError) as e:
         print(f"seqcpo: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)
