@@ -128,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, EnsembleError) as e:
         print(f"seqcpo: error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError, ImportError) as e:
+        # bad input found deeper in (a model folder, a batch too small for its negatives, a bad negatives
+        # folder): one line, unless SEQCPO_DEBUG asks for the traceback
+        if os.environ.get("SEQCPO_DEBUG"):
+            raise
+        print(f"seqcpo: error: {e}\n(set SEQCPO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

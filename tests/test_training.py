@@ -225,6 +225,8 @@ def test_config_yaml_and_overrides(tmp_path):
         ("", {"num_negatives": "four"}, r"command line: field 'num_negatives'"),
         ("objective: dpo\n", {}, r"num_negatives=4: objective dpo uses exactly one negative"),
         ("reference: precomputed\n", {}, r"reference='precomputed'.*seqcpo negatives"),
+        ("negatives: bn:4\nper_device_train_batch_size: 4\n", {}, r"per_device_train_batch_size=4: 4 batch negatives"),
+        ("negatives: tn:2,bn:1\n", {}, r"negatives='tn:2,bn:1': the counts .* sum to 3, but k=4"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, text, over, match):
@@ -246,6 +248,10 @@ def test_cli_reports_bad_data_with_file_and_line(assets, tmp_path, capsys):
     assert "bad.jsonl line 2" in err and "JSON" in err
     rc = main(["train", "--config", str(tmp_path / "missing.yaml")])
     assert rc == 2 and "missing.yaml: no such config file" in capsys.readouterr().err
+    rc = main(["train", "--model_name_or_path", str(tmp_path / "no-such-model"), "--report_to", "none",
+               "--output_dir", str(tmp_path / "o"), "--use_cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no-such-model: no such model folder" in err and "Traceback" not in err
 
 
 def test_config_reference_is_current():

@@ -152,6 +152,19 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             bad("pss_passes", "must be at least 1")
         if self.negatives_refresh_steps < 1:
             bad("negatives_refresh_steps", "must be at least 1")
+        if self.uses_negatives:
+            from seqcpo.negatives.registry import parse_spec
+
+            try:
+                parts = dict(parse_spec(self.negatives, self.num_negatives))
+            except ValueError as e:
+                raise ConfigError(f"negatives={self.negatives!r}: {e}") from None
+            bn = parts.get("bn", 0)
+            if bn and not self.negatives_path and self.per_device_train_batch_size < bn + 1:
+                bad(
+                    "per_device_train_batch_size",
+                    f"{bn} batch negatives (bn) per example need at least {bn + 1} examples per device batch",
+                )
         if self.uses_negatives and self.reference == "precomputed" and not self.negatives_path:
             bad(
                 "reference",
