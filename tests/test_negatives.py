@@ -472,7 +472,7 @@ def test_build_errors():
         build_negative_generator("an", 2, model=model, options={"an_rank_by": "temperature"}, **kw)
     with pytest.raises(ValueError, match="has 3 values for k=2"):
         build_negative_generator("an", 2, model=model, options={"an_temperatures": [0.5, 1.0, 2.0]}, **kw)
-    with pytest.raises(ImportError, match="vllm"):
+    with pytest.raises(ValueError, match="backend must be one of"):
         build_negative_generator("an", 2, model=model, options={"an_backend": "vllm"}, **kw)
 
 

@@ -37,7 +37,7 @@ from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.types import Example, Negatives
 
 STRATEGIES = ("sample", "greedy", "beam")
-BACKENDS = ("shared_prefill", "hf", "vllm")
+BACKENDS = ("shared_prefill", "hf")
 RANK_BY = ("rouge", "temperature")
 
 
@@ -146,7 +146,7 @@ class AutoregressiveNegatives:
         decoding: the :class:`DecodingConfig`.
         eos_token_id / pad_token_id: the model's EOS and pad ids.
         max_new_tokens: the longest negative.
-        backend: "shared_prefill" (default), "hf" or "vllm" (needs the optional vllm package, not yet wired).
+        backend: "shared_prefill" (default) or "hf" (``model.generate``).
             Beam search always runs on "hf".
         batch_size: prefixes per generation call (each expands to K rows).
         rank_by: "rouge" or "temperature" (needs ``decoding.temperatures``).
@@ -172,12 +172,6 @@ class AutoregressiveNegatives:
     ):
         if backend not in BACKENDS:
             raise ValueError(f"an: backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "vllm":
-            try:
-                import vllm  # noqa: F401
-            except ImportError as err:
-                raise ImportError("an: backend='vllm' needs the optional vllm package (pip install vllm)") from err
-            raise NotImplementedError("an: backend='vllm' is not implemented yet; use 'shared_prefill' or 'hf'")
         if rank_by not in RANK_BY:
             raise ValueError(f"an: rank_by must be one of {RANK_BY}, got {rank_by!r}")
         if rank_by == "temperature" and decoding.temperatures is None:

@@ -35,7 +35,7 @@ OPTIONS: dict[str, tuple[str, Any]] = {
     "an_num_beams": ("AN: beams for beam search (>= its count)", 4),
     "an_temperatures": ("AN: one sampling temperature per AN negative (needed by an_rank_by='temperature')", None),
     "an_max_new_tokens": ("AN: longest negative in tokens", 64),
-    "an_backend": ("AN: 'shared_prefill', 'hf' or 'vllm'", "shared_prefill"),
+    "an_backend": ("AN: 'shared_prefill' or 'hf'", "shared_prefill"),
     "an_batch_size": ("AN: prefixes per generation call", 16),
     "an_rank_by": ("AN ranked: 'rouge' or 'temperature'", "rouge"),
 }
