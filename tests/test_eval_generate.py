@@ -152,3 +152,19 @@ def test_eos_ids_include_the_models_end_of_turn_tokens():
     assert eos_ids_of(model, tok) == [2, 7]
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_local_judge_batched_equals_one_at_a_time(checkpoint):
+    """Left-padded batches of prompts of different lengths give the single-prompt log-probs."""
+    triples = [
+        ("The quick brown fox", "jumps over the lazy dog.", "is a free online encyclopedia."),
+        ("Paris", "is the capital of France and its largest city.", "fox"),
+        ("Machine learning models are trained on data", "to make predictions.", "Wikipedia is written by volunteers."),
+    ]
+    single = [LocalJudge(checkpoint, batch_size=1).judge(*t) for t in triples]
+    batched = LocalJudge(checkpoint, batch_size=8).judge_many(triples, progress=False)
+    for s, b in zip(single, batched):
+        assert s.winner == b.winner
+        ls, lb = json.loads(s.raw)["logp"], json.loads(b.raw)["logp"]
+        for k in ls:
+            assert abs(ls[k] - lb[k]) < 1e-4, (k, ls, lb)

@@ -469,11 +469,13 @@ class LocalJudge:
         model_and_tokenizer=None,
         debias: bool = True,
         tie_margin: float = 0.0,
+        batch_size: int = 8,
     ):
         from seqcpo.evaluation.generate import load_checkpoint
 
         self.debias = debias
         self.tie_margin = float(tie_margin)
+        self.batch_size = max(1, int(batch_size))
         self.model_path = str(model_path)
         self.template, self.prompt_sha256 = load_judge_prompt(prompt_path)
         self.prompt_path = str(prompt_path) if prompt_path else None
@@ -526,32 +528,61 @@ class LocalJudge:
         return ids
 
     def judge(self, prompt: str, a: str, b: str) -> Verdict:
+        return self.judge_many([(prompt, a, b)], progress=False)[0]
+
+    def _verdict(self, logits) -> Verdict:
         import torch
 
-        key = None
-        if self.cache is not None:
-            key = VerdictCache.key(self.model_path, self.template, prompt, a, b)
-            hit = self.cache.get(key)
-            if hit is not None:
-                self.stats["cache_hits"] += 1
-                return hit
-        ids = self.render_ids(prompt, a, b)
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0, -1]  # (V,)
         logp = torch.log_softmax(logits.float(), dim=-1)
         scores = {label: torch.logsumexp(logp[tids], dim=0).item() for label, tids in self.label_ids.items()}
         winner = max(WINNERS, key=lambda lab: scores[lab])  # max keeps the first of equal scores
-        verdict = Verdict(winner, raw=json.dumps({"logp": scores}))
-        self.stats["requests"] += 1
-        if self.cache is not None:
-            self.cache.put(key, verdict, self.model_path)
-        return verdict
+        return Verdict(winner, raw=json.dumps({"logp": scores}))
 
     def judge_many(self, triples: Sequence[tuple[str, str, str]], progress: bool = True) -> list[Verdict]:
+        """Verdicts for many triples: cache hits first, the rest in left-padded batches of ``batch_size``
+        prompts (sorted by length so padding stays small); the same numbers as one prompt at a time."""
+        import torch
         from tqdm.auto import tqdm
 
-        return [self.judge(*t) for t in tqdm(triples, desc="judge (local)", unit="pair", disable=not progress)]
+        out: list[Verdict | None] = [None] * len(triples)
+        keys: list[str | None] = [None] * len(triples)
+        todo = []
+        for i, (prompt, a, b) in enumerate(triples):
+            if self.cache is not None:
+                keys[i] = VerdictCache.key(self.model_path, self.template, prompt, a, b)
+                hit = self.cache.get(keys[i])
+                if hit is not None:
+                    self.stats["cache_hits"] += 1
+                    out[i] = hit
+                    continue
+            todo.append((i, self.render_ids(prompt, a, b)))
+        todo.sort(key=lambda t: len(t[1]))
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        bar = tqdm(total=len(triples), initial=len(triples) - len(todo), desc="judge (local)", unit="pair",
+                   disable=not progress)
+        for s in range(0, len(todo), self.batch_size):
+            chunk = todo[s : s + self.batch_size]
+            L = max(len(ids) for _, ids in chunk)
+            input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+            attn = torch.zeros((len(chunk), L), dtype=torch.long)
+            for r, (_, ids) in enumerate(chunk):
+                input_ids[r, L - len(ids):] = torch.tensor(ids)
+                attn[r, L - len(ids):] = 1
+            # left padding: positions count from each prompt's first real token
+            position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                logits = self.model(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                                    position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
+            for r, (i, _) in enumerate(chunk):
+                verdict = self._verdict(logits[r])
+                self.stats["requests"] += 1
+                if self.cache is not None:
+                    self.cache.put(keys[i], verdict, self.model_path)
+                out[i] = verdict
+            bar.update(len(chunk))
+        bar.close()
+        return out  # type: ignore[return-value]
 
 
 def build_judge(backend: str, model: str | None = None, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
