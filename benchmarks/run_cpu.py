@@ -157,6 +157,8 @@ def main(argv=None) -> dict:
     reps_first, reps = (1, 1) if args.quick else (args.reps_first, args.reps)
     if not args.skip_steps:
         result["steps"] = step_benchmarks(model, ref, ref_bf16, grid, reps_first, reps)
+        write_json(result, args.out)  # a partial result survives an interrupted AN run
+        print(render(result), flush=True)
     if not args.skip_an:
         an_kw = dict(batch=args.an_batch, k=args.an_k, prefix=args.an_prefix, max_new_tokens=args.an_new_tokens)
         if args.quick:

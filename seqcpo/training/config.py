@@ -120,9 +120,12 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             self.output_dir = "runs/seqcpo"
         # A custom collator passes python lists through; the Trainer must not drop our columns.
         self.remove_unused_columns = False
-        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
-            # non-reentrant checkpointing needs no input gradients, so it also works under LoRA
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        # non-reentrant checkpointing needs no input gradients, so it also works under LoRA; newer transformers
+        # call the option activation_checkpointing(_kwargs) and keep gradient_checkpointing(_kwargs) as aliases
+        kw = "activation_checkpointing_kwargs" if hasattr(self, "activation_checkpointing_kwargs") else "gradient_checkpointing_kwargs"
+        on = self.gradient_checkpointing or getattr(self, "activation_checkpointing", None)
+        if on and getattr(self, kw) is None and self.gradient_checkpointing_kwargs is None:
+            setattr(self, kw, {"use_reentrant": False})
         DataConfig.__post_init__(self)
         TrainingArguments.__post_init__(self)
         self.validate()
