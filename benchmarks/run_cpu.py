@@ -54,6 +54,7 @@ FULL_GRID = [
     (Shape(4, 128, 64, 4), ("mle", "shared_live", "shared_live_bf16", "shared_cached")),
     (Shape(4, 32, 64, 8), ("mle", "shared_live", "shared_cached")),
 ]
+DEMO_GRID = FULL_GRID[:1]
 QUICK_GRID = [(Shape(2, 16, 16, 4), ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached"))]
 
 
@@ -139,6 +140,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--skip-an", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one tiny shape, one rep (a smoke run)")
+    ap.add_argument("--demo-shape-only", action="store_true", help="only the first shape (B4 P32 C64 K4)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu.json"))
     args = ap.parse_args(argv)
 
@@ -153,7 +155,7 @@ def main(argv=None) -> dict:
     ref_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
     result = {"machine": machine_info(), "model": args.model, "dtype": "float32",
               "memory_metric": "peak RSS delta over one step, sampled every 2 ms", "command": " ".join(sys.argv)}
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = QUICK_GRID if args.quick else DEMO_GRID if args.demo_shape_only else FULL_GRID
     reps_first, reps = (1, 1) if args.quick else (args.reps_first, args.reps)
     if not args.skip_steps:
         result["steps"] = step_benchmarks(model, ref, ref_bf16, grid, reps_first, reps)

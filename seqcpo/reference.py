@@ -133,6 +133,7 @@ def build_reference(
     negatives_offline: bool,
     offline_has_ref_logps: bool = False,
     reference_model=None,
+    reference_dtype: torch.dtype | None = None,
     **logps_options,
 ) -> Reference:
     """Choose and build the reference, refusing combinations that cannot work.
@@ -145,6 +146,7 @@ def build_reference(
             False when any negative is made during training.
         offline_has_ref_logps: the offline negatives carry reference log-probs.
         reference_model: for ``frozen_copy``, an already loaded starting model to use instead of a copy.
+        reference_dtype: for ``frozen_copy``, the dtype the copy is kept in (e.g. bf16: half the memory).
     """
     if strategy not in REFERENCE_STRATEGIES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCE_STRATEGIES)}; got {strategy!r}")
@@ -171,5 +173,5 @@ def build_reference(
     if strategy == "adapter_disabled":
         return AdapterDisabledReference(model, **logps_options)
     if reference_model is not None:
-        return FrozenCopyReference(reference_model, copy_model=False, **logps_options)
-    return FrozenCopyReference(model, **logps_options)
+        return FrozenCopyReference(reference_model, copy_model=False, dtype=reference_dtype, **logps_options)
+    return FrozenCopyReference(model, dtype=reference_dtype, **logps_options)

@@ -94,3 +94,15 @@ def test_build_reference_choices_and_refusals():
     other = make_tiny_llama(seed=5)
     ref = build_reference("frozen_copy", model, negatives_offline=False, reference_model=other)
     assert ref.model is other
+
+
+def test_frozen_copy_in_bf16_is_close_and_leaves_the_policy_alone():
+    model = make_tiny_llama()
+    ref = build_reference("frozen_copy", model, negatives_offline=False, reference_dtype=torch.bfloat16)
+    assert next(ref.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    batch = _batch()
+    exact = sequence_logps(model, batch).logps.detach()
+    approx = ref.logps(batch)
+    assert approx.dtype == torch.float32
+    assert torch.allclose(approx, exact, rtol=0.05, atol=0.5)

@@ -105,6 +105,13 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 
     # ---- reference (PAPER.md: the frozen starting model)
     reference: str = field(default="auto", metadata={"help": "auto | frozen_copy | precomputed | adapter_disabled."})
+    reference_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "frozen_copy: keep the reference in this dtype (bfloat16 halves its memory and time; its "
+            "log-probs are then approximate). None: the policy's dtype."
+        },
+    )
 
     # ---- PSS baseline (PAPER.md, "Baselines")
     pss_p_gold: float = field(default=0.5, metadata={"help": "PSS: probability of keeping each gold token."})
@@ -136,6 +143,8 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 
         if self.objective not in OBJECTIVES:
             bad("objective", f"choose one of {', '.join(OBJECTIVES)}")
+        if self.reference_dtype not in (None, "float32", "bfloat16", "float16"):
+            bad("reference_dtype", "choose float32, bfloat16 or float16 (or leave it unset)")
         if self.reference not in REFERENCES:
             bad("reference", f"choose one of {', '.join(REFERENCES)}")
         if self.negatives_model not in NEGATIVE_MODELS:

@@ -147,12 +147,14 @@ class SeqCPOTrainer(Trainer):
         )
         if args.uses_negatives:
             offline = args.negatives_path is not None
+            ref_dtype = getattr(torch, args.reference_dtype) if args.reference_dtype else None
             self.reference = build_reference(
                 args.reference,
                 model,
                 negatives_offline=offline,
                 offline_has_ref_logps=bool(offline_meta and offline_meta.get("has_ref_logps")),
                 reference_model=reference_model,
+                reference_dtype=ref_dtype,
                 **logps_options,
             )
             if not offline:
