@@ -187,6 +187,9 @@ class _ChunkedLinearLogps(torch.autograd.Function):
             out[s : s + chunk_size] = logits.gather(1, targets[s : s + chunk_size, None]).squeeze(1) - lse
         ctx.save_for_backward(h, weight, bias, targets)
         ctx.chunk_size = chunk_size
+        # recompute the logits in backward under the same autocast state as here (bf16 training)
+        dev = h.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev), dev)
         return out
 
     @staticmethod
@@ -199,7 +202,9 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need_b and bias is not None) else None
         for s in range(0, h.shape[0], cs):
             hc = h[s : s + cs]
-            logits = F.linear(hc, weight, bias).float()
+            enabled, ac_dtype, dev = ctx.autocast
+            with torch.autocast(device_type=dev, dtype=ac_dtype, enabled=enabled):
+                logits = F.linear(hc, weight, bias).float()
             # d logp[t] / d logits = onehot(t) - softmax
             g = -torch.softmax(logits, dim=-1)
             g.scatter_add_(1, targets[s : s + cs, None], torch.ones_like(g[:, :1]))

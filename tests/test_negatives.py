@@ -223,13 +223,21 @@ def test_bn_skips_examples_that_share_the_gold():
     assert same in neg.ids[2] and same in neg.ids[3]  # others may use it, once (no duplicate negatives)
 
 
-def test_bn_too_small_batch_raises():
+def test_bn_short_batch_drops_the_missing_negatives():
+    """A short last batch (or repeated golds) gives fewer than k other golds: the rest are dropped columns."""
     ex = batch()[:3]
-    with pytest.raises(ValueError, match=r"at least k\+1 examples with distinct golds.*batch size 3 .*k=3"):
-        BatchNegatives()(ex, 3, gen(0))
+    neg = BatchNegatives()(ex, 3, gen(0))
+    for b, row in enumerate(neg.ids):
+        assert len(row) == 3 and neg.valid[b] == [True, True, False]
+        assert row[2] == ex[b].continuation_ids  # the placeholder is the gold itself, never valid
+    ranked = BatchNegatives()(ex, 3, gen(0), ranked=True)
+    assert all(v == [True, True, False] for v in ranked.valid)
+    assert all(s[2] < s[1] for s in ranked.scores)
     dup = [Example([1], [5, 6]), Example([2], [5, 6]), Example([3], [7, 8])]
+    neg = BatchNegatives()(dup, 2, gen(0))
+    assert [sum(v) for v in neg.valid] == [1, 1, 1]
     with pytest.raises(ValueError, match="raise the batch size"):
-        BatchNegatives()(dup, 2, gen(0))  # 3 examples but only 2 distinct golds
+        BatchNegatives()([Example([1], [5, 6]), Example([2], [5, 6])], 1, gen(0))  # no other gold at all
 
 
 def test_bn_ranked_by_rouge_to_the_gold():

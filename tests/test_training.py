@@ -140,6 +140,7 @@ def test_checkpoint_reloads_with_plain_transformers(assets, tmp_path):
     assert "cpo" in card and "tn:1,bn:1" in card
     cfg_dump = open(os.path.join(tmp_path / "run", "seqcpo_config.yaml")).read()
     assert "beta: 1.0" in cfg_dump and "hub_token" not in cfg_dump
+    assert "max_prefix_tokens: 256" in cfg_dump and "an_max_new_tokens" in cfg_dump  # counts are not secrets
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
     ids = tok("### Instruction:\nDescribe the river", return_tensors="pt").input_ids
@@ -178,9 +179,29 @@ def test_offline_negatives_resume_and_train_with_precomputed_reference(assets, t
     out = train(_cfg(assets, tmp_path / "t", negatives="tn:1,mn:1", negatives_path=out_dir, max_steps=2))
     assert out["trainer"].reference.name == "precomputed"
     assert out["steps"] == 2
+    # a training run whose data settings differ from the folder's: refused, its reference log-probs would not match
+    with pytest.raises(ValueError, match="another data"):
+        read_offline_negatives(out_dir, _cfg(assets, tmp_path, negatives="tn:1,mn:1", max_prefix_tokens=64))
     # other settings: refused, not overwritten
     with pytest.raises(ValueError, match="other settings"):
         make_negatives(_cfg(assets, tmp_path, negatives="tn:2"), out_dir, shard_size=16)
+
+
+def test_evaluation_negatives_are_fixed_and_leave_training_seeds_alone(assets, tmp_path):
+    """Eval draws its own seeds, the same at every evaluation; training seeds do not move when eval runs."""
+    from seqcpo.training.run import train
+
+    quiet = train(_cfg(assets, tmp_path / "q", max_steps=4))
+    evald = train(_cfg(assets, tmp_path / "e", max_steps=4, eval_strategy="steps", eval_steps=2,
+                       per_device_eval_batch_size=4))
+    assert _losses(evald["trainer"].state.log_history) == pytest.approx(_losses(quiet["trainer"].state.log_history))
+    tr = evald["trainer"]
+    ex = tr.eval_dataset.examples[:4]
+    tr._rng_state[False] = [-1, 0]
+    first = tr.make_negatives(ex, training=False).ids
+    tr.state.global_step += 7
+    tr._rng_state[False] = [-1, 0]
+    assert tr.make_negatives(ex, training=False).ids == first
 
 
 def test_mle_dpo_ranked_and_lora_run(assets, tmp_path):
@@ -227,6 +248,7 @@ def test_config_yaml_and_overrides(tmp_path):
         ("reference: precomputed\n", {}, r"reference='precomputed'.*seqcpo negatives"),
         ("negatives: bn:4\nper_device_train_batch_size: 4\n", {}, r"per_device_train_batch_size=4: 4 batch negatives"),
         ("negatives: tn:2,bn:1\n", {}, r"negatives='tn:2,bn:1': the counts .* sum to 3, but k=4"),
+        ("negatives_path: /x\neval_strategy: steps\n", {}, r"eval_strategy='steps': fixed negatives"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, text, over, match):

@@ -3,7 +3,10 @@
 Construction: the negatives of example b are the gold continuations of other examples in the same
 batch, drawn at random without replacement among the *distinct* golds that differ from b's gold (two
 examples sharing a gold count once, so no negative copies the gold and no two negatives of a row are
-equal). A batch that cannot supply K such golds for every example raises ``ValueError``.
+equal). A batch that cannot supply K such golds (a short last batch, or repeated golds) fills the missing
+columns with dropped negatives (``valid=False``, masked out of the loss) and logs it once; a batch with no
+other distinct gold at all raises ``ValueError``. The trainer's config already refuses a batch size below
+K_bn + 1.
 
 Ranked (BNR): by similarity to the gold, ``score = rouge_l_f(negative, gold)``, higher = better.
 
@@ -14,6 +17,7 @@ uniform interface).
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
@@ -21,6 +25,8 @@ import torch
 from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.types import Example, Negatives
+
+logger = logging.getLogger(__name__)
 
 
 class BatchNegatives:
@@ -35,6 +41,7 @@ class BatchNegatives:
 
     def __init__(self, max_tries: int = 8):
         self.max_tries = max_tries
+        self._warned = False
 
     def __call__(
         self,
@@ -50,18 +57,30 @@ class BatchNegatives:
         for g in golds:
             if g not in distinct:
                 distinct.append(g)
-        if len(distinct) < k + 1:
+        if len(distinct) < 2:
             raise ValueError(
-                "batch negatives need at least k+1 examples with distinct golds per batch: "
-                f"got batch size {len(examples)} ({len(distinct)} distinct golds) for k={k}; "
-                "raise the batch size or use fewer BN negatives"
+                "batch negatives need other examples with a different gold in the batch: "
+                f"got batch size {len(examples)} ({len(distinct)} distinct gold) for k={k}; "
+                "raise the batch size or use another generator"
             )
+        if len(distinct) < k + 1 and not self._warned:
+            logger.warning(
+                "bn: a batch of %d examples has %d distinct golds, fewer than k+1=%d; the missing batch negatives "
+                "are dropped (masked out of the loss) for this batch", len(examples), len(distinct), k + 1,
+            )
+            self._warned = True
         out = NegativesBuilder(self.name, ranked)
         for gold in golds:
             pool = [g for g in distinct if g != gold]
             pick = torch.randperm(len(pool), generator=generator)[:k].tolist()
             ids = [list(pool[i]) for i in pick]
-            valid = [True] * k
+            valid = [True] * len(ids)
             scores = [rouge_l_f(neg, gold) for neg in ids] if ranked else []
+            missing = k - len(ids)
+            # dropped placeholders: the gold itself, never valid, ranked last
+            ids += [list(gold) for _ in range(missing)]
+            valid += [False] * missing
+            if ranked:
+                scores += [-1.0] * missing
             out.add(ids, valid, scores)
         return out.build()

@@ -25,8 +25,14 @@ OBJECTIVES = ("mle", "cpo", "cpo_ranked", "dpo", "pss")
 REFERENCES = ("auto", "frozen_copy", "precomputed", "adapter_disabled")
 NEGATIVE_MODELS = ("reference", "policy")
 
-# Fields never written to a config dump or report (secrets come from the environment only).
-_SECRET_WORDS = ("token", "api_key", "password", "secret")
+# Fields never written to a config dump or report (secrets come from the environment only): names ending in
+# "_token" (hub_token, ...; not the "_tokens" counts) or holding one of these words.
+_SECRET_WORDS = ("api_key", "password", "secret")
+
+
+def _is_secret(name: str) -> bool:
+    name = str(name).lower()
+    return name.endswith("_token") or name == "token" or any(w in name for w in _SECRET_WORDS)
 
 
 class ConfigError(ValueError):
@@ -139,7 +145,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 
     def validate(self) -> None:
         def bad(name, msg):
-            raise ConfigError(f"{name}={getattr(self, name)!r}: {msg}")
+            value = getattr(self, name)
+            value = getattr(value, "value", value)  # enums (eval_strategy, ...) by their plain value
+            raise ConfigError(f"{name}={value!r}: {msg}")
 
         if self.objective not in OBJECTIVES:
             bad("objective", f"choose one of {', '.join(OBJECTIVES)}")
@@ -177,6 +185,12 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
                     "per_device_train_batch_size",
                     f"{bn} batch negatives (bn) per example need at least {bn + 1} examples per device batch",
                 )
+        if self.uses_negatives and self.negatives_path and self.eval_strategy != "no":
+            bad(
+                "eval_strategy",
+                "fixed negatives (negatives_path) cover the training split only; evaluate with `seqcpo eval` "
+                "after training, or drop negatives_path to make validation negatives during training",
+            )
         if self.uses_negatives and self.reference == "precomputed" and not self.negatives_path:
             bad(
                 "reference",
@@ -222,7 +236,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         """Every field, minus secrets, as plain YAML-able values (the resolved config saved with a run)."""
         out = {}
         for f in dataclasses.fields(self):
-            if any(w in f.name.lower() for w in _SECRET_WORDS):
+            if _is_secret(f.name):
                 continue
             v = getattr(self, f.name)
             if hasattr(v, "value"):  # enums
@@ -232,7 +246,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             elif isinstance(v, (list, tuple)):
                 out[f.name] = [x.value if hasattr(x, "value") else x for x in v]
             elif isinstance(v, dict):
-                out[f.name] = {k: x for k, x in v.items() if not any(w in str(k).lower() for w in _SECRET_WORDS)}
+                out[f.name] = {k: x for k, x in v.items() if not _is_secret(k)}
             else:
                 out[f.name] = str(v)
         return out

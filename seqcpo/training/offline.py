@@ -153,6 +153,13 @@ def read_offline_negatives(path: str, cfg) -> tuple[dict[str, dict], dict[str, A
             f"negatives_path {path}: its reference log-probs were computed with length_normalize="
             f"{st.get('length_normalize')}; set the same, or use reference frozen_copy"
         )
+    expected = offline_settings(cfg, st.get("num_examples", 0))
+    for key in ("model", "data", "negatives", "options", "seed"):
+        if json.loads(json.dumps(expected[key])) != st.get(key):
+            raise ValueError(
+                f"negatives_path {path} was made with another {key} ({st.get(key)!r}) than this run's "
+                f"({expected[key]!r}); its reference log-probs would not match. Re-make it with `seqcpo negatives`"
+            )
     rows: dict[str, dict] = {}
     for s in range(manifest["num_shards"]):
         sp = _shard_path(path, s)

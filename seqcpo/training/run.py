@@ -90,6 +90,10 @@ def train(cfg: SeqCPOConfig) -> dict[str, Any]:
                 "model_path": path,
             },
         )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # end the process group cleanly: a rank leaving with live gloo threads aborts at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return {
         "output_dir": cfg.output_dir,
         "final_checkpoint": final_dir,

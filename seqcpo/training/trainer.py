@@ -130,8 +130,8 @@ class SeqCPOTrainer(Trainer):
         self.pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         self.eos_token_id = tok.eos_token_id if tok is not None else unwrap_model(model).config.eos_token_id
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._step_seen = -1
-        self._micro = 0
+        # per mode: (step last seen, micro-batches drawn at it); eval never shifts the training seeds
+        self._rng_state = {True: [-1, 0], False: [-1, 0]}
         self.offline_meta = offline_meta
         self.reference = None
         self.generator = None
@@ -192,12 +192,19 @@ class SeqCPOTrainer(Trainer):
         return self._policy_snapshot
 
     def _rng(self, training: bool) -> torch.Generator:
-        step = self.state.global_step
-        if step != self._step_seen:
-            self._step_seen, self._micro = step, 0
-        seed = step_seed(self.cfg.seed + (0 if training else 7919), step, self._micro, self.args.process_index)
-        self._micro += 1
+        """Seeded by (seed, step, micro-batch, process) in training; in evaluation by (seed, batch, process)
+        only, so every evaluation scores the same negatives and model changes are not mixed with resampling."""
+        state = self._rng_state[training]
+        step = self.state.global_step if training else 0
+        if step != state[0]:
+            state[0], state[1] = step, 0
+        seed = step_seed(self.cfg.seed + (0 if training else 7919), step, state[1], self.args.process_index)
+        state[1] += 1
         return torch.Generator().manual_seed(seed)
+
+    def evaluate(self, *args, **kwargs):
+        self._rng_state[False] = [-1, 0]  # the same validation negatives at every evaluation
+        return super().evaluate(*args, **kwargs)
 
     def make_negatives(self, examples: list[Example], training: bool = True) -> Negatives:
         return self.generator(examples, self.cfg.num_negatives, self._rng(training), ranked=self.cfg.ranked)
