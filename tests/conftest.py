@@ -108,3 +108,12 @@ def make_toy_tokenizer():
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     return make_toy_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny-model tests (thread overhead dominates their work)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_tiny_llama, make_toy_tokenizer
 from seqcpo.evaluation import cli
@@ -20,13 +19,8 @@ EVAL_DIR = Path(__file__).resolve().parents[1] / "seqcpo" / "evaluation"
 FORBIDDEN = ("seqcpo.training", "seqcpo.losses", "seqcpo.negatives", "seqcpo.trainer")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a CPU shared with other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# tiny models run faster on one thread, and much faster on a CPU shared with other jobs
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _parser():

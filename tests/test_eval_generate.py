@@ -6,7 +6,6 @@ import hashlib
 import json
 
 import pytest
-import torch
 
 from conftest import make_tiny_gpt2, make_tiny_llama, make_toy_tokenizer
 from seqcpo.evaluation.generate import (
@@ -18,13 +17,8 @@ from seqcpo.evaluation.generate import (
 from seqcpo.evaluation.judges import LocalJudge, load_judge_prompt
 from seqcpo.types import Example
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a CPU shared with other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# tiny models run faster on one thread, and much faster on a CPU shared with other jobs
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TEXTS = [

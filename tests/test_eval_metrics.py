@@ -19,13 +19,8 @@ from seqcpo.evaluation.metrics import (
 from seqcpo.types import Example
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and much faster on a CPU shared with other jobs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# tiny models run faster on one thread, and much faster on a CPU shared with other jobs
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_rouge_l_by_hand():
