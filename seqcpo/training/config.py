@@ -88,7 +88,10 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     )
     negatives_refresh_steps: int = field(
         default=1,
-        metadata={"help": "With negatives_model=policy: refresh the generating snapshot of the policy every N steps."},
+        metadata={
+            "help": "With negatives_model=policy: refresh the generating snapshot of the policy every N steps "
+            "(a resumed run takes its first snapshot at the resume step: resume at a multiple of N to match)."
+        },
     )
     neg_max_tries: int = field(default=8, metadata={"help": "Resamples of a negative identical to the gold before dropping it."})
     tn_min_keep: int = field(default=1, metadata={"help": "TN: fewest gold tokens kept before the EOS."})
