@@ -214,7 +214,7 @@ def test_mle_dpo_ranked_and_lora_run(assets, tmp_path):
             dict(objective="cpo_ranked", negatives="tn:1,mn:1"),
             dict(negatives="an:1,tn:1", an_max_new_tokens=6),
             dict(negatives="an:1,mn:1", negatives_model="policy", negatives_refresh_steps=2, an_max_new_tokens=6),
-            dict(lora=True, lora_r=4, learning_rate=1e-2, gradient_checkpointing=True),
+            dict(lora=True, lora_r=4, learning_rate=1e-2, gradient_checkpointing=True, negatives="tn:1,mn:1"),
         ]
     ):
         out = train(_cfg(assets, tmp_path / str(i), max_steps=2, **over))

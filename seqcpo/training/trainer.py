@@ -18,6 +18,7 @@ the gold), and for PSS ``pss/mix_fraction``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -172,11 +173,13 @@ class SeqCPOTrainer(Trainer):
     def _negatives_model(self):
         """The model that makes AN/MN negatives: the reference (default) or the policy."""
         if self.cfg.negatives_model == "policy":
-            return _LazyModel(self)
+            return _ModelView(self.policy_for_negatives)
         if isinstance(self.reference, FrozenCopyReference):
             return self.reference.model
         if isinstance(self.reference, AdapterDisabledReference):
-            return _AdapterDisabled(self.reference.model)
+            peft_model = self.reference.model
+            # the adapter-off policy is the starting model (PAPER.md: negatives from the reference)
+            return _ModelView(lambda: peft_model, peft_model.disable_adapter)
         return unwrap_model(self.model)
 
     def policy_for_negatives(self):
@@ -290,48 +293,26 @@ class SeqCPOTrainer(Trainer):
             save_config(self.cfg, os.path.join(output_dir, "seqcpo_config.yaml"))
 
 
-class _AdapterDisabled(torch.nn.Module):
-    """A peft model seen with its adapter switched off: the starting model, for making negatives."""
+class _ModelView(torch.nn.Module):
+    """A model looked up at each call (``get_model``) and run inside ``context`` (e.g. adapter disabled), for
+    generators built once at construction. The model is held in a closure, not registered as a submodule."""
 
-    def __init__(self, peft_model):
+    def __init__(self, get_model, context=contextlib.nullcontext):
         super().__init__()
-        self._peft = [peft_model]  # a list, so the peft model is not registered as our submodule
+        self._get = get_model
+        self._context = context
 
     @property
     def config(self):
-        return self._peft[0].config
+        return self._get().config
 
     def parameters(self, recurse: bool = True):
-        return self._peft[0].parameters(recurse)
+        return self._get().parameters(recurse)
 
     def forward(self, *args, **kwargs):
-        with self._peft[0].disable_adapter():
-            return self._peft[0](*args, **kwargs)
+        with self._context():
+            return self._get()(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        with self._peft[0].disable_adapter():
-            return self._peft[0].generate(*args, **kwargs)
-
-
-class _LazyModel(torch.nn.Module):
-    """The policy (or its refreshed snapshot) looked up at each call, for generators built once."""
-
-    def __init__(self, trainer: SeqCPOTrainer):
-        super().__init__()
-        self._trainer = [trainer]
-
-    def _m(self):
-        return self._trainer[0].policy_for_negatives()
-
-    @property
-    def config(self):
-        return self._m().config
-
-    def parameters(self, recurse: bool = True):
-        return self._m().parameters(recurse)
-
-    def forward(self, *args, **kwargs):
-        return self._m()(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self._m().generate(*args, **kwargs)
+        with self._context():
+            return self._get().generate(*args, **kwargs)
