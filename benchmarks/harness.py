@@ -97,16 +97,16 @@ def make_step(variant: str, model, batch: CandidateBatch, *, beta: float = 0.1, 
             loss.backward()
             return loss.item()
         return step
-    if variant in ("naive_live", "shared_live", "shared_live_bf16"):
-        layout = "naive" if variant == "naive_live" else "shared"
+    if variant in ("naive_live", "shared_live", "shared_live_bf16", "twopass_live"):
+        layout = {"naive_live": "naive", "twopass_live": "two_pass"}.get(variant, "shared")
         if ref_model is None:
             raise ValueError(f"{variant} needs ref_model")
         reference = FrozenCopyReference(ref_model, copy_model=False, layout=layout, chunk_size=chunk_size)
-    elif variant == "shared_cached":
-        layout = "shared"
+    elif variant in ("shared_cached", "twopass_cached"):
+        layout = "two_pass" if variant == "twopass_cached" else "shared"
         reference = PrecomputedReference()
         if batch.ref_logps is None:
-            raise ValueError("shared_cached needs batch.ref_logps (see precompute_ref_logps)")
+            raise ValueError(f"{variant} needs batch.ref_logps (see precompute_ref_logps)")
     else:
         raise ValueError(f"unknown variant {variant!r}; choose from {STEP_VARIANTS}")
     mask = torch.tensor(batch.candidate_mask, dtype=torch.bool)

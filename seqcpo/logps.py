@@ -330,6 +330,18 @@ def shared_attention_mask(model, sb: PrefixSharedBatch):
     return sb.attention_mask(None), None  # kernels registered by the user: assume they take a boolean mask
 
 
+def cache_kwarg(out) -> str:
+    """Name of the KV-cache argument, read off a forward's output (so wrapped models with a bare
+    ``forward(*args, **kwargs)`` work too): ``cache`` in transformers 5.x, ``past_key_values`` before."""
+    return "cache" if hasattr(out, "cache") else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward with ``use_cache=True`` returned."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """(R, L, H) final (post-norm) hidden states through the model's own forward.
 
@@ -447,7 +459,8 @@ def sequence_logps(
     chunk_size: int = 1024,
     head_in_forward: bool = False,
 ) -> SequenceLogps:
-    """``logp(y_i|x)`` for every candidate of every example, (B, K+1); ``layout`` is "shared" or "naive"."""
+    """``logp(y_i|x)`` for every candidate of every example, (B, K+1); ``layout`` is "shared", "two_pass"
+    (:mod:`seqcpo.two_pass`) or "naive"."""
     if layout == "shared":
         return shared_sequence_logps(
             model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize, chunk_size=chunk_size,
@@ -455,4 +468,12 @@ def sequence_logps(
         )
     if layout == "naive":
         return naive_sequence_logps(model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize)
-    raise ValueError(f"layout must be 'shared' or 'naive', got {layout!r}")
+    if layout == "two_pass":
+        from seqcpo.two_pass import two_pass_sequence_logps
+
+        if head_in_forward:
+            raise ValueError("layout 'two_pass' applies the LM head outside the model's forward: use 'shared' with sharded weights")
+        return two_pass_sequence_logps(
+            model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize, chunk_size=chunk_size
+        )
+    raise ValueError(f"layout must be 'shared', 'two_pass' or 'naive', got {layout!r}")

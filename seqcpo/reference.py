@@ -16,6 +16,7 @@ have it:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Protocol, runtime_checkable
 
@@ -55,7 +56,33 @@ class _LogpsOptions:
         ).logps
 
 
-class FrozenCopyReference:
+class _TwoPassMixin:
+    """Reference scoring split in two (:mod:`seqcpo.two_pass`), so that MN negatives can be drawn from the
+    reference's own gold-branch logits: :meth:`gold_pass`, make the negatives, then :meth:`finish`."""
+
+    def _context(self):
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def gold_pass(self, prefix_ids, gold_ids, want_logits: bool = True):
+        from seqcpo.two_pass import gold_pass
+
+        with self._context():
+            return gold_pass(self.model, prefix_ids, gold_ids, pad_token_id=self.options.pad_token_id,
+                             chunk_size=self.options.chunk_size, want_logits=want_logits)
+
+    @torch.no_grad()
+    def finish(self, gp, negative_ids) -> torch.Tensor:
+        """(B, K+1) reference log-probs of the gold of ``gp`` and ``negative_ids``."""
+        from seqcpo.two_pass import combine, negatives_pass
+
+        with self._context():
+            flat, index, counts = negatives_pass(self.model, gp, negative_ids, pad_token_id=self.options.pad_token_id,
+                                                 chunk_size=self.options.chunk_size)
+        return combine(gp, flat, index, counts, self.options.length_normalize).logps.float()
+
+
+class FrozenCopyReference(_TwoPassMixin):
     """A frozen copy of the starting model.
 
     Args:
@@ -101,7 +128,7 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-class AdapterDisabledReference:
+class AdapterDisabledReference(_TwoPassMixin):
     """The LoRA policy with its adapter switched off, in eval mode (no dropout), without gradient."""
 
     name = "adapter_disabled"
@@ -115,15 +142,20 @@ class AdapterDisabledReference:
         self.model = peft_model
         self.options = _LogpsOptions(**logps_options)
 
-    @torch.no_grad()
-    def logps(self, batch: CandidateBatch) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _context(self):
         was_training = self.model.training
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                return self.options.run(self.model, batch).float()
+                yield
         finally:
             self.model.train(was_training)
+
+    @torch.no_grad()
+    def logps(self, batch: CandidateBatch) -> torch.Tensor:
+        with self._context():
+            return self.options.run(self.model, batch).float()
 
 
 def build_reference(

@@ -59,3 +59,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert "MULTI_CPU" in info2["distributed_type"]
     for key in ("loss", "loss/mle", "loss/cpo", "logps/chosen", "grad_norm"):
         assert h2[key] == pytest.approx(h1[key], rel=1e-4), key
+
+    # MN drawn from the policy's own gold pass: two forwards of the DDP-wrapped model before one backward
+    _run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+         "-m", "seqcpo.cli", "train", "--config", str(cfg), "--negatives", "mn", "--negatives_model", "policy",
+         "--max_steps", "2", "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "policy_mn")],
+        env,
+    )
+    hist = [h for h in json.load(open(tmp_path / "policy_mn" / "log_history.json")) if "loss" in h]
+    assert len(hist) == 2 and all(h["grad_norm"] > 0 and h["loss"] == h["loss"] for h in hist)

@@ -8,7 +8,7 @@ Build one from a spec string with :func:`build_negative_generator` ("an:2,tn:2")
 """
 
 from seqcpo.negatives.autoregressive import AutoregressiveNegatives, DecodingConfig
-from seqcpo.negatives.base import NegativeGenerator
+from seqcpo.negatives.base import NegativeGenerator, uses_gold_logits
 from seqcpo.negatives.batch import BatchNegatives
 from seqcpo.negatives.mean_field import MeanFieldNegatives, mean_field_negatives_from_logits
 from seqcpo.negatives.mixture import MixtureNegatives
@@ -30,4 +30,5 @@ __all__ = [
     "mean_field_negatives_from_logits",
     "parse_spec",
     "rouge_l_f",
+    "uses_gold_logits",
 ]

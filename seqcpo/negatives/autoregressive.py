@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from seqcpo.logps import cache_kwarg, output_cache
 from seqcpo.negatives.mean_field import model_device, sample_categorical, seeded_model_rng
 from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.negatives.base import NegativesBuilder
@@ -127,17 +128,6 @@ def _left_pad(prefixes: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     return ids, mask
 
 
-def _cache_kwarg(out) -> str:
-    """Name of the KV-cache argument, read off the prefill's output (so wrapped models with a bare
-    ``forward(*args, **kwargs)`` work too): ``cache`` in transformers 5.x, ``past_key_values`` before."""
-    return "cache" if hasattr(out, "cache") else "past_key_values"
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 class AutoregressiveNegatives:
     """AN: continuations of the prefix decoded from a model.
 
@@ -205,7 +195,7 @@ class AutoregressiveNegatives:
         params = inspect.signature(model.forward).parameters
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # (B, 1, V), not (B, L, V)
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **last_only)
-        cache_kw, cache = _cache_kwarg(out), _output_cache(out)
+        cache_kw, cache = cache_kwarg(out), output_cache(out)
         cache.batch_repeat_interleave(k)  # (B, ...) -> (B*k, ...): row b*k + i is negative i of prefix b
         logits = out.logits[:, -1, :].float().repeat_interleave(k, dim=0)  # (B*k, V)
         mask = mask.repeat_interleave(k, dim=0)  # (B*k, L)
@@ -230,7 +220,7 @@ class AutoregressiveNegatives:
                 input_ids=tok.unsqueeze(1), attention_mask=mask, position_ids=next_pos, use_cache=True,
                 **{cache_kw: cache},
             )
-            cache = _output_cache(out)
+            cache = output_cache(out)
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
         gen = torch.stack(steps, dim=1).tolist()  # (B*k, steps)

@@ -21,6 +21,8 @@ class NegativeGenerator(Protocol):
     ``name`` is the short generator name ("an", "bn", "mn", "tn", "mix").
     ``needs_model`` says whether the generator runs a model (AN, MN): such negatives change as the model
     changes, so reference log-probs for them cannot be precomputed unless the negatives are fixed offline.
+    A generator that can reuse the caller's teacher-forced logits sets ``uses_gold_logits = True`` and takes a
+    ``gold_logits`` keyword (see :func:`uses_gold_logits`).
     """
 
     name: str
@@ -34,6 +36,12 @@ class NegativeGenerator(Protocol):
         ranked: bool = False,
     ) -> Negatives:
         ...
+
+
+def uses_gold_logits(generator) -> bool:
+    """Whether ``generator`` accepts ``gold_logits=`` (the logits of a teacher-forced pass over ``x + y_0``
+    that the caller already ran with the generator's model; MN, or a mixture with MN in it)."""
+    return bool(getattr(generator, "uses_gold_logits", False))
 
 
 class NegativesBuilder:

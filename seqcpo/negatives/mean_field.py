@@ -13,8 +13,10 @@ Dropped rule (shared by all generators): a negative identical to the gold (no po
 every replaced token equal to the gold's) is redrawn, at most ``max_tries`` draws in all; if it is still
 a copy it is kept with ``valid = False`` and the loss masks it out. An empty gold always gives that.
 
-The trainer can call :func:`mean_field_negatives_from_logits` with the logits of its own forward pass;
-:class:`MeanFieldNegatives` runs the pass itself.
+:class:`MeanFieldNegatives` runs the pass itself, or takes ``gold_logits`` already computed by a pass over
+``x + y_0`` of the same model: the trainer's two-pass layout (:mod:`seqcpo.two_pass`) hands it the logits of
+the reference's (or the policy's) gold branch, so MN then costs no forward pass of its own. Both ways draw the
+same negatives from the same logits and generator state.
 """
 
 from __future__ import annotations
@@ -206,6 +208,7 @@ class MeanFieldNegatives:
 
     name = "mn"
     needs_model = True
+    uses_gold_logits = True  # accepts ``gold_logits`` from a pass the caller already ran
 
     def __init__(
         self,
@@ -242,9 +245,15 @@ class MeanFieldNegatives:
         k: int,
         generator: torch.Generator,
         ranked: bool = False,
+        gold_logits: Sequence[torch.Tensor] | None = None,
     ) -> Negatives:
-        with seeded_model_rng(generator, model_device(self.model)):
-            logits = continuation_logits(self.model, examples, self.pad_token_id)
+        """K negatives per example; ``gold_logits``: B tensors (T_b, V) from a pass over ``prefix + gold`` of
+        this generator's model (row t predicts gold token t), used instead of running the pass here."""
+        with seeded_model_rng(generator, model_device(self.model)):  # draws from ``generator`` either way
+            if gold_logits is None:
+                logits = continuation_logits(self.model, examples, self.pad_token_id)
+            else:
+                logits = list(gold_logits)
         return mean_field_negatives_from_logits(
             [ex.continuation_ids for ex in examples],
             logits,

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from seqcpo.negatives.base import NegativeGenerator
+from seqcpo.negatives.base import NegativeGenerator, uses_gold_logits
 from seqcpo.types import Example, Negatives
 
 
@@ -39,6 +39,7 @@ class MixtureNegatives:
                 raise ValueError(f"mix: every count must be a positive integer, got {count} for {getattr(gen, 'name', gen)!r}")
         self.parts = [(gen, int(count)) for gen, count in parts]
         self.needs_model = any(gen.needs_model for gen, _ in self.parts)
+        self.uses_gold_logits = any(uses_gold_logits(gen) for gen, _ in self.parts)
 
     @property
     def k(self) -> int:
@@ -51,11 +52,17 @@ class MixtureNegatives:
         k: int,
         generator: torch.Generator,
         ranked: bool = False,
+        gold_logits: Sequence[torch.Tensor] | None = None,
     ) -> Negatives:
+        """``gold_logits`` (see :class:`~seqcpo.negatives.mean_field.MeanFieldNegatives`) go to the parts that
+        take them."""
         if k != self.k:
             counts = ", ".join(f"{gen.name}:{count}" for gen, count in self.parts)
             raise ValueError(f"mix: k={k} must equal the sum of the counts ({counts} = {self.k})")
-        groups = [gen(examples, count, generator, ranked=ranked) for gen, count in self.parts]
+        groups = []
+        for gen, count in self.parts:
+            extra = {"gold_logits": gold_logits} if gold_logits is not None and uses_gold_logits(gen) else {}
+            groups.append(gen(examples, count, generator, ranked=ranked, **extra))
         ids = [sum((g.ids[b] for g in groups), []) for b in range(len(examples))]
         valid = [sum((g.valid[b] for g in groups), []) for b in range(len(examples))]
         sources = [sum((g.sources[b] for g in groups), []) for b in range(len(examples))]

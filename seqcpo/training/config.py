@@ -128,7 +128,15 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     pss_warmup_steps: int = field(default=0, metadata={"help": "PSS: steps over which mixing ramps from none to full."})
 
     # ---- speed
-    logps_layout: str = field(default="shared", metadata={"help": "shared (prefix-shared rows, fast) | naive."})
+    logps_layout: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | shared | two_pass | naive. shared: one prefix-shared row per example (FlexAttention "
+            "on CUDA). two_pass: the gold branch with a KV cache, then the negatives on the cached prefix (same "
+            "numbers; MN negatives are drawn from the gold pass, so they cost no extra forward). auto: shared, "
+            "and two_pass for the model that makes MN negatives. naive: K+1 rows per example (reference only)."
+        },
+    )
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the LM head + log-softmax."})
 
     def __post_init__(self):
@@ -167,8 +175,8 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         if self.objective == "dpo" and self.num_negatives != 1:
             # DPO is CPO with one negative (PAPER.md); say so rather than silently changing K
             bad("num_negatives", "objective dpo uses exactly one negative: set num_negatives: 1")
-        if self.logps_layout not in ("shared", "naive"):
-            bad("logps_layout", "choose shared or naive")
+        if self.logps_layout not in ("auto", "shared", "two_pass", "naive"):
+            bad("logps_layout", "choose auto, shared, two_pass or naive")
         if not 0.0 <= self.pss_p_gold <= 1.0:
             bad("pss_p_gold", "must lie in [0, 1]")
         if self.pss_passes < 1:

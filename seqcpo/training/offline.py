@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seqcpo.io import atomic_write_json, atomic_write_jsonl
-from seqcpo.negatives import build_negative_generator
+from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import FrozenCopyReference
 from seqcpo.types import Example
 
@@ -92,8 +92,11 @@ def make_offline_negatives(
         cfg.negatives, cfg.num_negatives, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
         options=cfg.negative_options(),
     )
+    # MN draws from the reference's own gold-branch pass (seqcpo.two_pass) unless a one-pass layout is forced
+    fuse_mn = uses_gold_logits(gen) and cfg.logps_layout in ("auto", "two_pass")
     ref = FrozenCopyReference(
-        model, copy_model=False, layout=cfg.logps_layout, pad_token_id=pad, length_normalize=cfg.length_normalize,
+        model, copy_model=False, layout="shared" if cfg.logps_layout == "auto" else cfg.logps_layout, pad_token_id=pad,
+        length_normalize=cfg.length_normalize,
         chunk_size=cfg.logits_chunk_size,
     )
     bs = cfg.per_device_train_batch_size
@@ -105,9 +108,14 @@ def make_offline_negatives(
         rows = []
         for i in range(0, len(shard), bs):
             chunk = shard[i : i + bs]
-            neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked)
-            with torch.no_grad():
-                ref_logps = ref.logps(candidate_batch(chunk, neg)).cpu()
+            if fuse_mn:
+                gp = ref.gold_pass([e.prefix_ids for e in chunk], [e.continuation_ids for e in chunk])
+                neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked, gold_logits=gp.gold_logits)
+                ref_logps = ref.finish(gp, neg.ids).cpu()
+            else:
+                neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked)
+                with torch.no_grad():
+                    ref_logps = ref.logps(candidate_batch(chunk, neg)).cpu()
             for j, ex in enumerate(chunk):
                 rows.append(
                     {

@@ -7,6 +7,11 @@ Per training step (PAPER.md, "The objective"):
    same negatives as an uninterrupted one;
 2. the policy scores gold + negatives in the prefix-shared layout (:mod:`seqcpo.logps`);
 3. the reference scores them too (frozen copy, adapter disabled, or precomputed log-probs);
+
+With MN negatives and ``logps_layout: auto`` (the default), the model that makes them is scored in two passes
+(:mod:`seqcpo.two_pass`): its gold-branch pass gives both its gold log-probs and the logits MN draws from, so MN
+costs no forward pass of its own. That model is the live reference by default, or the policy with
+``negatives_model: policy`` (and ``negatives_refresh_steps: 1``).
 4. ``L = mle_weight * L_mle(gold) + lambda * L_cpo`` (or MLE / DPO / PSS alone), with the metrics of
    :func:`seqcpo.losses.preference_metrics` logged beside it.
 
@@ -31,8 +36,9 @@ from transformers import Trainer
 
 from seqcpo.logps import sequence_logps, unwrap_model
 from seqcpo.losses import cpo_loss, mle_loss, preference_metrics
-from seqcpo.negatives import build_negative_generator
+from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
+from seqcpo.two_pass import combine, gold_pass, negatives_pass, two_pass_supported
 from seqcpo.training.config import SeqCPOConfig
 from seqcpo.types import CandidateBatch, Example, Negatives
 
@@ -140,8 +146,17 @@ class SeqCPOTrainer(Trainer):
         self._snapshot_step = -1
         # Sharded weights (FSDP, ZeRO-3) exist only inside forward: the LM head must run there too.
         self.head_in_forward = bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        # "auto": prefix-shared rows (one pass; FlexAttention on CUDA), except that the model making MN negatives
+        # is run in two passes (see the module docstring); that choice is made below, once the generator exists
+        self.layout = "shared" if args.logps_layout == "auto" else args.logps_layout
+        self._checkpointing = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
+        if self.layout == "two_pass" and (self.head_in_forward or self._checkpointing or not two_pass_supported(model)):
+            raise ValueError(
+                "logps_layout two_pass needs the LM head outside the model's forward and a KV cache in training: "
+                "it cannot run with FSDP / DeepSpeed ZeRO-3 or gradient checkpointing; use 'auto' or 'shared'"
+            )
         logps_options = dict(
-            layout=args.logps_layout,
+            layout=self.layout,
             pad_token_id=self.pad_token_id,
             length_normalize=args.length_normalize,
             chunk_size=args.logits_chunk_size,
@@ -168,6 +183,21 @@ class SeqCPOTrainer(Trainer):
                     pad_token_id=self.pad_token_id,
                     options=args.negative_options(),
                 )
+        self.mn_source = self._mn_source()
+
+    def _mn_source(self) -> str | None:
+        """Which model's gold-branch pass MN negatives are drawn from: "reference", "policy" or None (MN, if
+        any, runs its own forward pass)."""
+        cfg = self.cfg
+        if self.generator is None or not uses_gold_logits(self.generator) or cfg.logps_layout not in ("auto", "two_pass"):
+            return None
+        if self.head_in_forward:
+            return None
+        if cfg.negatives_model == "reference":
+            return "reference" if isinstance(self.reference, (FrozenCopyReference, AdapterDisabledReference)) else None
+        if cfg.negatives_refresh_steps <= 1 and not self._checkpointing and two_pass_supported(self.model):
+            return "policy"  # the policy as it stands: its own training forward gives the logits
+        return None
 
     # ---- negatives
     def _negatives_model(self):
@@ -209,8 +239,9 @@ class SeqCPOTrainer(Trainer):
         self._rng_state[False] = [-1, 0]  # the same validation negatives at every evaluation
         return super().evaluate(*args, **kwargs)
 
-    def make_negatives(self, examples: list[Example], training: bool = True) -> Negatives:
-        return self.generator(examples, self.cfg.num_negatives, self._rng(training), ranked=self.cfg.ranked)
+    def make_negatives(self, examples: list[Example], training: bool = True, gold_logits=None) -> Negatives:
+        extra = {"gold_logits": gold_logits} if gold_logits is not None else {}
+        return self.generator(examples, self.cfg.num_negatives, self._rng(training), ranked=self.cfg.ranked, **extra)
 
     # ---- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -233,24 +264,15 @@ class SeqCPOTrainer(Trainer):
             metrics["pss/mix_fraction"] = frac
         elif not cfg.uses_negatives:
             out = sequence_logps(
-                model, candidate_batch(examples, None), layout=cfg.logps_layout, pad_token_id=self.pad_token_id,
+                model, candidate_batch(examples, None), layout="naive" if self.layout == "naive" else "shared",
+                pad_token_id=self.pad_token_id,
                 chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
             )
             loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0])
             metrics["loss/mle"] = loss.item()
         else:
-            ref_pre = None
-            if inputs.get("offline") is not None:
-                negatives, ref_pre = _negatives_from_offline(inputs["offline"])
-            else:
-                negatives = self.make_negatives(examples, training=mode == "train")
-            batch = candidate_batch(examples, negatives, ref_pre)
-            out = sequence_logps(
-                model, batch, layout=cfg.logps_layout, pad_token_id=self.pad_token_id,
-                length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size,
-                head_in_forward=self.head_in_forward,
-            )
-            ref = self.reference.logps(batch).to(out.logps.device)
+            batch, out, ref = self._score(model, inputs, examples, training=mode == "train")
+            ref = ref.to(out.logps.device)
             mask = torch.tensor(batch.candidate_mask, dtype=torch.bool, device=out.logps.device)
             mle = mle_loss(out.summed[:, 0], out.token_counts[:, 0])
             cpo = cpo_loss(out.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask)
@@ -262,6 +284,40 @@ class SeqCPOTrainer(Trainer):
         for k, v in metrics.items():
             self._metrics[mode][k].append(v)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def _score(self, model, inputs, examples: list[Example], training: bool):
+        """Negatives, then the policy's and the reference's (B, K+1) log-probs: ``(batch, out, ref)``."""
+        cfg = self.cfg
+        opts = dict(pad_token_id=self.pad_token_id, chunk_size=cfg.logits_chunk_size)
+        if inputs.get("offline") is not None:
+            negatives, ref_pre = _negatives_from_offline(inputs["offline"])
+            batch = candidate_batch(examples, negatives, ref_pre)
+            return batch, self._policy_logps(model, batch), self.reference.logps(batch)
+        prefixes = [e.prefix_ids for e in examples]
+        golds = [e.continuation_ids for e in examples]
+        if self.mn_source == "reference":
+            # one reference pass over x + y_0 gives the reference's gold log-probs and MN's logits
+            rgp = self.reference.gold_pass(prefixes, golds, want_logits=True)
+            negatives = self.make_negatives(examples, training, gold_logits=rgp.gold_logits)
+            batch = candidate_batch(examples, negatives)
+            return batch, self._policy_logps(model, batch), self.reference.finish(rgp, negatives.ids)
+        if self.mn_source == "policy":
+            # the policy's own gold-branch pass (with gradient) gives its gold log-probs and MN's logits
+            gp = gold_pass(model, prefixes, golds, want_logits=True, **opts)
+            negatives = self.make_negatives(examples, training, gold_logits=gp.gold_logits)
+            flat, index, counts = negatives_pass(model, gp, negatives.ids, **opts)
+            batch = candidate_batch(examples, negatives)
+            out = combine(gp, flat, index, counts, cfg.length_normalize)
+            return batch, out, self.reference.logps(batch)
+        batch = candidate_batch(examples, self.make_negatives(examples, training))
+        return batch, self._policy_logps(model, batch), self.reference.logps(batch)
+
+    def _policy_logps(self, model, batch: CandidateBatch):
+        cfg = self.cfg
+        return sequence_logps(
+            model, batch, layout=self.layout, pad_token_id=self.pad_token_id, length_normalize=cfg.length_normalize,
+            chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
