@@ -449,6 +449,21 @@ def naive_sequence_logps(
     return _finish(flat_t, torch.tensor(idx, dtype=torch.long, device=device), counts.to(device), length_normalize)
 
 
+AUTO_TWO_PASS_SAVING = 0.15
+
+
+def choose_layout(model, batch: CandidateBatch, *, head_in_forward: bool = False) -> str:
+    """"two_pass" when it runs at least ``AUTO_TWO_PASS_SAVING`` fewer tokens than the prefix-shared row (its
+    negatives share long beginnings with the gold, as truncation negatives do) and the model can run it
+    (a KV cache in training, the head outside the forward); else "shared"."""
+    from seqcpo.two_pass import two_pass_supported, two_pass_tokens
+
+    if head_in_forward or batch.num_candidates < 2 or not two_pass_supported(model):
+        return "shared"
+    one, two = two_pass_tokens(batch)
+    return "two_pass" if two <= (1.0 - AUTO_TWO_PASS_SAVING) * one else "shared"
+
+
 def sequence_logps(
     model,
     batch: CandidateBatch,
@@ -460,7 +475,9 @@ def sequence_logps(
     head_in_forward: bool = False,
 ) -> SequenceLogps:
     """``logp(y_i|x)`` for every candidate of every example, (B, K+1); ``layout`` is "shared", "two_pass"
-    (:mod:`seqcpo.two_pass`) or "naive"."""
+    (:mod:`seqcpo.two_pass`), "naive", or "auto" (:func:`choose_layout`, per batch). All give the same numbers."""
+    if layout == "auto":
+        layout = choose_layout(model, batch, head_in_forward=head_in_forward)
     if layout == "shared":
         return shared_sequence_logps(
             model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize, chunk_size=chunk_size,

@@ -1,7 +1,8 @@
 """Two-pass scoring: the gold branch first, with a KV cache, then the negatives on the cached prefix.
 
 The prefix-shared layout (:mod:`seqcpo.logps`) needs the negatives before its one forward pass. This
-layout splits the same computation in two so that the negatives can be made *from* the first pass:
+layout splits the same computation in two so that the negatives can be made *from* the first pass, and so
+that what a negative shares with the gold is not run again:
 
 1. **gold pass**: rows ``[x | y_0 | pad]`` under the plain causal mask (the model's fastest kernel), keeping
    the KV cache. It gives the gold's log-probs (the MLE term and column 0 of the CPO term) and, on request,
@@ -9,16 +10,19 @@ layout splits the same computation in two so that the negatives can be made *fro
    (PAPER.md, "Negatives", row MN: "one teacher-forced forward pass over x + y_0"). MN therefore costs no
    forward pass of its own when the model that makes it is the model being scored (the live reference by
    default, or the policy with ``negatives_model: policy``).
-2. **negatives pass**: rows ``[y_1 | ... | y_K | pad]`` with the cache of pass 1 as past keys and values.
-   A 4-D mask lets each negative see the cached prefix positions ``j < len(x)`` (never the gold) and
-   itself causally; position ids restart at ``len(x)`` for every negative. The first token of every
-   negative is predicted by the hidden state at the last prefix position, which pass 1 already computed.
+2. **negatives pass**: a negative that agrees with the gold on its first m tokens (a truncation negative
+   ``y_0[:j] + EOS`` on all but its last; an MN negative up to its first replaced token) takes those m
+   log-probs from the gold, its token m from pass 1's hidden state at ``len(x) + m - 1``, and runs only its
+   tokens m..n-2 here, as rows ``[y_1 rest | ... | y_K rest | pad]`` with the cache of pass 1 as past keys and
+   values. A 4-D mask lets each of them see the cached prefix and the m gold tokens it shares, never the rest
+   of the gold, and its own tokens causally; position ids continue at ``len(x) + m``.
 
-Gradients flow through the cached keys and values into the prefix, so the losses and gradients are those
-of the one-pass layouts (tests/test_two_pass.py checks both against the naive layout). Tokens processed:
-``P + (K+1) C`` per example, the same as the prefix-shared row. Not usable under gradient checkpointing
-(transformers drops the cache there) nor with sharded weights (FSDP, ZeRO-3); the trainer falls back to the
-prefix-shared layout in those cases (:func:`two_pass_supported`).
+Gradients flow through the shared gold log-probs and through the cached keys and values, so the losses and
+gradients are those of the one-pass layouts (tests/test_two_pass.py checks both against the naive layout).
+Tokens processed: ``P + C_0 + sum_i (C_i - m_i - 1)`` per example, against ``P + sum_i C_i`` for the
+prefix-shared row (:func:`two_pass_tokens`); with truncation negatives, a large saving. Not usable under
+gradient checkpointing (transformers drops the cache there) nor with sharded weights (FSDP, ZeRO-3): the
+``auto`` layout (:func:`seqcpo.logps.choose_layout`) falls back to the prefix-shared row in those cases.
 """
 
 from __future__ import annotations
@@ -58,20 +62,23 @@ class GoldPass:
     """What pass 1 leaves for pass 2.
 
     Attributes:
-        gold_logps: (N0,) float32 log-probs of every gold token (with grad when the model has it).
+        gold_ids: the B gold continuations.
+        gold_logps: (N0,) float32 log-probs of every gold token, example by example (with grad when the model
+            has it).
         gold_counts: (B,) long, gold tokens per example.
         prefix_lens: (B,) long.
-        last_prefix_hidden: (B, H) the final hidden state at position ``len(x) - 1``: it predicts the first
-            token of every continuation.
-        cache: the model's past key values over the ``[x | y_0 | pad]`` rows (consumed by pass 2).
+        hidden: (B, L, H) final hidden states of the ``[x | y_0 | pad]`` rows; position ``len(x) + m - 1``
+            predicts token m of any continuation that agrees with the gold on its first m tokens.
+        cache: the model's past key values over those rows (consumed by pass 2).
         cache_len: the padded length of those rows.
         gold_logits: B tensors ``(T_b, V)`` float32, detached (row t predicts gold token t), when requested.
     """
 
+    gold_ids: list[list[int]]
     gold_logps: torch.Tensor
     gold_counts: torch.Tensor
     prefix_lens: torch.Tensor
-    last_prefix_hidden: torch.Tensor
+    hidden: torch.Tensor
     cache: object
     cache_kwarg: str
     cache_len: int
@@ -104,22 +111,47 @@ def gold_pass(
     if output_cache(out) is None:
         raise RuntimeError("two_pass: the model returned no KV cache (gradient checkpointing drops it); use layout 'shared'")
     hidden = out.hidden_states[-1]  # (B, L, H)
-    prefix_lens = torch.tensor([len(p) for p in prefix_ids], dtype=torch.long, device=device)
     h = hidden[sb.src_row, sb.src_pos]  # (N0, H)
     gold_logps = token_logps_from_hidden(model, h, sb.targets, chunk_size=chunk_size)
     logits = None
     if want_logits:
         logits = _gold_logits(model, h.detach(), sb.token_counts[:, 0].tolist(), chunk_size)
     return GoldPass(
+        gold_ids=[list(g) for g in gold_ids],
         gold_logps=gold_logps,
         gold_counts=sb.token_counts[:, 0],
-        prefix_lens=prefix_lens,
-        last_prefix_hidden=hidden[torch.arange(len(prefix_ids), device=device), prefix_lens - 1],
+        prefix_lens=torch.tensor([len(p) for p in prefix_ids], dtype=torch.long, device=device),
+        hidden=hidden,
         cache=output_cache(out),
         cache_kwarg=cache_kwarg(out),
         cache_len=sb.input_ids.shape[1],
         gold_logits=logits,
     )
+
+
+def shared_with_gold(gold: list[int], negative: list[int]) -> int:
+    """How many leading tokens ``negative`` has in common with ``gold`` (their log-probs are the gold's).
+
+    >>> shared_with_gold([5, 6, 7, 8], [5, 6, 2])   # a truncation negative: gold[:2] + EOS
+    2
+    """
+    m = 0
+    for a, b in zip(gold, negative):
+        if a != b:
+            break
+        m += 1
+    return m
+
+
+def two_pass_tokens(batch: CandidateBatch) -> tuple[int, int]:
+    """(tokens the prefix-shared row runs, tokens the two passes run) for ``batch``: the second pass runs a
+    negative only from its first token that differs from the gold, and never its last token."""
+    one = two = 0
+    for prefix, cands in zip(batch.prefix_ids, batch.candidate_ids):
+        gold = cands[0]
+        one += len(prefix) + sum(len(c) for c in cands)
+        two += len(prefix) + len(gold) + sum(max(len(n) - shared_with_gold(gold, n) - 1, 0) for n in cands[1:])
+    return one, two
 
 
 def _gold_logits(model, h: torch.Tensor, counts: list[int], chunk_size: int) -> list[torch.Tensor]:
@@ -134,17 +166,16 @@ def _gold_logits(model, h: torch.Tensor, counts: list[int], chunk_size: int) -> 
     return list(torch.split(logits, counts))
 
 
-def _negatives_mask(prefix_lens, cache_len, segment_ids, dtype):
-    """(B, 1, Lq, cache_len + Lq): cached key j < len(x) (the prefix, never the gold), or a new key in the
-    query's own segment at or before it. Every query sees the prefix, so no row is fully masked."""
+def _negatives_mask(cache_limit, cache_len, segment_ids, dtype):
+    """(B, 1, Lq, cache_len + Lq): query q sees cached key j < ``cache_limit[b, q]`` (the prefix and the gold
+    tokens its negative shares, never the rest of the gold), and new keys of its own segment at or before it.
+    Every query sees the prefix, so no row is fully masked."""
     B, Lq = segment_ids.shape
     device = segment_ids.device
-    to_prefix = torch.arange(cache_len, device=device)[None, :] < prefix_lens[:, None]  # (B, cache_len)
-    to_prefix = to_prefix[:, None, None, :].expand(B, 1, Lq, cache_len)
+    to_cache = torch.arange(cache_len, device=device)[None, None, :] < cache_limit[:, :, None]  # (B, Lq, cache_len)
     causal = torch.ones(Lq, Lq, dtype=torch.bool, device=device).tril()
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    own = (causal[None] & same)[:, None]  # (B, 1, Lq, Lq)
-    allowed = torch.cat([to_prefix, own], dim=-1)
+    allowed = torch.cat([to_cache, causal[None] & same], dim=-1)[:, None]  # (B, 1, Lq, cache_len + Lq)
     if dtype is None:
         return allowed
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
@@ -159,7 +190,12 @@ def negatives_pass(
     pad_token_id: int = 0,
     chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass 2: the K negatives of every example on the cached prefix of :func:`gold_pass`.
+    """Pass 2: the K negatives of every example on the cache of :func:`gold_pass`.
+
+    A negative that agrees with the gold on its first m tokens takes those m log-probs from the gold, token m
+    from pass 1's hidden state at ``len(x) + m - 1``, and only tokens m+1.. from this pass, which runs its
+    tokens m..n-2 attending to the cached prefix and gold[:m]. A truncation negative (gold[:j] + EOS) thus
+    runs no token here at all.
 
     Returns ``(flat_logps (N,), neg_index (N,) = b * K + i, counts (B, K))``. Consumes ``gp.cache``.
     """
@@ -170,43 +206,64 @@ def negatives_pass(
     B = len(negative_ids)
     K = len(negative_ids[0]) if B else 0
     counts = torch.tensor([[len(n) for n in row] for row in negative_ids], dtype=torch.long).reshape(B, K)
-    Lq = int(counts.sum(1).max()) if B and K else 0
-    first_rows, first_targets, first_index = [], [], []
-    src_row, src_pos, targets, index = [], [], [], []
-    input_ids = torch.full((B, max(Lq, 1)), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((B, max(Lq, 1)), dtype=torch.long)
-    segment_ids = torch.full((B, max(Lq, 1)), -1, dtype=torch.long)
+    gold_start = [0] + torch.cumsum(gp.gold_counts, 0).tolist()[:-1]
+    rows = []  # per example: (input tokens, positions, segment ids, cache limits)
+    gold_src, gold_index = [], []  # shared gold tokens: index into gp.gold_logps, candidate
+    p1_row, p1_pos, p1_targets, p1_index = [], [], [], []  # first differing token: from pass 1's hidden
+    p2_row, p2_pos, p2_targets, p2_index = [], [], [], []  # later tokens: from this pass
     for b, row in enumerate(negative_ids):
         if len(row) != K:
             raise ValueError(f"example {b}: {len(row)} negatives, expected {K}")
-        P = int(gp.prefix_lens[b])
-        start = 0
+        P, gold = int(gp.prefix_lens[b]), gp.gold_ids[b]
+        toks, pos, seg, lim = [], [], [], []
         for i, neg in enumerate(row):
-            n = len(neg)
-            if n == 0:
+            n, c = len(neg), b * K + i
+            m = shared_with_gold(gold, neg)
+            gold_src.extend(range(gold_start[b], gold_start[b] + m))
+            gold_index.extend([c] * m)
+            if m == n:
+                continue  # the negative is a prefix of the gold
+            p1_row.append(b)
+            p1_pos.append(P + m - 1)
+            p1_targets.append(neg[m])
+            p1_index.append(c)
+            if n - m - 1 <= 0:
                 continue
-            input_ids[b, start : start + n] = torch.tensor(neg, dtype=torch.long)
-            position_ids[b, start : start + n] = torch.arange(P, P + n)
-            segment_ids[b, start : start + n] = i
-            first_rows.append(b)
-            first_targets.append(neg[0])
-            first_index.append(b * K + i)
-            src_row.extend([b] * (n - 1))
-            src_pos.extend(range(start, start + n - 1))
-            targets.extend(neg[1:])
-            index.extend([b * K + i] * (n - 1))
-            start += n
+            start = len(toks)
+            toks.extend(neg[m : n - 1])
+            pos.extend(range(P + m, P + n - 1))
+            seg.extend([i] * (n - m - 1))
+            lim.extend([P + m] * (n - m - 1))
+            p2_row.extend([b] * (n - m - 1))
+            p2_pos.extend(range(start, start + n - m - 1))
+            p2_targets.extend(neg[m + 1 :])
+            p2_index.extend([c] * (n - m - 1))
+        rows.append((toks, pos, seg, lim))
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    # token 0 of every negative: predicted by pass 1's hidden state at the last prefix position
-    h_first = gp.last_prefix_hidden[as_long(first_rows)] if first_rows else gp.last_prefix_hidden[:0]
-    parts = [token_logps_from_hidden(model, h_first, as_long(first_targets), chunk_size=chunk_size)]
-    idx = [as_long(first_index)]
-    if src_row:
+    parts = [gp.gold_logps[as_long(gold_src)]]
+    idx = [as_long(gold_index)]
+    if p1_row:
+        h1 = gp.hidden[as_long(p1_row), as_long(p1_pos)]
+        parts.append(token_logps_from_hidden(model, h1, as_long(p1_targets), chunk_size=chunk_size))
+        idx.append(as_long(p1_index))
+    Lq = max((len(r[0]) for r in rows), default=0)
+    if Lq:
+        input_ids = torch.full((B, Lq), pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((B, Lq), dtype=torch.long)
+        segment_ids = torch.full((B, Lq), -1, dtype=torch.long)
+        cache_limit = gp.prefix_lens.cpu()[:, None].repeat(1, Lq)  # padding queries see the prefix only
+        for b, (toks, pos, seg, lim) in enumerate(rows):
+            n = len(toks)
+            if n:
+                input_ids[b, :n] = torch.tensor(toks)
+                position_ids[b, :n] = torch.tensor(pos)
+                segment_ids[b, :n] = torch.tensor(seg)
+                cache_limit[b, :n] = torch.tensor(lim)
         impl = _attn_implementation(model)
         # a FlexAttention BlockMask or a flash kernel cannot take this (query, cache + query) mask: use SDPA
         run_impl = impl if impl in ("sdpa", "eager") else "sdpa"
-        seg = segment_ids.to(device)
-        mask = _negatives_mask(gp.prefix_lens, gp.cache_len, seg, _model_dtype(model) if run_impl == "eager" else None)
+        mask = _negatives_mask(cache_limit.to(device), gp.cache_len, segment_ids.to(device),
+                               _model_dtype(model) if run_impl == "eager" else None)
         with use_attention(model, None if run_impl == impl else run_impl):
             out = model(
                 input_ids=input_ids.to(device),
@@ -217,10 +274,9 @@ def negatives_pass(
                 use_cache=True,
                 **{gp.cache_kwarg: gp.cache},
             )
-        hidden = out.hidden_states[-1]
-        parts.append(token_logps_from_hidden(model, hidden[as_long(src_row), as_long(src_pos)], as_long(targets),
-                                             chunk_size=chunk_size))
-        idx.append(as_long(index))
+        h2 = out.hidden_states[-1][as_long(p2_row), as_long(p2_pos)]
+        parts.append(token_logps_from_hidden(model, h2, as_long(p2_targets), chunk_size=chunk_size))
+        idx.append(as_long(p2_index))
     gp.cache = None  # pass 2 appended to it: nothing else may read it
     return torch.cat(parts), torch.cat(idx), counts.to(device)
 

@@ -40,6 +40,54 @@ def test_two_pass_with_empty_negatives_and_length_normalisation():
         assert a.summed[0, 1] == 0 and a.summed[1, 2] == 0
 
 
+def _gold_sharing_batch(seed=0, B=3):
+    """Negatives that share beginnings with the gold: truncations + EOS, one-token changes, the gold itself, a
+    prefix of the gold, an unrelated one, an empty one."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, 96, (n,), generator=g).tolist()  # noqa: E731
+    prefixes, cands = [], []
+    for b in range(B):
+        gold = ids(6 + b)
+        changed = list(gold)
+        changed[2] = (changed[2] + 1 - 3) % 93 + 3
+        prefixes.append(ids(2 + b))
+        cands.append([gold, gold[:3] + [2], gold[:1] + [2], changed, list(gold), gold[:4], ids(5), []])
+    return CandidateBatch(prefix_ids=prefixes, candidate_ids=cands, candidate_mask=[[True] * 8] * B)
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_negatives_sharing_the_gold_match_naive_values_and_gradients(make, attn):
+    model = make()
+    model.config._attn_implementation = attn
+    batch = _gold_sharing_batch()
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    _assert_same(_run(model, batch, "two_pass", w, chunk_size=5), _run(model, batch, "naive", w))
+
+
+def test_two_pass_runs_only_what_a_negative_does_not_share_and_auto_picks_it():
+    from seqcpo.logps import choose_layout
+    from seqcpo.two_pass import two_pass_tokens
+
+    gold = [10, 11, 12, 13]
+    batch = CandidateBatch(prefix_ids=[[5, 6, 7]], candidate_ids=[[gold, [10, 11, 2], [20, 21, 22]]],
+                           candidate_mask=[[True] * 3])
+    # prefix-shared row: 3 + 4 + 3 + 3; two passes: 3 + 4, the truncation nothing, the other its first 2 tokens
+    assert two_pass_tokens(batch) == (13, 9)
+    model = make_tiny_llama()
+    assert choose_layout(model, batch) == "two_pass"
+    assert choose_layout(model, batch, head_in_forward=True) == "shared"
+    unrelated = CandidateBatch(prefix_ids=[[5, 6, 7]], candidate_ids=[[list(range(10, 20))] + [list(range(30 + i, 40 + i)) for i in range(3)]],
+                               candidate_mask=[[True] * 4])
+    assert two_pass_tokens(unrelated) == (43, 40)  # only the last token of each negative is saved
+    assert choose_layout(model, unrelated) == "shared"
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert choose_layout(model, batch) == "shared"  # no KV cache under checkpointing in training
+    auto = sequence_logps(model, batch, layout="auto")
+    assert_close(auto.logps, sequence_logps(model, batch, layout="naive").logps, atol=1e-5, rtol=1e-5)
+
+
 def test_a_gold_pass_cache_serves_one_negatives_pass():
     model = make_tiny_llama()
     gp = gold_pass(model, [[5, 6]], [[7, 8]])

@@ -45,7 +45,7 @@ def offline_settings(cfg, num_examples: int) -> dict[str, Any]:
         "negatives": cfg.negatives,
         "k": cfg.num_negatives,
         "ranked": cfg.ranked,
-        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.negative_options().items()},
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.negative_options(offline=True).items()},
         "seed": cfg.seed,
         "batch_size": cfg.per_device_train_batch_size,
         "length_normalize": cfg.length_normalize,
@@ -90,12 +90,12 @@ def make_offline_negatives(
     model.eval()
     gen = build_negative_generator(
         cfg.negatives, cfg.num_negatives, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-        options=cfg.negative_options(),
+        options=cfg.negative_options(offline=True),
     )
     # MN draws from the reference's own gold-branch pass (seqcpo.two_pass) unless a one-pass layout is forced
     fuse_mn = uses_gold_logits(gen) and cfg.logps_layout in ("auto", "two_pass")
     ref = FrozenCopyReference(
-        model, copy_model=False, layout="shared" if cfg.logps_layout == "auto" else cfg.logps_layout, pad_token_id=pad,
+        model, copy_model=False, layout=cfg.logps_layout, pad_token_id=pad,
         length_normalize=cfg.length_normalize,
         chunk_size=cfg.logits_chunk_size,
     )
