@@ -481,7 +481,12 @@ def test_build_errors():
     with pytest.raises(ValueError, match="has 3 values for k=2"):
         build_negative_generator("an", 2, model=model, options={"an_temperatures": [0.5, 1.0, 2.0]}, **kw)
     with pytest.raises(ValueError, match="backend must be one of"):
-        build_negative_generator("an", 2, model=model, options={"an_backend": "vllm"}, **kw)
+        build_negative_generator("an", 2, model=model, options={"an_backend": "tgi"}, **kw)
+    from seqcpo.negatives.vllm_backend import vllm_available
+
+    if not vllm_available():
+        with pytest.raises(ValueError, match="needs the vllm package"):
+            build_negative_generator("an", 2, model=model, options={"an_backend": "vllm", "an_vllm_model": "m"}, **kw)
 
 
 def test_mn_with_dropout_in_train_mode_is_reproducible():

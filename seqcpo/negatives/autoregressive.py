@@ -11,6 +11,8 @@ Backends:
         The prefix is encoded once instead of K times.
     "hf": ``model.generate(..., num_return_sequences=K)``, seeded from the generator inside
         ``torch.random.fork_rng``. Beam search always uses it.
+    "vllm": vLLM's offline engine over the model's own weights folder (:mod:`seqcpo.negatives.vllm_backend`),
+        for a model whose weights do not change (the reference); needs the ``vllm`` package.
 
 Ranked (ANR), ``rank_by``:
     "rouge" (PAPER.md default): ``score = rouge_l_f(negative, gold)``, higher = better.
@@ -38,7 +40,7 @@ from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.types import Example, Negatives
 
 STRATEGIES = ("sample", "greedy", "beam")
-BACKENDS = ("shared_prefill", "hf")
+BACKENDS = ("shared_prefill", "hf", "vllm")
 RANK_BY = ("rouge", "temperature")
 
 
@@ -136,8 +138,8 @@ class AutoregressiveNegatives:
         decoding: the :class:`DecodingConfig`.
         eos_token_id / pad_token_id: the model's EOS and pad ids.
         max_new_tokens: the longest negative.
-        backend: "shared_prefill" (default) or "hf" (``model.generate``).
-            Beam search always runs on "hf".
+        backend: "shared_prefill" (default), "hf" (``model.generate``) or "vllm" (then ``vllm`` is the
+            :class:`~seqcpo.negatives.vllm_backend.VLLMDecoder` to use). Beam search always runs on "hf".
         batch_size: prefixes per generation call (each expands to K rows).
         rank_by: "rouge" or "temperature" (needs ``decoding.temperatures``).
         max_tries: generations in all per negative before a copy of the gold is dropped.
@@ -159,9 +161,12 @@ class AutoregressiveNegatives:
         batch_size: int = 16,
         rank_by: str = "rouge",
         max_tries: int = 8,
+        vllm=None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"an: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "vllm" and vllm is None and decoding.strategy != "beam":
+            raise ValueError("an: backend 'vllm' needs a VLLMDecoder (vllm=...)")
         if rank_by not in RANK_BY:
             raise ValueError(f"an: rank_by must be one of {RANK_BY}, got {rank_by!r}")
         if rank_by == "temperature" and decoding.temperatures is None:
@@ -177,6 +182,7 @@ class AutoregressiveNegatives:
         self.batch_size = batch_size
         self.rank_by = rank_by
         self.max_tries = max_tries
+        self.vllm = vllm
 
     # ---- decoding -------------------------------------------------------------------------------
 
@@ -261,6 +267,12 @@ class AutoregressiveNegatives:
 
     def _decode(self, prefixes: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[list[int]]]:
         """K (or, for beam, up to K+1) continuations per prefix, in chunks of ``batch_size`` prefixes."""
+        if self.backend == "vllm":  # vLLM schedules its own batches
+            d = self.decoding
+            return self.vllm.decode(
+                prefixes, k, temperatures=self._temperatures(k), greedy=d.strategy == "greedy", top_k=d.top_k,
+                top_p=d.top_p, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_token_id, generator=generator,
+            )
         out: list[list[list[int]]] = []
         for start in range(0, len(prefixes), self.batch_size):
             chunk = prefixes[start : start + self.batch_size]

@@ -35,7 +35,10 @@ OPTIONS: dict[str, tuple[str, Any]] = {
     "an_num_beams": ("AN: beams for beam search (>= its count)", 4),
     "an_temperatures": ("AN: one sampling temperature per AN negative (needed by an_rank_by='temperature')", None),
     "an_max_new_tokens": ("AN: longest negative in tokens", 64),
-    "an_backend": ("AN: 'shared_prefill' or 'hf'", "shared_prefill"),
+    "an_backend": ("AN: 'shared_prefill', 'hf' or 'vllm'", "shared_prefill"),
+    "an_vllm_model": ("AN on vLLM: the weights folder or Hub id (default: the model's own name_or_path)", None),
+    "an_vllm_dtype": ("AN on vLLM: 'auto' or a dtype name", "auto"),
+    "an_vllm_gpu_memory_utilization": ("AN on vLLM: fraction of the GPU vLLM may take", 0.3),
     "an_batch_size": ("AN: prefixes per generation call", 16),
     "an_rank_by": ("AN ranked: 'rouge' or 'temperature'", "rouge"),
 }
@@ -96,7 +99,8 @@ def build_negative_generator(
             mn_c [0.15], mn_sample [True], mn_temperature [1.0], mn_c_range [(0.05, 0.5)];
             an_strategy ["sample"], an_temperature [1.0], an_top_k [0], an_top_p [1.0], an_num_beams [4],
             an_temperatures [None], an_max_new_tokens [64], an_backend ["shared_prefill"],
-            an_batch_size [16], an_rank_by ["rouge"].
+            an_batch_size [16], an_rank_by ["rouge"]; with an_backend "vllm": an_vllm_model [the model's
+            ``config._name_or_path``], an_vllm_dtype ["auto"], an_vllm_gpu_memory_utilization [0.3].
             Unknown keys raise ValueError listing the valid ones.
 
     Returns:
@@ -127,10 +131,18 @@ def build_negative_generator(
             top_p=o["an_top_p"], num_beams=o["an_num_beams"], temperatures=o["an_temperatures"],
         )
         decoding.check_k(count)
+        vllm = None
+        if o["an_backend"] == "vllm" and decoding.strategy != "beam":
+            from seqcpo.negatives.vllm_backend import VLLMDecoder
+
+            path = o["an_vllm_model"] or getattr(getattr(model, "config", None), "_name_or_path", None)
+            if not path:
+                raise ValueError("an_backend 'vllm' needs the weights' folder or Hub id: set an_vllm_model")
+            vllm = VLLMDecoder(path, dtype=o["an_vllm_dtype"], gpu_memory_utilization=o["an_vllm_gpu_memory_utilization"])
         return AutoregressiveNegatives(
             model, decoding, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             max_new_tokens=o["an_max_new_tokens"], backend=o["an_backend"], batch_size=o["an_batch_size"],
-            rank_by=o["an_rank_by"], max_tries=o["max_tries"],
+            rank_by=o["an_rank_by"], max_tries=o["max_tries"], vllm=vllm,
         )
 
     gens = [(build(name, count), count) for name, count in parts]

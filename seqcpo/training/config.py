@@ -105,7 +105,19 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     an_top_p: float = field(default=1.0, metadata={"help": "AN: top-p (1 = off)."})
     an_num_beams: int = field(default=4, metadata={"help": "AN: beams for beam search."})
     an_max_new_tokens: int = field(default=64, metadata={"help": "AN: longest negative in tokens."})
-    an_backend: str = field(default="shared_prefill", metadata={"help": "AN: shared_prefill (fast) | hf (model.generate)."})
+    an_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "AN: auto | shared_prefill | hf | vllm. shared_prefill: one cached prefill per prefix, our "
+            "decoding loop; hf: model.generate; vllm: vLLM's engine over the starting model's weights (needs the "
+            "vllm package and a GPU; reference-made negatives only). auto: vllm in `seqcpo negatives` when vllm "
+            "and CUDA are present, shared_prefill otherwise (training opts into vllm explicitly: it shares the GPU)."
+        },
+    )
+    an_vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "AN on vLLM: fraction of the GPU vLLM may take (leave room for training)."}
+    )
+    an_vllm_dtype: str = field(default="auto", metadata={"help": "AN on vLLM: auto (the checkpoint's) or a dtype name."})
     an_batch_size: int = field(default=16, metadata={"help": "AN: prefixes decoded together."})
     an_rank_by: str = field(default="rouge", metadata={"help": "AN ranked: rouge (ROUGE-L F to the gold) | temperature."})
     an_temperatures: Optional[str] = field(
@@ -131,10 +143,12 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     logps_layout: str = field(
         default="auto",
         metadata={
-            "help": "auto | shared | two_pass | naive. shared: one prefix-shared row per example (FlexAttention "
-            "on CUDA). two_pass: the gold branch with a KV cache, then the negatives on the cached prefix (same "
-            "numbers; MN negatives are drawn from the gold pass, so they cost no extra forward). auto: shared, "
-            "and two_pass for the model that makes MN negatives. naive: K+1 rows per example (reference only)."
+            "help": "auto | shared | two_pass | naive (all give the same numbers). shared: one prefix-shared row "
+            "per example (FlexAttention on CUDA). two_pass: the gold branch with a KV cache, then each negative "
+            "from its first token that differs from the gold, on the cached prefix (truncation negatives cost "
+            "~nothing; MN negatives are drawn from the gold pass, so they cost no extra forward). auto: per batch, "
+            "two_pass where it runs >= 15% fewer tokens, else shared; two_pass for the model that makes MN "
+            "negatives. naive: K+1 rows per example (the reference implementation)."
         },
     )
     logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the LM head + log-softmax."})
@@ -183,6 +197,11 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             bad("pss_passes", "must be at least 1")
         if self.negatives_refresh_steps < 1:
             bad("negatives_refresh_steps", "must be at least 1")
+        if self.an_backend not in ("auto", "shared_prefill", "hf", "vllm"):
+            bad("an_backend", "choose auto, shared_prefill, hf or vllm")
+        if self.an_backend == "vllm" and self.negatives_model == "policy":
+            bad("an_backend", "vLLM holds its own copy of the starting weights and cannot follow the policy: "
+                "use negatives_model reference, or an_backend shared_prefill")
         if self.uses_negatives:
             from seqcpo.negatives.registry import parse_spec
 
@@ -220,8 +239,22 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     def data_config(self) -> DataConfig:
         return DataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)})
 
-    def negative_options(self) -> dict[str, Any]:
-        """Options for :func:`seqcpo.negatives.build_negative_generator`."""
+    def resolved_an_backend(self, offline: bool = False) -> str:
+        """``an_backend`` with "auto" resolved: vLLM for `seqcpo negatives` (``offline``) when it and CUDA are
+        present, else shared_prefill."""
+        if self.an_backend != "auto":
+            return self.an_backend
+        if offline and self.negatives_model == "reference":
+            import torch
+
+            from seqcpo.negatives.vllm_backend import vllm_available
+
+            if vllm_available() and torch.cuda.is_available():
+                return "vllm"
+        return "shared_prefill"
+
+    def negative_options(self, offline: bool = False) -> dict[str, Any]:
+        """Options for :func:`seqcpo.negatives.build_negative_generator` (``offline``: for `seqcpo negatives`)."""
         opts = {
             "max_tries": self.neg_max_tries,
             "tn_min_keep": self.tn_min_keep,
@@ -235,12 +268,15 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             "an_top_p": self.an_top_p,
             "an_num_beams": self.an_num_beams,
             "an_max_new_tokens": self.an_max_new_tokens,
-            "an_backend": self.an_backend,
+            "an_backend": self.resolved_an_backend(offline),
             "an_rank_by": self.an_rank_by,
             "an_batch_size": self.an_batch_size,
         }
         if self.an_temperatures:
             opts["an_temperatures"] = [float(x) for x in self.an_temperatures.split(",")]
+        if opts["an_backend"] == "vllm":
+            opts["an_vllm_dtype"] = self.an_vllm_dtype
+            opts["an_vllm_gpu_memory_utilization"] = self.an_vllm_gpu_memory_utilization
         return opts
 
     def to_public_dict(self) -> dict[str, Any]:

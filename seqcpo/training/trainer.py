@@ -146,9 +146,10 @@ class SeqCPOTrainer(Trainer):
         self._snapshot_step = -1
         # Sharded weights (FSDP, ZeRO-3) exist only inside forward: the LM head must run there too.
         self.head_in_forward = bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        # "auto": prefix-shared rows (one pass; FlexAttention on CUDA), except that the model making MN negatives
-        # is run in two passes (see the module docstring); that choice is made below, once the generator exists
-        self.layout = "shared" if args.logps_layout == "auto" else args.logps_layout
+        # "auto": per batch, the two-pass layout where it runs fewer tokens (negatives sharing the gold's start)
+        # and the prefix-shared row otherwise (seqcpo.logps.choose_layout); the model making MN negatives runs in
+        # two passes (see the module docstring)
+        self.layout = args.logps_layout
         self._checkpointing = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
         if self.layout == "two_pass" and (self.head_in_forward or self._checkpointing or not two_pass_supported(model)):
             raise ValueError(
@@ -174,6 +175,11 @@ class SeqCPOTrainer(Trainer):
                 **logps_options,
             )
             if not offline:
+                if args.resolved_an_backend() == "vllm" and args.world_size > 1:
+                    raise ValueError(
+                        "an_backend vllm runs one engine in one process: with several training processes make the "
+                        "AN negatives first with `seqcpo negatives` (it uses vLLM) and train with negatives_path"
+                    )
                 gen_model = self._negatives_model()
                 self.generator = build_negative_generator(
                     args.negatives,
