@@ -3,6 +3,7 @@ negatives, checkpoints that plain transformers reloads, and config errors that n
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -295,3 +296,17 @@ def test_shipped_training_configs_load():
         first = p.read_text().splitlines()[0]
         assert first.startswith("# seqcpo "), f"{p.name} must start with the command that runs it"
         load_config(p, {"output_dir": "/tmp/seqcpo-config-check", "report_to": "none", "bf16": False, "use_cpu": True})
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler")
+def test_torch_compile_flag_trains_to_the_eager_losses(assets, tmp_path):
+    """``torch_compile: true`` (TrainingArguments' flag) compiles the policy's forward and backward; the
+    prefix-shared masks, the chunked head and the losses go through unchanged, so the losses are eager's."""
+    from seqcpo.training.run import train
+
+    eager = train(_cfg(assets, tmp_path / "e", max_steps=2))
+    compiled = train(_cfg(assets, tmp_path / "c", max_steps=2, torch_compile=True))
+    model = compiled["trainer"].model_wrapped
+    assert hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod"), type(model)
+    assert _losses(compiled["trainer"].state.log_history) == pytest.approx(
+        _losses(eager["trainer"].state.log_history), rel=1e-4)
