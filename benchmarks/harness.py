@@ -10,6 +10,12 @@ Variants (``STEP_VARIANTS``):
     shared_live      CPO, one prefix-shared row per example, reference forward live in the same layout.
     shared_live_bf16 as shared_live, the frozen reference copy held in bf16 (CPU: AVX512-BF16 matmuls).
     shared_cached    CPO, prefix-shared, reference log-probs precomputed (``PrecomputedReference``).
+    twopass_live / twopass_cached
+                     as shared_*, both models in the two-pass layout (``seqcpo.two_pass``).
+    mn_live          CPO with K MN negatives made inside the step by the reference: MN's own teacher-forced
+                     pass, then the reference and the policy in the prefix-shared layout (logps_layout: shared).
+    mn_fused_live    the same negatives drawn from the reference's two-pass gold branch (logps_layout: auto):
+                     no separate MN pass.
 
 A ``_flex`` suffix (``shared_live_flex``, ``shared_cached_flex``) runs policy and reference with
 ``attn_implementation="flex_attention"`` (the prefix-shared ``BlockMask``; CUDA only for training), the other
@@ -37,8 +43,8 @@ from seqcpo.losses import cpo_loss, mle_loss
 from seqcpo.reference import FrozenCopyReference, PrecomputedReference
 from seqcpo.types import CandidateBatch
 
-STEP_VARIANTS = ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached", "shared_live_flex",
-                 "shared_cached_flex")
+STEP_VARIANTS = ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached", "twopass_live",
+                 "twopass_cached", "mn_live", "mn_fused_live", "shared_live_flex", "shared_cached_flex")
 
 
 @dataclass
@@ -69,6 +75,28 @@ def random_batch(shape: Shape, vocab_size: int, seed: int = 0, low: int = 3) -> 
     )
 
 
+def tn_bn_batch(shape: Shape, vocab_size: int, eos: int, seed: int = 0, low: int = 3) -> CandidateBatch:
+    """The demo config's negatives on random golds: K/2 truncations (gold[:j] + EOS, j uniform in 1..C-1, as
+    ``TruncationNegatives`` cuts) and K/2 batch negatives (the golds of the next examples)."""
+    base = random_batch(shape, vocab_size, seed=seed, low=low)
+    g = torch.Generator().manual_seed(seed + 1)
+    golds = [c[0] for c in base.candidate_ids]
+    B, K, n_tn = shape.batch, shape.k, shape.k // 2
+    cands = []
+    for b in range(B):
+        tn = [golds[b][: int(torch.randint(1, shape.cont, (1,), generator=g))] + [eos] for _ in range(n_tn)]
+        bn = [golds[(b + 1 + i) % B] for i in range(K - n_tn)]
+        cands.append([golds[b]] + tn + bn)
+    return CandidateBatch(base.prefix_ids, cands, [[True] * (K + 1) for _ in range(B)])
+
+
+def batch_floor(batch: CandidateBatch) -> float:
+    """Tokens of the prefix-shared rows over tokens of the gold-only rows: the token floor of a real batch."""
+    cpo = sum(len(p) + sum(len(c) for c in cands) for p, cands in zip(batch.prefix_ids, batch.candidate_ids))
+    mle = sum(len(p) + len(cands[0]) for p, cands in zip(batch.prefix_ids, batch.candidate_ids))
+    return cpo / mle
+
+
 def gold_only(batch: CandidateBatch) -> CandidateBatch:
     return CandidateBatch(
         prefix_ids=batch.prefix_ids,
@@ -97,6 +125,9 @@ def make_step(variant: str, model, batch: CandidateBatch, *, beta: float = 0.1, 
             loss.backward()
             return loss.item()
         return step
+    if variant in ("mn_live", "mn_fused_live"):
+        return _mn_step(variant == "mn_fused_live", model, batch, beta=beta, lam=lam, ref_model=ref_model,
+                        chunk_size=chunk_size)
     if variant in ("naive_live", "shared_live", "shared_live_bf16", "twopass_live"):
         layout = {"naive_live": "naive", "twopass_live": "two_pass"}.get(variant, "shared")
         if ref_model is None:
@@ -117,6 +148,42 @@ def make_step(variant: str, model, batch: CandidateBatch, *, beta: float = 0.1, 
         loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0]) + lam * cpo_loss(
             out.logps, ref, beta, mask=mask.to(out.logps.device)
         )
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def _mn_step(fused: bool, model, batch: CandidateBatch, *, beta, lam, ref_model, chunk_size):
+    """MN negatives made in the step by ``ref_model`` (c = 0.15, sampled), then the CPO loss (see STEP_VARIANTS)."""
+    from seqcpo.negatives import MeanFieldNegatives
+    from seqcpo.types import Example
+
+    if ref_model is None:
+        raise ValueError("the mn variants need ref_model")
+    examples = [Example(prefix_ids=p, continuation_ids=c[0]) for p, c in zip(batch.prefix_ids, batch.candidate_ids)]
+    k = batch.num_candidates - 1
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    mn = MeanFieldNegatives(ref_model, pad_token_id=pad)
+    reference = FrozenCopyReference(ref_model, copy_model=False, chunk_size=chunk_size, pad_token_id=pad)
+
+    def step():
+        g = torch.Generator().manual_seed(0)
+        if fused:
+            rgp = reference.gold_pass(batch.prefix_ids, [e.continuation_ids for e in examples])
+            neg = mn(examples, k, g, gold_logits=rgp.gold_logits)
+            ref = reference.finish(rgp, neg.ids)
+        else:
+            neg = mn(examples, k, g)
+            ref = None
+        cb = CandidateBatch(batch.prefix_ids, [[e.continuation_ids] + n for e, n in zip(examples, neg.ids)],
+                            [[True] + v for v in neg.valid])
+        if ref is None:
+            ref = reference.logps(cb)
+        out = sequence_logps(model, cb, chunk_size=chunk_size, pad_token_id=pad)
+        mask = torch.tensor(cb.candidate_mask, dtype=torch.bool, device=out.logps.device)
+        loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0]) + lam * cpo_loss(
+            out.logps, ref.to(out.logps.device), beta, mask=mask)
         loss.backward()
         return loss.item()
 

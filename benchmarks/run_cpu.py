@@ -39,30 +39,44 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
     RSSPeak,
     Shape,
+    batch_floor,
     interleaved,
     machine_info,
     make_step,
     markdown_table,
     precompute_ref_logps,
     random_batch,
+    tn_bn_batch,
     write_json,
 )
 
-# (shape, variants); the naive layout runs at the demo shape only (it is the slowest by far)
+# (shape, variants[, negatives]); the naive layout runs at the demo shape only (it is the slowest by far)
 FULL_GRID = [
-    (Shape(4, 32, 64, 4), ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached")),
-    (Shape(4, 128, 64, 4), ("mle", "shared_live", "shared_live_bf16", "shared_cached")),
+    (Shape(4, 32, 64, 4), ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached", "twopass_cached",
+                           "mn_live", "mn_fused_live")),
+    (Shape(4, 128, 64, 4), ("mle", "shared_live", "shared_live_bf16", "shared_cached", "twopass_cached", "mn_live",
+                            "mn_fused_live")),
     (Shape(4, 32, 64, 8), ("mle", "shared_live", "shared_cached")),
+    # the demo's negatives (tn:2,bn:2): truncations share all but their EOS with the gold
+    (Shape(4, 32, 64, 4), ("mle", "shared_cached", "twopass_cached", "shared_live", "twopass_live"), "tn:2,bn:2"),
 ]
 DEMO_GRID = FULL_GRID[:1]
-QUICK_GRID = [(Shape(2, 16, 16, 4), ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached"))]
+QUICK_GRID = [(Shape(2, 16, 16, 4), ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached",
+                                     "twopass_cached", "mn_live", "mn_fused_live")),
+              (Shape(2, 16, 16, 4), ("mle", "shared_cached", "twopass_cached"), "tn:2,bn:2")]
 
 
 def step_benchmarks(model, ref, ref_bf16, grid, reps_first: int, reps: int) -> list[dict]:
     rows = []
-    for i, (shape, variants) in enumerate(grid):
-        batch = precompute_ref_logps(ref, random_batch(shape, model.config.vocab_size, seed=i))
-        refs = {"naive_live": ref, "shared_live": ref, "shared_live_bf16": ref_bf16}
+    for i, (shape, variants, *kind) in enumerate(grid):
+        kind = kind[0] if kind else "random"
+        if kind == "tn:2,bn:2":
+            raw = tn_bn_batch(shape, model.config.vocab_size, eos=model.config.eos_token_id or 2, seed=i)
+        else:
+            raw = random_batch(shape, model.config.vocab_size, seed=i)
+        batch = precompute_ref_logps(ref, raw)
+        floor = batch_floor(batch)
+        refs = {"naive_live": ref, "shared_live": ref, "shared_live_bf16": ref_bf16, "mn_live": ref, "mn_fused_live": ref}
         steps = {v: make_step(v, model, batch, ref_model=refs.get(v)) for v in variants}
 
         def mem(name, fn):
@@ -79,10 +93,10 @@ def step_benchmarks(model, ref, ref_bf16, grid, reps_first: int, reps: int) -> l
             ratio = med / base
             rows.append(
                 dict(
-                    shape=shape.name, batch=shape.batch, prefix=shape.prefix, cont=shape.cont, k=shape.k,
+                    shape=shape.name if kind == "random" else f"{shape.name} {kind}", negatives=kind, batch=shape.batch, prefix=shape.prefix, cont=shape.cont, k=shape.k,
                     variant=v, times_s=res.times[v], median_s=med, min_s=min(res.times[v]),
-                    ratio=ratio, ratio_of_mins=min(res.times[v]) / base_min, floor=shape.floor,
-                    ratio_over_floor=ratio / shape.floor if v != "mle" else None,
+                    ratio=ratio, ratio_of_mins=min(res.times[v]) / base_min, floor=floor,
+                    ratio_over_floor=ratio / floor if v != "mle" else None,
                     cpu_s=res.cpu[v], cpu_median_s=res.cpu_median(v), cpu_ratio=res.cpu_median(v) / res.cpu_median("mle"),
                     peak_rss_mib=res.mem[v] / 2**20,
                 )
@@ -121,8 +135,12 @@ def an_benchmark(model, batch: int, k: int, prefix: int, max_new_tokens: int, re
                          dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                          generated_tokens=tokens[be], times_s=times[be], median_s=med, tokens_per_s=tokens[be] / med))
     hf = next(r for r in rows if r["backend"] == "hf")["tokens_per_s"]
+    # generate() runs the prefix K times, shared_prefill once: with EOS suppressed, the token-forwards ratio
+    # bounds what sharing the prefill can gain when a step costs the same per token
+    bound = batch * k * (prefix + max_new_tokens) / (batch * prefix + batch * k * max_new_tokens)
     for r in rows:
         r["speedup_vs_hf"] = r["tokens_per_s"] / hf
+        r["token_bound"] = bound
     return rows
 
 
@@ -134,7 +152,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps-first", type=int, default=3, help="timed reps at the first (demo) shape")
     ap.add_argument("--an-batch", type=int, default=4)
     ap.add_argument("--an-k", type=int, default=4)
-    ap.add_argument("--an-prefix", type=int, default=32)
+    ap.add_argument("--an-prefix", default="32,256", help="prefix lengths, comma-separated")
     ap.add_argument("--an-new-tokens", type=int, default=64)
     ap.add_argument("--an-reps", type=int, default=3)
     ap.add_argument("--skip-steps", action="store_true")
@@ -162,11 +180,15 @@ def main(argv=None) -> dict:
         write_json(result, args.out)  # a partial result survives an interrupted AN run
         print(render(result), flush=True)
     if not args.skip_an:
-        an_kw = dict(batch=args.an_batch, k=args.an_k, prefix=args.an_prefix, max_new_tokens=args.an_new_tokens)
+        an_kw = dict(batch=args.an_batch, k=args.an_k, max_new_tokens=args.an_new_tokens)
+        prefixes = [int(p) for p in args.an_prefix.split(",")]
         if args.quick:
             an_kw.update(batch=2, max_new_tokens=8)
+            prefixes = prefixes[:1]
         del ref_bf16
-        result["an"] = an_benchmark(ref, reps=1 if args.quick else args.an_reps, **an_kw)
+        result["an"] = []
+        for prefix in prefixes:
+            result["an"] += an_benchmark(ref, reps=1 if args.quick else args.an_reps, prefix=prefix, **an_kw)
     result["wall_s"] = time.time() - t0
     write_json(result, args.out)
     print(render(result))
@@ -187,9 +209,10 @@ def render(result: dict) -> str:
         ))
     if "an" in result:
         out.append("\n" + markdown_table(
-            ["AN backend", "B", "K", "P", "new tokens", "dtype", "generated", "median s", "tokens/s", "vs hf"],
+            ["AN backend", "B", "K", "P", "new tokens", "dtype", "generated", "median s", "tokens/s", "vs hf",
+             "token bound"],
             [[r["backend"], r["batch"], r["k"], r["prefix"], r["max_new_tokens"], r["dtype"], r["generated_tokens"],
-              r["median_s"], r["tokens_per_s"], r["speedup_vs_hf"]] for r in result["an"]],
+              r["median_s"], r["tokens_per_s"], r["speedup_vs_hf"], r.get("token_bound", "")] for r in result["an"]],
         ))
     return "\n".join(out)
 

@@ -10,7 +10,11 @@ vocab 32000), bf16, SDPA by default, built directly on the GPU (no download). Se
    over one step, weights and gradients included) at batch 4, prefix 256, continuation 128, K = 4, for
    the variants of ``harness.STEP_VARIANTS``: MLE; CPO naive with a live reference; prefix-shared with a
    live reference and with cached reference log-probs, each under SDPA with the dense 4-D mask and under
-   FlexAttention with the prefix-shared ``BlockMask`` (``_flex``). Ratios against the MLE step of the same
+   FlexAttention with the prefix-shared ``BlockMask`` (``_flex``); the two-pass layout (cached reference); MN
+   negatives made in the step by the reference, by their own pass (``mn_live``) or from the reference's
+   two-pass gold branch (``mn_fused_live``). Then the demo's negatives (2 truncations + 2 batch negatives on
+   random golds), prefix-shared under FlexAttention against the two-pass layout that ``logps_layout: auto``
+   picks for them. Ratios against the MLE step of the same
    run, beside the token floor (P + (K+1)C)/(P + C) = 2.33 and ratio / floor.
 2. Model FLOPs utilisation of each step: model FLOPs (6 x body params x tokens + 6 x head params x
    head tokens + 12 x layers x hidden x attended (query, key) pairs; a live reference adds the forward third
@@ -20,8 +24,9 @@ vocab 32000), bf16, SDPA by default, built directly on the GPU (no download). Se
    naive, which the issue saw run out of 80 GB); an out-of-memory variant is recorded as such and retried
    with gradient checkpointing.
 4. AN throughput at 64 decoding rows (16 prefixes x K = 4, prefix 256, 128 new tokens, EOS suppressed):
-   ``backend="shared_prefill"`` against ``backend="hf"`` (``generate(num_return_sequences=K)``); tokens/s and
-   the memory floor (weights + KV cache read once per decoding step at the card's bandwidth).
+   ``backend="shared_prefill"`` against ``backend="hf"`` (``generate(num_return_sequences=K)``), and
+   ``backend="vllm"`` when vLLM is installed; tokens/s and the memory floor (weights + KV cache read once per
+   decoding step at the card's bandwidth).
 
 Writes ``$OUT/gpu.json`` when ``$OUT`` is set (else ``benchmarks/results/gpu.json``) and prints markdown tables.
 """
@@ -44,12 +49,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
     RSSPeak,
     Shape,
+    batch_floor,
     interleaved,
     machine_info,
     make_step,
     markdown_table,
     precompute_ref_logps,
     random_batch,
+    tn_bn_batch,
     write_json,
 )
 
@@ -59,7 +66,9 @@ OPENLLAMA_3B = dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
-MAIN_VARIANTS = ("mle", "naive_live", "shared_live", "shared_cached", "shared_live_flex", "shared_cached_flex")
+MAIN_VARIANTS = ("mle", "naive_live", "shared_live", "shared_cached", "twopass_cached", "mn_live", "mn_fused_live",
+                 "shared_live_flex", "shared_cached_flex")
+TNBN_VARIANTS = ("mle", "shared_cached_flex", "twopass_cached", "shared_live_flex", "twopass_live")
 MEMORY_VARIANTS = ("mle", "shared_cached_flex", "shared_live_flex", "shared_cached", "naive_live")
 
 # dense bf16 peak FLOP/s, and HBM bandwidth (bytes/s) for the decoding floor
@@ -107,8 +116,16 @@ def step_flops(cfg, shape: Shape, variant: str) -> float:
     return (4 if "live" in variant else 3) * fwd
 
 
-def run_steps(model, ref, shape: Shape, variants, reps: int, device, seed: int, retry_ckpt: bool) -> list[dict]:
-    batch = precompute_ref_logps(ref, random_batch(shape, model.config.vocab_size, seed=seed))
+def run_steps(model, ref, shape: Shape, variants, reps: int, device, seed: int, retry_ckpt: bool,
+              negatives: str = "random") -> list[dict]:
+    """``negatives``: "random" (full-length random candidates, the floor of ``shape``) or "tn:2,bn:2" (the
+    demo's negatives on random golds, ``harness.tn_bn_batch``; its own token floor, no FLOP count)."""
+    if negatives == "random":
+        raw = random_batch(shape, model.config.vocab_size, seed=seed)
+    else:
+        raw = tn_bn_batch(shape, model.config.vocab_size, eos=2, seed=seed)
+    batch = precompute_ref_logps(ref, raw)
+    floor = shape.floor if negatives == "random" else batch_floor(batch)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     steps, status = {}, {}
@@ -154,13 +171,14 @@ def run_steps(model, ref, shape: Shape, variants, reps: int, device, seed: int, 
     rows = []
     base = res.median("mle") if "mle" in res.times else float("nan")
     for v in variants:
-        row = dict(shape=shape.name, batch=shape.batch, prefix=shape.prefix, cont=shape.cont, k=shape.k, variant=v,
-                   status=status[v], floor=shape.floor, peak_mem_gib=mems.get(v, float("nan")) / 2**30,
-                   model_tflop=step_flops(model.config, shape, v) / 1e12)
+        row = dict(shape=shape.name if negatives == "random" else f"{shape.name} {negatives}", negatives=negatives,
+                   batch=shape.batch, prefix=shape.prefix, cont=shape.cont, k=shape.k, variant=v,
+                   status=status[v], floor=floor, peak_mem_gib=mems.get(v, float("nan")) / 2**30,
+                   model_tflop=step_flops(model.config, shape, v) / 1e12 if negatives == "random" else float("nan"))
         if v in res.times:
             med = res.median(v)
             row.update(times_s=res.times[v], median_s=med, ratio=med / base,
-                       ratio_over_floor=med / base / shape.floor if v != "mle" else None,
+                       ratio_over_floor=med / base / floor if v != "mle" else None,
                        tflops=row["model_tflop"] / med)
         rows.append(row)
     mle_mem = next((r["peak_mem_gib"] for r in rows if r["variant"] == "mle"), float("nan"))
@@ -185,6 +203,21 @@ def an_benchmark(model, n_prefix: int, k: int, prefix: int, new_tokens: int, rep
     gens = {be: AutoregressiveNegatives(model, DecodingConfig(strategy="sample"), eos_token_id=-1, pad_token_id=0,
                                         max_new_tokens=new_tokens, backend=be, batch_size=n_prefix)
             for be in ("shared_prefill", "hf")}
+    from seqcpo.negatives.vllm_backend import VLLMDecoder, vllm_available
+
+    if vllm_available() and device.type == "cuda":
+        # vLLM loads weights from disk: save the (random-init) model once; it takes its share of the card
+        import tempfile
+
+        path = tempfile.mkdtemp(prefix="seqcpo_vllm_")
+        model.save_pretrained(path)
+        try:
+            dec = VLLMDecoder(path, dtype="bfloat16", gpu_memory_utilization=0.4, enforce_eager=False)
+            dec.llm  # load now, outside the timed region
+            gens["vllm"] = AutoregressiveNegatives(model, DecodingConfig(strategy="sample"), eos_token_id=-1,
+                                                   pad_token_id=0, max_new_tokens=new_tokens, backend="vllm", vllm=dec)
+        except Exception as e:  # noqa: BLE001 - report and go on without it
+            print(f"# vllm backend unavailable: {type(e).__name__}: {e}", flush=True)
     times = {be: [] for be in gens}
     tokens = {}
     for rep in range(reps + 1):  # rep 0 warms up
@@ -251,6 +284,11 @@ def main(argv=None) -> dict:
     t = time.time()
     result["steps"] = run_steps(model, ref, main_shape, MAIN_VARIANTS, args.reps, device, seed=0, retry_ckpt=False)
     print(f"# {main_shape.name}: {time.time() - t:.0f} s", flush=True)
+    # the demo's negatives: is the two-pass layout (what logps_layout auto picks for them) faster here too?
+    t = time.time()
+    result["steps"] += run_steps(model, ref, main_shape, TNBN_VARIANTS, args.reps, device, seed=2, retry_ckpt=False,
+                                 negatives="tn:2,bn:2")
+    print(f"# {main_shape.name} tn:2,bn:2: {time.time() - t:.0f} s", flush=True)
     for r in result["steps"]:
         r["mfu"] = r.get("tflops", float("nan")) * 1e12 / peak
     if not args.skip_memory_case:
