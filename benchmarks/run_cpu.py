@@ -63,10 +63,12 @@ FULL_GRID = [
 DEMO_GRID = FULL_GRID[:1]
 QUICK_GRID = [(Shape(2, 16, 16, 4), ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached",
                                      "twopass_cached", "mn_live", "mn_fused_live")),
-              (Shape(2, 16, 16, 4), ("mle", "shared_cached", "twopass_cached"), "tn:2,bn:2")]
+              (Shape(2, 16, 16, 4), ("mle", "shared_cached", "twopass_cached", "shared_live", "twopass_live"),
+               "tn:2,bn:2")]
 
 
-def step_benchmarks(model, ref, ref_bf16, grid, reps_first: int, reps: int) -> list[dict]:
+def step_benchmarks(model, ref, ref_bf16, grid, reps_first: int, reps: int, partial=lambda rows: None) -> list[dict]:
+    """Every shape of ``grid``; ``partial(rows)`` after each, so an interrupted run keeps what it measured."""
     rows = []
     for i, (shape, variants, *kind) in enumerate(grid):
         kind = kind[0] if kind else "random"
@@ -76,7 +78,8 @@ def step_benchmarks(model, ref, ref_bf16, grid, reps_first: int, reps: int) -> l
             raw = random_batch(shape, model.config.vocab_size, seed=i)
         batch = precompute_ref_logps(ref, raw)
         floor = batch_floor(batch)
-        refs = {"naive_live": ref, "shared_live": ref, "shared_live_bf16": ref_bf16, "mn_live": ref, "mn_fused_live": ref}
+        refs = {v: ref for v in variants if "live" in v}
+        refs["shared_live_bf16"] = ref_bf16
         steps = {v: make_step(v, model, batch, ref_model=refs.get(v)) for v in variants}
 
         def mem(name, fn):
@@ -102,6 +105,7 @@ def step_benchmarks(model, ref, ref_bf16, grid, reps_first: int, reps: int) -> l
                 )
             )
         print(f"# {shape.name}: {time.time() - t0:.0f} s", flush=True)
+        partial(rows)
     return rows
 
 
@@ -176,7 +180,8 @@ def main(argv=None) -> dict:
     grid = QUICK_GRID if args.quick else DEMO_GRID if args.demo_shape_only else FULL_GRID
     reps_first, reps = (1, 1) if args.quick else (args.reps_first, args.reps)
     if not args.skip_steps:
-        result["steps"] = step_benchmarks(model, ref, ref_bf16, grid, reps_first, reps)
+        result["steps"] = step_benchmarks(model, ref, ref_bf16, grid, reps_first, reps,
+                                          partial=lambda rows: write_json({**result, "steps": rows}, args.out))
         write_json(result, args.out)  # a partial result survives an interrupted AN run
         print(render(result), flush=True)
     if not args.skip_an:

@@ -359,7 +359,9 @@ def _final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tenso
     return out.hidden_states[-1]
 
 
-def _finish(flat_logps: torch.Tensor, cand_index: torch.Tensor, token_counts: torch.Tensor, length_normalize: bool) -> SequenceLogps:
+def sum_token_logps(flat_logps: torch.Tensor, cand_index: torch.Tensor, token_counts: torch.Tensor,
+                    length_normalize: bool) -> SequenceLogps:
+    """Token log-probs (N,) summed into their candidates ``cand_index`` (N,) = b * (K+1) + i -> (B, K+1)."""
     B, k1 = token_counts.shape
     summed = torch.zeros(B * k1, dtype=torch.float32, device=flat_logps.device)
     summed = summed.index_add(0, cand_index, flat_logps).view(B, k1)
@@ -398,12 +400,12 @@ def shared_sequence_logps(
                 for r, p, t in _chunks(sb.src_row, sb.src_pos, sb.targets, chunk_size)
             ]
         )
-        return _finish(flat, sb.cand_index, sb.token_counts, length_normalize)
+        return sum_token_logps(flat, sb.cand_index, sb.token_counts, length_normalize)
     with use_attention(model, impl):
         hidden = _final_hidden(model, sb.input_ids, mask, sb.position_ids)  # (B, L, H)
     h = hidden[sb.src_row, sb.src_pos]  # (N, H)
     flat = token_logps_from_hidden(model, h, sb.targets, chunk_size=chunk_size)
-    return _finish(flat, sb.cand_index, sb.token_counts, length_normalize)
+    return sum_token_logps(flat, sb.cand_index, sb.token_counts, length_normalize)
 
 
 def _chunks(rows, pos, targets, size):
@@ -446,7 +448,7 @@ def naive_sequence_logps(
             flat.append(tok[r, P - 1 : P - 1 + n])
             idx.extend([r] * n)
     flat_t = torch.cat(flat) if flat else torch.zeros(0, device=device)
-    return _finish(flat_t, torch.tensor(idx, dtype=torch.long, device=device), counts.to(device), length_normalize)
+    return sum_token_logps(flat_t, torch.tensor(idx, dtype=torch.long, device=device), counts.to(device), length_normalize)
 
 
 AUTO_TWO_PASS_SAVING = 0.15

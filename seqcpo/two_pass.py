@@ -39,6 +39,7 @@ from seqcpo.logps import (
     build_prefix_shared_batch,
     cache_kwarg,
     output_cache,
+    sum_token_logps,
     token_logps_from_hidden,
     unwrap_model,
     use_attention,
@@ -54,7 +55,12 @@ def two_pass_supported(model) -> bool:
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
     if checkpointing and inner.training:
         return False  # transformers drops the KV cache under gradient checkpointing in training
-    return getattr(getattr(inner, "config", None), "is_encoder_decoder", False) is False
+    cfg = getattr(inner, "config", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        return False
+    # a sliding-window cache keeps only the last W keys: pass 2's mask would not line up with it
+    sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+    return not sliding and not any("sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or ()))
 
 
 @dataclass
@@ -282,18 +288,14 @@ def negatives_pass(
 
 
 def combine(gp: GoldPass, neg_flat, neg_index, neg_counts, length_normalize: bool = False) -> SequenceLogps:
-    """Gold (column 0) and negatives (columns 1..K) -> :class:`SequenceLogps` (B, K+1)."""
+    """Gold (column 0) and negatives (columns 1..K, ``neg_index`` = b * K + i) -> :class:`SequenceLogps` (B, K+1)."""
     B, K = neg_counts.shape
     device = gp.gold_logps.device
-    summed = torch.zeros(B, K + 1, dtype=torch.float32, device=device)
-    gold_index = torch.repeat_interleave(torch.arange(B, device=device), gp.gold_counts)
-    summed[:, 0] = torch.zeros(B, dtype=torch.float32, device=device).index_add(0, gold_index, gp.gold_logps)
-    if K:
-        neg = torch.zeros(B * K, dtype=torch.float32, device=device).index_add(0, neg_index, neg_flat)
-        summed[:, 1:] = neg.view(B, K)
+    gold_index = torch.repeat_interleave(torch.arange(B, device=device), gp.gold_counts) * (K + 1)
+    neg_index = neg_index // K * (K + 1) + neg_index % K + 1 if K else neg_index
     counts = torch.cat([gp.gold_counts[:, None], neg_counts], dim=1)
-    logps = summed / counts.clamp(min=1) if length_normalize else summed
-    return SequenceLogps(logps=logps, token_counts=counts, summed=summed)
+    return sum_token_logps(torch.cat([gp.gold_logps, neg_flat]), torch.cat([gold_index, neg_index]), counts,
+                           length_normalize)
 
 
 def two_pass_sequence_logps(

@@ -77,6 +77,9 @@ def test_two_pass_runs_only_what_a_negative_does_not_share_and_auto_picks_it():
     model = make_tiny_llama()
     assert choose_layout(model, batch) == "two_pass"
     assert choose_layout(model, batch, head_in_forward=True) == "shared"
+    model.config.sliding_window = 16  # a sliding-window cache drops old keys: one pass instead
+    assert choose_layout(model, batch) == "shared"
+    model.config.sliding_window = None
     unrelated = CandidateBatch(prefix_ids=[[5, 6, 7]], candidate_ids=[[list(range(10, 20))] + [list(range(30 + i, 40 + i)) for i in range(3)]],
                                candidate_mask=[[True] * 4])
     assert two_pass_tokens(unrelated) == (43, 40)  # only the last token of each negative is saved
@@ -188,3 +191,25 @@ def test_offline_mn_negatives_are_the_same_fused_or_not(assets, tmp_path):  # no
         b = rows["shared"][key]
         assert a["negatives"] == b["negatives"]
         assert a["ref_logps"] == pytest.approx(b["ref_logps"], abs=1e-4)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_truncation_negatives_train_in_two_passes_to_the_one_pass_losses(assets, tmp_path, lora):  # noqa: F811
+    """tn negatives share all but their EOS with the gold: auto runs them in two passes (policy and reference,
+    also for a LoRA policy with its adapter-off reference), with the losses of the one-pass layout."""
+    from seqcpo.logps import choose_layout
+    from seqcpo.training.run import train
+
+    over = dict(negatives="tn:2", max_steps=2)
+    if lora:
+        over.update(lora=True, lora_r=4, learning_rate=1e-2)
+    shared = train(_cfg(assets, tmp_path / "s", logps_layout="shared", **over))
+    auto = train(_cfg(assets, tmp_path / "a", **over))
+    tr = auto["trainer"]
+    from seqcpo.training.trainer import candidate_batch
+
+    examples = tr.train_dataset.examples[:4]
+    batch = candidate_batch(examples, tr.make_negatives(examples))
+    assert choose_layout(tr.model, batch) == "two_pass"
+    assert _losses(auto["trainer"].state.log_history) == pytest.approx(
+        _losses(shared["trainer"].state.log_history), rel=1e-4, abs=1e-5)
