@@ -76,6 +76,7 @@ class GoldPass:
         hidden: (B, L, H) final hidden states of the ``[x | y_0 | pad]`` rows; position ``len(x) + m - 1``
             predicts token m of any continuation that agrees with the gold on its first m tokens.
         cache: the model's past key values over those rows (consumed by pass 2).
+        cache_kwarg: the name the model takes them back under ("cache", or "past_key_values" before 5.x).
         cache_len: the padded length of those rows.
         gold_logits: B tensors ``(T_b, V)`` float32, detached (row t predicts gold token t), when requested.
     """

@@ -5,15 +5,17 @@ Per training step (PAPER.md, "The objective"):
 1. the batch's gold examples get K negatives: read from a fixed offline set (``negatives_path``) or made now
    by the configured generators, seeded by (seed, step, micro-step, process) so a resumed run makes the
    same negatives as an uninterrupted one;
-2. the policy scores gold + negatives in the prefix-shared layout (:mod:`seqcpo.logps`);
+2. the policy scores gold + negatives (:mod:`seqcpo.logps`): in the prefix-shared layout, or in two passes
+   (:mod:`seqcpo.two_pass`) when its negatives share long beginnings with the gold; ``logps_layout: auto``
+   chooses per batch (:func:`seqcpo.logps.choose_layout`);
 3. the reference scores them too (frozen copy, adapter disabled, or precomputed log-probs);
-
-With MN negatives and ``logps_layout: auto`` (the default), the model that makes them is scored in two passes
-(:mod:`seqcpo.two_pass`): its gold-branch pass gives both its gold log-probs and the logits MN draws from, so MN
-costs no forward pass of its own. That model is the live reference by default, or the policy with
-``negatives_model: policy`` (and ``negatives_refresh_steps: 1``).
 4. ``L = mle_weight * L_mle(gold) + lambda * L_cpo`` (or MLE / DPO / PSS alone), with the metrics of
    :func:`seqcpo.losses.preference_metrics` logged beside it.
+
+With MN negatives and ``logps_layout: auto`` (the default), the model that makes them is scored in two passes:
+its gold-branch pass gives both its gold log-probs and the logits MN draws from, so MN costs no forward pass of
+its own. That model is the live reference by default, or the policy with ``negatives_model: policy`` (and
+``negatives_refresh_steps: 1``).
 
 Logged metrics: ``loss``, ``loss/mle``, ``loss/cpo``, ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracies``, ``rewards/strongest_rejected``, ``rewards/gold_top1``,
