@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from seqcpo.padding import pad_batch
 from seqcpo.types import CandidateBatch
 
 
@@ -429,12 +430,7 @@ def naive_sequence_logps(
         for cand in cands:
             rows.append(list(prefix) + list(cand))
             prefix_lens.append(len(prefix))
-    L = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), L), pad_token_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), L), dtype=torch.long)
-    for r, row in enumerate(rows):
-        input_ids[r, : len(row)] = torch.tensor(row)
-        attn[r, : len(row)] = 1
+    input_ids, attn = pad_batch(rows, pad_token_id)
     input_ids, attn = input_ids.to(device), attn.to(device)
     logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits.float()  # (R, L, V)
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from seqcpo.negatives.mean_field import model_device, sample_categorical
+from seqcpo.padding import pad_batch
 from seqcpo.types import Example
 
 
@@ -59,13 +60,9 @@ def _gold_batch(examples: Sequence[Example], pad_token_id: int):
     j holding a continuation token predicted by position j - 1 (so j >= 1 and j >= P).
     """
     seqs = [list(ex.prefix_ids) + list(ex.continuation_ids) for ex in examples]
-    L = max(1, max(len(s) for s in seqs))
-    input_ids = torch.full((len(seqs), L), pad_token_id, dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros((len(seqs), L), dtype=torch.long)  # (B, L)
-    scored = torch.zeros((len(seqs), L), dtype=torch.bool)  # (B, L)
+    input_ids, attention_mask = pad_batch(seqs, pad_token_id, min_width=1)  # (B, L) each
+    scored = torch.zeros(input_ids.shape, dtype=torch.bool)  # (B, L)
     for b, (s, ex) in enumerate(zip(seqs, examples)):
-        input_ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[b, : len(s)] = 1
         scored[b, max(1, len(ex.prefix_ids)) : len(s)] = True
     return input_ids, attention_mask, scored
 

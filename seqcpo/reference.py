@@ -74,12 +74,12 @@ class _TwoPassMixin:
     @torch.no_grad()
     def finish(self, gp, negative_ids) -> torch.Tensor:
         """(B, K+1) reference log-probs of the gold of ``gp`` and ``negative_ids``."""
-        from seqcpo.two_pass import combine, negatives_pass
+        from seqcpo.two_pass import negatives_pass
 
         with self._context():
-            flat, index, counts = negatives_pass(self.model, gp, negative_ids, pad_token_id=self.options.pad_token_id,
-                                                 chunk_size=self.options.chunk_size)
-        return combine(gp, flat, index, counts, self.options.length_normalize).logps.float()
+            out = negatives_pass(self.model, gp, negative_ids, pad_token_id=self.options.pad_token_id,
+                                 chunk_size=self.options.chunk_size, length_normalize=self.options.length_normalize)
+        return out.logps.float()
 
 
 class FrozenCopyReference(_TwoPassMixin):

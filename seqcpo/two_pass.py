@@ -196,15 +196,17 @@ def negatives_pass(
     *,
     pad_token_id: int = 0,
     chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass 2: the K negatives of every example on the cache of :func:`gold_pass`.
+    length_normalize: bool = False,
+) -> SequenceLogps:
+    """Pass 2: the K negatives of every example on the cache of :func:`gold_pass`; with the gold of ``gp``,
+    the (B, K+1) log-probs of every candidate (column 0 the gold).
 
     A negative that agrees with the gold on its first m tokens takes those m log-probs from the gold, token m
     from pass 1's hidden state at ``len(x) + m - 1``, and only tokens m+1.. from this pass, which runs its
     tokens m..n-2 attending to the cached prefix and gold[:m]. A truncation negative (gold[:j] + EOS) thus
     runs no token here at all.
 
-    Returns ``(flat_logps (N,), neg_index (N,) = b * K + i, counts (B, K))``. Consumes ``gp.cache``.
+    Consumes ``gp.cache``.
     """
     if gp.consumed:
         raise RuntimeError("negatives_pass: this GoldPass's cache was already used")
@@ -224,7 +226,7 @@ def negatives_pass(
         P, gold = int(gp.prefix_lens[b]), gp.gold_ids[b]
         toks, pos, seg, lim = [], [], [], []
         for i, neg in enumerate(row):
-            n, c = len(neg), b * K + i
+            n, c = len(neg), b * (K + 1) + i + 1  # candidate column i + 1
             m = shared_with_gold(gold, neg)
             gold_src.extend(range(gold_start[b], gold_start[b] + m))
             gold_index.extend([c] * m)
@@ -247,8 +249,9 @@ def negatives_pass(
             p2_index.extend([c] * (n - m - 1))
         rows.append((toks, pos, seg, lim))
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    parts = [gp.gold_logps[as_long(gold_src)]]
-    idx = [as_long(gold_index)]
+    # the gold's own tokens (column 0), then what each negative shares with it
+    parts = [gp.gold_logps, gp.gold_logps[as_long(gold_src)]]
+    idx = [torch.repeat_interleave(torch.arange(B, device=device), gp.gold_counts) * (K + 1), as_long(gold_index)]
     if p1_row:
         h1 = gp.hidden[as_long(p1_row), as_long(p1_pos)]
         parts.append(token_logps_from_hidden(model, h1, as_long(p1_targets), chunk_size=chunk_size))
@@ -285,18 +288,8 @@ def negatives_pass(
         parts.append(token_logps_from_hidden(model, h2, as_long(p2_targets), chunk_size=chunk_size))
         idx.append(as_long(p2_index))
     gp.cache = None  # pass 2 appended to it: nothing else may read it
-    return torch.cat(parts), torch.cat(idx), counts.to(device)
-
-
-def combine(gp: GoldPass, neg_flat, neg_index, neg_counts, length_normalize: bool = False) -> SequenceLogps:
-    """Gold (column 0) and negatives (columns 1..K, ``neg_index`` = b * K + i) -> :class:`SequenceLogps` (B, K+1)."""
-    B, K = neg_counts.shape
-    device = gp.gold_logps.device
-    gold_index = torch.repeat_interleave(torch.arange(B, device=device), gp.gold_counts) * (K + 1)
-    neg_index = neg_index // K * (K + 1) + neg_index % K + 1 if K else neg_index
-    counts = torch.cat([gp.gold_counts[:, None], neg_counts], dim=1)
-    return sum_token_logps(torch.cat([gp.gold_logps, neg_flat]), torch.cat([gold_index, neg_index]), counts,
-                           length_normalize)
+    counts = torch.cat([gp.gold_counts[:, None], counts.to(device)], dim=1)
+    return sum_token_logps(torch.cat(parts), torch.cat(idx), counts, length_normalize)
 
 
 def two_pass_sequence_logps(
@@ -312,6 +305,5 @@ def two_pass_sequence_logps(
     _check_batch(batch)
     gp = gold_pass(model, batch.prefix_ids, [c[0] for c in batch.candidate_ids], pad_token_id=pad_token_id,
                    chunk_size=chunk_size)
-    flat, index, counts = negatives_pass(model, gp, [c[1:] for c in batch.candidate_ids], pad_token_id=pad_token_id,
-                                         chunk_size=chunk_size)
-    return combine(gp, flat, index, counts, length_normalize)
+    return negatives_pass(model, gp, [c[1:] for c in batch.candidate_ids], pad_token_id=pad_token_id,
+                          chunk_size=chunk_size, length_normalize=length_normalize)

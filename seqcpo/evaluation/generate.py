@@ -34,6 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from seqcpo.padding import pad_batch
 from seqcpo.types import Example
 
 logger = logging.getLogger(__name__)
@@ -197,14 +198,7 @@ def eos_ids_of(model, tokenizer) -> list[int]:
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token-id lists. Returns input_ids (B, T) and attention_mask (B, T)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
+    return pad_batch(seqs, pad_id, side="left")
 
 
 # ----------------------------------------------------------------------------- the JSONL file

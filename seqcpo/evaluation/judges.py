@@ -544,6 +544,8 @@ class LocalJudge:
         import torch
         from tqdm.auto import tqdm
 
+        from seqcpo.padding import pad_batch
+
         out: list[Verdict | None] = [None] * len(triples)
         keys: list[str | None] = [None] * len(triples)
         todo = []
@@ -563,12 +565,7 @@ class LocalJudge:
                    disable=not progress)
         for s in range(0, len(todo), self.batch_size):
             chunk = todo[s : s + self.batch_size]
-            L = max(len(ids) for _, ids in chunk)
-            input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-            attn = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, (_, ids) in enumerate(chunk):
-                input_ids[r, L - len(ids):] = torch.tensor(ids)
-                attn[r, L - len(ids):] = 1
+            input_ids, attn = pad_batch([ids for _, ids in chunk], pad, side="left")
             # left padding: positions count from each prompt's first real token
             position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
             with torch.no_grad():

@@ -146,6 +146,8 @@ def model_features(model, tokenizer, texts: Sequence[str], batch_size: int = 8, 
     import torch
     from tqdm.auto import tqdm
 
+    from seqcpo.padding import pad_batch
+
     from seqcpo.evaluation.generate import pad_id_of
 
     device = next(model.parameters()).device
@@ -153,12 +155,7 @@ def model_features(model, tokenizer, texts: Sequence[str], batch_size: int = 8, 
     feats = []
     for start in tqdm(range(0, len(texts), batch_size), desc="features", disable=not progress):
         enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] or [pad] for t in texts[start:start + batch_size]]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, :len(e)] = torch.tensor(e)
-            mask[i, :len(e)] = 1
+        ids, mask = pad_batch(enc, pad)
         with torch.no_grad():
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
         hidden = out.hidden_states[-1].float()  # (B, T, H)
@@ -178,6 +175,8 @@ def gold_perplexity(model, examples: Sequence[Example], batch_size: int = 8, pro
     import torch
     from tqdm.auto import tqdm
 
+    from seqcpo.padding import pad_batch
+
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc="gold ppl", disable=not progress):
@@ -185,13 +184,9 @@ def gold_perplexity(model, examples: Sequence[Example], batch_size: int = 8, pro
         if not batch:
             continue
         seqs = [list(e.prefix_ids) + list(e.continuation_ids) for e in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        target = torch.zeros((len(seqs), width), dtype=torch.bool)  # True at gold continuation tokens
+        ids, mask = pad_batch(seqs, 0)
+        target = torch.zeros(ids.shape, dtype=torch.bool)  # True at gold continuation tokens
         for i, (s, e) in enumerate(zip(seqs, batch)):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
             target[i, len(e.prefix_ids):len(s)] = True
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)

@@ -35,6 +35,7 @@ import torch
 
 from seqcpo.logps import cache_kwarg, output_cache
 from seqcpo.negatives.mean_field import model_device, sample_categorical, seeded_model_rng
+from seqcpo.padding import pad_batch
 from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.types import Example, Negatives
@@ -121,13 +122,7 @@ def _left_pad(prefixes: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     """(B, L) input ids and attention mask for left-padded prefixes."""
     if any(len(p) == 0 for p in prefixes):
         raise ValueError("autoregressive negatives need a non-empty prefix (prepend BOS to empty prefixes)")
-    L = max(len(p) for p in prefixes)
-    ids = torch.full((len(prefixes), L), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prefixes), L), dtype=torch.long)
-    for b, p in enumerate(prefixes):
-        ids[b, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[b, L - len(p) :] = 1
-    return ids, mask
+    return pad_batch(prefixes, pad_token_id, side="left")
 
 
 class AutoregressiveNegatives:

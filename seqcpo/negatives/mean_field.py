@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.padding import pad_batch
 from seqcpo.types import Example, Negatives
 
 
@@ -170,12 +171,7 @@ def continuation_logits(
     """
     device = model_device(model)
     seqs = [list(ex.prefix_ids) + list(ex.continuation_ids) for ex in examples]
-    L = max(1, max(len(s) for s in seqs))
-    input_ids = torch.full((len(seqs), L), pad_token_id, dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros((len(seqs), L), dtype=torch.long)  # (B, L)
-    for b, s in enumerate(seqs):
-        input_ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[b, : len(s)] = 1
+    input_ids, attention_mask = pad_batch(seqs, pad_token_id, min_width=1)  # (B, L) each
     with torch.no_grad():
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B, L, V)
     out = []

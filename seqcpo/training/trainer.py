@@ -40,7 +40,7 @@ from seqcpo.logps import sequence_logps, unwrap_model
 from seqcpo.losses import cpo_loss, mle_loss, preference_metrics
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
-from seqcpo.two_pass import combine, gold_pass, negatives_pass, two_pass_supported
+from seqcpo.two_pass import gold_pass, negatives_pass, two_pass_supported
 from seqcpo.training.config import SeqCPOConfig
 from seqcpo.types import CandidateBatch, Example, Negatives
 
@@ -313,9 +313,8 @@ class SeqCPOTrainer(Trainer):
             # the policy's own gold-branch pass (with gradient) gives its gold log-probs and MN's logits
             gp = gold_pass(model, prefixes, golds, want_logits=True, **opts)
             negatives = self.make_negatives(examples, training, gold_logits=gp.gold_logits)
-            flat, index, counts = negatives_pass(model, gp, negatives.ids, **opts)
+            out = negatives_pass(model, gp, negatives.ids, length_normalize=cfg.length_normalize, **opts)
             batch = candidate_batch(examples, negatives)
-            out = combine(gp, flat, index, counts, cfg.length_normalize)
             return batch, out, self.reference.logps(batch)
         batch = candidate_batch(examples, self.make_negatives(examples, training))
         return batch, self._policy_logps(model, batch), self.reference.logps(batch)
