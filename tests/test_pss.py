@@ -51,7 +51,7 @@ def test_mix_probability_schedule():
 def test_p_zero_is_exactly_the_mle_loss():
     from seqcpo.logps import sequence_logps
     from seqcpo.losses import mle_loss
-    from seqcpo.training.trainer import candidate_batch
+    from seqcpo.batching import candidate_batch
 
     model = make_tiny_llama()
     examples = _examples()
