@@ -284,9 +284,10 @@ class AutoregressiveNegatives:
         # Column i of prefix b: from the single call, or from call i when each column has its own temperature.
         return [sum((c[b] for c in per_call), []) for b in range(len(prefixes))]
 
-    def _decode(self, prefixes: Sequence[Sequence[int]], k: int, gens: list[torch.Generator]) -> list[list[list[int]]]:
+    def _decode(self, prefixes: Sequence[Sequence[int]], k: int, gens: Generators) -> list[list[list[int]]]:
         """K (or, for beam, up to K+1) continuations per prefix, in chunks of ``batch_size`` prefixes; prefix b
-        draws from ``gens[b]``."""
+        draws from ``gens[b]`` (or from a child of one generator for the call)."""
+        gens = per_example_generators(gens, len(prefixes))
         if self.backend == "vllm":  # vLLM schedules its own batches
             d = self.decoding
             return self.vllm.decode(
