@@ -36,25 +36,29 @@ def split_examples(vocab: int = 96, eos: int = 2):
     return out
 
 
-def one_step(model_dir: str, out_dir: str, name: str, batch: int, accumulation: int, **over) -> dict:
-    """Train one SGD step (lr 1, no clipping, no weight decay) of objective ``name``; returns the flat parameter
-    update, the first log row and ``{example id: negatives}`` made in that step (this process's examples)."""
+def one_step(model_dir: str, out_dir: str, name: str, batch: int, accumulation: int, examples=None, **over) -> dict:
+    """Train one SGD step (lr 1, no clipping, no weight decay) of objective ``name`` on ``examples`` (default
+    :func:`split_examples`); ``over`` overrides config fields (e.g. ``max_steps=-1`` for a whole epoch).
+
+    Returns the flat parameter update, the log rows (``log`` the first) and ``{example id: negatives}`` made in
+    the run (this process's examples)."""
     from transformers import AutoModelForCausalLM
 
     from seqcpo.batching import ExampleDataset
     from seqcpo.training.config import load_config
     from seqcpo.training.trainer import SeqCPOTrainer
 
-    cfg = load_config(None, dict(
+    settings = dict(
         model_name_or_path=model_dir, dataset="unused", output_dir=os.path.join(out_dir, f"{name}-{batch}x{accumulation}"),
         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
         learning_rate=1.0, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0, use_cpu=True,
-        disable_tqdm=True, beta=1.0, **{**OBJECTIVES[name], **over},
-    ))
+        disable_tqdm=True, beta=1.0,
+    )
+    cfg = load_config(None, {**settings, **OBJECTIVES[name], **over})
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    trainer = SeqCPOTrainer(model, cfg, train_dataset=ExampleDataset(split_examples()))
+    trainer = SeqCPOTrainer(model, cfg, train_dataset=ExampleDataset(examples or split_examples()))
     made: dict[str, list] = {}
     if trainer.generator is not None:
         inner = trainer.make_negatives
@@ -67,8 +71,8 @@ def one_step(model_dir: str, out_dir: str, name: str, batch: int, accumulation: 
         trainer.make_negatives = recording
     trainer.train()
     after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    log = next(h for h in trainer.state.log_history if "loss" in h)
-    return {"update": after - before, "log": log, "negatives": made}
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return {"update": after - before, "log": logs[0], "logs": logs, "negatives": made}
 
 
 def main(model_dir: str, out_dir: str) -> None:

@@ -180,6 +180,19 @@ def test_negatives_follow_the_epoch_and_survive_a_resume(tmp_path):
     assert resumed == [full[1]]
 
 
+def test_a_final_partial_step_divides_by_what_it_holds(model_dir, tmp_path):
+    """Five examples, one epoch: 4x1 runs steps of 4 and 1 examples, 2x2 runs 2+2 micro-batches then a lone
+    short one; both end at the same parameters and log the same last-step loss."""
+    from seqcpo.types import Example
+
+    examples = split_examples() + [Example(prefix_ids=[7, 8], continuation_ids=[9, 10, 11, TINY_EOS], meta={"id": "ex4"})]
+    runs = [one_step(model_dir, str(tmp_path / f"{b}x{a}"), "mle", batch=b, accumulation=a, examples=examples,
+                     max_steps=-1, num_train_epochs=1) for b, a in ((4, 1), (2, 2))]
+    assert [len(r["logs"]) for r in runs] == [2, 2]
+    assert _relative(runs[1]["update"], runs[0]["update"]) < 1e-5
+    assert runs[1]["logs"][1]["loss/mle"] == pytest.approx(runs[0]["logs"][1]["loss/mle"], rel=1e-5)
+
+
 def test_trainer_step_counts_and_logged_metrics_pool_over_micro_batches(model_dir, tmp_path):
     """2x2: the logged loss/mle is the step's token mean (the sum of all gold token losses over all gold
     tokens), not the last micro-batch's."""
