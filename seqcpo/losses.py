@@ -128,6 +128,13 @@ def combined_loss(mle: torch.Tensor, cpo: torch.Tensor, lam: float) -> torch.Ten
     return mle + lam * cpo
 
 
+#: the names :func:`preference_metrics` and :func:`preference_metric_sums` return, in their order
+PREFERENCE_METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "rewards/strongest_rejected",
+    "rewards/gold_top1", "logps/chosen", "logps/rejected",
+)
+
+
 @torch.no_grad()
 def preference_metric_sums(
     policy_logps: torch.Tensor,
@@ -167,6 +174,7 @@ def preference_metric_sums(
     }
     flat = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=s.device) for pair in pairs.values() for x in pair])
     values = flat.tolist()  # one device sync for all
+    assert tuple(pairs) == PREFERENCE_METRICS
     return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(pairs)}
 
 

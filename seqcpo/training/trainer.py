@@ -63,7 +63,7 @@ from seqcpo.batching import (  # noqa: F401  (ExampleDataset, collate_examples: 
     target_tokens,
 )
 from seqcpo.logps import sequence_logps, unwrap_model
-from seqcpo.losses import cpo_loss_per_example, preference_metric_sums
+from seqcpo.losses import PREFERENCE_METRICS, cpo_loss_per_example, preference_metric_sums
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
 from seqcpo.seeding import example_generators
@@ -92,8 +92,11 @@ class SeqCPOTrainer(Trainer):
         tok = self.processing_class
         self.pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         self.eos_token_id = tok.eos_token_id if tok is not None else unwrap_model(model).config.eos_token_id
-        # per mode, one {metric: [sum, count]} per optimizer step (train) or per evaluation (eval); see log()
-        self._metric_sums: dict[str, list[dict[str, list[float]]]] = {"train": [], "eval": []}
+        # metrics: {name: [sum, count]} of the open step (train) or of the evaluation (eval); finished steps'
+        # values are summed in _window until the next log (see log())
+        self._metric_names = self._logged_metric_names()
+        self._pool: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+        self._window = torch.zeros((2, len(self._metric_names)), dtype=torch.float64)  # (sum of values, steps)
         self._epoch = 0  # the epoch of the step being run: seeds its examples' draws (seqcpo.seeding)
         self.offline_meta = offline_meta
         self.reference = None
@@ -146,6 +149,33 @@ class SeqCPOTrainer(Trainer):
                     options=args.negative_options(),
                 )
         self.mn_source = self._mn_source()
+
+    def _logged_metric_names(self) -> list[str]:
+        """The metrics this objective logs (the same on every process, so their sums can be all-reduced)."""
+        if self.cfg.objective == "pss":
+            return ["loss/mle", "pss/mix_fraction"]
+        if not self.cfg.uses_negatives:
+            return ["loss/mle"]
+        return [*PREFERENCE_METRICS, "loss/mle", "loss/cpo", "negatives/dropped"]
+
+    def _pooled(self, mode: str, device, extra: list[float] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """``extra`` and this mode's metric (sums, counts), summed over processes (one all-reduce), and the
+        pool emptied: returns ``(extra, (2, metrics))``."""
+        pool = self._pool[mode]
+        rows = [[pool.get(n, (0.0, 0.0))[j] for n in self._metric_names] for j in (0, 1)]
+        t = torch.tensor([*extra, *rows[0], *rows[1]], dtype=torch.float64, device=device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        self._pool[mode] = {}
+        t = t.cpu()
+        return t[: len(extra)], t[len(extra) :].view(2, -1)
+
+    def _close_step(self, sums_counts: torch.Tensor) -> None:
+        """Adds a finished step's metric values (sum / count, where counted) to the logging window."""
+        total, count = sums_counts
+        seen = count > 0
+        self._window[0] += torch.where(seen, total / count.clamp(min=1), torch.zeros_like(total))
+        self._window[1] += seen.double()
 
     def _mn_source(self) -> str | None:
         """Which model's gold-branch pass MN negatives are drawn from: "reference", "policy" or None (MN, if
@@ -210,16 +240,15 @@ class SeqCPOTrainer(Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        counts = torch.tensor(local_step_counts(batches), dtype=torch.long, device=device)
-        if self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        tokens, examples = counts.tolist()
+        # one all-reduce: this step's counts, and the metric sums of the previous step if no log took them
+        counts, previous = self._pooled("train", device, extra=local_step_counts(batches))
+        self._close_step(previous)
+        tokens, examples = (int(x) for x in counts.tolist())
         self._epoch = int(math.floor(self.state.epoch or 0))  # the epoch this step belongs to
-        self._metric_sums["train"].append({})
-        return batches, StepCounts(tokens=int(tokens), examples=int(examples))
+        return batches, StepCounts(tokens=tokens, examples=examples)
 
     def evaluate(self, *args, **kwargs):
-        self._metric_sums["eval"] = [{}]  # one pool for the whole evaluation
+        self._pool["eval"] = {}  # one pool for the whole evaluation
         return super().evaluate(*args, **kwargs)
 
     def make_negatives(self, examples: list[Example], training: bool = True, gold_logits=None, epochs=None) -> Negatives:
@@ -286,11 +315,9 @@ class SeqCPOTrainer(Trainer):
             sums["loss/cpo"] = (cpo.item(), len(examples))
             n_neg = mask[:, 1:].numel()
             sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
-        pools = self._metric_sums[mode]
-        if not pools:
-            pools.append({})
+        pool = self._pool[mode]
         for k, (total, count) in sums.items():
-            acc = pools[-1].setdefault(k, [0.0, 0.0])
+            acc = pool.setdefault(k, [0.0, 0.0])
             acc[0] += float(total)
             acc[1] += float(count)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
@@ -335,22 +362,21 @@ class SeqCPOTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the pooled metrics: per step (train) or per evaluation (eval), sum / count over micro-batches and
-        processes, then the mean over the steps since the last log. Runs on every process (one all-reduce)."""
+        """Adds the pooled metrics. Train: each step's value is sum / count over its micro-batches and processes,
+        averaged over the steps since the last log. Eval: sum / count over the whole evaluation. Runs on every
+        process (transformers logs on all of them): one all-reduce."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        pools = [p for p in self._metric_sums[mode] if p]
-        if pools:
-            names = sorted({k for p in pools for k in p})
-            t = torch.tensor(
-                [[p.get(k, [0.0, 0.0]) for k in names] for p in pools], dtype=torch.float64, device=self.args.device
-            )  # (pools, metrics, 2): sum, count
-            if self.accelerator.num_processes > 1:
-                t = self.accelerator.reduce(t, reduction="sum")
-            total, count = t[..., 0], t[..., 1]
-            per_pool = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-            prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{k}": round(v, 6) for k, v in zip(names, per_pool.mean(dim=0).tolist())})
-        self._metric_sums[mode] = []
+        _, sums_counts = self._pooled(mode, self.args.device)
+        if mode == "train":
+            self._close_step(sums_counts)
+            total, count = self._window
+            self._window = torch.zeros_like(self._window)
+        else:
+            total, count = sums_counts
+        prefix = "eval_" if mode == "eval" else ""
+        for name, t, c in zip(self._metric_names, total.tolist(), count.tolist()):
+            if c > 0:
+                logs[f"{prefix}{name}"] = round(t / c, 6)
         super().log(logs, start_time)
 
     # ---- saving
