@@ -207,3 +207,10 @@ def test_trainer_step_counts_and_logged_metrics_pool_over_micro_batches(model_di
     token_mean = float(-out.summed[:, 0].sum() / out.token_counts[:, 0].sum())
     assert res["log"]["loss/mle"] == pytest.approx(token_mean, rel=1e-5)
     assert res["log"]["loss"] == pytest.approx(token_mean, rel=1e-5)
+
+
+def test_metrics_logged_every_two_steps_average_the_steps_like_the_loss(model_dir, tmp_path):
+    """logging_steps 2 over 2x2 steps: loss/mle is the mean of the two steps' token means, as ``loss`` is."""
+    res = one_step(model_dir, str(tmp_path), "mle", batch=2, accumulation=2, max_steps=2, logging_steps=2)
+    (row,) = res["logs"]
+    assert row["loss/mle"] == pytest.approx(row["loss"], rel=1e-5)
