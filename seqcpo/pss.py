@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from seqcpo.negatives.mean_field import model_device, sample_categorical
+from seqcpo.sampling import model_device, sample_categorical
 from seqcpo.padding import pad_batch
 from seqcpo.types import Example
 

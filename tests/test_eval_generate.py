@@ -93,8 +93,17 @@ def test_generation_left_padding_and_resume(checkpoint, examples, tmp_path):
     assert len(keys) == len(set(keys)) == 10, "no duplicates, every row present"
     assert [r["generation"] for r in rows2 if r["decoding"] == "greedy"] == [r["generation"] for r in rows[:5]]
 
-    # nothing left to do: the checkpoint is not even loaded
-    rows3 = generate_continuations("/nonexistent/checkpoint", examples, configs, out, model_label="tiny", progress=False)
+    # nothing left to do: the checkpoint is not even loaded (its files are only read for their identity)
+    import seqcpo.evaluation.generate as G
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded when every row is present")
+
+    real_load, G.load_checkpoint = G.load_checkpoint, no_load
+    try:
+        rows3 = generate_continuations(checkpoint, examples, configs, out, model_label="tiny", progress=False)
+    finally:
+        G.load_checkpoint = real_load
     assert rows3 == rows2
 
     # same decoding name, other settings: refused rather than silently mixed

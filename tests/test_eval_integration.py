@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from seqcpo.evaluation.generate import generate_continuations, load_checkpoint, parse_decoding
+from seqcpo.evaluation.checkpoints import load_checkpoint
+from seqcpo.evaluation.generate import generate_continuations, parse_decoding
 from seqcpo.evaluation.judges import LocalJudge
 from seqcpo.types import Example
 

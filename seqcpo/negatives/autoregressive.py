@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.logps import cache_kwarg, output_cache
-from seqcpo.negatives.mean_field import model_device, sample_categorical, seeded_model_rng
+from seqcpo.sampling import model_device, sample_categorical, seeded_model_rng
 from seqcpo.padding import pad_batch
 from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.negatives.base import NegativesBuilder
