@@ -377,7 +377,9 @@ def run_eval(args) -> int:
         for c in configs:
             rs = rows_by[(label, c.name)]
             run = {"label": label, "model": path, "alpha": alpha, "decoding": c.name,
-                   "decoding_config": dataclasses.asdict(c), "num_items": len(rs)}
+                   "decoding_config": dataclasses.asdict(c), "num_items": len(rs),
+                   "checkpoint": rs[0].get("checkpoint") if rs else None,
+                   "prompts_cut": sum(1 for r in rs if r.get("prompt_tokens_cut"))}
             if judge is not None:
                 items = win_rate_vs_gold(judge, rs, order=args.order, seed=args.order_seed, progress=progress)
                 run["win_rate_vs_gold"] = summarize(items).to_dict()
