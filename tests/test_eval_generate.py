@@ -171,3 +171,14 @@ def test_local_judge_batched_equals_one_at_a_time(checkpoint):
         ls, lb = json.loads(s.raw)["logp"], json.loads(b.raw)["logp"]
         for k in ls:
             assert abs(ls[k] - lb[k]) < 1e-4, (k, ls, lb)
+
+
+def test_sampling_with_one_token_left_is_greedy(checkpoint, examples, tmp_path):
+    """top-k = 1, or a top-p mass only the most likely token reaches, leaves one token: sampling is then greedy,
+    row by row (the per-row sampler filters like transformers' warpers)."""
+    greedy = generate_continuations(checkpoint, examples, [parse_decoding("greedy", max_new_tokens=6)],
+                                    tmp_path / "g.jsonl", batch_size=2, model_label="tiny", progress=False)
+    for spec in ("topk:k=1,t=1.5", "topp:p=0.000001"):
+        rows = generate_continuations(checkpoint, examples, [parse_decoding(spec, max_new_tokens=6)],
+                                      tmp_path / "s.jsonl", batch_size=2, model_label="tiny", progress=False)
+        assert [r["generation"] for r in rows] == [r["generation"] for r in greedy], spec

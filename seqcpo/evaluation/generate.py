@@ -53,7 +53,7 @@ import torch
 from seqcpo.evaluation.checkpoints import checkpoint_identity, context_length, load_checkpoint, pad_id_of
 from seqcpo.io import atomic_write_jsonl
 from seqcpo.padding import pad_batch
-from seqcpo.sampling import inverse_cdf_sample
+from seqcpo.sampling import filter_logits, sample_rows
 from seqcpo.types import Example
 
 logger = logging.getLogger(__name__)
@@ -286,9 +286,9 @@ class RowSampler:
     """A logits processor that samples every row from its own generator and returns one-hot logits, so that
     ``model.generate`` in greedy mode takes exactly the drawn token.
 
-    Each step: logits / temperature, then top-k, then top-p (the order of transformers' warpers), softmax,
-    and one uniform per row from that row's generator, mapped through the inverse CDF
-    (:func:`seqcpo.sampling.inverse_cdf_sample`). A row draws one uniform per step whatever the other rows
+    Each step: logits / temperature, then top-k, then top-p (:func:`seqcpo.sampling.filter_logits`, the order
+    of transformers' warpers), softmax, and one uniform per row from that row's generator, mapped through the
+    inverse CDF (:func:`seqcpo.sampling.sample_rows`). A row draws one uniform per step whatever the other rows
     do, so its tokens depend on its own seed and logits only.
     """
 
@@ -297,21 +297,10 @@ class RowSampler:
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self.config.temperature  # (B, V)
-        if self.config.top_k > 0:
-            k = min(self.config.top_k, logits.shape[-1])
-            kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.config.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the tokens ranked above it already hold top_p of the mass (the first stays)
-            drop = (probs.cumsum(-1) - probs) >= self.config.top_p
-            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        u = torch.stack([torch.rand(1, generator=g) for g in self.generators])  # (B, 1)
-        picked = inverse_cdf_sample(logits.softmax(-1), u.to(logits.device))  # (B, 1)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, picked, 0.0)
+        logits = filter_logits(scores.float() / self.config.temperature, self.config.top_k, self.config.top_p)
+        picked = sample_rows(logits.softmax(-1), self.generators, [1] * len(self.generators))  # (B,)
+        out = torch.full_like(scores, float("-inf"))  # (B, V): only the drawn token is finite
+        return out.scatter_(1, picked.unsqueeze(1), 0.0)
 
 
 @torch.no_grad()
