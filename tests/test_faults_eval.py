@@ -299,3 +299,20 @@ def test_api_judge_model_not_served_is_refused(tmp_path):
         httpd.shutdown()
         httpd.server_close()
     check_judge("openai", "any", "http://127.0.0.1:9/v1", timeout=0.5)  # unreachable: not checked, not an error
+
+
+def test_bad_checkpoint_and_junk_rows_give_one_line_errors_not_tracebacks(tmp_path, examples):
+    """Caught: a missing --models folder raised a bare FileNotFoundError from deep in loading, and a generations
+    file holding a JSON line that is not a row (``[1, 2]``) raised TypeError on resume."""
+    from seqcpo.evaluation.checkpoints import CheckpointError, load_checkpoint
+
+    cfg = [parse_decoding("greedy", max_new_tokens=4)]
+    with pytest.raises(ValueError, match="no such checkpoint folder"):
+        generate_continuations(str(tmp_path / "missing"), examples, cfg, tmp_path / "g.jsonl", progress=False)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(str(tmp_path / "missing"))
+    ckpt = _save(tmp_path / "a")
+    out = tmp_path / "g.jsonl"
+    out.write_text('[1, 2]\n"text"\n{"id": "x"}\n')
+    rows = generate_continuations(ckpt, examples[:2], cfg, out, batch_size=2, model_label="m", progress=False)
+    assert len(rows) == 2 and len(read_generations(out)) == 2

@@ -54,18 +54,35 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or loaded; the message is one line naming the path."""
+
+
+def _one_line(path: str, err: Exception) -> CheckpointError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return CheckpointError(f"checkpoint {path}: {first}")
+
+
 def load_tokenizer_only(path: str):
     """The tokenizer of a checkpoint folder or name (pad token set to EOS when it has none)."""
     from seqcpo.models import load_tokenizer
 
-    return load_tokenizer(path)
+    try:
+        return load_tokenizer(path)
+    except OSError as e:  # missing folder, no tokenizer files, a Hub id offline
+        raise _one_line(path, e) from None
 
 
 def load_checkpoint(path: str, dtype: str = "float32", device: str | None = None, tokenizer_path: str | None = None):
-    """Load (model, tokenizer) from a checkpoint folder or name, in eval mode on ``device``."""
+    """Load (model, tokenizer) from a checkpoint folder or name, in eval mode on ``device``.
+
+    Raises :class:`CheckpointError` (a ``ValueError``) with a one-line message when it cannot be loaded."""
     from seqcpo.models import load_model
 
-    model = load_model(path, dtype=dtype)
+    try:
+        model = load_model(path, dtype=dtype)
+    except OSError as e:
+        raise _one_line(path, e) from None
     tokenizer = load_tokenizer_only(tokenizer_path or path)
     model.to(resolve_device(device)).eval()
     return model, tokenizer
@@ -120,15 +137,22 @@ def checkpoint_identity(name_or_path: str) -> str:
     """A content identity of a checkpoint: ``"sha256:<hex>"`` for a local folder, ``"name:<id>"`` for a Hub id.
 
     Two folders with the same files give the same identity wherever they lie (the path is not part of it);
-    another training run, a changed config or tokenizer gives another. Raises ``FileNotFoundError`` for a
-    local-looking path that does not exist.
+    another training run, a changed config or tokenizer gives another. Raises :class:`CheckpointError` for a
+    local-looking path that does not exist, a folder without weights, or a file it cannot read.
     """
+    try:
+        return _identity(name_or_path)
+    except OSError as e:
+        raise _one_line(str(name_or_path), e) from None
+
+
+def _identity(name_or_path: str) -> str:
     folder = _local_folder(name_or_path)
     if folder is None:
         from seqcpo.models import _looks_local
 
         if _looks_local(str(name_or_path)):
-            raise FileNotFoundError(f"{name_or_path}: no such checkpoint folder")
+            raise FileNotFoundError("no such checkpoint folder")
         return f"name:{name_or_path}"
     h = hashlib.sha256()
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
@@ -138,7 +162,7 @@ def checkpoint_identity(name_or_path: str) -> str:
             h.update((folder / name).read_bytes())
     weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES) and n not in NOT_WEIGHTS]
     if not weights:
-        raise FileNotFoundError(f"{folder}: no weight files (.safetensors, .bin, .gguf), so not a checkpoint")
+        raise FileNotFoundError("no weight files (.safetensors, .bin, .gguf), so not a checkpoint")
     for name in weights:
         _sample_file(h, folder / name)
     return "sha256:" + h.hexdigest()

@@ -200,10 +200,13 @@ def read_generations(path: str | os.PathLike, repair: bool = False) -> list[dict
         end = offset + len(line) + (0 if is_last else 1)
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                if not (isinstance(row, dict) and all(k in row for k in ("id", "model", "decoding"))):
+                    raise ValueError("not a generation row")
+                rows.append(row)
                 if not is_last:
                     good_end = end
-            except json.JSONDecodeError:
+            except ValueError:  # json.JSONDecodeError is one
                 if is_last:
                     logger.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
                 else:
