@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,8 +103,9 @@ class GenerationConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.strategy == "sample" and self.temperature <= 0:
-            raise ValueError("sampling needs temperature > 0; use the 'greedy' strategy for argmax decoding")
+        if not math.isfinite(self.temperature) or self.strategy == "sample" and self.temperature <= 0:
+            raise ValueError(f"sampling needs a finite temperature > 0, got {self.temperature}; use the 'greedy' "
+                             "strategy for argmax decoding")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -152,7 +154,11 @@ def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> Genera
         if not eq or key not in _KEY_ALIASES:
             raise ValueError(f"bad option {part!r} in decoding {spec!r}; keys: t, p, k, n, m, s")
         name = _KEY_ALIASES[key]
-        fields[name] = float(value) if name in ("temperature", "top_p") else int(value)
+        try:
+            fields[name] = float(value) if name in ("temperature", "top_p") else int(value)
+        except ValueError:
+            kind = "a number" if name in ("temperature", "top_p") else "an integer"
+            raise ValueError(f"{key}={value.strip()!r} in decoding {spec!r}: {name} must be {kind}") from None
     if head == "topk" and fields.get("top_k", 0) == 0:
         raise ValueError(f"{spec!r}: topk needs k=K")
     if head in ("topp", "nucleus") and "top_p" not in fields:

@@ -293,6 +293,11 @@ class OpenAIJudge:
             raise ValueError("max_concurrency >= 1, max_retries >= 0 and max_malformed >= 0 are required")
         if not (timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"the judge time-out must be a finite number of seconds > 0, got {timeout}")
+        for name, value in (("temperature", temperature), ("backoff_base", backoff_base), ("backoff_max", backoff_max)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"judge {name} must be a finite number >= 0, got {value}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"judge max_tokens must be >= 1 (or None: not sent), got {max_tokens}")
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
         parsed = urllib.parse.urlsplit(self.endpoint)
@@ -544,6 +549,10 @@ class LocalJudge:
     ):
         from seqcpo.evaluation.checkpoints import context_length, load_checkpoint
 
+        if not (float(tie_margin) >= 0 and math.isfinite(tie_margin)):
+            raise ValueError(f"--judge-tie-margin must be a finite number >= 0, got {tie_margin}")
+        if int(batch_size) < 1:
+            raise ValueError(f"the local judge's batch_size must be >= 1, got {batch_size}")
         self.debias = debias
         self.tie_margin = float(tie_margin)
         self.batch_size = max(1, int(batch_size))
