@@ -316,3 +316,17 @@ def test_bad_checkpoint_and_junk_rows_give_one_line_errors_not_tracebacks(tmp_pa
     out.write_text('[1, 2]\n"text"\n{"id": "x"}\n')
     rows = generate_continuations(ckpt, examples[:2], cfg, out, batch_size=2, model_label="m", progress=False)
     assert len(rows) == 2 and len(read_generations(out)) == 2
+
+
+def test_non_finite_decoding_and_judge_settings_are_refused(tmp_path):
+    """Caught: ``sample:t=nan`` and ``t=inf`` were accepted (every sampled token then came from NaN
+    probabilities), ``n=1.5`` gave a bare int() message, and a NaN judge temperature was sent as invalid JSON."""
+    for bad, match in [("sample:t=nan", "finite temperature"), ("sample:t=inf", "finite temperature"),
+                       ("beam:n=1.5", "n='1.5'.*integer"), ("sample:t=x", "t='x'.*number")]:
+        with pytest.raises(ValueError, match=match):
+            parse_decoding(bad)
+    with pytest.raises(ValueError, match="temperature"):
+        OpenAIJudge("http://127.0.0.1:9/v1", "m", api_key_env="SEQCPO_UNSET_TEST_KEY", cache_dir=tmp_path,
+                    temperature=float("nan"))
+    with pytest.raises(ValueError, match="time-out"):
+        OpenAIJudge("http://127.0.0.1:9/v1", "m", api_key_env="SEQCPO_UNSET_TEST_KEY", cache_dir=tmp_path, timeout=0)
