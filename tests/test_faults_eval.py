@@ -321,7 +321,7 @@ def test_bad_checkpoint_and_junk_rows_give_one_line_errors_not_tracebacks(tmp_pa
 def test_non_finite_decoding_and_judge_settings_are_refused(tmp_path):
     """Caught: ``sample:t=nan`` and ``t=inf`` were accepted (every sampled token then came from NaN
     probabilities), ``n=1.5`` gave a bare int() message, and a NaN judge temperature was sent as invalid JSON."""
-    for bad, match in [("sample:t=nan", "finite temperature"), ("sample:t=inf", "finite temperature"),
+    for bad, match in [("sample:t=nan", "temperature must be a finite"), ("sample:t=inf", "temperature must be a finite"),
                        ("beam:n=1.5", "n='1.5'.*integer"), ("sample:t=x", "t='x'.*number")]:
         with pytest.raises(ValueError, match=match):
             parse_decoding(bad)

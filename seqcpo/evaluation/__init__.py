@@ -13,7 +13,8 @@ From the shell: ``seqcpo generate ...`` and ``seqcpo eval ...`` (see :mod:`seqcp
 """
 
 from seqcpo.evaluation.checkpoints import checkpoint_identity, load_checkpoint, load_tokenizer_only
-from seqcpo.evaluation.generate import GenerationConfig, generate_continuations, parse_decoding, read_generations
+from seqcpo.decoding import DecodingConfig
+from seqcpo.evaluation.generate import generate_continuations, parse_decoding, read_generations
 from seqcpo.evaluation.judges import (
     LocalJudge,
     OpenAIJudge,
@@ -43,7 +44,7 @@ from seqcpo.evaluation.winrate import (
 )
 
 __all__ = [
-    "GenerationConfig",
+    "DecodingConfig",
     "ItemResult",
     "LocalJudge",
     "MauveResult",

@@ -45,12 +45,13 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from seqcpo.decoding import DecodingConfig
 from seqcpo.evaluation.checkpoints import checkpoint_identity, context_length, load_checkpoint, pad_id_of
 from seqcpo.io import atomic_write_jsonl
 from seqcpo.padding import pad_batch
@@ -59,7 +60,6 @@ from seqcpo.types import Example
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("greedy", "sample", "beam")
 _KEY_ALIASES = {
     "t": "temperature",
     "temperature": "temperature",
@@ -76,59 +76,11 @@ _KEY_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
-    """One decoding configuration.
-
-    Attributes:
-        name: the label in generation files and reports (by default the spec it was parsed from).
-        strategy: "greedy", "sample" or "beam".
-        temperature: softmax temperature (sample only).
-        top_k: keep the k most likely tokens, 0 = off (sample only).
-        top_p: nucleus mass, 1.0 = off (sample only).
-        num_beams: beam width (beam only).
-        max_new_tokens: generation length cap.
-        seed: base seed for sampling.
-    """
-
-    name: str = "greedy"
-    strategy: str = "greedy"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_beams: int = 1
-    max_new_tokens: int = 64
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not math.isfinite(self.temperature) or self.strategy == "sample" and self.temperature <= 0:
-            raise ValueError(f"sampling needs a finite temperature > 0, got {self.temperature}; use the 'greedy' "
-                             "strategy for argmax decoding")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.num_beams < 1 or (self.strategy == "beam" and self.num_beams < 2):
-            raise ValueError(f"beam search needs num_beams >= 2 (got {self.num_beams}); use 'greedy' for 1")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``transformers.GenerationConfig``."""
-        if self.strategy == "greedy":
-            return {"do_sample": False, "num_beams": 1}
-        if self.strategy == "beam":
-            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True}
-        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
-
-
-def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> GenerationConfig:
-    """Parse a compact decoding spec into a :class:`GenerationConfig`.
+def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> DecodingConfig:
+    """Parse a compact decoding spec into a :class:`DecodingConfig`.
 
     >>> parse_decoding("sample:t=0.7,p=0.9")
-    GenerationConfig(name='sample:t=0.7,p=0.9', strategy='sample', temperature=0.7, top_k=0, top_p=0.9, num_beams=1, max_new_tokens=64, seed=0)
+    DecodingConfig(strategy='sample', temperature=0.7, top_k=0, top_p=0.9, num_beams=1, temperatures=None, max_new_tokens=64, seed=0, name='sample:t=0.7,p=0.9')
     >>> parse_decoding("beam:n=4").num_beams
     4
     >>> parse_decoding("topk:k=50").top_k
@@ -146,8 +98,7 @@ def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> Genera
         fields["strategy"] = "sample"
     else:
         raise ValueError(f"unknown decoding {head!r} in {spec!r}; use greedy, sample, beam, topk or topp")
-    if head == "beam":
-        fields["num_beams"] = 4
+    fields["num_beams"] = 4 if head == "beam" else 1
     for part in filter(None, (p.strip() for p in tail.split(","))):
         key, eq, value = part.partition("=")
         key = key.strip().lower()
@@ -163,7 +114,10 @@ def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> Genera
         raise ValueError(f"{spec!r}: topk needs k=K")
     if head in ("topp", "nucleus") and "top_p" not in fields:
         raise ValueError(f"{spec!r}: {head} needs p=P")
-    return GenerationConfig(name=spec, **fields)
+    for name in ("temperature", "top_p"):  # NaN and inf pass some range checks; no decoding means them
+        if name in fields and not math.isfinite(fields[name]):
+            raise ValueError(f"{spec!r}: {name} must be a finite number, got {fields[name]}")
+    return DecodingConfig(name=spec, **fields)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -277,7 +231,7 @@ def example_id(example: Example, index: int) -> str:
 # ----------------------------------------------------------------------------- generation
 
 
-def sample_seed(config: GenerationConfig, example_id: str, sample_index: int = 0) -> int:
+def sample_seed(config: DecodingConfig, example_id: str, sample_index: int = 0) -> int:
     """The seed of one sampled continuation: SHA-256 of (the decoding's settings, the example id, the sample
     index), 63 bits. Not the model label nor the batch, so a resumed or relabelled run draws the same tokens."""
     settings = {k: v for k, v in asdict(config).items() if k != "name"}
@@ -301,7 +255,7 @@ class RowSampler:
     do, so its tokens depend on its own seed and logits only.
     """
 
-    def __init__(self, config: GenerationConfig, seeds: Sequence[int]):
+    def __init__(self, config: DecodingConfig, seeds: Sequence[int]):
         self.config = config
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
@@ -313,7 +267,7 @@ class RowSampler:
 
 
 @torch.no_grad()
-def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: GenerationConfig, pad_id: int,
+def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: DecodingConfig, pad_id: int,
                    eos_ids: int | Sequence[int] | None, seeds: Sequence[int] | None = None) -> list[list[int]]:
     """Generate one batch. Returns the new token ids of each row, cut at the first eos (eos excluded).
 
@@ -386,7 +340,7 @@ def _move_stale(out_path: Path, stale: set[tuple[str, str, str]], why: str) -> N
 def generate_continuations(
     model_path: str,
     examples: Sequence[Example],
-    configs: Sequence[GenerationConfig],
+    configs: Sequence[DecodingConfig],
     out_path: str | os.PathLike,
     batch_size: int = 16,
     model_label: str | None = None,
