@@ -9,8 +9,9 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "seqcpo"
-# the upper floors: the trainer, the CLIs, evaluation and the demo/grid scripts (everything else is held to the rule)
-UPPER = ("training/", "evaluation/", "cli.py", "reproduce.py", "demo.py", "__init__.py")
+# the upper floors: the trainer, the CLIs, evaluation, the demo/grid scripts, and data loading (it may hook into the
+# Trainer's callbacks); everything else is held to the rule
+UPPER = ("training/", "evaluation/", "data/", "cli.py", "reproduce.py", "demo.py", "__init__.py")
 EXPECTED_CORE = {"types.py", "losses.py", "logps.py", "two_pass.py", "reference.py", "io.py", "pss.py", "padding.py",
                  "sampling.py", "negatives/base.py", "negatives/mean_field.py", "negatives/autoregressive.py",
                  "negatives/batch.py", "negatives/truncation.py", "negatives/mixture.py", "negatives/registry.py"}
