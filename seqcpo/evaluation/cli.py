@@ -288,7 +288,7 @@ def run_generate(args) -> int:
 def run_eval(args) -> int:
     import seqcpo
     from seqcpo.evaluation.checkpoints import load_checkpoint, load_tokenizer_only
-    from seqcpo.evaluation.generate import generate_continuations
+    from seqcpo.evaluation.generate import generate_continuations, generation_summary
     from seqcpo.evaluation.judges import build_judge, check_judge
     from seqcpo.evaluation.metrics import (
         distinct_n,
@@ -377,9 +377,7 @@ def run_eval(args) -> int:
         for c in configs:
             rs = rows_by[(label, c.name)]
             run = {"label": label, "model": path, "alpha": alpha, "decoding": c.name,
-                   "decoding_config": dataclasses.asdict(c), "num_items": len(rs),
-                   "checkpoint": rs[0].get("checkpoint") if rs else None,
-                   "prompts_cut": sum(1 for r in rs if r.get("prompt_tokens_cut"))}
+                   "decoding_config": dataclasses.asdict(c), "num_items": len(rs), **generation_summary(rs)}
             if judge is not None:
                 items = win_rate_vs_gold(judge, rs, order=args.order, seed=args.order_seed, progress=progress)
                 run["win_rate_vs_gold"] = summarize(items).to_dict()
@@ -408,7 +406,6 @@ def run_eval(args) -> int:
             for n in (1, 2, 3):
                 run[f"distinct_{n}"] = distinct_n(gens, n)
             run["rep_4"] = repeated_ngram_rate(gens, 4)
-            run["mean_tokens"] = sum(r.get("num_tokens", 0) for r in rs) / max(1, len(rs))
             run["gold_ppl"] = ppl_by[label]
             runs.append(run)
 

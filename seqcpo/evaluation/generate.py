@@ -310,6 +310,20 @@ def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: DecodingC
     return results
 
 
+def generation_summary(rows: Sequence[dict]) -> dict:
+    """What a report records of one model's rows under one decoding: the checkpoint identities they were made
+    from (one, unless the caller mixed files), how many prompts were cut to the context, the mean length.
+
+    >>> generation_summary([{"checkpoint": "sha256:ab", "prompt_tokens_cut": 3, "num_tokens": 4},
+    ...                     {"checkpoint": "sha256:ab", "prompt_tokens_cut": 0, "num_tokens": 2}])
+    {'checkpoint': 'sha256:ab', 'prompts_cut': 1, 'mean_tokens': 3.0}
+    """
+    ids = sorted({str(r.get("checkpoint")) for r in rows})
+    return {"checkpoint": ids[0] if len(ids) == 1 else ids,
+            "prompts_cut": sum(1 for r in rows if r.get("prompt_tokens_cut")),
+            "mean_tokens": sum(r.get("num_tokens", 0) for r in rows) / max(1, len(rows))}
+
+
 def fit_prompt(prefix_ids: Sequence[int], max_new_tokens: int, context: int | None) -> tuple[list[int], int]:
     """The prompt cut to its last ``context - max_new_tokens`` tokens, and how many tokens were cut.
 
