@@ -236,6 +236,7 @@ def test_prompt_longer_than_the_context_is_cut_not_a_traceback(tmp_path, tok, ca
     assert ppl["cut"] == 1 and ppl["tokens"] == 2 * len(exs[0].continuation_ids)
     feats = model_features(model, tok, [tok.decode(long_ids), "short"], progress=False)
     assert feats.shape == (2, 32)
+    assert "1 of 2 text(s) longer than 32 tokens were cut" in caplog.text
 
 
 # ----------------------------------------------------------------------------- judge checked early

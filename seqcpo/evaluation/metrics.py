@@ -153,15 +153,20 @@ def model_features(model, tokenizer, texts: Sequence[str], batch_size: int = 8, 
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
     max_length = min(max_length, context_length(model) or max_length)  # longer texts keep their first tokens
-    feats = []
+    feats, cut = [], 0
     for start in tqdm(range(0, len(texts), batch_size), desc="features", disable=not progress):
-        enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] or [pad] for t in texts[start:start + batch_size]]
+        full = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start:start + batch_size]]
+        cut += sum(len(e) > max_length for e in full)
+        enc = [e[:max_length] or [pad] for e in full]
         ids, mask = pad_batch(enc, pad)
         with torch.no_grad():
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
         hidden = out.hidden_states[-1].float()  # (B, T, H)
         m = mask.to(device).unsqueeze(-1).float()  # (B, T, 1)
         feats.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy())
+    if cut:
+        logger.warning("MAUVE model features: %d of %d text(s) longer than %d tokens were cut to their first %d",
+                       cut, len(texts), max_length, max_length)
     return np.concatenate(feats, axis=0)
 
 
