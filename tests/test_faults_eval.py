@@ -299,7 +299,8 @@ def test_api_judge_model_not_served_is_refused(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
-    check_judge("openai", "any", "http://127.0.0.1:9/v1", timeout=0.5)  # unreachable: not checked, not an error
+    with pytest.raises(ValueError, match="cannot connect"):  # nothing listens on port 9
+        check_judge("openai", "any", "http://127.0.0.1:9/v1", timeout=0.5)
 
 
 def test_bad_checkpoint_and_junk_rows_give_one_line_errors_not_tracebacks(tmp_path, examples):

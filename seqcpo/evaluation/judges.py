@@ -698,8 +698,9 @@ def check_judge(backend: str, model: str | None = None, url: str | None = None, 
     - every backend but "none": the prompt template reads and has its placeholders;
     - "local": ``model`` is a checkpoint folder with weights (or a loadable name), its config is a causal LM's,
       and its tokenizer has single tokens for A, B and C. Nothing is loaded onto a device.
-    - "openai": url and model are given; when the server lists its models (``GET {url}/models`` answers 200
-      with ``data``), ``model`` is among them. A server that does not list them is not an error.
+    - "openai": url and model are given; the server accepts a connection; when it lists its models
+      (``GET {url}/models`` answers 200 with ``data``), ``model`` is among them. A server that does not list
+      them, or answers slowly, is not an error (the judging itself retries and reports).
 
     Raises ``ValueError`` with a one-line message naming the option.
     """
@@ -751,6 +752,9 @@ def _check_served_model(url: str, model: str, api_key_env: str, timeout: float) 
     try:
         response = httpx.get(base + "/models", headers=headers, timeout=timeout)
         listed = [m.get("id") for m in response.json().get("data", [])] if response.status_code == 200 else None
+    except httpx.ConnectError as e:  # refused or no such host: every request would fail after its retries
+        raise ValueError(f"--judge-url: cannot connect to the judge server at {host} ({type(e).__name__}); "
+                         "start it or fix the URL") from None
     except Exception as e:  # noqa: BLE001  (the listing is optional; the judging itself retries and reports)
         logger.info("judge %s: could not list the served models (%s); not checked", host, type(e).__name__)
         return
