@@ -151,6 +151,8 @@ def _identity(name_or_path: str) -> str:
     if folder is None:
         from seqcpo.models import _looks_local
 
+        if os.path.isfile(os.path.expanduser(str(name_or_path))):
+            raise FileNotFoundError("a file, not a checkpoint folder (with config.json and weights)")
         if _looks_local(str(name_or_path)):
             raise FileNotFoundError("no such checkpoint folder")
         return f"name:{name_or_path}"
