@@ -123,11 +123,6 @@ def mle_loss(gold_logps: torch.Tensor, gold_token_counts: torch.Tensor) -> torch
     return -gold_logps.float().sum() / total
 
 
-def combined_loss(mle: torch.Tensor, cpo: torch.Tensor, lam: float) -> torch.Tensor:
-    """``L = L_mle + lambda * L_cpo`` (PAPER.md, "Total loss")."""
-    return mle + lam * cpo
-
-
 #: the names :func:`preference_metrics` and :func:`preference_metric_sums` return, in their order
 PREFERENCE_METRICS = (
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "rewards/strongest_rejected",

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from seqcpo.negatives.sampling import model_device, sample_rows
+from seqcpo.sampling import model_device, sample_rows
 from seqcpo.padding import pad_batch
 from seqcpo.seeding import Generators, per_example_generators
 from seqcpo.types import Example

@@ -42,7 +42,7 @@ import torch
 
 from seqcpo.logps import cache_kwarg, output_cache
 from seqcpo.negatives.base import NegativesBuilder
-from seqcpo.negatives.sampling import model_device, sample_rows, seeded_model_rng
+from seqcpo.sampling import filter_logits, model_device, sample_rows, seeded_model_rng
 from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.padding import pad_batch
 from seqcpo.seeding import Generators, joint_seed, per_example_generators
@@ -103,22 +103,6 @@ class DecodingConfig:
             raise ValueError(f"beam search returns at most num_beams sequences: need num_beams >= k, got {self.num_beams} < {k}")
         if self.temperatures is not None and len(self.temperatures) != k:
             raise ValueError(f"decoding.temperatures has {len(self.temperatures)} values for k={k}; give one per negative")
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Top-k then top-p filtering of (N, V) logits (already divided by the temperature), as transformers
-    does it: filtered entries become -inf; top-p keeps the smallest set whose mass reaches ``top_p``
-    (at least one token)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1)  # ascending
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= 1.0 - top_p
-        remove[:, -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
-    return logits
 
 
 def _cut_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:

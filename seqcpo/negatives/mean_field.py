@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.negatives.base import NegativesBuilder
-from seqcpo.negatives.sampling import (  # noqa: F401  (inverse_cdf_sample: importable from here as before)
+from seqcpo.sampling import (  # noqa: F401  (inverse_cdf_sample: importable from here as before)
     inverse_cdf_sample,
     model_device,
     sample_categorical,

@@ -1,8 +1,9 @@
-"""Sampling helpers shared by the generators that run a model (AN, MN) and by PSS.
+"""Sampling helpers shared by every module that draws tokens: the negatives (AN, MN), PSS and evaluation.
 
-All randomness comes from the caller's ``torch.Generator`` objects (see :mod:`seqcpo.seeding`): one per example
-where rows belong to examples (:func:`sample_rows`), and the global RNG only inside :func:`seeded_model_rng`,
-forked and seeded, for what a model call draws itself (dropout in train mode, ``model.generate`` sampling).
+All randomness comes from the caller's ``torch.Generator`` objects: one per example where rows belong to
+examples (:func:`sample_rows`), and the global RNG only inside :func:`seeded_model_rng`, forked and seeded, for
+what a model call draws itself (dropout in train mode, ``model.generate`` sampling). A draw is then reproducible
+from its example's seed alone, whatever else ran before it in the process or shared its batch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,22 @@ import contextlib
 from typing import Iterator, Sequence
 
 import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering of (N, V) logits (already divided by the temperature), as transformers
+    does it: filtered entries become -inf; top-p keeps the smallest set whose mass reaches ``top_p``
+    (at least one token)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= 1.0 - top_p
+        remove[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator, num_samples: int = 1) -> torch.Tensor:
