@@ -327,6 +327,11 @@ def check_value(value: Any, rule: str) -> str | None:
     return None if ok else f"must lie in {m['lo_b']}{m['lo']}, {m['hi']}{m['hi_b']}"
 
 
+def field_choices(cls) -> dict[str, tuple]:
+    """``{field: choices}`` from the ``choices`` metadata of a dataclass."""
+    return {f.name: tuple(f.metadata["choices"]) for f in dataclasses.fields(cls) if "choices" in f.metadata}
+
+
 def field_rules(cls) -> dict[str, str]:
     """``{field: rule}`` from the ``check`` metadata of a dataclass, plus its class's ``EXTRA_CHECKS``."""
     rules = {f.name: f.metadata["check"] for f in dataclasses.fields(cls) if "check" in f.metadata}
@@ -337,14 +342,35 @@ def field_rules(cls) -> dict[str, str]:
 def check_fields(obj) -> None:
     """Check every field of a built dataclass: floats finite, declared ranges kept. ConfigError names the field."""
     rules = field_rules(type(obj))
+    choices = field_choices(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name}={value!r}: must be a finite number")
+        if f.name in choices and value not in choices[f.name]:
+            raise ConfigError(f"{f.name}={value!r}: choose one of {', '.join(map(str, choices[f.name]))}")
         rule = rules.get(f.name)
         why = check_value(value, rule) if rule else None
         if why:
             raise ConfigError(f"{f.name}={value!r}: {why}")
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """ConfigError naming ``option`` when ``path`` cannot become a writable folder: it (or a parent) is a
+    file, or the nearest existing parent is not writable."""
+    p = os.path.abspath(os.fspath(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise ConfigError(f"{option} {path}: is a file, not a folder")
+    parent = p
+    while not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {parent} is not writable")
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -372,6 +398,7 @@ def resolve(cls, sources: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]
     """Coerce and range-check the keys of each ``(where, mapping)`` source in order (later ones win)."""
     types_ = field_types(cls)
     rules = field_rules(cls)
+    choices = field_choices(cls)
     merged: dict[str, Any] = {}
     for where, items in sources:
         for key, value in items.items():
@@ -379,7 +406,20 @@ def resolve(cls, sources: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]
             if key not in types_:
                 raise unknown_key_error(where, key, types_)
             tp, default = types_[key]
-            value = coerce(key, value, tp, where, default)
+            prior = merged.get(key)
+            if dataclasses.is_dataclass(tp) and isinstance(prior, tp) and isinstance(value, Mapping):
+                # a nested block given in two places (a YAML judge: and --judge-model): the later keys win
+                try:
+                    value = dataclasses.replace(prior, **resolve(tp, [(f"{where}: {key}", value)]))
+                except ConfigError:
+                    raise
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"{where}: {key}: {e}") from None
+            else:
+                value = coerce(key, value, tp, where, default)
+            if key in choices and value not in choices[key]:
+                raise ConfigError(f"{where}: field {key!r}: {_show(value)} is not one of "
+                                  f"{', '.join(map(str, choices[key]))}")
             why = check_value(value, rules[key]) if key in rules else None
             if why:
                 raise ConfigError(f"{where}: field {key!r}: {_show(value)} {why}")
