@@ -328,8 +328,8 @@ def check_value(value: Any, rule: str) -> str | None:
 
 
 def field_choices(cls) -> dict[str, tuple]:
-    """``{field: choices}`` from the ``choices`` metadata of a dataclass."""
-    return {f.name: tuple(f.metadata["choices"]) for f in dataclasses.fields(cls) if "choices" in f.metadata}
+    """``{field: choices}`` from the ``allowed`` metadata of a dataclass."""
+    return {f.name: tuple(f.metadata["allowed"]) for f in dataclasses.fields(cls) if "allowed" in f.metadata}
 
 
 def field_rules(cls) -> dict[str, str]:

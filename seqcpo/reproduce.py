@@ -11,11 +11,11 @@ A grid file::
       cpo_tnr: {objective: cpo_ranked, negatives: tn}
     ensembles:                         # optional weight-space ensembles of two trained arms
       - {from: mle, to: cpo_tnr, alphas: [0, 0.5, 1]}       # arms "mle~cpo_tnr@0", "@0.5", "@1"
-    eval:                              # everything optional; defaults in EVAL_DEFAULTS
+    eval:                              # EvalConfig fields (seqcpo.evaluation.config), all optional
       split: test
       num_examples: 64
       decoding: [greedy]               # specs of seqcpo.evaluation.parse_decoding
-      judge: {backend: local, model: smollm2-135m}          # none | local | openai (url, model, api_key_env)
+      judge: {backend: local, model: smollm2-135m, debias: true, tie_margin: 0.0}   # every JudgeConfig field
       mauve: minilm                    # minilm | none
       baseline: mle                    # the arm every other arm meets head to head
 
@@ -29,17 +29,16 @@ exists and whose inputs have not changed is skipped, so an interrupted grid resu
     judge_cache/               verdicts, shared by all arms
     report.md, results.json    the table; winrate.png, mauve.png, alpha_sweep.png
 
-Inputs of each stage are fingerprinted (the arm's merged config; decoding and data options; the judge, MAUVE
-and baseline settings). A changed training config is an error (delete ``arms/NAME`` to retrain); changed
-generation or evaluation options redo that stage and the ones after it. The evaluation package does the
-generation, judging and metrics (:mod:`seqcpo.evaluation`); this module only orders the stages and collects
-the numbers into one table.
+Inputs of each stage are fingerprinted (the arm's merged config; the generation and scoring fields of the
+eval config). A changed training config is an error (delete ``arms/NAME`` to retrain); changed generation or
+evaluation options redo that stage and the ones after it. This module holds the grid schema, the stage cache
+and the order of stages only: generating, judging and scoring are :mod:`seqcpo.evaluation.evaluate`'s, the
+report :func:`seqcpo.evaluation.report.write_report`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import gc
 import hashlib
 import json
@@ -52,33 +51,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from seqcpo.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from seqcpo.training.config import ConfigError, load_config
+from seqcpo.config_loader import ConfigError, check_output_dir, read_yaml, resolve, unknown_key_error
+from seqcpo.evaluation.config import EvalConfig
+from seqcpo.io import atomic_write_json, atomic_write_jsonl
+from seqcpo.training.config import load_config
 
 logger = logging.getLogger("seqcpo")
 
 GRID_KEYS = ("name", "out_dir", "base", "arms", "ensembles", "eval")
 ARM_KEYS = ("train",)  # arm keys that are not SeqCPOConfig fields
-EVAL_DEFAULTS: dict[str, Any] = {
-    "split": "test",
-    "num_examples": 64,  # first N examples of the split (0 = all)
-    "decoding": ["greedy"],
-    "max_new_tokens": None,  # default: the data's continuation length
-    "batch_size": 16,  # generation batch size
-    "seed": 0,  # base sampling seed of the decoding configs
-    "dtype": "float32",
-    "device": "auto",
-    "judge": {"backend": "none"},
-    "order": "both",  # both orders per item (disagreement = tie) | random
-    "order_seed": 0,
-    "mauve": "minilm",  # minilm | none
-    "ppl": True,  # gold perplexity of each arm
-    "baseline": "mle",  # head-to-head opponent of every other arm (needs a judge)
-    "progress": False,
-}
-JUDGE_KEYS = ("backend", "model", "url", "api_key_env", "prompt", "concurrency", "max_retries", "timeout", "note")
+# EvalConfig fields a grid sets itself (from its arms), and its own defaults for two others
+GRID_SETS_EVAL = ("models", "labels", "alphas", "head_to_head", "out", "data_config")
+GRID_EVAL_DEFAULTS = {"baseline": "mle", "progress": False}
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # Checked against this machine's hardware by TrainingArguments; a GPU grid must dry-run on a laptop.
 _HOST_FLAGS = {"bf16": False, "fp16": False, "tf32": None, "use_cpu": True}
@@ -122,7 +106,7 @@ class Grid:
     base: dict[str, Any]
     arms: list[Arm]
     ensembles: list[Ensemble]
-    eval: dict[str, Any]
+    eval: EvalConfig
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -131,9 +115,7 @@ class Grid:
 def _unknown(where: str, keys, allowed) -> None:
     for k in keys:
         if k not in allowed:
-            close = difflib.get_close_matches(str(k), list(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise GridError(f"{where}: unknown key {k!r}{hint}; allowed: {', '.join(allowed)}")
+            raise GridError(f"{unknown_key_error(where, k, allowed, noun='key')}; allowed: {', '.join(allowed)}")
 
 
 def ensemble_arm_name(ensemble: str, alpha: float) -> str:
@@ -146,13 +128,10 @@ def load_grid(path: str | os.PathLike) -> Grid:
     where = str(path)
     if not os.path.exists(path):
         raise GridError(f"{where}: no such grid file")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as e:
-            raise GridError(f"{where}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise GridError(f"{where}: the top level must be a mapping with keys {', '.join(GRID_KEYS)}")
+    try:
+        raw = read_yaml(path)
+    except ConfigError as e:
+        raise GridError(str(e)) from None
     _unknown(where, raw, GRID_KEYS)
     for key in ("out_dir", "arms"):
         if key not in raw:
@@ -180,7 +159,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
             raise GridError(f"{where}: arms.{name}.train must be true or false")
         merged = {**base, **over}
         try:  # check the fields now, not hours later (mixed precision is checked on the machine that trains)
-            load_config(None, {**merged, **_HOST_FLAGS, "output_dir": str(out_dir / "arms" / name)})
+            load_config(None, {**merged, **_HOST_FLAGS, "output_dir": str(out_dir / "arms" / name)},
+                        where=f"arms.{name}")
         except ConfigError as e:
             raise GridError(f"{where}: arm {name!r}: {e}") from None
         arms.append(Arm(name, "train" if trained else "model", merged))
@@ -210,33 +190,29 @@ def load_grid(path: str | os.PathLike) -> Grid:
     if dup:
         raise GridError(f"{where}: arm names must be unique; repeated: {', '.join(dup)}")
 
-    ev = dict(EVAL_DEFAULTS)
-    ev_raw = raw.get("eval") or {}
-    _unknown(f"{where}: eval", ev_raw, EVAL_DEFAULTS)
-    ev.update(ev_raw)
-    if isinstance(ev["decoding"], str):
-        ev["decoding"] = [ev["decoding"]]
-    judge = ev["judge"]
-    if isinstance(judge, str):
-        judge = {"backend": judge}
-    judge = dict(judge or {"backend": "none"})
-    _unknown(f"{where}: eval.judge", judge, JUDGE_KEYS)
-    if judge.get("backend", "none") not in ("none", "local", "openai"):
-        raise GridError(f"{where}: eval.judge.backend: choose none, local or openai")
-    judge.setdefault("backend", "none")
-    ev["judge"] = judge
-    if ev["mauve"] in (False, None):
-        ev["mauve"] = "none"
-    if ev["mauve"] not in ("minilm", "none"):
-        raise GridError(f"{where}: eval.mauve: choose minilm or none")
-    if ev["order"] not in ("both", "random"):
-        raise GridError(f"{where}: eval.order: choose both or random")
-    if ev["baseline"] is not None and ev["baseline"] not in names:
-        raise GridError(f"{where}: eval.baseline {ev['baseline']!r} is not an arm ({', '.join(names)})")
+    ev_raw = dict(raw.get("eval") or {})
+    _unknown(f"{where}: eval", ev_raw, [f.name for f in dataclasses.fields(EvalConfig) if f.name not in GRID_SETS_EVAL])
+    for key in GRID_SETS_EVAL:
+        if key in ev_raw:
+            raise GridError(f"{where}: eval.{key} is set by the grid (from its arms); remove it")
+    if "mauve" in ev_raw and ev_raw["mauve"] in (False, None):
+        ev_raw["mauve"] = "none"
+    try:
+        ev = EvalConfig(**resolve(EvalConfig, [("defaults", GRID_EVAL_DEFAULTS), (f"{where}: eval", ev_raw)]))
+    except ConfigError as e:
+        raise GridError(str(e) if str(e).startswith(where) else f"{where}: eval: {e}") from None
+    if ev.mauve == "model":
+        raise GridError(f"{where}: eval.mauve: choose minilm or none (a grid scores arms after their model is gone)")
+    if ev.baseline is not None and ev.baseline not in names:
+        raise GridError(f"{where}: eval.baseline {ev.baseline!r} is not an arm ({', '.join(names)})")
     try:
         _decoding_configs(ev, 64)
     except ValueError as e:
         raise GridError(f"{where}: eval.decoding: {e}") from None
+    try:
+        check_output_dir(out_dir, "out_dir")
+    except ConfigError as e:
+        raise GridError(f"{where}: {e}") from None
     return Grid(where, str(raw.get("name") or Path(where).stem), out_dir, base, arms, ensembles, ev)
 
 
@@ -248,11 +224,10 @@ def data_config(overrides: dict[str, Any]):
     return DataConfig(**{k: v for k, v in overrides.items() if k in names})
 
 
-def _decoding_configs(ev: dict, default_max_new_tokens: int):
-    from seqcpo.evaluation import parse_decoding
+def _decoding_configs(ev: EvalConfig, default_max_new_tokens: int):
+    from seqcpo.evaluation.evaluate import decoding_configs
 
-    max_new = ev["max_new_tokens"] or default_max_new_tokens
-    return [parse_decoding(str(s), max_new_tokens=int(max_new), seed=int(ev["seed"])) for s in ev["decoding"]]
+    return decoding_configs(ev, default_max_new_tokens)
 
 
 # ----------------------------------------------------------------------------- stage bookkeeping
@@ -389,15 +364,16 @@ class _Runner:
 
     # ---- stage 2: generate
     def generate_fp(self, arm: Arm) -> str:
-        ev = self.grid.eval
-        keys = ("split", "num_examples", "decoding", "max_new_tokens", "seed", "dtype", "ppl")
         data = data_config(arm.overrides)
-        return fingerprint([self.train_fp(arm), {k: ev[k] for k in keys}, dataclasses.asdict(data)])
+        return fingerprint([self.train_fp(arm), self.grid.eval.generation_key(), dataclasses.asdict(data)])
+
+    def source(self, arm: Arm):
+        from seqcpo.evaluation.evaluate import ExampleSource
+
+        return ExampleSource(data_config(arm.overrides), self.grid.eval.split, self.grid.eval.num_examples)
 
     def generate(self, arm: Arm) -> dict:
-        from seqcpo.data import load_splits
-        from seqcpo.evaluation import generate_continuations, gold_perplexity
-        from seqcpo.evaluation.generate import load_checkpoint
+        from seqcpo.evaluation.evaluate import generate_model
 
         folder = self.arm_dir(arm) / "generate"
         fp = self.generate_fp(arm)
@@ -405,38 +381,25 @@ class _Runner:
         if done is not None and done["fingerprint"] == fp:
             logger.info("grid: %s: generated already, skipped", arm.name)
             return done
-        ev = self.grid.eval
         ckpt = self.checkpoint(arm)
         reused = self._reuse_endpoint(arm, folder, ckpt, fp)
         if reused is not None:
             return reused
-        data = data_config(arm.overrides)
         logger.info("grid: %s: generating from %s", arm.name, ckpt)
-        model, tokenizer = load_checkpoint(ckpt, dtype=ev["dtype"], device=ev["device"])
-        examples = getattr(load_splits(data, tokenizer), ev["split"])
-        if ev["num_examples"]:
-            examples = examples[: int(ev["num_examples"])]
-        if not examples:
-            raise GridError(f"{self.grid.path}: the {ev['split']} split of {data.dataset} is empty")
-        default_new = data.continuation_tokens if data.task == "continuation" else data.max_continuation_tokens
-        configs = _decoding_configs(ev, default_new)
+        source = self.source(arm)
+        configs = _decoding_configs(self.grid.eval, source.default_max_new_tokens())
         t0 = time.perf_counter()
-        rows = generate_continuations(ckpt, examples, configs, folder / "generations.jsonl",
-                                      batch_size=int(ev["batch_size"]), model_label=arm.name,
-                                      progress=bool(ev["progress"]), model_and_tokenizer=(model, tokenizer))
-        seconds = round(time.perf_counter() - t0, 1)
-        ppl, ppl_seconds = None, 0.0
-        if ev["ppl"]:
-            t1 = time.perf_counter()
-            ppl = gold_perplexity(model, examples, progress=bool(ev["progress"]))
-            ppl_seconds = round(time.perf_counter() - t1, 1)
-        del model
-        gc.collect()
-        atomic_write_json(folder / "gold_ppl.json", ppl)
+        try:
+            g = generate_model(ckpt, arm.name, source, configs, folder / "generations.jsonl",
+                               dataclasses.replace(self.grid.eval, mauve="none"))
+        except ValueError as e:
+            raise GridError(f"{self.grid.path}: arm {arm.name!r}: {e}") from None
+        rows = [r for rs in g.rows.values() for r in rs]
+        atomic_write_json(folder / "gold_ppl.json", g.ppl)
         return write_done(folder, "generate", fp, {
-            "checkpoint": ckpt, "rows": len(rows), "examples": len(examples), "decoding": [c.name for c in configs],
-            "seconds": seconds, "generated_tokens": sum(r.get("num_tokens", 0) for r in rows),
-            "gold_ppl_seconds": ppl_seconds})
+            "checkpoint": ckpt, "rows": len(rows), "examples": g.examples, "decoding": [c.name for c in configs],
+            "seconds": round(time.perf_counter() - t0, 1),
+            "generated_tokens": sum(r.get("num_tokens", 0) for r in rows)})
 
     def _reuse_endpoint(self, arm: Arm, folder: Path, ckpt: str, fp: str) -> dict | None:
         """Alpha 0 and 1 are bit for bit the endpoint models: copy the endpoint's generations, relabelled.
@@ -461,60 +424,43 @@ class _Runner:
         logger.info("grid: %s: generations copied from %s (identical weights)", arm.name, end.name)
         return write_done(folder, "generate", fp, {
             "checkpoint": ckpt, "rows": len(rows), "examples": end_done["examples"], "decoding": end_done["decoding"],
-            "seconds": 0.0, "generated_tokens": end_done["generated_tokens"], "gold_ppl_seconds": 0.0,
-            "reused_from": end.name})
+            "seconds": 0.0, "generated_tokens": end_done["generated_tokens"], "reused_from": end.name})
 
     # ---- stage 3: evaluate
     def judge(self):
         """The pairwise judge of ``eval.judge``, built at first use (a local judge loads a model)."""
         if not self._judge_built:
-            from seqcpo.evaluation.judges import build_judge
+            from seqcpo.evaluation.config import make_judge
 
-            j = self.grid.eval["judge"]
-            kwargs = {}
-            if j["backend"] == "openai":
-                kwargs = {k: j[k] for k in ("concurrency", "max_retries", "timeout") if k in j}
-                if "concurrency" in kwargs:
-                    kwargs["max_concurrency"] = kwargs.pop("concurrency")
-            elif j["backend"] == "local":
-                kwargs = {k: j[k] for k in ("debias", "tie_margin") if k in j}
             try:
-                self._judge = build_judge(j["backend"], model=j.get("model"), url=j.get("url"),
-                                          api_key_env=j.get("api_key_env", "OPENAI_API_KEY"),
-                                          prompt_path=j.get("prompt"), cache_dir=str(self.out / "judge_cache"),
-                                          **kwargs)
+                self._judge = make_judge(self.grid.eval.judge, str(self.out / "judge_cache"))
             except ValueError as e:
                 raise GridError(f"{self.grid.path}: eval.judge: {e}") from None
             self._judge_built = True
         return self._judge
 
     def evaluate_fp(self, arm: Arm) -> str:
-        ev = self.grid.eval
-        keys = ("judge", "order", "order_seed", "mauve", "baseline")
         base = self._baseline_for(arm)
         base_gen = read_done(self.arm_dir(base) / "generate") if base is not None else None
-        return fingerprint([self.generate_fp(arm), {k: ev[k] for k in keys},
+        return fingerprint([self.generate_fp(arm), self.grid.eval.scoring_key(),
                             base_gen["fingerprint"] if base_gen else None])
 
     def _baseline_for(self, arm: Arm) -> Arm | None:
-        b = self.grid.eval["baseline"]
-        if b is None or b == arm.name or self.grid.eval["judge"]["backend"] == "none":
+        b = self.grid.eval.baseline
+        if b is None or b == arm.name or self.grid.eval.judge.backend == "none":
             return None
         return self.grid.arm(b)
 
+    def _generations(self, arm: Arm) -> dict[str, list[dict]]:
+        from seqcpo.evaluation import read_generations
+
+        by_dec: dict[str, list[dict]] = {}
+        for r in read_generations(self.arm_dir(arm) / "generate" / "generations.jsonl"):
+            by_dec.setdefault(r["decoding"], []).append(r)
+        return by_dec
+
     def evaluate(self, arm: Arm) -> dict:
-        from seqcpo.evaluation import (
-            distinct_n,
-            head_to_head,
-            mauve_score,
-            read_generations,
-            repeated_ngram_rate,
-            rouge_l,
-            summarize,
-            summarize_by_category,
-            win_rate_vs_gold,
-        )
-        from seqcpo.evaluation import metrics as eval_metrics
+        from seqcpo.evaluation.evaluate import TextFeatures, compare, judge_summary, score_model
 
         folder = self.arm_dir(arm) / "evaluate"
         fp = self.evaluate_fp(arm)
@@ -523,61 +469,36 @@ class _Runner:
             logger.info("grid: %s: evaluated already, skipped", arm.name)
             return done
         ev = self.grid.eval
-        progress = bool(ev["progress"])
         gen_folder = self.arm_dir(arm) / "generate"
         if read_done(gen_folder) is None:
             raise GridError(f"{self.grid.path}: arm {arm.name!r} has no finished generations to evaluate")
         logger.info("grid: %s: evaluating", arm.name)
         t0 = time.perf_counter()
-        rows = read_generations(gen_folder / "generations.jsonl")
+        rows = self._generations(arm)
+        configs = [c for c in _decoding_configs(ev, 1) if c.name in rows]
         ppl = json.loads((gen_folder / "gold_ppl.json").read_text(encoding="utf-8"))
         judge = self.judge()
+        model_path = next((r["model_path"] for rs in rows.values() for r in rs), None)
+        features = TextFeatures(progress=ev.progress) if ev.mauve == "minilm" else None
+        runs, judgments = score_model(arm.name, model_path, arm.alpha, rows, configs, ppl, judge, ev, features)
+        h2h = []
         base = self._baseline_for(arm)
-        base_rows = None
         if base is not None and read_done(self.arm_dir(base) / "generate") is not None:
-            base_rows = read_generations(self.arm_dir(base) / "generate" / "generations.jsonl")
+            base_judged = self.arm_dir(base) / "evaluate" / "judgments.jsonl"
+            base_vs_gold = ([json.loads(line) for line in base_judged.read_text(encoding="utf-8").splitlines()]
+                            if base_judged.is_file() else [])
+            h2h, more = compare(judge, arm.name, base.name, rows, self._generations(base), ev,
+                                vs_gold=judgments + base_vs_gold)
+            judgments += more
         elif base is not None:
             logger.warning("grid: %s: baseline %s has no generations yet; head-to-head left for a rerun",
                            arm.name, base.name)
-        runs, h2h, judgments = [], [], []
-        for dec in (c.name for c in _decoding_configs(ev, 1)):  # the names generation wrote
-            rs = [r for r in rows if r["decoding"] == dec]
-            refs, gens = [r["reference"] for r in rs], [r["generation"] for r in rs]
-            run = {"label": arm.name, "model": rs[0]["model_path"] if rs else None, "alpha": arm.alpha,
-                   "decoding": dec, "decoding_config": rs[0]["config"] if rs else None, "num_items": len(rs),
-                   "win_rate_vs_gold": None, "win_rate_by_category": {}, "mauve": None}
-            if judge is not None:
-                items = win_rate_vs_gold(judge, rs, order=ev["order"], seed=int(ev["order_seed"]), progress=progress)
-                run["win_rate_vs_gold"] = summarize(items).to_dict()
-                run["win_rate_by_category"] = {k: v.to_dict() for k, v in summarize_by_category(items).items()}
-                judgments += [dict(i.to_dict(), kind="vs_gold", model=arm.name, decoding=dec) for i in items]
-            if ev["mauve"] == "minilm" and rs:
-                feats = eval_metrics.minilm_features(refs + gens, progress=progress)
-                try:
-                    run["mauve"] = mauve_score(feats[: len(refs)], feats[len(refs):], featurizer="minilm").to_dict()
-                except Exception as e:  # a degenerate feature set must not sink the whole grid
-                    run["mauve_error"] = f"MAUVE failed: {type(e).__name__}: {e}"
-                    logger.warning("grid: %s / %s: %s", arm.name, dec, run["mauve_error"])
-            run["rouge_l"] = rouge_l(gens, refs)
-            for n in (1, 2, 3):
-                run[f"distinct_{n}"] = distinct_n(gens, n)
-            run["rep_4"] = repeated_ngram_rate(gens, 4)
-            run["mean_tokens"] = sum(r.get("num_tokens", 0) for r in rs) / max(1, len(rs))
-            run["gold_ppl"] = ppl
-            runs.append(run)
-            if judge is not None and base_rows is not None:
-                brs = [r for r in base_rows if r["decoding"] == dec]
-                items = head_to_head(judge, rs, brs, order=ev["order"], seed=int(ev["order_seed"]), progress=progress)
-                h2h.append({"a": arm.name, "b": base.name, "decoding": dec, "win_rate": summarize(items).to_dict(),
-                            "by_category": {k: v.to_dict() for k, v in summarize_by_category(items).items()}})
-                judgments += [dict(i.to_dict(), kind="head_to_head", model=arm.name, opponent=base.name,
-                                   decoding=dec) for i in items]
-        seconds = round(time.perf_counter() - t0, 1)
         atomic_write_json(folder / "results.json", {
-            "runs": runs, "head_to_head": h2h, "judge": judge.describe() if judge is not None else None,
+            "runs": runs, "head_to_head": h2h, "judge": judge_summary(judge, ev),
             "judge_stats": dict(getattr(judge, "stats", {}) or {}) if judge is not None else {}})
         atomic_write_jsonl(folder / "judgments.jsonl", judgments)
-        return write_done(folder, "evaluate", fp, {"seconds": seconds, "judged_items": len(judgments)})
+        return write_done(folder, "evaluate", fp, {"seconds": round(time.perf_counter() - t0, 1),
+                                                   "judged_items": len(judgments)})
 
 
 # ----------------------------------------------------------------------------- the report
@@ -604,15 +525,10 @@ def _arm_summary(arm: Arm) -> str:
     return obj
 
 
-def _pct(wr: dict | None) -> str:
-    if not wr or wr.get("rate") is None:
-        return "-"
-    return f"{100 * wr['rate']:.1f} [{100 * wr['ci_low']:.1f}, {100 * wr['ci_high']:.1f}]"
-
-
 def write_grid_report(runner: _Runner, command: str) -> str:
-    """Collect every evaluated arm into ``report.md`` + ``results.json`` (+ the evaluation package's plots)."""
-    from seqcpo.evaluation.report import judge_label, render_markdown, write_plots
+    """Collect every evaluated arm into ``report.md`` + ``results.json`` (+ plots), by the evaluation
+    package's one report writer."""
+    from seqcpo.evaluation.report import write_report
 
     import seqcpo
 
@@ -645,70 +561,26 @@ def write_grid_report(runner: _Runner, command: str) -> str:
             "evaluate_seconds": (read_done(ev_folder) or {}).get("seconds"),
         }
     first = next((a for a in grid.arms if a.name not in missing), grid.arms[0])
-    data_cfg = data_config(first.overrides)
     ev = grid.eval
     results = {
+        "title": f"Grid `{grid.name}`",
+        "command": command,
         "seqcpo_version": seqcpo.__version__,
         "created_utc": _now(),
-        "data": {"dataset": data_cfg.dataset, "task": data_cfg.task, "split": ev["split"],
-                 "num_examples": ev["num_examples"] or "all", "split_seed": data_cfg.split_seed},
+        "data": runner.source(first).describe(),
         "judge": judge_desc,
         "judge_stats": judge_stats,
-        "order": ev["order"],
-        "order_seed": ev["order_seed"],
+        "order": ev.order,
+        "order_seed": ev.order_seed,
+        "mauve": ev.mauve,
         "runs": runs,
         "head_to_head": h2h,
         "grid": {"name": grid.name, "file": grid.path, "command": command, "out_dir": str(out),
                  "base": grid.base, "arms": {a.name: {"kind": a.kind, "overrides": a.overrides} for a in grid.arms},
-                 "ensembles": [dataclasses.asdict(e) for e in grid.ensembles], "eval": ev,
+                 "ensembles": [dataclasses.asdict(e) for e in grid.ensembles], "eval": dataclasses.asdict(ev),
                  "compute": compute, "not_evaluated": missing},
     }
-    results["plots"] = write_plots(results, out) if runs else []
-    atomic_write_json(out / "results.json", results)
-
-    judge = judge_label(judge_desc)
-    jcfg = ev["judge"]
-    lines = [f"# Grid `{grid.name}`", "", f"Regenerate this report (finished stages are skipped): `{command}`", ""]
-    lines.append(f"- grid file: `{grid.path}`, output: `{out}`, created {results['created_utc']}, "
-                 f"seqcpo {seqcpo.__version__}")
-    lines.append(f"- data: {data_cfg.dataset} ({data_cfg.task}), {ev['split']} split, "
-                 f"{ev['num_examples'] or 'all'} examples; decoding: {', '.join(map(str, ev['decoding']))}")
-    lines.append(f"- judge: {judge}")
-    if jcfg["backend"] == "local":
-        lines.append("- **the local judge is weak**: a small LM choosing A/B/C by next-token log-probabilities "
-                     "agrees with people far less than GPT-3.5 did in the paper; read its win rates as a smoke "
-                     "test of the pipeline, not as evidence for or against a method")
-    if jcfg.get("note"):
-        lines.append(f"- judge note: {jcfg['note']}")
-    if ev["mauve"] == "none":
-        lines.append("- MAUVE: off")
-    if missing:
-        lines.append(f"- not evaluated yet: {', '.join(missing)}")
-    lines += ["", "| arm | what | decoding | win vs gold % [95% CI] | n | vs "
-              f"{ev['baseline'] or '-'} % [95% CI] | n | MAUVE (n gold/model) | ROUGE-L | train s | steps | gen s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    h2h_by = {(h["a"], h["decoding"]): h["win_rate"] for h in h2h}
-    for r in runs:
-        c = compute[r["label"]]
-        wr = r.get("win_rate_vs_gold")
-        hw = h2h_by.get((r["label"], r["decoding"]))
-        mv = r.get("mauve")
-        mauve = "-" if not mv else f"{mv['score']:.3f} ({mv['n_p']}/{mv['n_q']}){' (!)' if mv.get('warning') else ''}"
-        train_s = c["train_seconds"] if c["kind"] != "ensemble" else f"({c['ensemble_seconds']} interp.)"
-        gen_s = c["generate_seconds"] if not c["generations_copied_from"] else f"(= {c['generations_copied_from']})"
-        lines.append(
-            f"| {r['label']} | {c['summary']} | `{r['decoding']}` | {_pct(wr)} | {wr['n'] if wr else '-'} | "
-            f"{_pct(hw)} | {hw['n'] if hw else '-'} | {mauve} | {r['rouge_l']:.3f} | "
-            f"{train_s if train_s is not None else '-'} | "
-            f"{c['train_steps'] if c['train_steps'] is not None else '-'} | {gen_s} |"
-        )
-    lines += ["", "Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items. MAUVE marked (!) "
-              "comes from too few samples to discriminate. train s includes model loading; ensemble arms cost an "
-              "interpolation on top of their two endpoints' training; alpha 0 and 1 are bit for bit their endpoints, "
-              "so their generations are copied (gen s \"(= arm)\").", ""]
-    detail = render_markdown(results)  # the evaluation package's full tables and plots, one heading level down
-    lines += ["---", ""] + [("#" + ln if ln.startswith("#") else ln) for ln in detail.splitlines()]
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    write_report(results, out)
     return str(out / "report.md")
 
 
@@ -745,11 +617,10 @@ def _plan(runner: _Runner, command: str) -> str:
             ens = next(e for e in g.ensembles if e.name == arm.ensemble)
             what = f"(1 - {arm.alpha:g}) * {ens.from_arm} + {arm.alpha:g} * {ens.to_arm}"
         lines.append(f" {mark} {arm.name:24s} {what}\n     [{_status(runner, arm)}]")
-    j = ev["judge"]
-    lines.append(f"eval: {ev['split']} split, {ev['num_examples'] or 'all'} examples, decoding "
-                 f"{', '.join(map(str, ev['decoding']))}, judge {j['backend']}"
-                 f"{' ' + str(j.get('model')) if j.get('model') else ''}, MAUVE {ev['mauve']}, "
-                 f"baseline {ev['baseline']}")
+    j = ev.judge
+    lines.append(f"eval: {ev.split} split, {ev.num_examples or 'all'} examples, decoding "
+                 f"{', '.join(map(str, ev.decoding))}, judge {j.backend}{' ' + j.model if j.model else ''}, "
+                 f"MAUVE {ev.mauve}, baseline {ev.baseline}")
     if runner.selected != {a.name for a in g.arms}:
         lines.append("('-' = not selected by --only)")
     return "\n".join(lines)
@@ -799,7 +670,7 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
         for arm in arms:
             runner.generate(arm)
     # 3. evaluate, the baseline first (the others meet it head to head)
-    order = sorted((a for a in grid.arms if a.name in selected), key=lambda a: a.name != grid.eval["baseline"])
+    order = sorted((a for a in grid.arms if a.name in selected), key=lambda a: a.name != grid.eval.baseline)
     for arm in order:
         runner.evaluate(arm)
     path = write_grid_report(runner, command)

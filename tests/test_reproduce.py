@@ -201,7 +201,7 @@ def test_shipped_grid_files_load_and_dry_run(name, capsys, monkeypatch, tmp_path
     assert first.startswith("# seqcpo reproduce configs/"), "each grid starts with the command that runs it"
     monkeypatch.chdir(tmp_path)  # out_dir is relative: nothing is written into the repository
     grid = load_grid(path)
-    assert grid.eval["baseline"] in [a.name for a in grid.arms]
+    assert grid.eval.baseline in [a.name for a in grid.arms]
     run_grid(path, dry_run=True)
     assert "arms:" in capsys.readouterr().out
 

@@ -26,7 +26,7 @@ class JudgeConfig:
 
     backend: str = field(default="none", metadata={"help": "none | local (a causal LM by answer log-probs) | "
                                                             "openai (an OpenAI-compatible API).",
-                                                    "choices": JUDGE_BACKENDS})
+                                                    "allowed": JUDGE_BACKENDS})
     model: Optional[str] = field(default=None, metadata={
         "help": "openai: the model name sent to the API; local: checkpoint folder or name."})
     url: Optional[str] = field(default=None, metadata={
@@ -83,7 +83,7 @@ class EvalConfig:
     data_config: Optional[str] = field(default=None, metadata={
         "help": "YAML with DataConfig fields (top level or under 'data:')."})
     # -- what to generate
-    split: str = field(default="test", metadata={"help": "Data split to evaluate.", "choices": SPLITS})
+    split: str = field(default="test", metadata={"help": "Data split to evaluate.", "allowed": SPLITS})
     num_examples: int = field(default=64, metadata={
         "help": "First N examples of the split; 0 = all (negative numbers are refused).", "check": ">=0"})
     decoding: list[str] = field(default_factory=lambda: ["greedy"], metadata={
@@ -93,17 +93,17 @@ class EvalConfig:
         "check": ">=1"})
     seed: int = field(default=0, metadata={"help": "Base sampling seed of the decoding configs."})
     batch_size: int = field(default=16, metadata={"help": "Generation batch size.", "check": ">=1"})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype.", "choices": DTYPES})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype.", "allowed": DTYPES})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, or auto."})
     # -- how to score
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "The pairwise judge (JudgeConfig)."})
     order: str = field(default="both", metadata={
         "help": "both: judge each pair in both orders (disagreement = tie); random: one seeded order.",
-        "choices": ORDERS})
+        "allowed": ORDERS})
     order_seed: int = field(default=0, metadata={"help": "Seed of order random."})
     mauve: str = field(default="minilm", metadata={
         "help": "MAUVE features: all-MiniLM-L6-v2, the evaluated model's mean-pooled hidden states, or none.",
-        "choices": MAUVE_FEATURES})
+        "allowed": MAUVE_FEATURES})
     ppl: bool = field(default=True, metadata={"help": "Gold-continuation perplexity of each model."})
     baseline: Optional[str] = field(default=None, metadata={
         "help": "Grid: the arm every other arm meets head to head (needs a judge)."})
@@ -164,7 +164,7 @@ def config_reference_lines() -> list[str]:
                 default = type(made).__name__ + "()" if dataclasses.is_dataclass(made) else repr(made)
             else:
                 default = ""
-            rule = rules.get(f.name) or ("one of " + ", ".join(f.metadata["choices"]) if "choices" in f.metadata
+            rule = rules.get(f.name) or ("one of " + ", ".join(f.metadata["allowed"]) if "allowed" in f.metadata
                                           else "")
             rule = f"`{rule}`" if rule else ""
             help_text = f.metadata.get("help", "").replace("|", "\\|")

@@ -315,13 +315,14 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 parse_overrides = parse_cli_overrides
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SeqCPOConfig:
-    """Read a YAML file, apply overrides, check every key, type and range, and build the config.
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                where: str = "command line") -> SeqCPOConfig:
+    """Read a YAML file, apply overrides (from ``where``), check every key, type and range, build the config.
 
     One loader for every command (:func:`seqcpo.config_loader.load_dataclass`): unknown keys and wrong
     types fail with the file and field named (and a close match suggested).
     """
-    return load_dataclass(SeqCPOConfig, path, overrides)
+    return load_dataclass(SeqCPOConfig, path, overrides, where=where)
 
 
 def save_config(cfg: SeqCPOConfig, path: str | os.PathLike) -> None:
