@@ -230,6 +230,38 @@ def judge_summary(judge, cfg: EvalConfig) -> dict | None:
     return desc
 
 
+def evaluate_model(label: str, rows: dict[str, list[dict]], configs, ppl: dict | None, judge, cfg: EvalConfig,
+                   alpha: float | None = None, baseline: tuple[str, dict, list[dict]] | None = None,
+                   text_features: TextFeatures | None = None) -> tuple[dict, list[dict]]:
+    """One model's part of a results dict (a grid's evaluate stage): its runs, and with ``baseline`` =
+    (name, its rows by decoding, its judgments against the gold) its head-to-head with that model.
+
+    Returns ``({"runs", "head_to_head", "judge", "judge_stats"}, judgments)``.
+    """
+    model_path = next((r["model_path"] for rs in rows.values() for r in rs), None)
+    if text_features is None and cfg.mauve == "minilm":
+        text_features = TextFeatures(progress=cfg.progress)
+    runs, judgments = score_model(label, model_path, alpha, rows, configs, ppl, judge, cfg, text_features)
+    h2h = []
+    if baseline is not None and judge is not None:
+        name, base_rows, base_vs_gold = baseline
+        h2h, more = compare(judge, label, name, rows, base_rows, cfg, vs_gold=judgments + list(base_vs_gold))
+        judgments += more
+    part = {"runs": runs, "head_to_head": h2h, "judge": judge_summary(judge, cfg),
+            "judge_stats": dict(getattr(judge, "stats", {}) or {}) if judge is not None else {}}
+    return part, judgments
+
+
+def rows_by_decoding(path) -> dict[str, list[dict]]:
+    """The rows of a generations file grouped by decoding name (file order kept)."""
+    from seqcpo.evaluation.generate import read_generations
+
+    by_dec: dict[str, list[dict]] = {}
+    for r in read_generations(path):
+        by_dec.setdefault(r["decoding"], []).append(r)
+    return by_dec
+
+
 def results_header(data: dict, judge, cfg: EvalConfig) -> dict:
     """The part of a results dict that describes the evaluation (before runs and head-to-heads)."""
     import seqcpo
