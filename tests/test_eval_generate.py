@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_tiny_gpt2, make_tiny_llama, make_toy_tokenizer
 from seqcpo.evaluation.generate import (
-    GenerationConfig,
+    DecodingConfig,
     generate_continuations,
     parse_decoding,
     read_generations,
@@ -62,7 +62,7 @@ def test_parse_decoding_specs():
         with pytest.raises(ValueError):
             parse_decoding(bad)
     with pytest.raises(ValueError):
-        GenerationConfig(strategy="contrastive")
+        DecodingConfig(strategy="contrastive")
 
 
 def test_generation_left_padding_and_resume(checkpoint, examples, tmp_path):

@@ -12,7 +12,8 @@ Typical use from Python::
 From the shell: ``seqcpo generate ...`` and ``seqcpo eval ...`` (see :mod:`seqcpo.evaluation.cli`).
 """
 
-from seqcpo.evaluation.generate import GenerationConfig, generate_continuations, parse_decoding, read_generations
+from seqcpo.decoding import DecodingConfig
+from seqcpo.evaluation.generate import generate_continuations, parse_decoding, read_generations
 from seqcpo.evaluation.judges import (
     LocalJudge,
     OpenAIJudge,
@@ -41,7 +42,7 @@ from seqcpo.evaluation.winrate import (
 )
 
 __all__ = [
-    "GenerationConfig",
+    "DecodingConfig",
     "ItemResult",
     "LocalJudge",
     "MauveResult",

@@ -28,18 +28,18 @@ import json
 import logging
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from seqcpo.decoding import DecodingConfig
 from seqcpo.padding import pad_batch
 from seqcpo.types import Example
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("greedy", "sample", "beam")
 _KEY_ALIASES = {
     "t": "temperature",
     "temperature": "temperature",
@@ -56,58 +56,11 @@ _KEY_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
-    """One decoding configuration.
-
-    Attributes:
-        name: the label in generation files and reports (by default the spec it was parsed from).
-        strategy: "greedy", "sample" or "beam".
-        temperature: softmax temperature (sample only).
-        top_k: keep the k most likely tokens, 0 = off (sample only).
-        top_p: nucleus mass, 1.0 = off (sample only).
-        num_beams: beam width (beam only).
-        max_new_tokens: generation length cap.
-        seed: base seed for sampling.
-    """
-
-    name: str = "greedy"
-    strategy: str = "greedy"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_beams: int = 1
-    max_new_tokens: int = 64
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.strategy == "sample" and self.temperature <= 0:
-            raise ValueError("sampling needs temperature > 0; use the 'greedy' strategy for argmax decoding")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.num_beams < 1 or (self.strategy == "beam" and self.num_beams < 2):
-            raise ValueError(f"beam search needs num_beams >= 2 (got {self.num_beams}); use 'greedy' for 1")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``transformers.GenerationConfig``."""
-        if self.strategy == "greedy":
-            return {"do_sample": False, "num_beams": 1}
-        if self.strategy == "beam":
-            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True}
-        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
-
-
-def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> GenerationConfig:
-    """Parse a compact decoding spec into a :class:`GenerationConfig`.
+def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> DecodingConfig:
+    """Parse a compact decoding spec into a :class:`DecodingConfig`.
 
     >>> parse_decoding("sample:t=0.7,p=0.9")
-    GenerationConfig(name='sample:t=0.7,p=0.9', strategy='sample', temperature=0.7, top_k=0, top_p=0.9, num_beams=1, max_new_tokens=64, seed=0)
+    DecodingConfig(strategy='sample', temperature=0.7, top_k=0, top_p=0.9, num_beams=1, temperatures=None, max_new_tokens=64, seed=0, name='sample:t=0.7,p=0.9')
     >>> parse_decoding("beam:n=4").num_beams
     4
     >>> parse_decoding("topk:k=50").top_k
@@ -125,8 +78,7 @@ def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> Genera
         fields["strategy"] = "sample"
     else:
         raise ValueError(f"unknown decoding {head!r} in {spec!r}; use greedy, sample, beam, topk or topp")
-    if head == "beam":
-        fields["num_beams"] = 4
+    fields["num_beams"] = 4 if head == "beam" else 1
     for part in filter(None, (p.strip() for p in tail.split(","))):
         key, eq, value = part.partition("=")
         key = key.strip().lower()
@@ -138,7 +90,7 @@ def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> Genera
         raise ValueError(f"{spec!r}: topk needs k=K")
     if head in ("topp", "nucleus") and "top_p" not in fields:
         raise ValueError(f"{spec!r}: {head} needs p=P")
-    return GenerationConfig(name=spec, **fields)
+    return DecodingConfig(name=spec, **fields)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -293,7 +245,7 @@ def example_id(example: Example, index: int) -> str:
 
 
 @torch.no_grad()
-def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: GenerationConfig, pad_id: int,
+def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: DecodingConfig, pad_id: int,
                    eos_ids: int | Sequence[int] | None) -> list[list[int]]:
     """Generate one batch. Returns the new token ids of each row, cut at the first eos (eos excluded)."""
     if eos_ids is None:
@@ -327,7 +279,7 @@ def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: Generatio
 def generate_continuations(
     model_path: str,
     examples: Sequence[Example],
-    configs: Sequence[GenerationConfig],
+    configs: Sequence[DecodingConfig],
     out_path: str | os.PathLike,
     batch_size: int = 16,
     model_label: str | None = None,
