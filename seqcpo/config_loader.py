@@ -234,6 +234,10 @@ def _coerce(name, value, tp, where, default):
         for m in sorted(members, key=_member_order):
             try:
                 return _coerce(name, value, m, where, default)
+            except ConfigError:
+                if len(members) == 1:
+                    raise  # Optional[list[float]]: the item's own message
+                errors.append(f"expected {_type_name(m)}")
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
         raise ValueError(errors[0] if len(errors) == 1 else "expected " + " or ".join(_type_name(m) for m in members))
@@ -357,7 +361,8 @@ def check_fields(obj) -> None:
 
 def check_output_dir(path: str | os.PathLike, option: str) -> None:
     """ConfigError naming ``option`` when ``path`` cannot become a writable folder: it (or a parent) is a
-    file, or the nearest existing parent is not writable."""
+    file, or it (or, when it does not exist yet, its parent) exists and is not writable. A path whose
+    parents do not exist yet passes (a config written here may run on another machine)."""
     p = os.path.abspath(os.fspath(path))
     if os.path.exists(p) and not os.path.isdir(p):
         raise ConfigError(f"{option} {path}: is a file, not a folder")
@@ -369,7 +374,7 @@ def check_output_dir(path: str | os.PathLike, option: str) -> None:
         parent = up
     if not os.path.isdir(parent):
         raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if parent in (p, os.path.dirname(p)) and not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path}: {parent} is not writable")
 
 

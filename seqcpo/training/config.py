@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 from transformers import TrainingArguments
 
-from seqcpo.config_loader import ConfigError, check_fields, load_dataclass, parse_cli_overrides
+from seqcpo.config_loader import ConfigError, check_fields, check_output_dir, load_dataclass, parse_cli_overrides
 from seqcpo.data.config import DataConfig
 from seqcpo.negatives.registry import OPTIONS as NEGATIVE_OPTIONS
 from seqcpo.negatives.registry import resolve_an_backend
@@ -207,6 +207,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             raise ConfigError(f"{name}={value!r}: {msg}")
 
         check_fields(self)  # floats finite, the declared ranges (num_negatives >= 1, beta > 0, ...)
+        check_output_dir(self.output_dir, "output_dir")
         if self.objective not in OBJECTIVES:
             bad("objective", f"choose one of {', '.join(OBJECTIVES)}")
         if self.reference_dtype not in (None, "float32", "bfloat16", "float16"):
