@@ -24,7 +24,6 @@ Rules (the paper leaves them open; these are ours):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import defaultdict
@@ -112,22 +111,18 @@ def combine_orders(as_a: str | None, as_b: str | None) -> str | None:
 def debiased_outcome(verdicts: Sequence[Verdict], positions: Sequence[str], tie_margin: float = 0.0) -> str | None:
     """Outcome from a judge's answer log-probs summed over both orders (see the module docstring).
 
-    Each verdict's ``raw`` is JSON with ``{"logp": {"A": .., "B": .., "tie": ..}}``; the candidate stood at
-    ``positions[i]`` in verdict i.
+    Each verdict carries its answer log-probs ``logp = {"A": .., "B": .., "tie": ..}``; the candidate stood at
+    ``positions[i]`` in verdict i. A verdict without them (an API judge's) fails the item.
 
-    >>> import json
-    >>> v = lambda a, b: Verdict("A", raw=json.dumps({"logp": {"A": a, "B": b, "tie": -9.0}}))
+    >>> v = lambda a, b: Verdict("A", logp={"A": a, "B": b, "tie": -9.0})
     >>> debiased_outcome([v(-0.1, -2.5), v(-0.2, -1.0)], ["A", "B"])  # +2.4 as A, -0.8 as B: net +1.6
     'win'
     """
     total = 0.0
     for v, pos in zip(verdicts, positions):
-        if v.winner is None:
+        if v.winner is None or v.logp is None:
             return None
-        try:
-            logp = json.loads(v.raw)["logp"]
-        except (TypeError, ValueError, KeyError):
-            return None
+        logp = v.logp
         other = "B" if pos == "A" else "A"
         total += logp[pos] - logp[other]
     if total > tie_margin:
