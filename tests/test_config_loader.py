@@ -212,3 +212,12 @@ def test_config_reference_lists_ranges_and_eval_fields():
     text = config_reference()
     assert "| `beta` | `0.1` | `>0` |" in text and "| `an_backend` | `'auto'` |" in text
     assert "### `EvalConfig`" in text and "| `tie_margin` | `0.0` | `>=0` |" in text
+
+
+def test_a_saved_config_loads_again_to_the_same_values(tmp_path):
+    from seqcpo.training.config import save_config
+
+    cfg = _cfg(tmp_path, "save_strategy: no\nmn_c_range: [0.1, 0.3]\n", ["--an_temperatures", "1,2,3,4", "--beta", "0.2"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml", {"use_cpu": True})
+    assert again.to_public_dict() == cfg.to_public_dict()

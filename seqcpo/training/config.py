@@ -305,7 +305,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
                 out[f.name] = v
             elif isinstance(v, (list, tuple)):
                 out[f.name] = [x.value if hasattr(x, "value") else x for x in v]
-            elif isinstance(v, dict):
+            elif isinstance(v, dict) or (dataclasses.is_dataclass(v) and not isinstance(v, type)):
+                # a nested dataclass (accelerator_config) as its fields, so the saved config loads again
+                v = v if isinstance(v, dict) else dataclasses.asdict(v)
                 out[f.name] = {k: x for k, x in v.items() if not _is_secret(k)}
             else:
                 out[f.name] = str(v)
