@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from seqcpo.config_loader import ConfigError, check_output_dir, coerce, read_yaml, resolve, unknown_key_error
-from seqcpo.evaluation.config import EvalConfig
+from seqcpo.evaluation.config import EvalConfig, check_judge
 from seqcpo.io import atomic_write_json, atomic_write_jsonl
 from seqcpo.training.config import load_config
 
@@ -578,6 +578,10 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
     if dry_run:
         print(_plan(runner, command))
         return str(grid.out_dir / "report.md")
+    try:  # a judge that cannot work fails now, before any training
+        check_judge(grid.eval.judge)
+    except ValueError as e:
+        raise GridError(f"{grid.path}: eval.{e}") from None
     grid.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # 1-2. train and generate, arm by arm (an ensemble after both its endpoints)

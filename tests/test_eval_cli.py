@@ -276,3 +276,17 @@ def test_head_to_head_has_a_paired_interval_in_results_and_report(tmp_path):
                                                          0.5 + 1.959964 * (1 / 3) ** 0.5 / 2), abs=1e-5)
     report = render_markdown({"runs": runs, "head_to_head": [h2h], "judge": judge.describe()})
     assert "paired diff vs gold" in report and "+50.0 [-6.6, +106.6]" in report
+
+
+def test_a_local_judge_that_cannot_load_fails_before_generation(setup, monkeypatch):
+    from seqcpo.evaluation import generate as gen
+
+    root, cfg, models, _ = setup
+
+    def no_generation(*a, **k):
+        raise AssertionError("generation started before the judge was checked")
+
+    monkeypatch.setattr(gen, "generate_continuations", no_generation)
+    with pytest.raises(SystemExit, match=r"judge.model \(--judge-model\) .*no-such-judge: cannot load it"):
+        _run(["eval", "--models", models[0], "--data-config", str(cfg), "--judge", "local", "--judge-model",
+              str(root / "no-such-judge"), "--out", str(root / "out_badjudge"), "--no-progress"])

@@ -280,3 +280,10 @@ def test_grid_eval_counts_and_out_dir_are_validated(assets, tmp_path):
     Path(path).write_text(yaml.safe_dump(raw))
     with pytest.raises(GridError, match=r"ensembles\[0\]: field 'alphas\[1\]': 'nan' is not valid"):
         load_grid(path)
+
+
+def test_a_grid_judge_that_cannot_load_fails_before_training(assets, tmp_path):
+    grid = _grid(assets, tmp_path, judge={"backend": "local", "model": str(tmp_path / "no-such-judge")})
+    with pytest.raises(GridError, match=r"eval.judge.model \(--judge-model\) .*no-such-judge: cannot load it"):
+        run_grid(grid)
+    assert not (tmp_path / "out" / "arms").exists()

@@ -144,6 +144,20 @@ def make_judge(cfg: JudgeConfig, default_cache_dir: str):
                        prompt_path=cfg.prompt, cache_dir=cfg.cache or default_cache_dir, **kwargs)
 
 
+def check_judge(cfg: JudgeConfig) -> None:
+    """Fail before any generation when the judge cannot work: an API judge's options (by building it), a local
+    judge's model (by loading its tokenizer, which finds a missing folder or name). ValueError names the option."""
+    if cfg.backend == "local":
+        if not cfg.model:
+            raise ValueError("judge.model (--judge-model): the local judge needs a checkpoint folder or name")
+        from seqcpo.evaluation.generate import load_tokenizer_only
+
+        try:
+            load_tokenizer_only(cfg.model)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"judge.model (--judge-model) {cfg.model}: cannot load it ({str(e).splitlines()[0]})") from None
+
+
 def config_reference_lines() -> list[str]:
     """Markdown tables of :class:`EvalConfig` and :class:`JudgeConfig` (part of ``docs/CONFIG.md``)."""
     from seqcpo.config_loader import field_rules

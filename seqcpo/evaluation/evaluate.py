@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from seqcpo.evaluation.config import EvalConfig, make_judge
+from seqcpo.evaluation.config import EvalConfig, check_judge, make_judge
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +290,7 @@ def evaluate(cfg: EvalConfig, data, labels: list[str], alphas: list[float | None
                 raise ValueError(f"--head-to-head {x} {y}: {name!r} is not one of the labels {labels} or --models")
     cache_dir = str(out / "judge_cache")
     judge = make_judge(cfg.judge, cache_dir) if cfg.judge.backend == "openai" else None
+    check_judge(cfg.judge)  # a local judge that cannot load fails now, not after hours of generation
     check_metric_dependencies(cfg.mauve)
     source = ExampleSource(data, cfg.split, cfg.num_examples)
     configs = decoding_configs(cfg, source.default_max_new_tokens())
