@@ -581,7 +581,7 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
     try:  # a judge that cannot work fails now, before any training
         check_judge(grid.eval.judge)
     except ValueError as e:
-        raise GridError(f"{grid.path}: eval.{e}") from None
+        raise GridError(f"{grid.path}: eval.judge: {e}") from None
     grid.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # 1-2. train and generate, arm by arm (an ensemble after both its endpoints)

@@ -287,6 +287,6 @@ def test_a_local_judge_that_cannot_load_fails_before_generation(setup, monkeypat
         raise AssertionError("generation started before the judge was checked")
 
     monkeypatch.setattr(gen, "generate_continuations", no_generation)
-    with pytest.raises(SystemExit, match=r"judge.model \(--judge-model\) .*no-such-judge: cannot load it"):
+    with pytest.raises(SystemExit, match=r"--judge-model .*no-such-judge: not a loadable checkpoint"):
         _run(["eval", "--models", models[0], "--data-config", str(cfg), "--judge", "local", "--judge-model",
               str(root / "no-such-judge"), "--out", str(root / "out_badjudge"), "--no-progress"])

@@ -284,6 +284,6 @@ def test_grid_eval_counts_and_out_dir_are_validated(assets, tmp_path):
 
 def test_a_grid_judge_that_cannot_load_fails_before_training(assets, tmp_path):
     grid = _grid(assets, tmp_path, judge={"backend": "local", "model": str(tmp_path / "no-such-judge")})
-    with pytest.raises(GridError, match=r"eval.judge.model \(--judge-model\) .*no-such-judge: cannot load it"):
+    with pytest.raises(GridError, match=r"eval.judge: --judge-model .*no-such-judge: not a loadable checkpoint"):
         run_grid(grid)
     assert not (tmp_path / "out" / "arms").exists()

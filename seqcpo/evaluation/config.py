@@ -145,17 +145,18 @@ def make_judge(cfg: JudgeConfig, default_cache_dir: str):
 
 
 def check_judge(cfg: JudgeConfig) -> None:
-    """Fail before any generation when the judge cannot work: an API judge's options (by building it), a local
-    judge's model (by loading its tokenizer, which finds a missing folder or name). ValueError names the option."""
+    """Fail before any generation when the judge cannot work (a local judge's model that does not load: its
+    tokenizer is read). ValueError names the option. (evalmod's ``judges.check_judge`` checks more; this is
+    the typed entry point the CLI and the grid call.)"""
     if cfg.backend == "local":
         if not cfg.model:
-            raise ValueError("judge.model (--judge-model): the local judge needs a checkpoint folder or name")
+            raise ValueError("--judge local needs --judge-model PATH (a local causal LM checkpoint or name)")
         from seqcpo.evaluation.generate import load_tokenizer_only
 
         try:
             load_tokenizer_only(cfg.model)
         except (OSError, ValueError) as e:
-            raise ValueError(f"judge.model (--judge-model) {cfg.model}: cannot load it ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"--judge-model {cfg.model}: not a loadable checkpoint ({str(e).splitlines()[0]})") from None
 
 
 def config_reference_lines() -> list[str]:
