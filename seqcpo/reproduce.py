@@ -306,7 +306,7 @@ class _Runner:
 
         overrides = {**arm.overrides, "output_dir": str(folder)}
         if any(folder.glob("checkpoint-*")) and "resume_from_checkpoint" not in overrides:
-            overrides["resume_from_checkpoint"] = True  # an interrupted training run: resume it
+            overrides["resume_from_checkpoint"] = "auto"  # an interrupted run: resume it (afresh if all are torn)
         logger.info("grid: %s: training", arm.name)
         result = training_run.train(load_config(None, overrides, where=f"arms.{arm.name}"))
         info = {"checkpoint": result["final_checkpoint"], "steps": result["steps"], "seconds": result["seconds"],
