@@ -364,7 +364,10 @@ def config_reference() -> str:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "").replace("|", "\\|")
-        rule = f"`{rules[f.name]}`" if f.name in rules else ""
+        key = f.metadata.get("negative_option")
+        choices = NEGATIVE_OPTIONS[key].choices if key else None
+        rule = rules.get(f.name) or ("one of " + ", ".join(choices) if choices else "")
+        rule = f"`{rule}`" if rule else ""
         lines.append(f"| `{f.name}` | `{default!r}` | {rule} | {help_text} |")
     lines += ["", "Ranges checked on `TrainingArguments` fields: "
               + ", ".join(f"`{k}` `{v}`" for k, v in _TRAINING_ARGS_CHECKS.items()) + ".", ""]
