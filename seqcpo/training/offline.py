@@ -202,6 +202,7 @@ def make_offline_negatives(
         "num_shards": n_shards,
         "shard_size": shard_size,
         "complete": False,
+        "world_size": world,  # of the run that wrote this manifest; the rows do not depend on it
     }
     if state.is_main_process:
         if decision == "replan":
