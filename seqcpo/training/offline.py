@@ -15,7 +15,7 @@ float64, gold first). ``datasets.load_dataset("parquet", data_files=...)`` reads
 
 Many processes (``accelerate launch -m seqcpo.cli negatives ...``): shard ``s`` is made by rank
 ``s % world_size``; a shard's seed depends only on ``(seed, s)``, so the rows are the same for any number of
-processes. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
+processes. With AN on vLLM each process runs its own engine on its own GPU. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
 ``<plan>`` is the fingerprint of everything that decides the content (model, data and its example tokens,
 generators, K, seed, batch and shard size, dtype): a resumed run with another shard size or batch size
 re-plans (old shards are deleted), one with other model/data/generator settings is refused. Rank 0 marks the
@@ -224,6 +224,8 @@ def make_offline_negatives(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.to(state.device)
     model.eval()
+    if world > 1 and cfg.negative_options(offline=True).get("an_backend") == "vllm":
+        _one_gpu_per_engine(state.local_process_index)
     gen = build_negative_generator(
         cfg.negatives, cfg.num_negatives, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
         options=cfg.negative_options(offline=True),
@@ -276,6 +278,15 @@ def make_offline_negatives(
         atomic_write_json(manifest_path, manifest)
     state.wait_for_everyone()
     return _finish(_read_manifest(out_dir), owned_group)
+
+
+def _one_gpu_per_engine(local_rank: int) -> None:
+    """vLLM's engine runs in a child process on the first visible GPU: show each rank's child only its own
+    GPU, so N processes run N engines on N GPUs instead of N engines on GPU 0 (set before the engine starts)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if local_rank < len(devices):
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[local_rank]
 
 
 def _expected_ids(examples: Sequence[Example], s: int, shard_size: int) -> list[str]:
