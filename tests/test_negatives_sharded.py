@@ -140,6 +140,15 @@ def test_kill_then_resume_with_another_shard_size_is_complete_and_correct(setup)
     man, rows = _rows(out)
     assert man["shard_size"] == 16 and len(rows) == n_ids
 
+    # a shard lost from a finished folder: training names the fix, and that fix (the same command) works
+    lost = man["shards"][0]["file"]
+    os.remove(out / lost)
+    with pytest.raises(ValueError, match=f"{lost} is missing; run the same `seqcpo negatives` command again"):
+        read_offline_negatives(str(out), cfg)
+    make_negatives(cfg, str(out), shard_size=16)
+    man, rows = _rows(out)
+    assert (out / lost).exists() and len(rows) == n_ids
+
     # a folder made with other generators is refused, not overwritten
     with pytest.raises(ValueError, match="other settings"):
         make_negatives(_config(setup, negatives="tn:2"), str(out), shard_size=16)

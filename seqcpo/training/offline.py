@@ -193,7 +193,13 @@ def make_offline_negatives(
 
     os.makedirs(out_dir, exist_ok=True)
     # every rank decides from the same manifest (before rank 0 rewrites it), so all refuse or go on together
-    decision = _plan_decision(_read_manifest(out_dir), settings, out_dir)
+    old = _read_manifest(out_dir)
+    decision = _plan_decision(old, settings, out_dir)
+    # a finished folder is returned as is only while every shard still holds its rows (checked by every rank
+    # from the files, so all ranks agree); a deleted or damaged shard is remade below
+    if decision == "same" and old.get("complete") and _shards_hold(examples, out_dir, names, shard_size):
+        state.wait_for_everyone()
+        return _finish(old, owned_group)
     state.wait_for_everyone()
     manifest = {
         "fingerprint": fp,
@@ -207,19 +213,15 @@ def make_offline_negatives(
     if state.is_main_process:
         if decision == "replan":
             logger.warning("%s was planned with other shard/batch sizes: discarding its shards and re-planning", out_dir)
-        if decision != "same" or not (_read_manifest(out_dir) or {}).get("complete"):
-            # the manifest is rewritten incomplete before any shard changes, so a kill from here on never
-            # leaves a folder marked complete
-            atomic_write_json(manifest_path, manifest)
+        # the manifest is rewritten incomplete before any shard changes, so a kill from here on never leaves
+        # a folder marked complete
+        atomic_write_json(manifest_path, manifest)
         keep = set(names)
         for f in os.listdir(out_dir):
             stale_shard = f.startswith("shard-") and f.endswith(".parquet") and f not in keep
             if stale_shard or (f.startswith(".shard-") and f.endswith(".tmp")):
                 os.remove(os.path.join(out_dir, f))
     state.wait_for_everyone()
-    old = _read_manifest(out_dir) or {}
-    if decision == "same" and old.get("complete"):
-        return _finish(old, owned_group)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.to(state.device)
@@ -293,6 +295,10 @@ def _expected_ids(examples: Sequence[Example], s: int, shard_size: int) -> list[
     return [str(ex.meta.get("id")) for ex in examples[s * shard_size : (s + 1) * shard_size]]
 
 
+def _shards_hold(examples, out_dir: str, names: list[str], shard_size: int) -> bool:
+    return all(_shard_ids(os.path.join(out_dir, n)) == _expected_ids(examples, s, shard_size) for s, n in enumerate(names))
+
+
 def _verified_manifest(manifest: dict, examples, out_dir: str, names: list[str], shard_size: int) -> dict:
     """The manifest marked complete, once every shard holds exactly its examples' ids; raises otherwise."""
     shards = []
@@ -341,7 +347,10 @@ class OfflineNegatives(Mapping):
             "parquet", data_files=files, split="train", cache_dir=os.path.join(cache_dir(), "datasets")
         )
         ids = self.table.data.column("id")
-        hashes = np.fromiter((_id_hash(str(x)) for x in ids.to_pylist()), dtype=np.uint64, count=len(ids))
+        # chunk by chunk: never a Python list of every id
+        hashes = np.fromiter(
+            (_id_hash(str(x)) for chunk in ids.chunks for x in chunk.to_pylist()), dtype=np.uint64, count=len(ids)
+        )
         order = np.argsort(hashes, kind="stable")
         self._hashes = hashes[order]
         self._rows = order.astype(np.int64)
@@ -369,7 +378,7 @@ class OfflineNegatives(Mapping):
         return self.table[r]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(str(x) for x in self.table.data.column("id").to_pylist())
+        return (str(x) for chunk in self.table.data.column("id").chunks for x in chunk.to_pylist())
 
     def __len__(self) -> int:
         return len(self.table)
@@ -420,6 +429,12 @@ def read_offline_negatives(
                 f"negatives_path {path} was made with another {key} ({st.get(key)!r}) than this run's "
                 f"({expected[key]!r}); its reference log-probs would not match. Make a folder for this config: "
                 f"seqcpo negatives --config FILE.yaml --out NEW_DIR (same overrides as this run)"
+            )
+    for shard in manifest.get("shards", []):
+        if not os.path.isfile(os.path.join(path, shard["file"])):
+            raise ValueError(
+                f"negatives_path {path}: {shard['file']} is missing; run the same `seqcpo negatives` command again "
+                "(it checks every shard and remakes the missing ones)"
             )
     rows = OfflineNegatives(path, manifest)
     if examples is not None:
