@@ -159,8 +159,8 @@ def _plan_decision(old: dict | None, settings: dict[str, Any], out_dir: str) -> 
     if all(k in PLAN_KEYS for k in differ):
         return "replan"
     raise ValueError(
-        f"{out_dir} holds negatives made with other settings ({', '.join(differ)} differ: model, data, "
-        "generators, K or seed); choose a new --out folder or delete this one"
+        f"{out_dir} holds negatives made with other settings ({', '.join(differ)} differ from this run's); "
+        "choose a new --out folder or delete this one"
     )
 
 
