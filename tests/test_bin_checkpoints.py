@@ -199,3 +199,43 @@ def test_open_llama_gets_its_sentencepiece_tokenizer(tmp_path):
     sp_other = tmp_path / "other_llama"
     _tiny_sentencepiece(sp_other)
     assert type(load_tokenizer(str(sp_other))).__name__ == "LlamaTokenizer"
+
+
+def test_hub_repo_with_only_bin_weights_is_converted_from_its_snapshot(tmp_path, cache, monkeypatch):
+    """OpenLLaMA-3B v2's layout, as the Hub cache holds it offline: snapshot files linked to content-named blobs."""
+    pytest.importorskip("sentencepiece")
+    import huggingface_hub.constants
+
+    import seqcpo.models as models
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--org--open_llama_tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    src = tmp_path / "src"
+    model = make_tiny_llama(seed=8)
+    _bin_only(model, src)
+    _tiny_sentencepiece(src / "tok")
+    (src / "tokenizer.model").write_bytes((src / "tok" / "tokenizer.model").read_bytes())
+    (src / "tokenizer_config.json").write_text((src / "tok" / "tokenizer_config.json").read_text())
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in ("config.json", "pytorch_model.bin", "tokenizer.model", "tokenizer_config.json"):
+        blob = repo / "blobs" / f"blob-{f.replace('.', '-')}"
+        blob.write_bytes((src / f).read_bytes())
+        os.symlink(os.path.relpath(blob, snap), snap / f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models._hub_bin_snapshot.cache_clear()
+    try:
+        path = models.resolve_model_path("org/open_llama_tiny")
+        assert path.startswith(str(cache / "models" / "bin-open_llama_tiny-"))
+        assert json.load(open(os.path.join(path, "seqcpo_converted.json")))["source"] == f"org/open_llama_tiny@{commit}"
+        torch.testing.assert_close(models.load_model("org/open_llama_tiny").lm_head.weight, model.lm_head.weight)
+        assert type(models.load_tokenizer("org/open_llama_tiny")).__name__ == "SentencePieceLlamaTokenizer"
+        # an id the cache does not hold passes through unchanged, for transformers to report
+        assert models.resolve_model_path("org/not-cached") == "org/not-cached"
+    finally:
+        models._hub_bin_snapshot.cache_clear()
