@@ -80,6 +80,12 @@ def offline_settings(cfg, num_examples: int, shard_size: int | None = None, dige
     }
 
 
+def shard_seed(seed: int, shard: int) -> int:
+    """The seed of shard ``shard``'s random draws: a function of (seed, shard) only, not of rank or world size."""
+    digest = hashlib.sha256(f"seqcpo-negatives/{seed}/{shard}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def shard_name(plan: str, s: int, n_shards: int) -> str:
     return f"shard-{plan}-{s:05d}-of-{n_shards:05d}.parquet"
 
@@ -176,7 +182,10 @@ def make_offline_negatives(
     """
     from accelerate import PartialState
 
-    from seqcpo.training.trainer import candidate_batch, step_seed
+    try:  # engineer "split" moves candidate_batch to seqcpo.batching; older trees keep it in the trainer
+        from seqcpo.batching import candidate_batch
+    except ImportError:
+        from seqcpo.training.trainer import candidate_batch
 
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size {shard_size!r}: must be an integer >= 1")
@@ -246,7 +255,7 @@ def make_offline_negatives(
     for s in todo:
         shard = examples[s * shard_size : (s + 1) * shard_size]
         # the seed depends on the shard only: the same rows for any number of processes
-        rng = torch.Generator().manual_seed(step_seed(cfg.seed, s, 0, 0))
+        rng = torch.Generator().manual_seed(shard_seed(cfg.seed, s))
         rows = []
         for i in range(0, len(shard), bs):
             chunk = shard[i : i + bs]
