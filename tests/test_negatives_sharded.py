@@ -15,7 +15,6 @@ from conftest import make_tiny_llama, make_toy_tokenizer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-CLI = [sys.executable, "-m", "seqcpo.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +71,10 @@ def _train_ids(setup):
 
 
 def test_two_processes_make_the_rows_of_one(setup):
+    from seqcpo.training.run import make_negatives
+
     root = setup["root"]
-    _run(CLI + ["negatives", "--config", setup["cfg"], "--out", str(root / "one"), "--shard-size", "3"])
+    make_negatives(_config(setup), str(root / "one"), shard_size=3)  # one process: this one
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29527",
