@@ -192,7 +192,7 @@ def make_offline_negatives(
     if not examples:
         raise ValueError("seqcpo negatives: the training split is empty; nothing to make")
     owned_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    state = PartialState(cpu=bool(getattr(cfg, "use_cpu", False)))  # on the GPU(s) unless the config says CPU
+    state = PartialState(cpu=bool(cfg.use_cpu))  # on the GPU(s) unless the config says CPU
     rank, world = state.process_index, state.num_processes
     settings = offline_settings(cfg, len(examples), shard_size, examples_digest(examples))
     fp = _fingerprint(settings)
