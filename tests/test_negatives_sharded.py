@@ -39,6 +39,15 @@ def setup(tmp_path_factory):
     return {"root": root, "cfg": str(cfg)}
 
 
+def _free_port() -> str:
+    """A port no other test run on this machine holds right now (fixed ports collide across parallel runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def _config(setup, **over):
     from seqcpo.training.config import load_config
 
@@ -77,7 +86,7 @@ def test_two_processes_make_the_rows_of_one(setup):
     make_negatives(_config(setup), str(root / "one"), shard_size=3)  # one process: this one
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29527",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
           "-m", "seqcpo.cli", "negatives", "--config", setup["cfg"], "--out", str(root / "two"), "--shard-size", "3"])
     man1, one = _rows(root / "one")
     man2, two = _rows(root / "two")
