@@ -338,8 +338,11 @@ class StreamingExamples(IterableDataset):
                 self.counts[key] = self.counts.get(key, 0) + int(stats[key])
                 if key != "examples" and key not in self._warned:
                     self._warned.add(key)  # the first cut or skip of each kind is said at once, totals later
-                    logger.warning("streaming: %s", "; ".join(describe_counts({key: stats[key], **{
-                        k: v for k, v in stats.items() if k.startswith("max_")}}, self.cfg)))
+                    caps = {k: v for k, v in stats.items() if k.startswith("max_")}
+                    # cutting or dropping over-long text is a warning; short or windowed documents are the norm
+                    level = logging.INFO if key in ("skipped_short", "text_beyond_windows") else logging.WARNING
+                    logger.log(level, "streaming (first read batch with it; totals follow): %s",
+                               "; ".join(describe_counts({key: stats[key], **caps}, self.cfg)))
         for key in ("max_prefix_tokens", "max_continuation_tokens"):
             if key in stats:
                 self.counts[key] = stats[key]
