@@ -251,6 +251,7 @@ def test_streaming_needs_max_steps(assets, tmp_path, capsys):
     assert "max_steps" in err and "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_streaming_cli_flags_run_two_steps(assets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
@@ -262,6 +263,30 @@ def test_streaming_cli_flags_run_two_steps(assets, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.load(open(tmp_path / "cli" / "run_info.json"))["steps"] == 2
+
+
+@pytest.mark.integration
+def test_two_process_streaming_run_stores_both_positions_and_resumes(assets, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo DDP): each reads its own shard, the checkpoint holds both
+    positions, and a resumed 2-process run starts each stream there."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+              "-m", "seqcpo.cli", "train", "--dataset", assets["data"], "--task", "continuation", "--streaming",
+              "true", "--model_name_or_path", assets["model"], "--prefix_tokens", "8", "--continuation_tokens", "8",
+              "--per_device_train_batch_size", "2", "--negatives", "tn", "--num_negatives", "2", "--save_steps", "2", "--report_to", "none", "--use_cpu",
+              "true", "--output_dir", str(tmp_path / "ddp")]
+    for extra in (["--max_steps", "2"], ["--max_steps", "3", "--resume_from_checkpoint", str(tmp_path / "ddp" /
+                                                                                           "checkpoint-2")]):
+        proc = subprocess.run(launch + extra, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    state = json.load(open(tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json"))
+    positions = state["stateful_callbacks"]["StreamPositionCallback"]["attributes"]["positions"]
+    assert [(p["process_index"], p["world_size"], p["examples"]) for p in positions] == [(0, 2, 4), (1, 2, 4)]
+    assert positions[0]["record"] % 2 == 0 and positions[1]["record"] % 2 == 1  # each in its own shard
+    assert "process 1 resumes at pass 0, record %d" % positions[1]["record"] in proc.stderr
+    assert json.load(open(tmp_path / "ddp" / "run_info.json"))["world_size"] == 2
 
 
 # -- context limits
