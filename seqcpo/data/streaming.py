@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -90,8 +91,8 @@ class StreamingData:
         return StreamingExamples(self, tokenizer, process_index, world_size, offline)
 
 
-def check_streaming_args(max_steps: int, dataloader_num_workers: int = 0) -> None:
-    """The Trainer settings streaming needs; a clear error instead of the Trainer's own."""
+def check_streaming_args(max_steps: int) -> None:
+    """The Trainer setting streaming needs; a clear error instead of the Trainer's own."""
     if max_steps is None or max_steps <= 0:
         raise DataError(
             "streaming=true reads a corpus with no length, so the run needs max_steps: set --max_steps N "
@@ -108,17 +109,19 @@ def load_streaming(cfg: DataConfig, tokenizer: Any, context_tokens: int | None =
     requested).
     """
     source = stream_source(cfg)
+    t0 = time.time()
     if uses_fractions(cfg.validation_size, cfg.test_size):
         plan = SplitPlan(cfg.validation_size, cfg.test_size, cfg.split_seed)
         wanted = {s for s, on in (("validation", need_validation), ("test", need_test)) if on}
         validation, test, stats = _collect_fraction_splits(cfg, tokenizer, source, plan, wanted, context_tokens)
     else:
         plan, validation, test, stats = plan_splits(cfg, tokenizer, source, context_tokens)
-    stats = dict(stats, source=source, validation=len(validation), test=len(test))
+    stats = dict(stats, source=source, validation=len(validation), test=len(test),
+                 planning_seconds=round(time.time() - t0, 1))
     logger.info(
-        "streaming data %s (task %s): validation %d, test %d held (planning read %d records)%s; training examples "
-        "are read and tokenized on the fly",
-        source, cfg.task, len(validation), len(test), stats.get("records_read", 0),
+        "streaming data %s (task %s): validation %d, test %d held (planning read %d records in %.1f s)%s; training "
+        "examples are read and tokenized on the fly",
+        source, cfg.task, len(validation), len(test), stats.get("records_read", 0), stats["planning_seconds"],
         f" ({'; '.join(describe_counts(stats, cfg))})" if describe_counts(stats, cfg) else "",
     )
     return StreamingData(cfg, source, plan, validation, test, stats, context_tokens)
@@ -202,9 +205,9 @@ def _collect_fraction_splits(cfg, tokenizer, source, plan, wanted, context_token
     if wanted:
         cap = cfg.max_eval_examples
         for batch in stream_row_batches(cfg):
-            ids = batch.ids(cfg.id_field)
+            splits = [plan.split_of(i) for i in batch.ids(cfg.id_field)]
             read += batch.num_rows
-            offsets = [j for j, i in enumerate(ids) if plan.split_of(i) in wanted and len(held[plan.split_of(i)]) < cap]
+            offsets = [j for j, s in enumerate(splits) if s in wanted and len(held[s]) < cap]
             if offsets:
                 pairs, _ = record_examples(batch.select(offsets, cfg.id_field), cfg, tokenizer, source,
                                            context_tokens=context_tokens)
