@@ -382,3 +382,19 @@ def test_wikidump_recipe_streams_wikipedia_from_the_hub(name, model, tok, monkey
     assert stream.stats["records_read"] < len(rows)
     item = next(iter(stream.train(tok)))
     assert len(item["prefix_ids"]) == 128 and len(item["continuation_ids"]) == 128
+
+
+# -- bad input: one clear line
+
+
+def test_streaming_bad_input_gives_clear_errors(tmp_path, tok):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": 1, "text": "a b c"}\n{"id": 2, "text": broken}\n')
+    with pytest.raises(DataError, match=r"broken.jsonl: could not read the records from record 0 on"):
+        load_streaming(cfg(str(broken), streaming=True, validation_size=1, test_size=1), tok)
+    with pytest.raises(DataError, match="no such file"):
+        load_streaming(cfg(str(tmp_path / "missing.jsonl"), streaming=True), tok)
+    with pytest.raises(ValueError, match="max_examples needs the whole corpus"):
+        cfg("x.jsonl", streaming=True, max_examples=10)
+    with pytest.raises(ValueError, match="validation_size=2000 is above max_eval_examples=1000"):
+        cfg("x.jsonl", streaming=True, validation_size=2000)

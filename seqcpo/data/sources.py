@@ -364,7 +364,8 @@ def _arrow_batches(ds, name: str, cfg: DataConfig, start: int, batch_rows: int) 
             return
         except Exception as e:  # a row that breaks the schema, bad JSON, a dropped connection
             raise DataError(
-                f"{name}: could not read records after record {offset} ({type(e).__name__}: {str(e)[:300]})"
+                f"{name}: could not read the records from record {offset} on ({type(e).__name__}: {str(e)[:300]}); "
+                "the row number is within that read batch: streaming=false names the file line"
             ) from None
         n = table.num_rows
         if offset + n > start:
