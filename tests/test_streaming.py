@@ -240,6 +240,16 @@ def test_streaming_run_trains_and_a_resumed_run_matches_the_uninterrupted_one(as
         _losses(full["trainer"].state.log_history)[-3:], rel=1e-5, abs=1e-6)
 
 
+def test_stream_position_counts_accumulation_micro_batches(assets, tmp_path):
+    from seqcpo.training.run import train
+
+    out = train(_train_cfg(assets, tmp_path / "ga", max_steps=2, gradient_accumulation_steps=2, save_strategy="steps",
+                           save_steps=2))
+    state = json.load(open(tmp_path / "ga" / "checkpoint-2" / "trainer_state.json"))
+    (pos,) = state["stateful_callbacks"]["StreamPositionCallback"]["attributes"]["positions"]
+    assert pos["examples"] == 2 * 2 * 4 == out["trainer"].train_dataset._history[-1][0]
+
+
 def test_streaming_needs_max_steps(assets, tmp_path, capsys):
     from seqcpo.cli import main
 
