@@ -408,3 +408,35 @@ def test_streaming_bad_input_gives_clear_errors(tmp_path, tok):
         cfg("x.jsonl", streaming=True, max_examples=10)
     with pytest.raises(ValueError, match="validation_size=2000 is above max_eval_examples=1000"):
         cfg("x.jsonl", streaming=True, validation_size=2000)
+
+
+def test_resume_skips_whole_data_files_already_read(tmp_path, tok, monkeypatch):
+    """Several Parquet files (a Hub dataset's shards): a resume position carries the datasets reader state, so the
+    files before it are not read again (here: the second of six is corrupted after a position in the sixth was
+    taken; datasets may reopen a file just before the position's batch, and reads the first one's schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import seqcpo.data.sources as sources
+
+    monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 50)
+    rows = [{"id": f"doc{i}", "text": " ".join(WORDS[(i * j + j) % 12] for j in range(20 + i % 30))}
+            for i in range(600)]
+    files = []
+    for s in range(6):
+        files.append(tmp_path / f"part{s}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[100 * s: 100 * (s + 1)]), files[-1])
+    c = cfg(str(tmp_path), streaming=True, validation_size=0.05, test_size=0.05)
+    stream = load_streaming(c, tok, need_validation=False)
+    ds = stream.train(tok)
+    first = one_pass(stream.train(tok))
+    it = iter(ds)
+    full = [next(it) for _ in range(len(first))]
+    consumed = next(k for k, item in enumerate(full) if int(item["id"][3:]) >= 550)
+    pos = json.loads(json.dumps(ds.position(consumed)))
+    assert pos["reader"]["state"] is not None and pos["reader"]["start"] >= 500
+    files[1].write_bytes(b"not parquet any more")
+    resumed = stream.train(tok)
+    resumed.resume(pos)
+    it2 = iter(resumed)
+    assert [next(it2) for _ in range(len(full) - consumed)] == full[consumed:]

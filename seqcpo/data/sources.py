@@ -269,6 +269,7 @@ class RowBatch:
     where: str
     table: Any = None
     records: list[Record] | None = None
+    resume: dict | None = None  # {"state", "start"}: puts a new reader back at this batch (stream_row_batches)
 
     def ids(self, id_field: str) -> list[str]:
         """The record ids, read from the id column alone (positions where it is missing, null or empty)."""
@@ -305,16 +306,24 @@ def stream_source(cfg: DataConfig) -> str:
     return name
 
 
-def stream_row_batches(cfg: DataConfig, start: int = 0, batch_rows: int = STREAM_BATCH_ROWS) -> Iterator[RowBatch]:
+def stream_row_batches(
+    cfg: DataConfig, start: int = 0, batch_rows: int | None = None, resume: dict | None = None
+) -> Iterator[RowBatch]:
     """Read ``cfg.dataset`` lazily from record ``start`` on, one :class:`RowBatch` at a time.
 
     Local .jsonl/.json/.parquet files and Hub datasets go through ``datasets.load_dataset(..., streaming=True)``
     (Hub datasets are streamed, never downloaded whole), a dataset folder saved by ``datasets`` is memory-mapped,
     .txt files are read paragraph by paragraph. Records before ``start`` are passed over as Arrow tables,
     never converted or tokenized. Memory holds one batch at a time, whatever the corpus size.
+
+    ``resume``: a batch's ``resume`` (``{"state": datasets state_dict, "start": its first record}``) at or before
+    ``start``: the reader is put back there by ``datasets``' ``load_state_dict``, so the data files (shards)
+    before it are not read again (datasets may reopen the one just before, to pass over its end); without it,
+    reading starts at the first record.
     """
     name = stream_source(cfg)
     path = os.path.expanduser(name)
+    batch_rows = batch_rows or STREAM_BATCH_ROWS
     if name == WIKI:
         yield from _list_batches(iter(read_wiki()), start, batch_rows, "wiki entry")
         return
@@ -323,7 +332,7 @@ def stream_row_batches(cfg: DataConfig, start: int = 0, batch_rows: int = STREAM
             raise DataError(f"{path}: a .txt file holds plain documents; it only serves task=continuation")
         yield from _list_batches(_iter_txt(path, cfg.text_field), start, batch_rows, f"{path} paragraph")
         return
-    yield from _arrow_batches(_open_stream(name, path, cfg), name, cfg, start, batch_rows)
+    yield from _arrow_batches(_open_stream(name, path, cfg), name, cfg, start, batch_rows, resume)
 
 
 def _open_stream(name: str, path: str, cfg: DataConfig):
@@ -353,11 +362,18 @@ def _open_stream(name: str, path: str, cfg: DataConfig):
         ) from None
 
 
-def _arrow_batches(ds, name: str, cfg: DataConfig, start: int, batch_rows: int) -> Iterator[RowBatch]:
+def _arrow_batches(ds, name: str, cfg: DataConfig, start: int, batch_rows: int,
+                   resume: dict | None) -> Iterator[RowBatch]:
     where = f"{name} record" if os.path.exists(os.path.expanduser(name)) else f"{name} [{cfg.dataset_split}] row"
-    tables = iter(ds.with_format("arrow").iter(batch_size=batch_rows))
+    ds = ds.with_format("arrow")
+    stateful = hasattr(ds, "state_dict") and hasattr(ds, "load_state_dict")  # streamed, not memory-mapped
     offset = 0
+    if resume and stateful and resume.get("state") is not None and resume.get("start", start + 1) <= start:
+        ds.load_state_dict(resume["state"])
+        offset = int(resume["start"])
+    tables = iter(ds.iter(batch_size=batch_rows))
     while True:
+        state = ds.state_dict() if stateful else None  # where this table starts, for a later resume
         try:
             table = next(tables)
         except StopIteration:
@@ -372,7 +388,8 @@ def _arrow_batches(ds, name: str, cfg: DataConfig, start: int, batch_rows: int) 
             cut = max(0, start - offset)
             if cut:
                 table = table.slice(cut)
-            yield RowBatch(start=offset + cut, num_rows=n - cut, where=where, table=table)
+            yield RowBatch(start=offset + cut, num_rows=n - cut, where=where, table=table,
+                           resume={"state": state, "start": offset} if stateful else None)
         offset += n
 
 

@@ -18,9 +18,10 @@ The data flow is the in-memory one (:func:`seqcpo.data.load_splits`), one read b
    process yields batches in lockstep and ``max_steps`` ends the run (it is required).
 4. **Resume without replay**: :class:`StreamPositionCallback` stores, in the checkpoint's ``trainer_state.json``,
    each process's position after the examples its optimizer steps consumed (pass, record index, window). A
-   resumed run starts reading at that record: earlier records are passed over as Arrow tables, never converted
-   or tokenized, and the Trainer's own batch skipping is off (``ignore_data_skip``). Resuming with another
-   number of processes is refused (the shards would differ).
+   resumed run starts reading at that record: the position carries the ``datasets`` reader state of the record's
+   read batch, so whole data files (shards) before it are not read again, and the records before it in its file
+   are passed over as Arrow tables, never converted or tokenized. The Trainer's own batch skipping is off
+   (``ignore_data_skip``). Resuming with another number of processes is refused (the shards would differ).
 
 Not held: the set of ids (duplicate ids are not detected when streaming), the training examples, a length
 (``len()`` is undefined). Order: source order (no shuffle buffer), the same in every pass.
@@ -242,7 +243,7 @@ class StreamingExamples(IterableDataset):
         self.process_index = process_index
         self.world_size = world_size
         self.offline = offline
-        self._start = {"epoch": 0, "record": 0, "window": 0, "examples": 0}
+        self._start = {"epoch": 0, "record": 0, "window": 0, "examples": 0, "reader": None}
         self._history: deque[tuple[int, dict]] = deque(maxlen=POSITION_HISTORY)
         self.counts: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -274,6 +275,7 @@ class StreamingExamples(IterableDataset):
                 f"{self.world_size}: streaming resumes need the same number of processes (each reads its own shard)"
             )
         self._start = {k: int(position[k]) for k in ("epoch", "record", "window", "examples")}
+        self._start["reader"] = position.get("reader")  # the datasets reader state of the record's read batch
         self._history.clear()
         logger.info(
             "streaming: process %d resumes at pass %d, record %d (window %d) after %d examples, without replaying "
@@ -285,11 +287,12 @@ class StreamingExamples(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg, data = self.cfg, self.data
         epoch, record, window = self._start["epoch"], self._start["record"], self._start["window"]
+        reader = self._start.get("reader")
         count = self._start["examples"]
         self._history.clear()
         while True:
             yielded = 0
-            for batch in stream_row_batches(cfg, start=record):
+            for batch in stream_row_batches(cfg, start=record, resume=reader):
                 ids = batch.ids(cfg.id_field)
                 shard = range((self.process_index - batch.start) % self.world_size, batch.num_rows, self.world_size)
                 mine = [j for j in shard if data.plan.split_of(ids[j]) == "train"]
@@ -318,7 +321,9 @@ class StreamingExamples(IterableDataset):
                             item["offline"] = self.offline[item["id"]]
                         count += 1
                         yielded += 1
-                        self._history.append((count, {"epoch": epoch, "record": rec.index, "window": j + 1}))
+                        self._history.append(
+                            (count, {"epoch": epoch, "record": rec.index, "window": j + 1, "reader": batch.resume})
+                        )
                         yield item
             if yielded == 0 and record == 0 and window == 0:
                 raise DataError(
@@ -326,7 +331,7 @@ class StreamingExamples(IterableDataset):
                     "its shard (every record is short, malformed, or in validation/test)"
                 )
             self.log_counts(f"pass {epoch} done")
-            epoch, record, window = epoch + 1, 0, 0
+            epoch, record, window, reader = epoch + 1, 0, 0, None
 
     def _count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
