@@ -141,6 +141,20 @@ def test_processes_read_disjoint_shards_that_cover_the_training_split(corpus, to
     assert all(len(s) < len(everything) for s in shards)
 
 
+def test_a_step_of_w_processes_covers_the_records_of_one_process_with_a_w_times_larger_batch(tmp_path, tok):
+    """Every record usable, one example each: the step's examples do not depend on the world size, although the
+    validation and test records sit between them in the source."""
+    path = write_corpus(tmp_path / "instr.jsonl", 120)
+    stream = load_streaming(cfg(path, task="instruction", prompt_template="plain", streaming=True), tok)
+    single = one_pass(stream.train(tok))
+    for world in (2, 4):
+        per_process = [one_pass(stream.train(tok, r, world)) for r in range(world)]
+        step = 8 // world  # one optimizer step: 8 examples in all
+        for s in range(len(single) // 8):
+            together = sorted(i["id"] for p in per_process for i in p[s * step:(s + 1) * step])
+            assert together == sorted(i["id"] for i in single[s * 8:(s + 1) * 8]), (world, s)
+
+
 # -- resume
 
 
@@ -294,7 +308,7 @@ def test_two_process_streaming_run_stores_both_positions_and_resumes(assets, tmp
     state = json.load(open(tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json"))
     positions = state["stateful_callbacks"]["StreamPositionCallback"]["attributes"]["positions"]
     assert [(p["process_index"], p["world_size"], p["examples"]) for p in positions] == [(0, 2, 4), (1, 2, 4)]
-    assert positions[0]["record"] % 2 == 0 and positions[1]["record"] % 2 == 1  # each in its own shard
+    assert positions[0]["train_index"] % 2 == 0 and positions[1]["train_index"] % 2 == 1  # each in its own shard
     assert "process 1 resumes at pass 0, record %d" % positions[1]["record"] in proc.stderr
     assert json.load(open(tmp_path / "ddp" / "run_info.json"))["world_size"] == 2
 
@@ -329,7 +343,7 @@ def test_overlong_examples_are_cut_to_the_model_context_and_counted(tmp_path, to
     with caplog.at_level(logging.INFO, logger="seqcpo.data"):
         assert as_items_stream(one_pass(ds)) == as_items(splits.train)
     # the training split's share, said when the pass ends (counts are totals over passes)
-    assert "(pass 0 done): process 0 read 40 records -> 36 training examples (8 prompts cut to their last 64 " \
+    assert "(pass 0 done): process 0 read 36 records -> 36 training examples (8 prompts cut to their last 64 " \
         "tokens; 8 responses cut to their first 63 tokens + EOS)" in caplog.text
     assert "prompts cut to their last 64 tokens" in caplog.text
 

@@ -11,9 +11,13 @@ The data flow is the in-memory one (:func:`seqcpo.data.load_splits`), one read b
    that reads the id column alone and tokenizes only the records whose key could still make the cut (a bounded
    heap: about ``k ln(n / k)`` records for k evaluation records among n), then training skips them by id.
    Validation and test are held in memory, capped by ``max_eval_examples``.
-2. **Shards**: process ``r`` of ``w`` reads the records whose 0-based index ``i`` in the source has
-   ``i % w == r``: disjoint, and together they cover the corpus. Every process parses the whole stream (cheap,
-   Arrow) but converts and tokenizes its own records only.
+2. **Shards**: process ``r`` of ``w`` takes the training records whose 0-based index ``t`` among the training
+   records (in source order; validation and test records are known by their id alone) has ``t % w == r``:
+   disjoint, and together they cover the corpus. Every process parses the whole stream and hashes every id
+   (cheap) but converts and tokenizes its own records only. An optimizer step of ``w`` processes therefore
+   covers the same training records as one process with a ``w`` times larger batch, exactly when every training
+   record gives one example (no malformed or too-short record, ``windows_per_document: 1``); otherwise a process
+   that skips a record takes its next one, and the step's records differ slightly between world sizes.
 3. **Epochs**: the stream never ends; after the last record the next pass starts (``epoch`` + 1), so every
    process yields batches in lockstep and ``max_steps`` ends the run (it is required).
 4. **Resume without replay**: :class:`StreamPositionCallback` stores, in the checkpoint's ``trainer_state.json``,
@@ -243,7 +247,7 @@ class StreamingExamples(IterableDataset):
         self.process_index = process_index
         self.world_size = world_size
         self.offline = offline
-        self._start = {"epoch": 0, "record": 0, "window": 0, "examples": 0, "reader": None}
+        self._start = {"epoch": 0, "record": 0, "window": 0, "examples": 0, "train_index": 0, "reader": None}
         self._history: deque[tuple[int, dict]] = deque(maxlen=POSITION_HISTORY)
         self.counts: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -274,7 +278,7 @@ class StreamingExamples(IterableDataset):
                 f"this checkpoint's stream was read by {position.get('world_size')} processes, this run has "
                 f"{self.world_size}: streaming resumes need the same number of processes (each reads its own shard)"
             )
-        self._start = {k: int(position[k]) for k in ("epoch", "record", "window", "examples")}
+        self._start = {k: int(position[k]) for k in ("epoch", "record", "window", "examples", "train_index")}
         self._start["reader"] = position.get("reader")  # the datasets reader state of the record's read batch
         self._history.clear()
         logger.info(
@@ -288,15 +292,22 @@ class StreamingExamples(IterableDataset):
         cfg, data = self.cfg, self.data
         epoch, record, window = self._start["epoch"], self._start["record"], self._start["window"]
         reader = self._start.get("reader")
+        t = self._start["train_index"]  # index of the next training record among all processes' (this pass)
         count = self._start["examples"]
         self._history.clear()
         while True:
             yielded = 0
             for batch in stream_row_batches(cfg, start=record, resume=reader):
                 ids = batch.ids(cfg.id_field)
-                shard = range((self.process_index - batch.start) % self.world_size, batch.num_rows, self.world_size)
-                mine = [j for j in shard if data.plan.split_of(ids[j]) == "train"]
-                self._count("records_read", len(shard))
+                mine, train_index = [], {}
+                for j, rid in enumerate(ids):
+                    if data.plan.split_of(rid) != "train":
+                        continue
+                    if t % self.world_size == self.process_index:
+                        mine.append(j)
+                        train_index[batch.start + j] = t
+                    t += 1
+                self._count("records_read", len(mine))
                 if not mine:
                     continue
                 pairs, stats = record_examples(batch.select(mine, cfg.id_field), cfg, self.tokenizer, data.source,
@@ -322,7 +333,8 @@ class StreamingExamples(IterableDataset):
                         count += 1
                         yielded += 1
                         self._history.append(
-                            (count, {"epoch": epoch, "record": rec.index, "window": j + 1, "reader": batch.resume})
+                            (count, {"epoch": epoch, "record": rec.index, "window": j + 1,
+                                     "train_index": train_index[rec.index], "reader": batch.resume})
                         )
                         yield item
             if yielded == 0 and record == 0 and window == 0:
@@ -331,7 +343,7 @@ class StreamingExamples(IterableDataset):
                     "its shard (every record is short, malformed, or in validation/test)"
                 )
             self.log_counts(f"pass {epoch} done")
-            epoch, record, window, reader = epoch + 1, 0, 0, None
+            epoch, record, window, reader, t = epoch + 1, 0, 0, None, 0
 
     def _count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
