@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 #: How many recent (examples consumed -> position) pairs a stream keeps for the checkpoint callback: more
 #: than the batches the DataLoader can have read ahead of the optimizer.
 POSITION_HISTORY = 8192
+#: Records tokenized together by a training stream (batched tokenization, bounded memory).
+TOKENIZE_CHUNK = 64
 #: Log the streamed counts every this many records read by a process.
 LOG_EVERY_RECORDS = 200_000
 
@@ -307,36 +309,36 @@ class StreamingExamples(IterableDataset):
                         mine.append(j)
                         train_index[batch.start + j] = t
                     t += 1
-                self._count("records_read", len(mine))
-                if not mine:
-                    continue
-                pairs, stats = record_examples(batch.select(mine, cfg.id_field), cfg, self.tokenizer, data.source,
-                                               context_tokens=data.context_tokens, decode=False)
-                self._note(stats)
-                for rec, group in pairs:
-                    for j, ex in enumerate(group):
-                        if rec.index == record and j < window:
-                            continue  # consumed before the resume
-                        item = {
-                            "prefix_ids": ex.prefix_ids,
-                            "continuation_ids": ex.continuation_ids,
-                            "id": str(ex.meta["id"]),
-                            "epoch": epoch,
-                        }
-                        if self.offline is not None:
-                            if item["id"] not in self.offline:
-                                raise DataError(
-                                    f"negatives_path has no negatives for training example {item['id']!r} "
-                                    f"({rec.where}); re-run `seqcpo negatives` with the same data settings"
-                                )
-                            item["offline"] = self.offline[item["id"]]
-                        count += 1
-                        yielded += 1
-                        self._history.append(
-                            (count, {"epoch": epoch, "record": rec.index, "window": j + 1,
-                                     "train_index": train_index[rec.index], "reader": batch.resume})
-                        )
-                        yield item
+                for c in range(0, len(mine), TOKENIZE_CHUNK):  # a few records at a time: little held, fast start
+                    chunk = mine[c:c + TOKENIZE_CHUNK]
+                    self._count("records_read", len(chunk))
+                    pairs, stats = record_examples(batch.select(chunk, cfg.id_field), cfg, self.tokenizer,
+                                                   data.source, context_tokens=data.context_tokens, decode=False)
+                    self._note(stats)
+                    for rec, group in pairs:
+                        for j, ex in enumerate(group):
+                            if rec.index == record and j < window:
+                                continue  # consumed before the resume
+                            item = {
+                                "prefix_ids": ex.prefix_ids,
+                                "continuation_ids": ex.continuation_ids,
+                                "id": str(ex.meta["id"]),
+                                "epoch": epoch,
+                            }
+                            if self.offline is not None:
+                                if item["id"] not in self.offline:
+                                    raise DataError(
+                                        f"negatives_path has no negatives for training example {item['id']!r} "
+                                        f"({rec.where}); re-run `seqcpo negatives` with the same data settings"
+                                    )
+                                item["offline"] = self.offline[item["id"]]
+                            count += 1
+                            yielded += 1
+                            self._history.append(
+                                (count, {"epoch": epoch, "record": rec.index, "window": j + 1,
+                                         "train_index": train_index[rec.index], "reader": batch.resume})
+                            )
+                            yield item
             if yielded == 0 and record == 0 and window == 0:
                 raise DataError(
                     f"{data.source}: process {self.process_index} of {self.world_size} found no training example in "
