@@ -254,6 +254,17 @@ def test_streaming_run_trains_and_a_resumed_run_matches_the_uninterrupted_one(as
         _losses(full["trainer"].state.log_history)[-3:], rel=1e-5, abs=1e-6)
 
 
+def test_resume_with_restored_callback_states(assets, tmp_path):
+    """transformers rebuilds stateful callbacks from the checkpoint when asked: the stream still resumes."""
+    from seqcpo.training.run import train
+
+    train(_train_cfg(assets, tmp_path / "r", max_steps=2, save_strategy="steps", save_steps=1))
+    out = train(_train_cfg(assets, tmp_path / "r", max_steps=2, save_strategy="steps", save_steps=1,
+                           resume_from_checkpoint=str(tmp_path / "r" / "checkpoint-1"),
+                           restore_callback_states_from_checkpoint=True))
+    assert out["steps"] == 2 and out["trainer"].train_dataset._start["examples"] == 4
+
+
 def test_stream_position_counts_accumulation_micro_batches(assets, tmp_path):
     from seqcpo.training.run import train
 

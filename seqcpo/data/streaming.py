@@ -379,13 +379,23 @@ class StreamingExamples(IterableDataset):
         )
 
 
+#: The training stream of this process, for a callback the Trainer rebuilds from its stored state.
+_ACTIVE_STREAM: Optional["StreamingExamples"] = None
+
+
 class StreamPositionCallback(TrainerCallback, ExportableState):
     """Stores every process's stream position in the checkpoint (``trainer_state.json``, under
     ``stateful_callbacks``) and puts a resumed stream back there, so a resumed run reads on where the
     interrupted one stopped, with no replay. Examples consumed per process at step s:
     s * gradient_accumulation_steps * per-device batch size (the stream never ends a pass early)."""
 
-    def __init__(self, dataset: StreamingExamples):
+    def __init__(self, dataset: StreamingExamples | None = None):
+        global _ACTIVE_STREAM
+        if dataset is None:  # rebuilt by the Trainer (restore_callback_states_from_checkpoint): this process's stream
+            if _ACTIVE_STREAM is None:
+                raise DataError("StreamPositionCallback needs the training stream (StreamingExamples)")
+            dataset = _ACTIVE_STREAM
+        _ACTIVE_STREAM = dataset
         self.dataset = dataset
         self.positions: list[dict] | None = None
 
