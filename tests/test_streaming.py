@@ -113,7 +113,7 @@ def test_positional_ids_and_parquet_match(tmp_path, tok):
         assert as_items_stream(one_pass(stream.train(tok))) == as_items(memory.train)
 
 
-def test_txt_and_wiki_stream_like_memory(tmp_path, tok):
+def test_txt_paragraphs_stream_like_memory(tmp_path, tok):
     docs = tmp_path / "docs.txt"
     docs.write_text("".join(" ".join(WORDS[(i * j) % 12] for j in range(25)) + "\n\n" for i in range(30)))
     c = cfg(str(docs), validation_size=3, test_size=3)
