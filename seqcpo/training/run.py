@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from seqcpo.data import load_splits
+from seqcpo.data import load_splits, model_context_tokens
 from seqcpo.models import apply_lora, load_model, load_tokenizer, resolve_model_path
 from seqcpo.training.config import SeqCPOConfig, save_config
 
@@ -44,8 +44,19 @@ def train(cfg: SeqCPOConfig) -> dict[str, Any]:
 
     t0 = time.time()
     set_seed(cfg.seed)
+    if cfg.streaming:
+        from seqcpo.data.streaming import check_streaming_args
+
+        check_streaming_args(cfg.max_steps)  # before loading the model: a missing max_steps fails at once
     path, tokenizer, model = _load(cfg)
-    splits = load_splits(cfg.data_config(), tokenizer)
+    context = model_context_tokens(getattr(model, "config", None))
+    if cfg.streaming:
+        from seqcpo.data.streaming import load_streaming
+
+        splits = load_streaming(cfg.data_config(), tokenizer, context_tokens=context,
+                                need_validation=cfg.eval_strategy != "no")
+    else:
+        splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
     offline, offline_meta = None, None
     if cfg.negatives_path and cfg.uses_negatives:
         from seqcpo.training.offline import read_offline_negatives
@@ -57,14 +68,23 @@ def train(cfg: SeqCPOConfig) -> dict[str, Any]:
     eval_ds = None
     if cfg.eval_strategy != "no" and splits.validation:
         eval_ds = ExampleDataset(splits.validation, None)
+    if cfg.streaming:
+        from seqcpo.data.streaming import StreamPositionCallback
+
+        cfg.ignore_data_skip = True  # the stream restarts at its stored position: the Trainer must not replay
+        train_ds = splits.train(tokenizer, cfg.process_index, cfg.world_size, offline)
+    else:
+        train_ds = ExampleDataset(splits.train, offline)
     trainer = SeqCPOTrainer(
         model,
         cfg,
-        train_dataset=ExampleDataset(splits.train, offline),
+        train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         offline_meta=offline_meta,
     )
+    if cfg.streaming:
+        trainer.add_callback(StreamPositionCallback(train_ds))
     os.makedirs(cfg.output_dir, exist_ok=True)
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
@@ -102,7 +122,11 @@ def train(cfg: SeqCPOConfig) -> dict[str, Any]:
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
         "seconds": round(time.time() - t0, 1),
-        "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+        "examples": {
+            "train": None if cfg.streaming else len(splits.train),  # a stream has no length
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+        },
         "model_path": path,
         "trainer": trainer,
     }
@@ -129,7 +153,7 @@ def make_negatives(cfg: SeqCPOConfig, out_dir: str, shard_size: int = 256) -> di
     set_seed(cfg.seed)
     _, tokenizer, model = _load(cfg)
     model.requires_grad_(False)
-    splits = load_splits(cfg.data_config(), tokenizer)
+    splits = load_splits(cfg.data_config(), tokenizer, context_tokens=model_context_tokens(model.config))
     with torch.no_grad():
         manifest = make_offline_negatives(cfg, splits.train, model, tokenizer, out_dir, shard_size=shard_size)
     return {"out_dir": out_dir, "examples": len(splits.train), "shards": manifest["num_shards"]}
