@@ -67,6 +67,23 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+def final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """(R, L, H) final (post-norm) hidden states through the model's own forward.
+
+    Going through ``model(...)`` rather than its backbone keeps DDP/FSDP/PEFT wrappers in the path;
+    ``logits_to_keep=1`` makes the model's own LM head cost one position per row.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.hidden_states[-1]
+
+
 _warned: set[str] = set()
 
 

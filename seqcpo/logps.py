@@ -1,6 +1,6 @@
 """Sequence log-probabilities ``logp(y_i | x)`` of K+1 continuations per prefix (PAPER.md, "The objective").
 
-Two layouts compute the same numbers:
+These layouts compute the same numbers:
 
 - **naive** (:func:`naive_sequence_logps`): every (prefix, continuation) pair is its own row,
   ``B*(K+1)`` rows. Kept as the reference implementation the fast path is tested against.
@@ -16,7 +16,11 @@ Two layouts compute the same numbers:
   continuation), and the LM head plus log-softmax run on those in chunks, so no
   (rows x length x vocabulary) float32 tensor is ever built.
 
-Both return :class:`SequenceLogps`: ``logps`` (B, K+1), summed over each continuation's tokens
+- **packed** (:mod:`seqcpo.packing`): the prefix-shared rows of the batch end to end in one sequence, no
+  padding (document masking), for batches of mixed lengths.
+- **two_pass** (:mod:`seqcpo.two_pass`): the gold with a KV cache, then the negatives on it.
+
+All return :class:`SequenceLogps`: ``logps`` (B, K+1), summed over each continuation's tokens
 (divided by the token count when ``length_normalize``), and ``token_counts`` (B, K+1).
 """
 
@@ -27,6 +31,7 @@ import torch
 from seqcpo.hf_model import (  # noqa: F401 - cache_kwarg, output_cache, unwrap_model: re-exported for callers
     attn_implementation,
     cache_kwarg,
+    final_hidden,
     model_dtype,
     needs_grad,
     output_cache,
@@ -34,6 +39,7 @@ from seqcpo.hf_model import (  # noqa: F401 - cache_kwarg, output_cache, unwrap_
     use_attention,
     warn_once,
 )
+from seqcpo.packing import packed_sequence_logps, packed_tokens, packing_supported
 from seqcpo.padding import pad_batch
 from seqcpo.prefix_shared import PrefixSharedBatch, build_prefix_shared_batch, check_batch
 from seqcpo.token_logps import SequenceLogps, sum_token_logps, token_logps_from_hidden  # noqa: F401 - re-exported
@@ -72,23 +78,6 @@ def shared_attention_mask(model, sb: PrefixSharedBatch):
     return sb.attention_mask(None), None  # kernels registered by the user: assume they take a boolean mask
 
 
-def _final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """(R, L, H) final (post-norm) hidden states through the model's own forward.
-
-    Going through ``model(...)`` rather than its backbone keeps DDP/FSDP/PEFT wrappers in the path;
-    ``logits_to_keep=1`` makes the model's own LM head cost one position per row.
-    """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    return out.hidden_states[-1]
-
-
 def shared_sequence_logps(
     model,
     batch: CandidateBatch,
@@ -122,7 +111,7 @@ def shared_sequence_logps(
         )
         return sum_token_logps(flat, sb.cand_index, sb.token_counts, length_normalize)
     with use_attention(model, impl):
-        hidden = _final_hidden(model, sb.input_ids, mask, sb.position_ids)  # (B, L, H)
+        hidden = final_hidden(model, sb.input_ids, mask, sb.position_ids)  # (B, L, H)
     h = hidden[sb.src_row, sb.src_pos]  # (N, H)
     flat = token_logps_from_hidden(model, h, sb.targets, chunk_size=chunk_size)
     return sum_token_logps(flat, sb.cand_index, sb.token_counts, length_normalize)
@@ -166,17 +155,30 @@ def naive_sequence_logps(
     return sum_token_logps(flat_t, torch.tensor(idx, dtype=torch.long, device=device), counts.to(device), length_normalize)
 
 
+LAYOUTS = ("auto", "shared", "packed", "two_pass", "naive")
 AUTO_TWO_PASS_SAVING = 0.15
+AUTO_PACKED_SAVING = 0.10
 
 
 def choose_layout(model, batch: CandidateBatch, *, head_in_forward: bool = False) -> str:
-    """"two_pass" when it runs at least ``AUTO_TWO_PASS_SAVING`` fewer tokens than the prefix-shared row (its
-    negatives share long beginnings with the gold, as truncation negatives do) and the model can run it
-    (a KV cache in training, the head outside the forward); else "shared"."""
-    if head_in_forward or batch.num_candidates < 2 or not two_pass_supported(model):
+    """The layout ``auto`` runs ``batch`` in, by the tokens each would run:
+
+    - "two_pass" when it runs at least ``AUTO_TWO_PASS_SAVING`` fewer tokens than the unpadded prefix-shared
+      rows (its negatives share long beginnings with the gold, as truncation negatives do) and the model can
+      run it (a KV cache in training, the head outside the forward);
+    - else "packed" when padding the rows to the longest would add at least ``AUTO_PACKED_SAVING`` of the
+      padded tokens (mixed lengths; :mod:`seqcpo.packing`);
+    - else "shared"."""
+    if head_in_forward:
         return "shared"
-    one, two = two_pass_tokens(batch)
-    return "two_pass" if two <= (1.0 - AUTO_TWO_PASS_SAVING) * one else "shared"
+    if batch.num_candidates >= 2 and two_pass_supported(model):
+        one, two = two_pass_tokens(batch)
+        if two <= (1.0 - AUTO_TWO_PASS_SAVING) * one:
+            return "two_pass"
+    padded, packed = packed_tokens(batch)
+    if packing_supported(model) and packed <= (1.0 - AUTO_PACKED_SAVING) * padded:
+        return "packed"
+    return "shared"
 
 
 def sequence_logps(
@@ -189,8 +191,9 @@ def sequence_logps(
     chunk_size: int = 1024,
     head_in_forward: bool = False,
 ) -> SequenceLogps:
-    """``logp(y_i|x)`` for every candidate of every example, (B, K+1); ``layout`` is "shared", "two_pass"
-    (:mod:`seqcpo.two_pass`), "naive", or "auto" (:func:`choose_layout`, per batch). All give the same numbers."""
+    """``logp(y_i|x)`` for every candidate of every example, (B, K+1); ``layout`` is "shared", "packed"
+    (:mod:`seqcpo.packing`), "two_pass" (:mod:`seqcpo.two_pass`), "naive", or "auto" (:func:`choose_layout`,
+    per batch). All give the same numbers."""
     if layout == "auto":
         layout = choose_layout(model, batch, head_in_forward=head_in_forward)
     if layout == "shared":
@@ -198,6 +201,10 @@ def sequence_logps(
             model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize, chunk_size=chunk_size,
             head_in_forward=head_in_forward,
         )
+    if layout == "packed":
+        if head_in_forward:
+            raise ValueError("layout 'packed' applies the LM head outside the model's forward: use 'shared' with sharded weights")
+        return packed_sequence_logps(model, batch, length_normalize=length_normalize, chunk_size=chunk_size)
     if layout == "naive":
         return naive_sequence_logps(model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize)
     if layout == "two_pass":
@@ -206,4 +213,4 @@ def sequence_logps(
         return two_pass_sequence_logps(
             model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize, chunk_size=chunk_size
         )
-    raise ValueError(f"layout must be 'shared', 'two_pass' or 'naive', got {layout!r}")
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
