@@ -36,6 +36,16 @@ def needs_grad(model) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
 
 
+def checkpointing_in_training(model) -> bool:
+    """Whether activation (gradient) checkpointing will recompute the layers in backward: the model is in
+    training mode with checkpointing on. A recomputed layer runs outside any context a forward set up."""
+    inner = unwrap_model(model)
+    on = getattr(inner, "is_activation_checkpointing", None)
+    if on is None:  # transformers < 5.x name
+        on = getattr(inner, "is_gradient_checkpointing", False)
+    return bool(on) and inner.training
+
+
 @contextlib.contextmanager
 def use_attention(model, impl: str | None):
     """Run the model with ``config._attn_implementation = impl`` for the duration (None: leave it as it is).

@@ -14,6 +14,10 @@ How attention runs on that mask:
 
 - ``flex_attention`` (CUDA): a FlexAttention ``BlockMask`` over (1, T, T) whose mask_mod carries the
   document ids; blocks between two examples are empty and skipped, so attention costs ``sum_b L_b^2``-ish.
+- under activation checkpointing in training (not FlexAttention): the model's own ``sdpa`` or ``eager``
+  attention on the dense mask. A layer recomputed in backward runs outside this module's context, so the
+  attention function below would not be the one it recomputes with; the dense mask is exact but attention
+  then costs T^2, so ``auto`` does not pack there.
 - anything else (and FlexAttention on CPU with gradients, which torch 2.13 lacks): the model runs under the
   attention function :func:`document_attention`, registered with transformers as ``"seqcpo_documents"``: it
   runs SDPA once per example on that example's block of the (1, 1, T, T) boolean mask, so the work is per
@@ -32,7 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
-from seqcpo.hf_model import attn_implementation, final_hidden, needs_grad, unwrap_model, use_attention
+from seqcpo.hf_model import (
+    attn_implementation,
+    checkpointing_in_training,
+    final_hidden,
+    model_dtype,
+    needs_grad,
+    unwrap_model,
+    use_attention,
+)
 from seqcpo.prefix_shared import build_prefix_shared_batch
 from seqcpo.token_logps import SequenceLogps, sum_token_logps, token_logps_from_hidden
 from seqcpo.types import CandidateBatch
@@ -174,10 +186,13 @@ def packed_documents(bounds: list[tuple[int, int]]):
 
 
 def packing_supported(model) -> bool:
-    """Whether the packed layout can run ``model``: a decoder-only model whose attention goes through
-    transformers' attention interface with no logit soft-capping (SDPA takes none)."""
+    """Whether the packed layout runs ``model`` efficiently now: a decoder-only model whose attention goes
+    through transformers' attention interface with no logit soft-capping (SDPA takes none), and no activation
+    checkpointing in training unless under FlexAttention (see the module docstring)."""
     cfg = getattr(unwrap_model(model), "config", None)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    if checkpointing_in_training(model) and attn_implementation(model) != "flex_attention":
         return False
     return getattr(cfg, "attn_logit_softcapping", None) is None
 
@@ -195,6 +210,15 @@ def packed_sequence_logps(
     impl = attn_implementation(model)
     if impl == "flex_attention" and not (device.type == "cpu" and needs_grad(model)):
         mask, run_impl, ctx = pb.block_mask(), None, contextlib.nullcontext()
+    elif checkpointing_in_training(model) and needs_grad(model):
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"layout 'packed' under gradient checkpointing runs the model's own attention on a dense "
+                             f"mask: it needs attn_implementation sdpa, eager or flex_attention, not {impl!r}")
+        mask = pb.attention_mask()
+        if impl == "eager":
+            dtype = model_dtype(model)
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        run_impl, ctx = None, contextlib.nullcontext()
     else:
         mask, run_impl, ctx = pb.attention_mask(), DOCUMENT_ATTENTION, packed_documents(pb.bounds)
     with use_attention(model, run_impl), ctx:

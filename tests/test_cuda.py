@@ -7,7 +7,7 @@ calls take their SDPA fallback), so the first GPU run cannot die on a mistake a 
 
 Tolerances (log-probs are summed over 2-40 tokens; gradients of every parameter):
 - fp32 (TF32 off): ``atol = rtol = 1e-4`` on values and on every gradient tensor, as on the CPU.
-- bf16: values within ``0.05 + 0.02 |naive|`` nats; gradients as one flattened vector, relative L2 error
+- bf16: values within ``0.1 + 0.01 |naive|`` nats; gradients as one flattened vector, relative L2 error
   <= 5e-2 and cosine >= 0.995. Two bf16 runs differ only by rounding in another order; a wrong mask moves
   values by whole nats and gradients by O(1).
 """
@@ -97,7 +97,7 @@ def _assert_same(got, want, dtype):
         for name in g1:
             assert_close(g1[name], g2[name], atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
         return
-    assert torch.all((v1 - v2).abs() <= 0.05 + 0.02 * v2.abs()), f"bf16 values differ: {v1} vs {v2}"
+    assert torch.all((v1 - v2).abs() <= 0.1 + 0.01 * v2.abs()), f"bf16 values differ: {v1} vs {v2}"
     a = torch.cat([g1[n].flatten() for n in sorted(g1)])
     b = torch.cat([g2[n].flatten() for n in sorted(g2)])
     rel = ((a - b).norm() / b.norm()).item()
@@ -174,7 +174,7 @@ def test_bf16_training_steps_at_openllama_3b_shape_lower_the_loss():
                            [[True] * (K + 1)] * B)
     with torch.no_grad():
         ref = sequence_logps(model, batch, layout="auto").logps.float()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3 if ON_GPU else 1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4 if ON_GPU else 1e-2, weight_decay=0.0)
     losses = []
     for _ in range(4):
         out = sequence_logps(model, batch, layout="auto")

@@ -143,3 +143,17 @@ def test_packed_flex_forward_on_cpu_matches_naive():
         model.config._attn_implementation = "flex_attention"
         got = sequence_logps(model, batch, layout="packed").logps
     assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_under_gradient_checkpointing_equals_naive_and_auto_does_not_pack(attn):
+    """A layer recomputed in backward runs outside the packed layout's attention switch: under checkpointing
+    the model's own attention takes the dense document mask (exact), and auto keeps the padded rows."""
+    model = make_tiny_llama()
+    model.config._attn_implementation = attn
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = _mixed_batch(seed=6)
+    assert choose_layout(model, batch) == "shared"
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(7))
+    _assert_same(_run(model, batch, "packed", w), _run(model, batch, "naive", w))
