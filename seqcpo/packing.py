@@ -146,6 +146,7 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    kwargs.pop("is_causal", None)  # some models pass their own; the mask decides here
     bounds = _BOUNDS.get()
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
