@@ -155,6 +155,7 @@ def packing_benchmark(model, ref, batches: dict[str, CandidateBatch], reps: int,
         t0 = time.time()
         res = interleaved(steps, model, reps, measure_mem=mem)
         base = res.median("mle_packed")
+        cpu_base = res.cpu_median("mle_packed")
         lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(batch.prefix_ids, batch.candidate_ids)]
         for v in PACKING_VARIANTS:
             med = res.median(v)
@@ -166,11 +167,14 @@ def packing_benchmark(model, ref, batches: dict[str, CandidateBatch], reps: int,
                 padding_overhead=padding_overhead(gold_only(batch) if gold else batch, layout),
                 times_s=res.times[v], median_s=med, min_s=min(res.times[v]), ratio_vs_mle_packed=med / base,
                 real_floor=floor, ratio_over_real_floor=None if gold else med / base / floor,
+                cpu_s=res.cpu[v], cpu_median_s=res.cpu_median(v),
+                cpu_ratio_over_real_floor=None if gold else res.cpu_median(v) / cpu_base / floor,
                 peak_rss_mib=res.mem[v] / 2**20,
             ))
         rows.append(dict(batch_label=label, variant="speedup packed_cached over shared_cached",
                          speedup=res.median("shared_cached") / res.median("packed_cached"),
-                         speedup_of_mins=min(res.times["shared_cached"]) / min(res.times["packed_cached"])))
+                         speedup_of_mins=min(res.times["shared_cached"]) / min(res.times["packed_cached"]),
+                         cpu_speedup=res.cpu_median("shared_cached") / res.cpu_median("packed_cached")))
         print(f"# packing {label}: {time.time() - t0:.0f} s", flush=True)
         partial(rows)
     return rows
