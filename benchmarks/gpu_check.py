@@ -59,8 +59,8 @@ MAIN_VARIANTS_CPU_SAFE = ("mle", "naive_live", "shared_live", "shared_cached", "
 PACKING_VARIANTS = ("mle", "mle_packed", "shared_cached", "packed_cached", "shared_cached_flex", "packed_cached_flex")
 
 
-class SetTimeout(Exception):
-    pass
+class SetTimeout(BaseException):
+    """Not an Exception: run_gpu.run_steps records a variant's Exception and goes on; the budget must stop it."""
 
 
 @contextlib.contextmanager
