@@ -122,10 +122,19 @@ def instruction_mix_batch(batch: int, k: int, vocab_size: int, eos: int, seed: i
 
 
 def padding_overhead(batch: CandidateBatch, layout: str) -> float:
-    """Tokens the layout runs over the real tokens of the prefix-shared rows, minus 1 (0.0 = no padding)."""
+    """Tokens the layout runs over the real tokens of the prefix-shared rows, minus 1 (0.0 = no padding).
+
+    "shared": B rows padded to the longest; "packed": the real tokens; "two_pass": its two padded passes, the
+    gold rows and then each negative from its first token that differs from the gold (negative when the
+    negatives share enough with the gold)."""
     from seqcpo.packing import packed_tokens
+    from seqcpo.two_pass import shared_with_gold
 
     padded, real = packed_tokens(batch)
+    if layout == "two_pass":
+        gold_rows = [len(p) + len(c[0]) for p, c in zip(batch.prefix_ids, batch.candidate_ids)]
+        neg_rows = [sum(max(len(n) - shared_with_gold(c[0], n) - 1, 0) for n in c[1:]) for c in batch.candidate_ids]
+        return len(gold_rows) * (max(gold_rows) + max(neg_rows)) / real - 1.0
     return (real if layout == "packed" else padded) / real - 1.0
 
 
