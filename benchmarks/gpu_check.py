@@ -91,7 +91,8 @@ def cuda_tests(dry: bool, out_dir: str, timeout_s: float) -> dict:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
         rc, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
-        rc, text = "timeout", (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        out = err.stdout or ""
+        rc, text = "timeout", out.decode(errors="replace") if isinstance(out, bytes) else out
     summary = [line for line in text.splitlines() if line.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))]
     last = text.strip().splitlines()[-1] if text.strip() else ""
     print(text[-4000:], flush=True)
@@ -199,7 +200,8 @@ def main(argv=None) -> dict:
                 base = times.get("mle_packed")
                 if base and r.get("median_s"):
                     r["ratio_vs_mle_packed"] = r["median_s"] / base
-                    r["ratio_over_real_floor"] = r["median_s"] / base / r["floor"] if r["variant"].startswith(("shared", "packed")) else None
+                    cpo = r["variant"].startswith(("shared", "packed"))
+                    r["ratio_over_real_floor"] = r["median_s"] / base / r["floor"] if cpo else None
             for a, b in (("shared_cached", "packed_cached"), ("shared_cached_flex", "packed_cached_flex")):
                 if times.get(a) and times.get(b):
                     rows.append({"variant": f"speedup {b} over {a}", "speedup": times[a] / times[b]})

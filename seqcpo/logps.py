@@ -203,7 +203,8 @@ def sequence_logps(
         )
     if layout == "packed":
         if head_in_forward:
-            raise ValueError("layout 'packed' applies the LM head outside the model's forward: use 'shared' with sharded weights")
+            raise ValueError("layout 'packed' applies the LM head outside the model's forward: "
+                             "use 'shared' with sharded weights")
         return packed_sequence_logps(model, batch, length_normalize=length_normalize, chunk_size=chunk_size)
     if layout == "naive":
         return naive_sequence_logps(model, batch, pad_token_id=pad_token_id, length_normalize=length_normalize)

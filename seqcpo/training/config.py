@@ -143,10 +143,10 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     logps_layout: str = field(
         default="auto",
         metadata={
-            "help": "auto | shared | packed | two_pass | naive (all give the same numbers). shared: one prefix-shared row "
-            "per example (FlexAttention on CUDA). packed: those rows end to end in one sequence, no padding (mixed "
-            "lengths; auto packs when padding would add >= 10% of the tokens). two_pass: the gold branch with a KV cache, then each negative "
-            "from its first token that differs from the gold, on the cached prefix (truncation negatives cost "
+            "help": "auto | shared | packed | two_pass | naive (all give the same numbers). shared: one "
+            "prefix-shared row per example (FlexAttention on CUDA). packed: those rows end to end in one sequence, "
+            "no padding (mixed lengths; auto packs when padding would add >= 10% of the tokens). two_pass: the gold "
+            "branch with a KV cache, then each negative from its first token that differs from the gold, on the cached prefix (truncation negatives cost "
             "~nothing; MN negatives are drawn from the gold pass, so they cost no extra forward). auto: per batch, "
             "two_pass where it runs >= 15% fewer tokens, else shared; two_pass for the model that makes MN "
             "negatives. naive: K+1 rows per example (the reference implementation)."
