@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seqcpo-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-check gpu-check-dry clean
 
 $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,18 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_cpu.py
+
+# One H100/H200 with torch + CUDA preinstalled and nothing to download: runs from the tree (no venv, no install),
+# prints its plan and time estimate, the CUDA tests, then the GPU benchmark sets; results in $(GPU_OUT).
+GPU_PYTHON ?= python3
+GPU_OUT ?= $(if $(OUT),$(OUT),benchmarks/results)/gpu_check
+GPU_BUDGET ?= 400
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py --budget $(GPU_BUDGET) --out $(GPU_OUT)
+
+# The same code on the CPU at tiny shapes (tests/test_gpu_check.py runs it in `make test`).
+gpu-check-dry: setup
+	PYTHONPATH=$(CURDIR) $(BIN)/python benchmarks/gpu_check.py --dry --out $(VENV)/gpu_check_dry
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,6 +16,9 @@ Variants (``STEP_VARIANTS``):
                      pass, then the reference and the policy in the prefix-shared layout (logps_layout: shared).
     mn_fused_live    the same negatives drawn from the reference's two-pass gold branch (logps_layout: auto):
                      no separate MN pass.
+    mle_packed       L_mle on the gold only, the B rows packed into one sequence (no padding): the real-token
+                     baseline of a mixed-length batch.
+    packed_cached    CPO, the prefix-shared rows packed into one sequence (``seqcpo.packing``), cached reference.
 
 A ``_flex`` suffix (``shared_live_flex``, ``shared_cached_flex``) runs policy and reference with
 ``attn_implementation="flex_attention"`` (the prefix-shared ``BlockMask``; CUDA only for training), the other
@@ -44,7 +47,8 @@ from seqcpo.reference import FrozenCopyReference, PrecomputedReference
 from seqcpo.types import CandidateBatch
 
 STEP_VARIANTS = ("mle", "naive_live", "shared_live", "shared_live_bf16", "shared_cached", "twopass_live",
-                 "twopass_cached", "mn_live", "mn_fused_live", "shared_live_flex", "shared_cached_flex")
+                 "twopass_cached", "mn_live", "mn_fused_live", "shared_live_flex", "shared_cached_flex", "mle_packed",
+                 "packed_cached", "packed_cached_flex")
 
 
 @dataclass
@@ -90,6 +94,50 @@ def tn_bn_batch(shape: Shape, vocab_size: int, eos: int, seed: int = 0, low: int
     return CandidateBatch(base.prefix_ids, cands, [[True] * (K + 1) for _ in range(B)])
 
 
+def demo_negatives_batch(prefixes: list[list[int]], golds: list[list[int]], k: int, eos: int,
+                         seed: int = 0) -> CandidateBatch:
+    """Given prefixes and golds of any lengths, the demo config's negatives: K/2 truncations (gold[:j] + EOS,
+    j uniform in 1..len-1) and K/2 batch negatives (the golds of the next examples)."""
+    g = torch.Generator().manual_seed(seed)
+    B, n_tn = len(golds), k // 2
+    cands = []
+    for b in range(B):
+        gold = golds[b]
+        tn = [gold[: int(torch.randint(1, max(len(gold), 2), (1,), generator=g))] + [eos] for _ in range(n_tn)]
+        bn = [golds[(b + 1 + i) % B] for i in range(k - n_tn)]
+        cands.append([gold] + tn + bn)
+    return CandidateBatch([list(p) for p in prefixes], cands, [[True] * (k + 1) for _ in range(B)])
+
+
+def instruction_mix_batch(batch: int, k: int, vocab_size: int, eos: int, seed: int = 0, prompt=(10, 256),
+                          response=(1, 128), low: int = 3) -> CandidateBatch:
+    """An instruction-like mix: prompt lengths uniform in ``prompt``, response lengths uniform in ``response``
+    (inclusive), random token ids, the demo's negatives (:func:`demo_negatives_batch`)."""
+    g = torch.Generator().manual_seed(seed)
+    n = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    ids = lambda m: torch.randint(low, vocab_size, (m,), generator=g).tolist()  # noqa: E731
+    prefixes = [ids(n(*prompt)) for _ in range(batch)]
+    golds = [ids(n(*response)) for _ in range(batch)]
+    return demo_negatives_batch(prefixes, golds, k, eos, seed=seed + 1)
+
+
+def padding_overhead(batch: CandidateBatch, layout: str) -> float:
+    """Tokens the layout runs over the real tokens of the prefix-shared rows, minus 1 (0.0 = no padding).
+
+    "shared": B rows padded to the longest; "packed": the real tokens; "two_pass": its two padded passes, the
+    gold rows and then each negative from its first token that differs from the gold (negative when the
+    negatives share enough with the gold)."""
+    from seqcpo.packing import packed_tokens
+    from seqcpo.two_pass import shared_with_gold
+
+    padded, real = packed_tokens(batch)
+    if layout == "two_pass":
+        gold_rows = [len(p) + len(c[0]) for p, c in zip(batch.prefix_ids, batch.candidate_ids)]
+        neg_rows = [sum(max(len(n) - shared_with_gold(c[0], n) - 1, 0) for n in c[1:]) for c in batch.candidate_ids]
+        return len(gold_rows) * (max(gold_rows) + max(neg_rows)) / real - 1.0
+    return (real if layout == "packed" else padded) / real - 1.0
+
+
 def batch_floor(batch: CandidateBatch) -> float:
     """Tokens of the prefix-shared rows over tokens of the gold-only rows: the token floor of a real batch."""
     cpo = sum(len(p) + sum(len(c) for c in cands) for p, cands in zip(batch.prefix_ids, batch.candidate_ids))
@@ -118,9 +166,11 @@ def make_step(variant: str, model, batch: CandidateBatch, *, beta: float = 0.1, 
 
         return flex_step
     gold = gold_only(batch)
-    if variant == "mle":
+    if variant in ("mle", "mle_packed"):
+        gold_layout = "packed" if variant == "mle_packed" else "shared"
+
         def step():
-            out = sequence_logps(model, gold, chunk_size=chunk_size)
+            out = sequence_logps(model, gold, layout=gold_layout, chunk_size=chunk_size)
             loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0])
             loss.backward()
             return loss.item()
@@ -133,8 +183,8 @@ def make_step(variant: str, model, batch: CandidateBatch, *, beta: float = 0.1, 
         if ref_model is None:
             raise ValueError(f"{variant} needs ref_model")
         reference = FrozenCopyReference(ref_model, copy_model=False, layout=layout, chunk_size=chunk_size)
-    elif variant in ("shared_cached", "twopass_cached"):
-        layout = "two_pass" if variant == "twopass_cached" else "shared"
+    elif variant in ("shared_cached", "twopass_cached", "packed_cached"):
+        layout = {"twopass_cached": "two_pass", "packed_cached": "packed"}.get(variant, "shared")
         reference = PrecomputedReference()
         if batch.ref_logps is None:
             raise ValueError(f"{variant} needs batch.ref_logps (see precompute_ref_logps)")

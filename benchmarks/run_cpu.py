@@ -36,14 +36,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from seqcpo.types import CandidateBatch  # noqa: E402
+
 from harness import (  # noqa: E402
     RSSPeak,
     Shape,
     batch_floor,
+    demo_negatives_batch,
+    gold_only,
+    instruction_mix_batch,
     interleaved,
     machine_info,
     make_step,
     markdown_table,
+    padding_overhead,
     precompute_ref_logps,
     random_batch,
     tn_bn_batch,
@@ -109,6 +115,73 @@ def step_benchmarks(model, ref, ref_bf16, grid, reps_first: int, reps: int, part
     return rows
 
 
+PACKING_VARIANTS = ("mle", "mle_packed", "shared_cached", "packed_cached")
+
+
+def wiki_batch(model_name: str, batch: int, k: int, eos: int, seed: int = 0) -> CandidateBatch:
+    """``batch`` examples of the embedded data (wiki lead sections through ``seqcpo.data``'s instruction task, its
+    default lengths: the prompt, then the extract + EOS), drawn at random, with the demo's negatives."""
+    import random
+
+    from seqcpo.data import DataConfig, build_examples, read_records
+    from seqcpo.models import load_tokenizer, resolve_model_path
+
+    cfg = DataConfig(dataset="wiki", task="instruction")
+    records, source = read_records(cfg)
+    sample = random.Random(seed).sample(records, 4 * batch)  # tokenize a few, not 10,000
+    groups, _ = build_examples(sample, cfg, load_tokenizer(resolve_model_path(model_name)), source)
+    examples = [g[0] for g in groups][:batch]
+    return demo_negatives_batch([e.prefix_ids for e in examples], [e.continuation_ids for e in examples], k, eos,
+                                seed=seed + 1)
+
+
+def packing_benchmark(model, ref, batches: dict[str, CandidateBatch], reps: int, partial=lambda rows: None,
+                      variants=PACKING_VARIANTS) -> list[dict]:
+    """Padded prefix-shared rows against packed rows on batches of mixed lengths, cached reference.
+
+    Per batch: padding overhead (tokens run / real tokens - 1) of each layout; each step's time over the packed
+    MLE step (the real-token baseline) and over the real-token floor (real CPO tokens / real MLE tokens);
+    the packed-over-padded speedup of the CPO step."""
+    rows = []
+    for label, raw in batches.items():
+        batch = precompute_ref_logps(ref, raw)
+        floor = batch_floor(batch)
+        steps = {v: make_step(v, model, batch) for v in variants}
+
+        def mem(name, fn):
+            with RSSPeak() as peak:
+                fn()
+            return peak.peak_delta
+
+        t0 = time.time()
+        res = interleaved(steps, model, reps, measure_mem=mem)
+        base = res.median("mle_packed")
+        cpu_base = res.cpu_median("mle_packed")
+        lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(batch.prefix_ids, batch.candidate_ids)]
+        for v in variants:
+            med = res.median(v)
+            gold = v.startswith("mle")
+            layout = "packed" if "packed" in v else "two_pass" if "twopass" in v else "shared"
+            rows.append(dict(
+                batch_label=label, variant=v, examples=len(lengths), k=batch.num_candidates - 1,
+                row_tokens_min=min(lengths), row_tokens_max=max(lengths), real_tokens=sum(lengths),
+                padding_overhead=padding_overhead(gold_only(batch) if gold else batch, layout),
+                times_s=res.times[v], median_s=med, min_s=min(res.times[v]), ratio_vs_mle_packed=med / base,
+                real_floor=floor, ratio_over_real_floor=None if gold else med / base / floor,
+                cpu_s=res.cpu[v], cpu_median_s=res.cpu_median(v),
+                cpu_ratio_over_real_floor=None if gold else res.cpu_median(v) / cpu_base / floor,
+                peak_rss_mib=res.mem[v] / 2**20,
+            ))
+        if {"shared_cached", "packed_cached"} <= set(variants):
+            rows.append(dict(batch_label=label, variant="speedup packed_cached over shared_cached",
+                             speedup=res.median("shared_cached") / res.median("packed_cached"),
+                             speedup_of_mins=min(res.times["shared_cached"]) / min(res.times["packed_cached"]),
+                             cpu_speedup=res.cpu_median("shared_cached") / res.cpu_median("packed_cached")))
+        print(f"# packing {label}: {time.time() - t0:.0f} s", flush=True)
+        partial(rows)
+    return rows
+
+
 def an_benchmark(model, batch: int, k: int, prefix: int, max_new_tokens: int, reps: int) -> list[dict]:
     from seqcpo.negatives.autoregressive import AutoregressiveNegatives, DecodingConfig
 
@@ -161,6 +234,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--an-reps", type=int, default=3)
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--skip-an", action="store_true")
+    ap.add_argument("--packing", action="store_true",
+                    help="also run the packing benchmark (wiki documents and an instruction-like mix, cached reference)")
+    ap.add_argument("--packing-batch", type=int, default=4)
+    ap.add_argument("--packing-reps", type=int, default=2)
+    ap.add_argument("--packing-variants", default=",".join(PACKING_VARIANTS),
+                    help="comma-separated; mle_packed is the baseline and must be among them (twopass_cached: what "
+                         "auto picks for the demo's negatives)")
     ap.add_argument("--quick", action="store_true", help="one tiny shape, one rep (a smoke run)")
     ap.add_argument("--demo-shape-only", action="store_true", help="only the first shape (B4 P32 C64 K4)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu.json"))
@@ -184,6 +264,18 @@ def main(argv=None) -> dict:
                                           partial=lambda rows: write_json({**result, "steps": rows}, args.out))
         write_json(result, args.out)  # a partial result survives an interrupted AN run
         print(render(result), flush=True)
+    if args.packing:
+        eos = model.config.eos_token_id or 2
+        kb = dict(batch=args.packing_batch, k=4, vocab_size=model.config.vocab_size, eos=eos, seed=3)
+        if args.quick:
+            batches = {"instruction mix": instruction_mix_batch(prompt=(10, 40), response=(1, 20), **kb)}
+        else:
+            batches = {"wiki (seqcpo.data instruction task)": wiki_batch(args.model, args.packing_batch, 4, eos, seed=3),
+                       "instruction mix (prompts 10-256, responses 1-128)": instruction_mix_batch(**kb)}
+        result["packing"] = packing_benchmark(model, ref, batches, 1 if args.quick else args.packing_reps,
+                                              partial=lambda rows: write_json({**result, "packing": rows}, args.out),
+                                              variants=tuple(args.packing_variants.split(",")))
+        write_json(result, args.out)
     if not args.skip_an:
         an_kw = dict(batch=args.an_batch, k=args.an_k, max_new_tokens=args.an_new_tokens)
         prefixes = [int(p) for p in args.an_prefix.split(",")]
@@ -211,6 +303,16 @@ def render(result: dict) -> str:
             [[r["shape"], r["variant"], r["median_s"], r["min_s"], r["ratio"], r["ratio_of_mins"], r["cpu_ratio"],
               r["floor"], "" if r["ratio_over_floor"] is None else r["ratio_over_floor"], r["peak_rss_mib"]]
              for r in result["steps"]],
+        ))
+    if "packing" in result:
+        out.append("\n" + markdown_table(
+            ["batch", "variant", "row tokens", "padding overhead", "median s", "vs packed MLE", "real-token floor",
+             "ratio / floor", "peak RSS MiB"],
+            [[r["batch_label"], r["variant"], f"{r['row_tokens_min']}-{r['row_tokens_max']}", r["padding_overhead"],
+              r["median_s"], r["ratio_vs_mle_packed"], r["real_floor"], r["ratio_over_real_floor"] or "",
+              r["peak_rss_mib"]] if "speedup" not in r else
+             [r["batch_label"], r["variant"], "", "", "", f"speedup {r['speedup']:.3g} (of mins {r['speedup_of_mins']:.3g})",
+              "", "", ""] for r in result["packing"]],
         ))
     if "an" in result:
         out.append("\n" + markdown_table(

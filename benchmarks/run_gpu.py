@@ -117,10 +117,13 @@ def step_flops(cfg, shape: Shape, variant: str) -> float:
 
 
 def run_steps(model, ref, shape: Shape, variants, reps: int, device, seed: int, retry_ckpt: bool,
-              negatives: str = "random") -> list[dict]:
+              negatives: str = "random", raw=None) -> list[dict]:
     """``negatives``: "random" (full-length random candidates, the floor of ``shape``) or "tn:2,bn:2" (the
-    demo's negatives on random golds, ``harness.tn_bn_batch``; its own token floor, no FLOP count)."""
-    if negatives == "random":
+    demo's negatives on random golds, ``harness.tn_bn_batch``; its own token floor, no FLOP count); or any
+    label with ``raw``, a prepared ``CandidateBatch`` of mixed lengths (its real-token floor, no FLOP count)."""
+    if raw is not None:
+        pass
+    elif negatives == "random":
         raw = random_batch(shape, model.config.vocab_size, seed=seed)
     else:
         raw = tn_bn_batch(shape, model.config.vocab_size, eos=2, seed=seed)
@@ -194,7 +197,10 @@ def _set_ckpt(model, on: bool):
         model.gradient_checkpointing_disable()
 
 
-def an_benchmark(model, n_prefix: int, k: int, prefix: int, new_tokens: int, reps: int, device, bandwidth: float) -> list[dict]:
+def an_benchmark(model, n_prefix: int, k: int, prefix: int, new_tokens: int, reps: int, device, bandwidth: float,
+                 backends=("shared_prefill", "hf", "vllm")) -> list[dict]:
+    """AN tokens/s of each of ``backends`` ("vllm" only when installed and on CUDA); speedups against "hf"
+    when it is among them."""
     from seqcpo.negatives.autoregressive import AutoregressiveNegatives, DecodingConfig
 
     g = torch.Generator().manual_seed(0)
@@ -202,10 +208,10 @@ def an_benchmark(model, n_prefix: int, k: int, prefix: int, new_tokens: int, rep
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gens = {be: AutoregressiveNegatives(model, DecodingConfig(strategy="sample"), eos_token_id=-1, pad_token_id=0,
                                         max_new_tokens=new_tokens, backend=be, batch_size=n_prefix)
-            for be in ("shared_prefill", "hf")}
+            for be in ("shared_prefill", "hf") if be in backends}
     from seqcpo.negatives.vllm_backend import VLLMDecoder, vllm_available
 
-    if vllm_available() and device.type == "cuda":
+    if "vllm" in backends and vllm_available() and device.type == "cuda":
         # vLLM loads weights from disk: save the (random-init) model once; it takes its share of the card
         import tempfile
 
@@ -243,7 +249,7 @@ def an_benchmark(model, n_prefix: int, k: int, prefix: int, new_tokens: int, rep
         out.append(dict(backend=be, rows=rows_, prefixes=n_prefix, k=k, prefix=prefix, new_tokens=new_tokens,
                         generated_tokens=tokens[be], times_s=times[be], median_s=med, tokens_per_s=tokens[be] / med,
                         floor_tokens_per_s=floor_tps))
-    hf = next(r for r in out if r["backend"] == "hf")["tokens_per_s"]
+    hf = next((r["tokens_per_s"] for r in out if r["backend"] == "hf"), float("nan"))
     for r in out:
         r["speedup_vs_hf"] = r["tokens_per_s"] / hf
         r["fraction_of_floor"] = r["tokens_per_s"] / floor_tps

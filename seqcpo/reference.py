@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from seqcpo.logps import sequence_logps
+from seqcpo.two_pass import gold_pass, negatives_pass
 from seqcpo.types import CandidateBatch
 
 REFERENCE_STRATEGIES = ("auto", "frozen_copy", "precomputed", "adapter_disabled")
@@ -65,8 +66,6 @@ class _TwoPassMixin:
 
     @torch.no_grad()
     def gold_pass(self, prefix_ids, gold_ids, want_logits: bool = True):
-        from seqcpo.two_pass import gold_pass
-
         with self._context():
             return gold_pass(self.model, prefix_ids, gold_ids, pad_token_id=self.options.pad_token_id,
                              chunk_size=self.options.chunk_size, want_logits=want_logits)
@@ -74,8 +73,6 @@ class _TwoPassMixin:
     @torch.no_grad()
     def finish(self, gp, negative_ids) -> torch.Tensor:
         """(B, K+1) reference log-probs of the gold of ``gp`` and ``negative_ids``."""
-        from seqcpo.two_pass import negatives_pass
-
         with self._context():
             out = negatives_pass(self.model, gp, negative_ids, pad_token_id=self.options.pad_token_id,
                                  chunk_size=self.options.chunk_size, length_normalize=self.options.length_normalize)

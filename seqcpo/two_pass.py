@@ -31,19 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from seqcpo.logps import (
-    SequenceLogps,
-    _attn_implementation,
-    _check_batch,
-    _model_dtype,
-    build_prefix_shared_batch,
-    cache_kwarg,
-    output_cache,
-    sum_token_logps,
-    token_logps_from_hidden,
-    unwrap_model,
-    use_attention,
-)
+from seqcpo.hf_model import attn_implementation, cache_kwarg, model_dtype, output_cache, unwrap_model, use_attention
+from seqcpo.prefix_shared import build_prefix_shared_batch, check_batch
+from seqcpo.token_logps import SequenceLogps, sum_token_logps, token_logps_from_hidden
 from seqcpo.types import CandidateBatch
 
 
@@ -269,11 +259,11 @@ def negatives_pass(
                 position_ids[b, :n] = torch.tensor(pos)
                 segment_ids[b, :n] = torch.tensor(seg)
                 cache_limit[b, :n] = torch.tensor(lim)
-        impl = _attn_implementation(model)
+        impl = attn_implementation(model)
         # a FlexAttention BlockMask or a flash kernel cannot take this (query, cache + query) mask: use SDPA
         run_impl = impl if impl in ("sdpa", "eager") else "sdpa"
         mask = _negatives_mask(cache_limit.to(device), gp.cache_len, segment_ids.to(device),
-                               _model_dtype(model) if run_impl == "eager" else None)
+                               model_dtype(model) if run_impl == "eager" else None)
         with use_attention(model, None if run_impl == impl else run_impl):
             out = model(
                 input_ids=input_ids.to(device),
@@ -302,7 +292,7 @@ def two_pass_sequence_logps(
 ) -> SequenceLogps:
     """``logp(y_i | x)`` of every candidate (column 0 the gold) by the two passes; same numbers as the other
     layouts of :func:`seqcpo.logps.sequence_logps`."""
-    _check_batch(batch)
+    check_batch(batch)
     gp = gold_pass(model, batch.prefix_ids, [c[0] for c in batch.candidate_ids], pad_token_id=pad_token_id,
                    chunk_size=chunk_size)
     return negatives_pass(model, gp, [c[1:] for c in batch.candidate_ids], pad_token_id=pad_token_id,

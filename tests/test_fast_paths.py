@@ -90,9 +90,9 @@ def test_flex_on_cpu_with_gradients_falls_back_to_sdpa(make):
     want = _run(model, batch, "naive", w)
     model.config._attn_implementation = "flex_attention"
     with pytest.warns(UserWarning, match="FlexAttention has no backward on CPU"):
-        import seqcpo.logps as L
+        import seqcpo.hf_model as H  # warn_once's memory of what it said
 
-        L._warned.discard("FlexAttention has no backward on CPU in this torch: running SDPA with a dense mask instead")
+        H._warned.discard("FlexAttention has no backward on CPU in this torch: running SDPA with a dense mask instead")
         got = _run(model, batch, "shared", w, chunk_size=5)
     assert model.config._attn_implementation == "flex_attention"  # restored after the call
     _assert_same(got, want)

@@ -98,7 +98,7 @@ def test_layout_tensors():
 
 def test_chunked_head_saves_no_full_logits():
     """The recomputing chunked head keeps no (N, V) tensor for backward: only h, W, bias and targets."""
-    from seqcpo.logps import _ChunkedLinearLogps
+    from seqcpo.token_logps import ChunkedLinearLogps as _ChunkedLinearLogps
 
     h = torch.randn(50, 8, requires_grad=True)
     w = torch.randn(1000, 8, requires_grad=True)

@@ -173,9 +173,10 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     logps_layout: str = field(
         default="auto",
         metadata={
-            "help": "auto | shared | two_pass | naive (all give the same numbers). shared: one prefix-shared row "
-            "per example (FlexAttention on CUDA). two_pass: the gold branch with a KV cache, then each negative "
-            "from its first token that differs from the gold, on the cached prefix (truncation negatives cost "
+            "help": "auto | shared | packed | two_pass | naive (all give the same numbers). shared: one "
+            "prefix-shared row per example (FlexAttention on CUDA). packed: those rows end to end in one sequence, "
+            "no padding (mixed lengths; auto packs when padding would add >= 10% of the tokens). two_pass: the gold "
+            "branch with a KV cache, then each negative from its first token that differs from the gold, on the cached prefix (truncation negatives cost "
             "~nothing; MN negatives are drawn from the gold pass, so they cost no extra forward). auto: per batch, "
             "two_pass where it runs >= 15% fewer tokens, else shared; two_pass for the model that makes MN "
             "negatives. naive: K+1 rows per example (the reference implementation)."
@@ -219,8 +220,8 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         if self.objective == "dpo" and self.num_negatives != 1:
             # DPO is CPO with one negative (PAPER.md); say so rather than silently changing K
             bad("num_negatives", "objective dpo uses exactly one negative: set num_negatives: 1")
-        if self.logps_layout not in ("auto", "shared", "two_pass", "naive"):
-            bad("logps_layout", "choose auto, shared, two_pass or naive")
+        if self.logps_layout not in ("auto", "shared", "packed", "two_pass", "naive"):
+            bad("logps_layout", "choose auto, shared, packed, two_pass or naive")
         for f in dataclasses.fields(self):
             key = f.metadata.get("negative_option")
             choices = NEGATIVE_OPTIONS[key].choices if key else None

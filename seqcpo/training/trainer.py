@@ -115,6 +115,9 @@ class SeqCPOTrainer(Trainer):
                 "logps_layout two_pass needs the LM head outside the model's forward and a KV cache in training: "
                 "it cannot run with FSDP / DeepSpeed ZeRO-3 or gradient checkpointing; use 'auto' or 'shared'"
             )
+        if self.layout == "packed" and self.head_in_forward:
+            raise ValueError("logps_layout packed needs the LM head outside the model's forward: it cannot run with "
+                             "FSDP / DeepSpeed ZeRO-3; use 'auto' or 'shared'")
         logps_options = dict(
             layout=self.layout,
             pad_token_id=self.pad_token_id,
@@ -305,7 +308,7 @@ class SeqCPOTrainer(Trainer):
             sums["pss/mix_fraction"] = (round(frac * n_tokens), n_tokens)
         elif not cfg.uses_negatives:
             out = sequence_logps(
-                model, candidate_batch(examples, None), layout="naive" if self.layout == "naive" else "shared",
+                model, candidate_batch(examples, None), layout="shared" if self.layout == "two_pass" else self.layout,
                 pad_token_id=self.pad_token_id,
                 chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
             )
