@@ -121,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from seqcpo.data import DataError
     from seqcpo.ensemble import EnsembleError
+    from seqcpo.training.checkpoints import NonFiniteError
     from seqcpo.training.config import ConfigError
 
     try:
         rc = args.func(args, extra) if getattr(args, "takes_overrides", None) is not None else args.func(args)
-    except (ConfigError, DataError, EnsembleError) as e:
+    except (ConfigError, DataError, EnsembleError, NonFiniteError) as e:
         print(f"seqcpo: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, ImportError) as e:

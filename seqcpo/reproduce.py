@@ -349,7 +349,7 @@ class _Runner:
 
         overrides = {**arm.overrides, "output_dir": str(folder)}
         if any(folder.glob("checkpoint-*")) and "resume_from_checkpoint" not in overrides:
-            overrides["resume_from_checkpoint"] = True  # an interrupted training run: resume it
+            overrides["resume_from_checkpoint"] = "auto"  # an interrupted run: resume it (afresh if all are torn)
         logger.info("grid: %s: training", arm.name)
         result = training_run.train(load_config(None, overrides))
         result.pop("trainer", None)

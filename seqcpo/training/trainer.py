@@ -41,6 +41,7 @@ from seqcpo.losses import cpo_loss, mle_loss, preference_metrics
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
 from seqcpo.two_pass import gold_pass, negatives_pass, two_pass_supported
+from seqcpo.training.checkpoints import NonFiniteGuard, finite_logs, save_complete_checkpoint
 from seqcpo.training.config import SeqCPOConfig
 from seqcpo.types import CandidateBatch, Example, Negatives
 
@@ -192,6 +193,7 @@ class SeqCPOTrainer(Trainer):
                     options=args.negative_options(),
                 )
         self.mn_source = self._mn_source()
+        self.finite_guard = NonFiniteGuard()  # stops at a NaN/inf loss or gradient norm (checkpoints.py)
 
     def _mn_source(self) -> str | None:
         """Which model's gold-branch pass MN negatives are drawn from: "reference", "policy" or None (MN, if
@@ -342,7 +344,21 @@ class SeqCPOTrainer(Trainer):
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}{k}": round(v, 6) for k, v in gathered.items()})
             stored.clear()
-        super().log(logs, start_time)
+        super().log(finite_logs(logs), start_time)
+
+    # ---- run safety (seqcpo.training.checkpoints): finite steps, checkpoints marked complete
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.finite_guard.note_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.finite_guard.check(grad_norm, self)  # before the optimizer step: weights never turn NaN
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial):
+        save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
 
     # ---- saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
