@@ -308,6 +308,10 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         return out
 
 
+    def __repr__(self) -> str:
+        # the generated dataclass repr would print hub_token; TrainingArguments' masks every *_token field
+        return TrainingArguments.__str__(self)
+
     def __getstate__(self) -> dict[str, Any]:
         """Pickles (``training_args.bin`` in every checkpoint, copies) leave secrets out: a token is read from
         the environment or the command line and lives in this process only."""
