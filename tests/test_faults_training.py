@@ -124,6 +124,15 @@ def test_identity_names_every_decisive_change_and_ignores_the_rest(assets, tmp_p
     assert [d[0] for d in identity_differences(base, moved)] == ["dataset"]
     same_path_new_content = dict(base, data_fingerprint="0" * 32)
     assert identity_differences(base, same_path_new_content)[0][0].startswith("data")
+    # the same model path holding other weights (a re-trained start): another run
+    import shutil
+
+    model2 = tmp_path / "model"
+    shutil.copytree(assets["model"], model2)
+    first = run_identity(_cfg(assets, tmp_path / "a", model_name_or_path=str(model2)))
+    make_tiny_llama(seed=1, vocab_size=len(make_toy_tokenizer())).save_pretrained(model2)
+    again = run_identity(_cfg(assets, tmp_path / "a", model_name_or_path=str(model2)))
+    assert [d[0] for d in identity_differences(first, again)] == ["model (content of model_name_or_path)"]
     # a schedule that depends on the run's length: max_steps decides it; a constant one may be extended
     linear = run_identity(_cfg(assets, tmp_path / "a", lr_scheduler_type="linear"))
     longer = run_identity(_cfg(assets, tmp_path / "a", lr_scheduler_type="linear", max_steps=8))
@@ -229,7 +238,7 @@ def test_nan_loss_stops_the_cli_with_the_step_and_keeps_the_last_good_checkpoint
     rc = main(argv)
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert rc != 0 and "Traceback" not in err
+    assert rc == 3 and "Traceback" not in err
     assert last.startswith("seqcpo: error: training stopped at step 3: the loss is nan"), last
     names = sorted(p.name for p in out.iterdir())
     assert "checkpoint-3" not in names and "checkpoint-4" not in names and "final" not in names, names
@@ -275,6 +284,37 @@ def test_non_finite_metrics_are_never_logged_as_numbers():
 # ---------------------------------------------------------------- output folder
 
 
+def test_a_failed_checkpoint_write_is_one_line_naming_output_dir_and_the_last_good_checkpoint(
+    assets, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    from transformers import Trainer
+
+    from seqcpo.cli import main
+
+    real = Trainer._save_rng_state
+
+    def disk_full(self, output_dir):
+        if self.state.global_step == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", disk_full)
+    out = tmp_path / "run"
+    argv = ["train"]
+    for k, v in _over(assets, out).items():
+        argv += [f"--{k}", str(v)]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert rc == 3 and "Traceback" not in err
+    assert last == (f"seqcpo: error: output_dir='{out}': writing checkpoint-3 failed (No space left on device); "
+                    f"the last complete checkpoint is {out / 'checkpoint-2'}"), last
+    assert read_marker(str(out / "checkpoint-3")) is None and not (out / "final").exists()
+
+
+
 @pytest.mark.parametrize("where", ["file", "under_file", "proc"])
 def test_unusable_output_dir_is_one_line_naming_output_dir(assets, tmp_path, capsys, where):
     from seqcpo.cli import main
@@ -289,3 +329,16 @@ def test_unusable_output_dir_is_one_line_naming_output_dir(assets, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"seqcpo: error: output_dir='{out}': "), err
+
+
+def test_negatives_into_a_file_is_one_line_naming_out(assets, tmp_path, capsys):
+    from seqcpo.cli import main
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    argv = ["negatives", "--out", str(blocker)]
+    for k, v in _over(assets, tmp_path / "run").items():
+        argv += [f"--{k}", str(v)]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"seqcpo: error: --out='{blocker}': a file is in the way (expected a folder)", last

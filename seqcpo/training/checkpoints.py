@@ -71,8 +71,16 @@ _LENGTH_FIELDS = ("max_steps", "num_train_epochs")
 _LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 
-class NonFiniteError(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """Training cannot go on; the one-line message says why, where, and what was kept."""
+
+
+class NonFiniteError(TrainingStopped):
     """Training met a NaN or infinite loss or gradient norm; the message names the step."""
+
+
+class CheckpointWriteError(TrainingStopped):
+    """A checkpoint could not be written (disk full, folder removed, ...); the message names ``output_dir``."""
 
 
 # ---------------------------------------------------------------- run identity
@@ -135,8 +143,16 @@ def run_identity(cfg, world_size: int = 1) -> dict[str, Any]:
     return {
         "config": json.loads(json.dumps(cfg.to_public_dict(), default=str)),
         "data_fingerprint": data_fingerprint(cfg),
+        "model_fingerprint": model_fingerprint(cfg.model_name_or_path),
         "world_size": int(world_size),
     }
+
+
+def model_fingerprint(name_or_path: str) -> str | None:
+    """The starting model's content when it is a local folder (size + first and last MiB of each file): a folder
+    rewritten under the same path (say, a re-run MLE model) is another start. None for a Hub id or embedded name."""
+    path = os.path.expanduser(str(name_or_path))
+    return _source_fingerprint(path)[:32] if os.path.isdir(path) else None
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -157,6 +173,11 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     ):
         diffs.append(("data (content of the dataset / negatives)", "fingerprint " + str(saved.get("data_fingerprint"))[:12],
                       "fingerprint " + str(current.get("data_fingerprint"))[:12]))
+    if saved.get("model_fingerprint") != current.get("model_fingerprint") and "model_name_or_path" not in [
+        d[0] for d in diffs
+    ]:
+        diffs.append(("model (content of model_name_or_path)", "fingerprint " + str(saved.get("model_fingerprint"))[:12],
+                      "fingerprint " + str(current.get("model_fingerprint"))[:12]))
     if saved.get("world_size", 1) != current.get("world_size", 1):
         diffs.append(("world_size (training processes)", saved.get("world_size", 1), current.get("world_size", 1)))
     return diffs
@@ -176,8 +197,8 @@ def identity_key(identity: dict[str, Any]) -> str:
     length_free = str(config.get("lr_scheduler_type")) in _LENGTH_FREE_SCHEDULES
     decisive = {k: v for k, v in config.items()
                 if k not in NOT_DECISIVE and not (length_free and k in _LENGTH_FIELDS)}
-    blob = json.dumps([decisive, identity.get("data_fingerprint"), identity.get("world_size", 1)], sort_keys=True,
-                      default=str)
+    blob = json.dumps([decisive, identity.get("data_fingerprint"), identity.get("model_fingerprint"),
+                       identity.get("world_size", 1)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -361,13 +382,19 @@ def save_complete_checkpoint(trainer, save_checkpoint, model, trial) -> None:
     args.save_total_limit = None
     try:
         save_checkpoint(model, trial)
+        trainer.accelerator.wait_for_everyone()  # every process's shards are written before the marker
+        if args.should_save:
+            identity = trainer_identity(trainer)
+            write_complete_marker(folder, trainer.state.global_step, identity)
+            rotate(run_dir, limit, identity_key(identity), protect=(trainer.state.best_model_checkpoint, folder))
+    except OSError as e:
+        last, _ = newest_complete(run_dir)
+        raise CheckpointWriteError(
+            f"output_dir={args.output_dir!r}: writing {os.path.basename(folder)} failed ({e.strerror or e}); "
+            + (f"the last complete checkpoint is {last}" if last else "no complete checkpoint was kept")
+        ) from e
     finally:
         args.save_total_limit = limit
-    trainer.accelerator.wait_for_everyone()  # every process's shards are written before the marker
-    if args.should_save:
-        identity = trainer_identity(trainer)
-        write_complete_marker(folder, trainer.state.global_step, identity)
-        rotate(run_dir, limit, identity_key(identity), protect=(trainer.state.best_model_checkpoint, folder))
 
 
 def trainer_identity(trainer) -> dict[str, Any]:
@@ -437,12 +464,13 @@ def finite_logs(logs: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- output folder
 
 
-def prepare_output_dir(output_dir: str) -> None:
-    """Create ``output_dir`` (or check it) and prove it writable; one-line :class:`ConfigError` otherwise."""
+def prepare_output_dir(output_dir: str, option: str = "output_dir") -> None:
+    """Create ``output_dir`` (or check it) and prove it writable; a one-line :class:`ConfigError` naming
+    ``option`` (the setting or flag that gave the folder) otherwise."""
     from seqcpo.training.config import ConfigError
 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ConfigError(f"output_dir={output_dir!r}: a file is in the way (expected a folder)")
+        raise ConfigError(f"{option}={output_dir!r}: a file is in the way (expected a folder)")
     try:
         os.makedirs(output_dir, exist_ok=True)
         probe = os.path.join(output_dir, f".seqcpo-write-test-{os.getpid()}")
@@ -451,4 +479,4 @@ def prepare_output_dir(output_dir: str) -> None:
         os.remove(probe)
     except OSError as e:
         reason = e.strerror or str(e)
-        raise ConfigError(f"output_dir={output_dir!r}: cannot write there ({reason})") from None
+        raise ConfigError(f"{option}={output_dir!r}: cannot write there ({reason})") from None

@@ -151,6 +151,7 @@ def make_negatives(cfg: SeqCPOConfig, out_dir: str, shard_size: int = 256) -> di
     """Fixed negatives + reference log-probs for the training split, into ``out_dir`` (resumable)."""
     from seqcpo.training.offline import make_offline_negatives
 
+    prepare_output_dir(out_dir, option="--out")
     set_seed(cfg.seed)
     _, tokenizer, model = _load(cfg)
     model.requires_grad_(False)
