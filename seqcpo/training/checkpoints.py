@@ -162,12 +162,12 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
         str(c.get("lr_scheduler_type")) in _LENGTH_FREE_SCHEDULES for c in (old, new)
     )
     diffs = []
-    for name in sorted(set(old) | set(new)):
+    # a field only one side knows (a seqcpo version that added or dropped an option) is not compared
+    for name in sorted(set(old) & set(new)):
         if name in NOT_DECISIVE or (length_free and name in _LENGTH_FIELDS):
             continue
-        a, b = old.get(name, "<unset>"), new.get(name, "<unset>")
-        if a != b:
-            diffs.append((name, a, b))
+        if old[name] != new[name]:
+            diffs.append((name, old[name], new[name]))
     if saved.get("data_fingerprint") != current.get("data_fingerprint") and not any(
         d[0] in _data_field_names() for d in diffs
     ):
