@@ -100,7 +100,8 @@ def test_resume_refuses_a_checkpoint_written_by_another_run(assets, tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     assert "learning_rate: 0.005 in the checkpoint, 0.001 now" in msg, msg
-    assert "checkpoint-4" in msg and "checkpoint-2 was written by this run's settings" in msg, msg
+    assert "checkpoint-4 was written by a run with other settings" in msg, msg
+    assert f"resume from {out / 'checkpoint-2'} (written under this run's settings)" in msg, msg
     # B's own checkpoint resumes, with settings that do not decide the run changed (logging, saving, workers)
     own = _train(_cfg(assets, out, learning_rate=1e-3, save_total_limit=1, logging_steps=2, save_steps=3,
                       resume_from_checkpoint=str(out / "checkpoint-2")))

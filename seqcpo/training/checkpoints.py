@@ -338,10 +338,11 @@ def resolve_resume(cfg, identity: dict[str, Any]) -> str | None:
         else:
             same = [p for _, p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
                     if (m := read_marker(p)) is not None and not identity_differences(m.get("identity", {}), identity)]
-            hint = f"; {same[-1]} was written by this run's settings: resume from it" if same else ""
+            hint = (f"resume from {same[-1]} (written under this run's settings)" if same
+                    else "resume with the checkpoint's settings")
             raise ConfigError(
-                f"resume_from_checkpoint: {path} was written by a run with other settings ({changes}){hint}; "
-                "or use another output_dir, or set allow_config_change: true to resume anyway"
+                f"resume_from_checkpoint: {path} was written by a run with other settings ({changes}); {hint}, "
+                "use another output_dir, or set allow_config_change: true to resume anyway"
             )
     logger.info("resume: from %s (step %s, complete)", path, marker.get("step"))
     return path
