@@ -241,6 +241,7 @@ def test_nan_loss_stops_the_cli_with_the_step_and_keeps_the_last_good_checkpoint
     last = err.strip().splitlines()[-1]
     assert rc == 3 and "Traceback" not in err
     assert last.startswith("seqcpo: error: training stopped at step 3: the loss is nan"), last
+    assert f"the last complete checkpoint is {out / 'checkpoint-2'}" in last, last
     names = sorted(p.name for p in out.iterdir())
     assert "checkpoint-3" not in names and "checkpoint-4" not in names and "final" not in names, names
     assert read_marker(str(out / "checkpoint-2"))["step"] == 2 and _all_finite(out / "checkpoint-2")

@@ -444,10 +444,11 @@ class NonFiniteGuard:
             what.append(f"the loss is {bad_loss}" if bad_loss is not None else "the loss is not finite on another process")
         if flags[1] > 0:
             what.append(f"the gradient norm is {norm}")
+        last, _ = newest_complete(trainer.args.output_dir)
         raise NonFiniteError(
-            f"training stopped at step {step}: {' and '.join(what)}; no optimizer step was taken and nothing was "
-            f"saved after step {step - 1} (lower learning_rate, check beta/cpo_lambda and the data, or resume from "
-            "the last checkpoint)"
+            f"training stopped at step {step}: {' and '.join(what)}; the step was not taken and nothing after it "
+            "saved; " + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet")
+            + " (lower learning_rate, check beta, cpo_lambda and the data)"
         )
 
 
