@@ -152,7 +152,7 @@ def run_identity(cfg, world_size: int = 1) -> dict[str, Any]:
 
 
 def model_fingerprint(name_or_path: str) -> str | None:
-    """The starting model's content when it is a local folder (size + first and last MiB of each file): a folder
+    """The starting model's content when it is a local folder (see :func:`_source_fingerprint`): a folder
     rewritten under the same path (say, a re-run MLE model) is another start. None for a Hub id or embedded name."""
     path = os.path.expanduser(str(name_or_path))
     return _source_fingerprint(path)[:32] if os.path.isdir(path) else None
