@@ -329,8 +329,10 @@ def test_unusable_output_dir_is_one_line_naming_output_dir(assets, tmp_path, cap
         argv += [f"--{k}", str(v)]
     rc = main(argv)
     err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
     assert rc == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"seqcpo: error: output_dir='{out}': "), err
+    # the config loader may catch it first (its own wording); either way one line naming the option and path
+    assert last.startswith("seqcpo: error: output_dir") and str(out) in last, last
 
 
 def test_negatives_into_a_file_is_one_line_naming_out(assets, tmp_path, capsys):
@@ -343,4 +345,4 @@ def test_negatives_into_a_file_is_one_line_naming_out(assets, tmp_path, capsys):
         argv += [f"--{k}", str(v)]
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == f"seqcpo: error: --out='{blocker}': a file is in the way (expected a folder)", last
+    assert last.startswith("seqcpo: error: --out") and str(blocker) in last and "folder" in last, last
