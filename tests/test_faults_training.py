@@ -218,20 +218,18 @@ def _all_finite(folder):
 
 
 def test_nan_loss_stops_the_cli_with_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys):
-    """A loss that turns NaN at step 3 (here: the CPO term): the run used to log loss 0.0, write NaN weights into
-    every later checkpoint and final/, and exit 0."""
-    import seqcpo.training.trainer as trainer_mod
+    """A loss that turns NaN at step 3: the run used to log loss 0.0, write NaN weights into every later
+    checkpoint and final/, and exit 0."""
     from seqcpo.cli import main
+    from seqcpo.training.trainer import SeqCPOTrainer
 
-    calls = {"n": 0}
-    real = trainer_mod.cpo_loss
+    real = SeqCPOTrainer.compute_loss
 
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] >= 3 else loss
+    def poisoned(self, model, inputs, *args, **kwargs):
+        loss = real(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 2 else loss
 
-    monkeypatch.setattr(trainer_mod, "cpo_loss", poisoned)
+    monkeypatch.setattr(SeqCPOTrainer, "compute_loss", poisoned)
     out = tmp_path / "run"
     argv = ["train"]
     for k, v in _over(assets, out).items():
