@@ -123,12 +123,56 @@ def mle_loss(gold_logps: torch.Tensor, gold_token_counts: torch.Tensor) -> torch
     return -gold_logps.float().sum() / total
 
 
-def combined_loss(mle: torch.Tensor, cpo: torch.Tensor, lam: float) -> torch.Tensor:
-    """``L = L_mle + lambda * L_cpo`` (PAPER.md, "Total loss")."""
-    return mle + lam * cpo
+#: the names :func:`preference_metrics` and :func:`preference_metric_sums` return, in their order
+PREFERENCE_METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "rewards/strongest_rejected",
+    "rewards/gold_top1", "logps/chosen", "logps/rejected",
+)
 
 
 @torch.no_grad()
+def preference_metric_sums(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    beta: float,
+    mask: torch.Tensor | None = None,
+) -> dict[str, tuple[float, float]]:
+    """The metrics of :func:`preference_metrics` as ``name -> (sum, count)``, so that a trainer can pool them
+    over the micro-batches and processes of one step: the step's value is ``sum of sums / sum of counts`` (0.0
+    for a zero count), the same number one batch holding all the step's examples would give.
+
+    Counts: examples for ``rewards/chosen``, ``rewards/gold_top1``, ``logps/chosen``; valid negatives for
+    ``rewards/rejected``, ``rewards/accuracies``, ``logps/rejected``; examples with a valid negative for
+    ``rewards/margins`` and ``rewards/strongest_rejected``.
+    """
+    s = _rewards(policy_logps, ref_logps, beta)
+    mask = _check_mask(mask, s.shape, s.device)
+    neg_mask = mask[:, 1:]
+    neg = s[:, 1:]
+    n_neg = neg_mask.sum(dim=1).clamp(min=1)
+    neg_mean = (neg * neg_mask).sum(dim=1) / n_neg
+    strongest = neg.masked_fill(~neg_mask, _NEG).max(dim=1).values
+    has_neg = neg_mask.any(dim=1)
+    wins = (s[:, :1] > neg) & neg_mask
+    pol = policy_logps.float()
+    zero = torch.zeros((), device=s.device)
+    B, valid, with_neg = float(s.shape[0]), neg_mask.sum().float(), has_neg.sum().float()
+    pairs = {
+        "rewards/chosen": (s[:, 0].sum(), B),
+        "rewards/rejected": ((neg * neg_mask).sum(), valid),
+        "rewards/margins": (torch.where(has_neg, s[:, 0] - neg_mean, zero).sum(), with_neg),
+        "rewards/accuracies": (wins.sum().float(), valid),
+        "rewards/strongest_rejected": (torch.where(has_neg, strongest, zero).sum(), with_neg),
+        "rewards/gold_top1": (((s[:, 0] > strongest) | ~has_neg).float().sum(), B),
+        "logps/chosen": (pol[:, 0].sum(), B),
+        "logps/rejected": ((pol[:, 1:] * neg_mask).sum(), valid),
+    }
+    flat = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=s.device) for pair in pairs.values() for x in pair])
+    values = flat.tolist()  # one device sync for all
+    assert tuple(pairs) == PREFERENCE_METRICS
+    return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(pairs)}
+
+
 def preference_metrics(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -144,26 +188,9 @@ def preference_metrics(
     - ``rewards/strongest_rejected``: mean over examples of the largest negative reward.
     - ``rewards/gold_top1``: fraction of examples whose gold outranks every valid negative.
     - ``logps/chosen``, ``logps/rejected``: mean policy log-prob of the gold and of the valid negatives.
+
+    Means over examples count only examples with a valid negative where a negative is involved (margins,
+    strongest); a mean over nothing is 0.0. See :func:`preference_metric_sums` for the pooled form.
     """
-    s = _rewards(policy_logps, ref_logps, beta)
-    mask = _check_mask(mask, s.shape, s.device)
-    neg_mask = mask[:, 1:]
-    neg = s[:, 1:]
-    n_neg = neg_mask.sum(dim=1).clamp(min=1)
-    neg_mean = (neg * neg_mask).sum(dim=1) / n_neg
-    strongest = neg.masked_fill(~neg_mask, _NEG).max(dim=1).values
-    has_neg = neg_mask.any(dim=1)
-    wins = (s[:, :1] > neg) & neg_mask
-    pol = policy_logps.float()
-    total_valid = neg_mask.sum().clamp(min=1)
-    out = {
-        "rewards/chosen": s[:, 0].mean().item(),
-        "rewards/rejected": ((neg * neg_mask).sum() / total_valid).item(),
-        "rewards/margins": (s[:, 0] - neg_mean)[has_neg].mean().item() if has_neg.any() else 0.0,
-        "rewards/accuracies": (wins.sum() / total_valid).item(),
-        "rewards/strongest_rejected": strongest[has_neg].mean().item() if has_neg.any() else 0.0,
-        "rewards/gold_top1": ((s[:, 0] > strongest) | ~has_neg).float().mean().item(),
-        "logps/chosen": pol[:, 0].mean().item(),
-        "logps/rejected": ((pol[:, 1:] * neg_mask).sum() / total_valid).item(),
-    }
-    return out
+    return {k: (total / count if count else 0.0) for k, (total, count) in preference_metric_sums(
+        policy_logps, ref_logps, beta, mask=mask).items()}

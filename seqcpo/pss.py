@@ -20,6 +20,10 @@ How we depart from / fill in the paper (PAPER.md leaves these open):
 - With ``p_model = 0`` no prediction pass runs and the loss is exactly the MLE loss.
 - With an empty prefix nothing predicts continuation token 0: it is never replaced and not scored
   (the same convention as :func:`seqcpo.evaluation.metrics.gold_perplexity`).
+- Each example mixes with its own generator (:mod:`seqcpo.seeding`): its mask and its sampled tokens do not
+  depend on the other examples of the batch, so the step does not depend on how the batch was split.
+- ``reduction="sum"`` returns the summed token cross-entropy, for a trainer that divides by the number of
+  target tokens of the whole optimizer step (:mod:`seqcpo.training.trainer`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from seqcpo.negatives.mean_field import model_device, sample_categorical
+from seqcpo.sampling import model_device, sample_rows
 from seqcpo.padding import pad_batch
+from seqcpo.seeding import Generators, per_example_generators
 from seqcpo.types import Example
 
 
@@ -73,10 +78,11 @@ def pss_loss(
     *,
     p_model: float,
     passes: int,
-    generator: torch.Generator,
+    generator: Generators,
     pad_token_id: int,
     sample: bool = True,
     temperature: float = 1.0,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, float]:
     """Parallel scheduled sampling loss (Duckworth et al. 2019) on a batch of (prefix, gold) examples.
 
@@ -87,15 +93,18 @@ def pss_loss(
             :func:`pss_mix_probability`).
         passes: mixing rounds (>= 1), each a no-grad forward over the previous input; the final forward over
             the last mixed input is the only one with gradient.
-        generator: the only source of randomness (the masks and the samples).
+        generator: the only source of randomness (the masks and the samples): one generator per example (a
+            list; example b's mask and samples come from ``generator[b]``), or one for the batch.
         pad_token_id: fills the right padding (masked out by the attention mask).
         sample: replace with a sample from ``softmax(logits / temperature)`` (default) or the argmax.
         temperature: sampling temperature.
+        reduction: "mean" (token mean over the batch) or "sum" (summed over the scored tokens).
 
     Returns:
-        ``(loss, mix_fraction)``: the token-mean cross-entropy of the gold continuation tokens (float32 scalar,
-        with gradient) given the final mixed input, and the fraction of scored continuation tokens that the
-        final mask replaced by a model token (about ``p_model``; a replaced token may equal the gold).
+        ``(loss, mix_fraction)``: the cross-entropy of the gold continuation tokens given the final mixed input
+        (float32 scalar with gradient; token mean or sum per ``reduction``), and the fraction of scored
+        continuation tokens that the final mask replaced by a model token (about ``p_model``; a replaced token
+        may equal the gold).
     """
     if not 0.0 <= p_model <= 1.0:
         raise ValueError(f"pss: p_model must lie in [0, 1], got {p_model}")
@@ -103,9 +112,13 @@ def pss_loss(
         raise ValueError(f"pss: passes must be >= 1, got {passes}")
     if sample and temperature <= 0:
         raise ValueError(f"pss: temperature must be > 0 when sampling, got {temperature}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"pss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    gens = per_example_generators(generator, len(examples))
     device = model_device(model)
     gold, attention_mask, scored = _gold_batch(examples, pad_token_id)  # (B, L) each, on CPU
-    n_scored = int(scored.sum())
+    per_row = scored.sum(dim=1).tolist()  # scored tokens of each example; its rows are contiguous in (N, V)
+    n_scored = int(sum(per_row))
     gold_d, attention_d, scored_d = gold.to(device), attention_mask.to(device), scored.to(device)
 
     mixed = gold_d
@@ -117,10 +130,12 @@ def pss_loss(
                 pred_logits = logits[:, :-1][scored_d[:, 1:]].float()  # (N, V): position j-1 predicts token j
                 if sample:
                     probs = torch.softmax(pred_logits / temperature, dim=-1)
-                    pred = sample_categorical(probs, generator).squeeze(1)  # (N,)
+                    pred = sample_rows(probs, gens, per_row)  # (N,) example b's rows from gens[b]
                 else:
                     pred = pred_logits.argmax(-1)  # (N,)
-            replaced = (torch.rand(gold.shape, generator=generator) < p_model) & scored  # (B, L)
+            keep_draws = torch.cat([torch.rand(n, generator=g) for g, n in zip(gens, per_row)])  # (N,)
+            replaced = torch.zeros_like(scored)  # (B, L)
+            replaced[scored] = keep_draws < p_model
             tokens = gold_d.clone()
             tokens[scored_d] = pred.to(device)  # the model's token at every scored position
             mixed = torch.where(replaced.to(device), tokens, gold_d)  # prefix and kept tokens gold
@@ -130,5 +145,5 @@ def pss_loss(
     targets = gold_d[:, 1:][scored_d[:, 1:]]  # (N,) always the gold
     if n_scored == 0:
         return picked.sum() * 0.0, 0.0
-    loss = F.cross_entropy(picked, targets, reduction="mean")
+    loss = F.cross_entropy(picked, targets, reduction=reduction)
     return loss, float(replaced.sum()) / n_scored

@@ -397,7 +397,7 @@ class _Runner:
     def generate(self, arm: Arm) -> dict:
         from seqcpo.data import load_splits
         from seqcpo.evaluation import generate_continuations, gold_perplexity
-        from seqcpo.evaluation.generate import load_checkpoint
+        from seqcpo.evaluation.checkpoints import load_checkpoint
 
         folder = self.arm_dir(arm) / "generate"
         fp = self.generate_fp(arm)

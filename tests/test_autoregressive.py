@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_EOS, TINY_PAD, make_tiny_gpt2, make_tiny_llama
 from seqcpo.negatives import AutoregressiveNegatives, DecodingConfig, rouge_l_f
-from seqcpo.negatives.autoregressive import filter_logits
+from seqcpo.sampling import filter_logits
 from seqcpo.types import Example
 
 EOS = TINY_EOS

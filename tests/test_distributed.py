@@ -1,6 +1,7 @@
 """`accelerate launch` with 2 CPU processes (gloo DDP) gives the first-step loss of 1 process on the same
-global batch. Fixed negatives make the candidates identical in both layouts; continuation windows of equal
-length make the token-mean MLE term split evenly across processes."""
+global batch, through the CLI with fixed negatives. (The step divides by the tokens and examples of all
+processes, so this holds for any lengths: tests/test_split_invariance.py checks unequal ones and online
+negatives.)"""
 
 import json
 import os

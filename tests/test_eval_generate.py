@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_tiny_gpt2, make_tiny_llama, make_toy_tokenizer
 from seqcpo.evaluation.generate import (
-    GenerationConfig,
+    DecodingConfig,
     generate_continuations,
     parse_decoding,
     read_generations,
@@ -62,7 +62,7 @@ def test_parse_decoding_specs():
         with pytest.raises(ValueError):
             parse_decoding(bad)
     with pytest.raises(ValueError):
-        GenerationConfig(strategy="contrastive")
+        DecodingConfig(strategy="contrastive")
 
 
 def test_generation_left_padding_and_resume(checkpoint, examples, tmp_path):
@@ -93,8 +93,17 @@ def test_generation_left_padding_and_resume(checkpoint, examples, tmp_path):
     assert len(keys) == len(set(keys)) == 10, "no duplicates, every row present"
     assert [r["generation"] for r in rows2 if r["decoding"] == "greedy"] == [r["generation"] for r in rows[:5]]
 
-    # nothing left to do: the checkpoint is not even loaded
-    rows3 = generate_continuations("/nonexistent/checkpoint", examples, configs, out, model_label="tiny", progress=False)
+    # nothing left to do: the checkpoint is not even loaded (its files are only read for their identity)
+    import seqcpo.evaluation.generate as G
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded when every row is present")
+
+    real_load, G.load_checkpoint = G.load_checkpoint, no_load
+    try:
+        rows3 = generate_continuations(checkpoint, examples, configs, out, model_label="tiny", progress=False)
+    finally:
+        G.load_checkpoint = real_load
     assert rows3 == rows2
 
     # same decoding name, other settings: refused rather than silently mixed
@@ -162,3 +171,14 @@ def test_local_judge_batched_equals_one_at_a_time(checkpoint):
         ls, lb = json.loads(s.raw)["logp"], json.loads(b.raw)["logp"]
         for k in ls:
             assert abs(ls[k] - lb[k]) < 1e-4, (k, ls, lb)
+
+
+def test_sampling_with_one_token_left_is_greedy(checkpoint, examples, tmp_path):
+    """top-k = 1, or a top-p mass only the most likely token reaches, leaves one token: sampling is then greedy,
+    row by row (the per-row sampler filters like transformers' warpers)."""
+    greedy = generate_continuations(checkpoint, examples, [parse_decoding("greedy", max_new_tokens=6)],
+                                    tmp_path / "g.jsonl", batch_size=2, model_label="tiny", progress=False)
+    for spec in ("topk:k=1,t=1.5", "topp:p=0.000001"):
+        rows = generate_continuations(checkpoint, examples, [parse_decoding(spec, max_new_tokens=6)],
+                                      tmp_path / "s.jsonl", batch_size=2, model_label="tiny", progress=False)
+        assert [r["generation"] for r in rows] == [r["generation"] for r in greedy], spec

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from seqcpo.evaluation.generate import generate_continuations, load_checkpoint, parse_decoding
+from seqcpo.evaluation.checkpoints import load_checkpoint
+from seqcpo.evaluation.generate import generate_continuations, parse_decoding
 from seqcpo.evaluation.judges import LocalJudge
 from seqcpo.types import Example
 
@@ -39,10 +40,11 @@ def test_local_judge_on_smollm2(smollm):
 
 
 def test_batched_generation_matches_single_on_smollm2(smollm, tmp_path):
+    """Greedy and sampled rows (each sampled row from its own seed) do not depend on the batch."""
     model, tok = smollm
     texts = ["Paris is the capital of", "The Amazon river flows through several countries in South", "Water"]
     examples = [Example(tok(t)["input_ids"], tok(" x")["input_ids"], {"id": str(i)}) for i, t in enumerate(texts)]
-    cfg = [parse_decoding("greedy", max_new_tokens=6)]
+    cfg = [parse_decoding("greedy", max_new_tokens=6), parse_decoding("sample:t=1.0,p=0.95", max_new_tokens=6)]
     batched = generate_continuations(MODEL, examples, cfg, tmp_path / "b.jsonl", batch_size=3, progress=False,
                                      model_and_tokenizer=smollm)
     single = generate_continuations(MODEL, examples, cfg, tmp_path / "s.jsonl", batch_size=1, progress=False,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -109,6 +111,23 @@ def _make_handler(state: _State):
                 return self._send(200, _chat("I cannot decide between them."))
             if marker == "always500":
                 return self._send(503, b"down")
+            if marker == "truncated":  # promises 200 bytes, sends 10 and hangs up: IncompleteRead / RemoteProtocolError
+                if n == 1:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "200")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices"')
+                    self.close_connection = True
+                    return None
+                return self._send(200, _chat("A"))
+            if marker == "reset":  # the connection is reset (RST) before any reply
+                if n == 1:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return None
+                return self._send(200, _chat("B"))
             if marker == "unauthorized":  # some APIs echo part of the key; it must not leak
                 return self._send(401, json.dumps({"error": f"Incorrect API key provided: {KEY}"}).encode())
             raise AssertionError(marker)
@@ -228,6 +247,18 @@ def test_no_key_means_no_authorization_header(server, tmp_path, monkeypatch):
     judge = _judge(url, tmp_path / "cache")
     assert judge.judge(*_triple("okA")).winner == "A"
     assert state.auth == [""]
+
+
+def test_truncated_body_and_reset_connection_are_retried(server, tmp_path, monkeypatch):
+    """A reply cut short mid-body (the urllib client raised IncompleteRead and gave up) and a reset connection
+    are transient: retried like a 5xx, then answered."""
+    url, state = server
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    judge = _judge(url, tmp_path / "cache")
+    verdicts = judge.judge_many([_triple("truncated"), _triple("reset")], progress=False)
+    assert [v.winner for v in verdicts] == ["A", "B"]
+    assert state.counts["truncated"] == 2 and state.counts["reset"] == 2
+    assert judge.stats["retries"] == 2 and judge.stats["failures"] == 0
 
 
 def test_retry_after_parsing():

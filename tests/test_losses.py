@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from seqcpo.losses import combined_loss, cpo_loss, dpo_loss, mle_loss, preference_metrics
+from seqcpo.losses import cpo_loss, dpo_loss, mle_loss, preference_metrics
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -98,7 +98,6 @@ def test_mle_and_combined():
     # two golds: 3 tokens with summed logp -6, 1 token with -2: token-mean NLL = 8 / 4 = 2
     mle = mle_loss(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1]))
     assert_close(mle, torch.tensor(2.0))
-    assert_close(combined_loss(mle, torch.tensor(0.5), 2.0), torch.tensor(3.0))
 
 
 def test_shape_errors():

@@ -26,7 +26,7 @@ from seqcpo.negatives import (
     parse_spec,
     rouge_l_f,
 )
-from seqcpo.negatives.mean_field import inverse_cdf_sample
+from seqcpo.sampling import inverse_cdf_sample
 from seqcpo.types import Example
 
 EOS = TINY_EOS

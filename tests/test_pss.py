@@ -51,7 +51,7 @@ def test_mix_probability_schedule():
 def test_p_zero_is_exactly_the_mle_loss():
     from seqcpo.logps import sequence_logps
     from seqcpo.losses import mle_loss
-    from seqcpo.training.trainer import candidate_batch
+    from seqcpo.batching import candidate_batch
 
     model = make_tiny_llama()
     examples = _examples()
@@ -149,3 +149,22 @@ def test_training_run_with_objective_pss(tmp_path):
     assert all(math.isfinite(h["loss"]) for h in logs)
     assert logs[0]["pss/mix_fraction"] == 0.0  # warm-up: step 0 mixes nothing
     assert logs[-1]["pss/mix_fraction"] > 0
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_per_example_generators_make_the_batch_sum_the_sum_of_its_examples(sample):
+    """Each example mixes with its own generator: the batch's summed loss and replaced tokens are those of
+    its examples run one at a time (what makes a PSS step independent of how the batch is split)."""
+    from seqcpo.seeding import example_generators
+
+    model = make_tiny_llama()
+    ex = _examples(n=4, prefix=(3, 8, 1, 5), cont=(2, 30, 7, 12))
+    ids = [str(e.meta["id"]) for e in ex]
+    kw = dict(p_model=0.5, passes=2, pad_token_id=0, sample=sample, reduction="sum")
+    batch, frac = pss_loss(model, ex, generator=example_generators(0, ids, 0, "pss"), **kw)
+    alone = [pss_loss(model, [e], generator=example_generators(0, [i], 0, "pss"), **kw) for e, i in zip(ex, ids)]
+    torch.testing.assert_close(batch, sum(loss for loss, _ in alone), rtol=1e-5, atol=1e-4)
+    n = [len(e.continuation_ids) for e in ex]
+    assert round(frac * sum(n)) == sum(round(f * t) for (_, f), t in zip(alone, n))
+    with pytest.raises(ValueError, match="reduction"):
+        pss_loss(model, ex, generator=torch.Generator(), p_model=0.5, passes=1, pad_token_id=0, reduction="none")

@@ -1,7 +1,7 @@
 """Evaluation of saved checkpoints: generation, pairwise judges, win rates, judge-free metrics, reports.
 
-This package reads checkpoints from disk and never imports training code (``seqcpo.training``,
-``seqcpo.losses``, ``seqcpo.negatives``, ``seqcpo.trainer``); a test checks it with ``ast``.
+This package reads checkpoints from disk (:mod:`seqcpo.evaluation.checkpoints`) and never imports training
+code (``seqcpo.training``, ``seqcpo.losses``, ``seqcpo.negatives``); a test checks it with ``ast``.
 
 Typical use from Python::
 
@@ -12,12 +12,15 @@ Typical use from Python::
 From the shell: ``seqcpo generate ...`` and ``seqcpo eval ...`` (see :mod:`seqcpo.evaluation.cli`).
 """
 
-from seqcpo.evaluation.generate import GenerationConfig, generate_continuations, parse_decoding, read_generations
+from seqcpo.evaluation.checkpoints import checkpoint_identity, load_checkpoint, load_tokenizer_only
+from seqcpo.decoding import DecodingConfig
+from seqcpo.evaluation.generate import generate_continuations, parse_decoding, read_generations
 from seqcpo.evaluation.judges import (
     LocalJudge,
     OpenAIJudge,
     PairwiseJudge,
     Verdict,
+    check_judge,
     load_judge_prompt,
     parse_answer,
 )
@@ -41,7 +44,7 @@ from seqcpo.evaluation.winrate import (
 )
 
 __all__ = [
-    "GenerationConfig",
+    "DecodingConfig",
     "ItemResult",
     "LocalJudge",
     "MauveResult",
@@ -49,12 +52,16 @@ __all__ = [
     "PairwiseJudge",
     "Verdict",
     "WinRate",
+    "check_judge",
+    "checkpoint_identity",
     "combine_orders",
     "distinct_n",
     "generate_continuations",
     "gold_perplexity",
     "head_to_head",
+    "load_checkpoint",
     "load_judge_prompt",
+    "load_tokenizer_only",
     "mauve_score",
     "parse_answer",
     "parse_decoding",

@@ -264,7 +264,8 @@ def _setup_logging() -> None:
 
 
 def run_generate(args) -> int:
-    from seqcpo.evaluation.generate import generate_continuations, load_tokenizer_only
+    from seqcpo.evaluation.checkpoints import load_tokenizer_only
+    from seqcpo.evaluation.generate import generate_continuations
 
     _setup_logging()
     out = Path(args.out)
@@ -286,8 +287,9 @@ def run_generate(args) -> int:
 
 def run_eval(args) -> int:
     import seqcpo
-    from seqcpo.evaluation.generate import generate_continuations, load_checkpoint, load_tokenizer_only
-    from seqcpo.evaluation.judges import build_judge
+    from seqcpo.evaluation.checkpoints import load_checkpoint, load_tokenizer_only
+    from seqcpo.evaluation.generate import generate_continuations, generation_summary
+    from seqcpo.evaluation.judges import build_judge, check_judge
     from seqcpo.evaluation.metrics import (
         distinct_n,
         gold_perplexity,
@@ -321,6 +323,7 @@ def run_eval(args) -> int:
                                             api_key_env=args.judge_api_key_env, prompt_path=args.judge_prompt,
                                             cache_dir=args.judge_cache or str(out / "judge_cache"), **judge_kwargs)
         judge = judge_factory() if args.judge == "openai" else None
+        check_judge(args.judge, args.judge_model, args.judge_url, args.judge_prompt, args.judge_api_key_env)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -374,7 +377,7 @@ def run_eval(args) -> int:
         for c in configs:
             rs = rows_by[(label, c.name)]
             run = {"label": label, "model": path, "alpha": alpha, "decoding": c.name,
-                   "decoding_config": dataclasses.asdict(c), "num_items": len(rs)}
+                   "decoding_config": dataclasses.asdict(c), "num_items": len(rs), **generation_summary(rs)}
             if judge is not None:
                 items = win_rate_vs_gold(judge, rs, order=args.order, seed=args.order_seed, progress=progress)
                 run["win_rate_vs_gold"] = summarize(items).to_dict()
@@ -403,7 +406,6 @@ def run_eval(args) -> int:
             for n in (1, 2, 3):
                 run[f"distinct_{n}"] = distinct_n(gens, n)
             run["rep_4"] = repeated_ngram_rate(gens, 4)
-            run["mean_tokens"] = sum(r.get("num_tokens", 0) for r in rs) / max(1, len(rs))
             run["gold_ppl"] = ppl_by[label]
             runs.append(run)
 

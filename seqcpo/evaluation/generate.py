@@ -3,43 +3,63 @@
 Each row is one (example, model, decoding) triple::
 
     {"id", "model", "decoding", "prompt", "judge_prompt", "reference", "generation", "category",
-     "num_tokens", "stopped", "model_path", "config"}
+     "num_tokens", "stopped", "prompt_tokens_cut", "model_path", "checkpoint", "inputs_sha256", "config"}
 
 ``prompt`` is the prefix as the model saw it; ``judge_prompt`` what a judge is shown (the bare
 instruction and context for instruction data, else the prefix).
 
 ``model`` is the model's label, ``decoding`` the config's name, ``config`` all its fields. ``num_tokens``
 counts the generated tokens (eos excluded), ``stopped`` says whether eos ended the text before
-``max_new_tokens``. Rows already in the file (keyed by id + model + decoding) are skipped, so an
-interrupted run resumes where it stopped; a half-written last line left by a crash is dropped. Resuming
-with a config of the same name but other settings (say another ``max_new_tokens``) is an error.
+``max_new_tokens``.
+
+**Resume.** Rows already in the file (keyed by id + model + decoding) are skipped, so an interrupted run
+resumes where it stopped; a half-written last line left by a crash is dropped. A row is reused only when
+everything that decides its content matches: ``checkpoint`` (the content identity of the weights, config and
+tokenizer, :func:`seqcpo.evaluation.checkpoints.checkpoint_identity`, not the label or path),
+``inputs_sha256`` (the example's token ids, so another split, data file, template or length limit does not
+match) and ``config`` (the decoding, its length limit and seed). Rows of the same label made from another
+checkpoint or other inputs are stale: they are moved to ``<out>.stale.jsonl`` (kept, never mixed with the
+new ones) and generated again, with a warning. A decoding of the same name with other settings (say another
+``max_new_tokens``) is an error: rename the decoding or write to another file.
+
+**Sample-exact.** Every sampled row draws from its own generator, seeded by (decoding settings, example id,
+sample index) (:func:`sample_seed`); its tokens do not depend on the batch it was generated in, on the
+rows before it or on an interruption, so a resumed run writes the rows an uninterrupted run writes.
+
+**Context.** A prompt that does not leave room for ``max_new_tokens`` in the model's context keeps its last
+``context - max_new_tokens`` tokens (the end of a prompt is what the continuation follows); the number of
+tokens cut is the row's ``prompt_tokens_cut`` and the count of cut prompts is logged. A ``max_new_tokens``
+that alone fills the context is an error before anything is generated.
 
 Decoding configurations are written as compact specs (:func:`parse_decoding`)::
 
     greedy                   sample:t=0.7,p=0.9      beam:n=4      topk:k=50      sample:t=1.0,m=128,s=3
 
 Keys: ``t`` temperature, ``p`` top-p, ``k`` top-k, ``n`` beams, ``m`` max new tokens, ``s`` seed.
-Sampling is seeded per batch from (seed, ids in the batch), so a rerun of the same batch reproduces it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from seqcpo.decoding import DecodingConfig
+from seqcpo.evaluation.checkpoints import checkpoint_identity, context_length, load_checkpoint, pad_id_of
+from seqcpo.io import atomic_write_jsonl
 from seqcpo.padding import pad_batch
+from seqcpo.sampling import filter_logits, sample_rows
 from seqcpo.types import Example
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("greedy", "sample", "beam")
 _KEY_ALIASES = {
     "t": "temperature",
     "temperature": "temperature",
@@ -56,58 +76,11 @@ _KEY_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
-    """One decoding configuration.
-
-    Attributes:
-        name: the label in generation files and reports (by default the spec it was parsed from).
-        strategy: "greedy", "sample" or "beam".
-        temperature: softmax temperature (sample only).
-        top_k: keep the k most likely tokens, 0 = off (sample only).
-        top_p: nucleus mass, 1.0 = off (sample only).
-        num_beams: beam width (beam only).
-        max_new_tokens: generation length cap.
-        seed: base seed for sampling.
-    """
-
-    name: str = "greedy"
-    strategy: str = "greedy"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_beams: int = 1
-    max_new_tokens: int = 64
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.strategy == "sample" and self.temperature <= 0:
-            raise ValueError("sampling needs temperature > 0; use the 'greedy' strategy for argmax decoding")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.num_beams < 1 or (self.strategy == "beam" and self.num_beams < 2):
-            raise ValueError(f"beam search needs num_beams >= 2 (got {self.num_beams}); use 'greedy' for 1")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``transformers.GenerationConfig``."""
-        if self.strategy == "greedy":
-            return {"do_sample": False, "num_beams": 1}
-        if self.strategy == "beam":
-            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True}
-        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
-
-
-def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> GenerationConfig:
-    """Parse a compact decoding spec into a :class:`GenerationConfig`.
+def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> DecodingConfig:
+    """Parse a compact decoding spec into a :class:`DecodingConfig`.
 
     >>> parse_decoding("sample:t=0.7,p=0.9")
-    GenerationConfig(name='sample:t=0.7,p=0.9', strategy='sample', temperature=0.7, top_k=0, top_p=0.9, num_beams=1, max_new_tokens=64, seed=0)
+    DecodingConfig(strategy='sample', temperature=0.7, top_k=0, top_p=0.9, num_beams=1, temperatures=None, max_new_tokens=64, seed=0, name='sample:t=0.7,p=0.9')
     >>> parse_decoding("beam:n=4").num_beams
     4
     >>> parse_decoding("topk:k=50").top_k
@@ -125,66 +98,29 @@ def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> Genera
         fields["strategy"] = "sample"
     else:
         raise ValueError(f"unknown decoding {head!r} in {spec!r}; use greedy, sample, beam, topk or topp")
-    if head == "beam":
-        fields["num_beams"] = 4
+    fields["num_beams"] = 4 if head == "beam" else 1
     for part in filter(None, (p.strip() for p in tail.split(","))):
         key, eq, value = part.partition("=")
         key = key.strip().lower()
         if not eq or key not in _KEY_ALIASES:
             raise ValueError(f"bad option {part!r} in decoding {spec!r}; keys: t, p, k, n, m, s")
         name = _KEY_ALIASES[key]
-        fields[name] = float(value) if name in ("temperature", "top_p") else int(value)
+        try:
+            fields[name] = float(value) if name in ("temperature", "top_p") else int(value)
+        except ValueError:
+            kind = "a number" if name in ("temperature", "top_p") else "an integer"
+            raise ValueError(f"{key}={value.strip()!r} in decoding {spec!r}: {name} must be {kind}") from None
     if head == "topk" and fields.get("top_k", 0) == 0:
         raise ValueError(f"{spec!r}: topk needs k=K")
     if head in ("topp", "nucleus") and "top_p" not in fields:
         raise ValueError(f"{spec!r}: {head} needs p=P")
-    return GenerationConfig(name=spec, **fields)
+    for name in ("temperature", "top_p"):  # NaN and inf pass some range checks; no decoding means them
+        if name in fields and not math.isfinite(fields[name]):
+            raise ValueError(f"{spec!r}: {name} must be a finite number, got {fields[name]}")
+    return DecodingConfig(name=spec, **fields)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_tokenizer_only(path: str):
-    """The tokenizer of a checkpoint folder or name (via :mod:`seqcpo.models` when importable)."""
-    try:
-        from seqcpo.models import load_tokenizer
-    except ImportError:  # seqcpo.models absent: plain transformers
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    return load_tokenizer(path)
-
-
-def load_checkpoint(path: str, dtype: str = "float32", device: str | None = None, tokenizer_path: str | None = None):
-    """Load (model, tokenizer) from a checkpoint folder or name, in eval mode on ``device``.
-
-    Uses :mod:`seqcpo.models` (which knows the embedded default and GGUF conversions) when it is
-    importable, plain ``transformers`` otherwise.
-    """
-    try:
-        from seqcpo.models import load_model
-    except ImportError:  # seqcpo.models absent: plain transformers
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    else:
-        model = load_model(path, dtype=dtype)
-    tokenizer = load_tokenizer_only(tokenizer_path or path)
-    model.to(resolve_device(device)).eval()
-    return model, tokenizer
-
-
-def pad_id_of(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
+# ----------------------------------------------------------------------------- tokens
 
 
 def eos_ids_of(model, tokenizer) -> list[int]:
@@ -224,10 +160,13 @@ def read_generations(path: str | os.PathLike, repair: bool = False) -> list[dict
         end = offset + len(line) + (0 if is_last else 1)
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                if not (isinstance(row, dict) and all(k in row for k in ("id", "model", "decoding"))):
+                    raise ValueError("not a generation row")
+                rows.append(row)
                 if not is_last:
                     good_end = end
-            except json.JSONDecodeError:
+            except ValueError:  # json.JSONDecodeError is one
                 if is_last:
                     logger.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
                 else:
@@ -292,29 +231,76 @@ def example_id(example: Example, index: int) -> str:
 # ----------------------------------------------------------------------------- generation
 
 
+def sample_seed(config: DecodingConfig, example_id: str, sample_index: int = 0) -> int:
+    """The seed of one sampled continuation: SHA-256 of (the decoding's settings, the example id, the sample
+    index), 63 bits. Not the model label nor the batch, so a resumed or relabelled run draws the same tokens."""
+    settings = {k: v for k, v in asdict(config).items() if k != "name"}
+    blob = json.dumps([settings, str(example_id), int(sample_index)], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "little") >> 1
+
+
+def inputs_sha256(example: Example) -> str:
+    """SHA-256 of an example's prefix and gold token ids: the inputs a generation row was made from."""
+    blob = json.dumps([list(map(int, example.prefix_ids)), list(map(int, example.continuation_ids))])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class RowSampler:
+    """A logits processor that samples every row from its own generator and returns one-hot logits, so that
+    ``model.generate`` in greedy mode takes exactly the drawn token.
+
+    Each step: logits / temperature, then top-k, then top-p (:func:`seqcpo.sampling.filter_logits`, the order
+    of transformers' warpers), softmax, and one uniform per row from that row's generator, mapped through the
+    inverse CDF (:func:`seqcpo.sampling.sample_rows`). A row draws one uniform per step whatever the other rows
+    do, so its tokens depend on its own seed and logits only.
+    """
+
+    def __init__(self, config: DecodingConfig, seeds: Sequence[int]):
+        self.config = config
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = filter_logits(scores.float() / self.config.temperature, self.config.top_k, self.config.top_p)
+        picked = sample_rows(logits.softmax(-1), self.generators, [1] * len(self.generators))  # (B,)
+        out = torch.full_like(scores, float("-inf"))  # (B, V): only the drawn token is finite
+        return out.scatter_(1, picked.unsqueeze(1), 0.0)
+
+
 @torch.no_grad()
-def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: GenerationConfig, pad_id: int,
-                   eos_ids: int | Sequence[int] | None) -> list[list[int]]:
-    """Generate one batch. Returns the new token ids of each row, cut at the first eos (eos excluded)."""
+def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: DecodingConfig, pad_id: int,
+                   eos_ids: int | Sequence[int] | None, seeds: Sequence[int] | None = None) -> list[list[int]]:
+    """Generate one batch. Returns the new token ids of each row, cut at the first eos (eos excluded).
+
+    Sampling (``config.strategy == "sample"``) draws row ``b`` from a generator seeded with ``seeds[b]``
+    (default: :func:`sample_seed` of the row index).
+    """
     if eos_ids is None:
         eos_ids = []
     elif isinstance(eos_ids, int):
         eos_ids = [eos_ids]
     stop = set(eos_ids)
     from transformers import GenerationConfig as HFGenerationConfig
+    from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prefix_ids, pad_id)  # (B, T), (B, T)
+    processors = LogitsProcessorList()
+    kwargs = config.generate_kwargs()
+    if config.strategy == "sample":
+        seeds = list(seeds) if seeds is not None else [sample_seed(config, str(b)) for b in range(len(prefix_ids))]
+        processors.append(RowSampler(config, seeds))
+        kwargs = {"do_sample": False, "num_beams": 1}  # RowSampler draws; greedy then takes its one token
     hf_config = HFGenerationConfig(
         max_new_tokens=config.max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=list(eos_ids) or None,
-        **config.generate_kwargs(),
+        **kwargs,
     )
     out = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         generation_config=hf_config,
+        logits_processor=processors,
     )  # (B, T + new)
     new = out[:, input_ids.shape[1]:].tolist()
     results = []
@@ -324,10 +310,51 @@ def generate_batch(model, prefix_ids: Sequence[Sequence[int]], config: Generatio
     return results
 
 
+def generation_summary(rows: Sequence[dict]) -> dict:
+    """What a report records of one model's rows under one decoding: the checkpoint identities they were made
+    from (one, unless the caller mixed files), how many prompts were cut to the context, the mean length.
+
+    >>> generation_summary([{"checkpoint": "sha256:ab", "prompt_tokens_cut": 3, "num_tokens": 4},
+    ...                     {"checkpoint": "sha256:ab", "prompt_tokens_cut": 0, "num_tokens": 2}])
+    {'checkpoint': 'sha256:ab', 'prompts_cut': 1, 'mean_tokens': 3.0}
+    """
+    ids = sorted({str(r.get("checkpoint")) for r in rows})
+    return {"checkpoint": ids[0] if len(ids) == 1 else ids,
+            "prompts_cut": sum(1 for r in rows if r.get("prompt_tokens_cut")),
+            "mean_tokens": sum(r.get("num_tokens", 0) for r in rows) / max(1, len(rows))}
+
+
+def fit_prompt(prefix_ids: Sequence[int], max_new_tokens: int, context: int | None) -> tuple[list[int], int]:
+    """The prompt cut to its last ``context - max_new_tokens`` tokens, and how many tokens were cut.
+
+    >>> fit_prompt([1, 2, 3, 4, 5], 2, 5)
+    ([3, 4, 5], 2)
+    >>> fit_prompt([1, 2], 2, None)
+    ([1, 2], 0)
+    """
+    ids = list(prefix_ids)
+    if context is None or len(ids) + max_new_tokens <= context:
+        return ids, 0
+    keep = context - max_new_tokens
+    return ids[len(ids) - keep:], len(ids) - keep
+
+
+def _move_stale(out_path: Path, stale: set[tuple[str, str, str]], why: str) -> None:
+    """Move the rows keyed in ``stale`` from ``out_path`` to ``<stem>.stale.jsonl`` (kept, never mixed)."""
+    rows = read_generations(out_path)
+    keep = [r for r in rows if _row_key(r) not in stale]
+    moved = [r for r in rows if _row_key(r) in stale]
+    side = out_path.with_name(out_path.stem + ".stale.jsonl")
+    _append_rows(side, moved)  # first, so a crash between the two writes loses nothing
+    atomic_write_jsonl(out_path, keep)
+    logger.warning("%s: %d row(s) were made from %s; moved them to %s and generating them again", out_path,
+                   len(moved), why, side)
+
+
 def generate_continuations(
     model_path: str,
     examples: Sequence[Example],
-    configs: Sequence[GenerationConfig],
+    configs: Sequence[DecodingConfig],
     out_path: str | os.PathLike,
     batch_size: int = 16,
     model_label: str | None = None,
@@ -335,52 +362,81 @@ def generate_continuations(
     device: str | None = None,
     progress: bool = True,
     model_and_tokenizer: tuple[Any, Any] | None = None,
+    checkpoint_id: str | None = None,
 ) -> list[dict]:
     """Generate a continuation of every example under every config and append the rows to ``out_path``.
 
-    Rows already present for (id, model_label, config.name) are kept and not regenerated. The model is
-    loaded only when something is left to generate. Returns the rows of this model for the requested
-    examples and configs (config-major, then example order), old and new.
+    Rows already present for (id, model_label, config.name) are kept and not regenerated when they were
+    made from the same checkpoint identity (``checkpoint_id``, default :func:`checkpoint_identity` of
+    ``model_path``) and the same inputs; stale ones are moved aside and regenerated (module docstring). The
+    model is loaded only when something is left to generate. Returns the rows of this model for the
+    requested examples and configs (config-major, then example order), old and new.
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     label = model_label or str(model_path)
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"decoding names must be unique, got {names}")
-    done = {_row_key(r): r for r in read_generations(out_path, repair=True)}
     ids = [example_id(ex, i) for i, ex in enumerate(examples)]
     if len(set(ids)) != len(ids):
         raise ValueError("example ids (meta['id']) must be unique to key the generation file")
+    ckpt = checkpoint_id or checkpoint_identity(model_path)
+    inputs = [inputs_sha256(ex) for ex in examples]
+    done = {_row_key(r): r for r in read_generations(out_path, repair=True)}
 
+    stale: set[tuple[str, str, str]] = set()
+    reasons = set()
     for c in configs:  # a resumed file must have been made with the same settings
         wanted = asdict(c)
         for i in range(len(examples)):
-            old = done.get((ids[i], label, c.name))
-            if old is not None and old.get("config", wanted) != wanted:
+            key = (ids[i], label, c.name)
+            old = done.get(key)
+            if old is None:
+                continue
+            if old.get("config", wanted) != wanted:
                 raise ValueError(
                     f"{out_path} already holds {label!r} / {c.name!r} rows made with {old['config']}, not {wanted}; "
                     "write to a new file (--out) or give this run another decoding name or model label"
                 )
+            if old.get("checkpoint") != ckpt:
+                stale.add(key)
+                reasons.add(f"another checkpoint ({old.get('model_path')}, {old.get('checkpoint') or 'unrecorded'})")
+            elif old.get("inputs_sha256") != inputs[i]:
+                stale.add(key)
+                reasons.add("other inputs (another data file, split, template or length limit)")
+    if stale:
+        _move_stale(out_path, stale, " and ".join(sorted(reasons)) + f", not {model_path} ({ckpt}) on these inputs")
+        for key in stale:
+            del done[key]
+
     todo = [(c, i) for c in configs for i in range(len(examples)) if (ids[i], label, c.name) not in done]
     if todo:
         model, tokenizer = model_and_tokenizer or load_checkpoint(model_path, dtype=dtype, device=device)
         pad_id, eos_ids = pad_id_of(tokenizer), eos_ids_of(model, tokenizer)
+        context = context_length(model)
+        for config in configs:
+            if context is not None and config.max_new_tokens >= context:
+                raise ValueError(f"decoding {config.name!r}: max_new_tokens={config.max_new_tokens} leaves no room "
+                                 f"for a prompt in the context of {model_path} ({context} positions)")
+        cut_prompts = 0
         bar = tqdm(total=len(todo), desc=f"generate {label}", unit="ex", disable=not progress)
         for config in configs:
             pending = [i for c, i in todo if c is config]
             pending.sort(key=lambda i: -len(examples[i].prefix_ids))  # similar lengths share a batch
             for start in range(0, len(pending), batch_size):
                 batch = pending[start:start + batch_size]
-                if config.strategy == "sample":
-                    salt = zlib.crc32("\x00".join(ids[i] for i in batch).encode())
-                    torch.manual_seed((config.seed * 1_000_003 + salt) % (2**63))
-                new_ids = generate_batch(model, [examples[i].prefix_ids for i in batch], config, pad_id, eos_ids)
+                fitted = [fit_prompt(examples[i].prefix_ids, config.max_new_tokens, context) for i in batch]
+                seeds = [sample_seed(config, ids[i]) for i in batch]
+                new_ids = generate_batch(model, [f for f, _ in fitted], config, pad_id, eos_ids, seeds=seeds)
                 rows = []
-                for i, gen in zip(batch, new_ids):
+                for i, gen, (_, cut) in zip(batch, new_ids, fitted):
                     prompt, reference = example_texts(examples[i], tokenizer)
+                    cut_prompts += cut > 0
                     rows.append({
                         "id": ids[i],
                         "model": label,
@@ -392,7 +448,10 @@ def generate_continuations(
                         "category": (examples[i].meta or {}).get("category"),
                         "num_tokens": len(gen),
                         "stopped": len(gen) < config.max_new_tokens,
+                        "prompt_tokens_cut": cut,
                         "model_path": str(model_path),
+                        "checkpoint": ckpt,
+                        "inputs_sha256": inputs[i],
                         "config": asdict(config),
                     })
                 _append_rows(out_path, rows)
@@ -400,4 +459,7 @@ def generate_continuations(
                     done[_row_key(r)] = r
                 bar.update(len(batch))
         bar.close()
+        if cut_prompts:
+            logger.warning("%s: %d of %d prompt(s) did not fit the context of %d positions with max_new_tokens; "
+                           "kept their last tokens (rows' prompt_tokens_cut)", label, cut_prompts, len(todo), context)
     return [done[(ids[i], label, c.name)] for c in configs for i in range(len(examples))]

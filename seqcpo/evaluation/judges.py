@@ -9,31 +9,38 @@ file with the placeholders ``{prompt}``, ``{a}``, ``{b}``); the template asks fo
 or ``C`` for a tie. Its SHA-256 is part of every report and of every cache key.
 
 - :class:`OpenAIJudge` POSTs to ``{url}/chat/completions`` of any OpenAI-compatible server (a hosted
-  model, vLLM, llama.cpp) with the standard library only. The API key is read from the environment
+  model, vLLM, llama.cpp) through ``httpx``. The API key is read from the environment
   variable named by ``api_key_env`` and goes nowhere but the ``Authorization`` header: not into a file,
   a log line, a cache key or an exception message.
 - :class:`LocalJudge` runs a local causal LM once per pair and reads the preference from the next-token
   log-probabilities of the answer letters ``A``, ``B`` and ``C`` (= tie) after the rendered prompt
   (through the chat template when the tokenizer has one). Deterministic: no sampling.
 
-Verdicts that succeeded are cached in ``<cache_dir>/judge_cache.jsonl`` keyed by
-SHA-256(judge model, template text, prompt, a, b); failures are not cached, so a rerun retries them.
+Verdicts that succeeded are cached in ``<cache_dir>/judge_cache.jsonl`` keyed by SHA-256 of everything that
+decides them: the judge's identity (API: endpoint URL without credentials or query, model, temperature,
+max_tokens; local: the checkpoint's content identity and prompt rendering), the template text, and the prompt
+and both texts. Another server, model or template never reads a verdict it did not make. Failures are not
+cached, so a rerun retries them.
+
+Every HTTP fault that may pass is retried with backoff and jitter, like a 5xx: 429 and 408, time-outs, refused
+and reset connections, a body cut short (``httpx.RemoteProtocolError``/``ReadError``,
+``http.client.IncompleteRead``). A ``Retry-After`` header sets the wait.
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
+import http.client
 import json
 import logging
+import math
 import os
 import random
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -41,6 +48,8 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
+
+import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +175,10 @@ class VerdictCache:
                     continue
 
     @staticmethod
-    def key(judge_model: str, template: str, prompt: str, a: str, b: str) -> str:
-        blob = json.dumps([judge_model, template, prompt, a, b], ensure_ascii=False)
+    def key(judge_identity: dict, template: str, prompt: str, a: str, b: str) -> str:
+        """SHA-256 of everything that decides a verdict: the judge's identity (endpoint URL, model and sampling
+        settings for an API; the checkpoint's content identity for a local model), the template and the texts."""
+        blob = json.dumps([judge_identity, template, prompt, a, b], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def get(self, key: str) -> Verdict | None:
@@ -177,10 +188,10 @@ class VerdictCache:
             return None
         return Verdict(winner=entry["winner"], raw=entry.get("raw", ""), cached=True)
 
-    def put(self, key: str, verdict: Verdict, judge_model: str) -> None:
+    def put(self, key: str, verdict: Verdict, judge_identity: dict) -> None:
         if verdict.winner is None:
             return
-        entry = {"key": key, "winner": verdict.winner, "raw": verdict.raw, "judge_model": judge_model}
+        entry = {"key": key, "winner": verdict.winner, "raw": verdict.raw, "judge": judge_identity}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             self._entries[key] = entry
@@ -204,7 +215,12 @@ class _Retryable(Exception):
         self.delay = delay
 
 
+class _Final(Exception):
+    pass
+
+
 def _retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date; None if absent or bad."""
     if value is None:
         return None
     value = value.strip()
@@ -221,8 +237,18 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
+def _transient_reason(err: BaseException) -> str | None:
+    """A short reason when ``err`` is a network fault worth retrying like a 5xx (time-outs, resets, a body cut
+    short, refused connections), else None. Only the exception's type is kept: its text may hold a URL."""
+    if isinstance(err, (httpx.TimeoutException, TimeoutError)):
+        return f"time-out ({type(err).__name__})"
+    if isinstance(err, (httpx.TransportError, httpx.DecodingError, http.client.HTTPException, ConnectionError, OSError)):
+        return f"connection error ({type(err).__name__})"
+    return None
+
+
 class OpenAIJudge:
-    """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint.
+    """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint, over ``httpx``.
 
     Args:
         url: the API base, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``.
@@ -230,17 +256,19 @@ class OpenAIJudge:
         api_key_env: name of the environment variable holding the key. Unset: no Authorization header
             (fine for a local vLLM or llama.cpp server).
         prompt_path: judge prompt template file; None = the packaged default.
-        max_concurrency: requests in flight at once in :meth:`judge_many`.
-        max_retries: retries of one request after 429, 5xx, time-outs and connection errors.
+        max_concurrency: requests in flight at once in :meth:`judge_many` (threads and pooled connections).
+        max_retries: retries of one request after 429, 408, 5xx, time-outs and every transient network fault
+            (refused or reset connections, a body cut short).
         max_malformed: extra tries when the reply is not JSON, has no choices, or names no A/B/C.
-        timeout: seconds per request (socket time-out).
+        timeout: seconds per network operation (connect, each read, each write).
         backoff_base, backoff_max: retry ``i`` (from 1) sleeps ``min(backoff_max, backoff_base * 2**(i-1))``
-            times a uniform jitter in [0.5, 1]; a 429's ``Retry-After`` (capped at ``backoff_max``) wins.
+            times a uniform jitter in [0.5, 1]; a ``Retry-After`` header (429, 5xx; capped at ``backoff_max``)
+            wins.
         cache_dir: folder of ``judge_cache.jsonl``.
         temperature, max_tokens: sent with each request; ``max_tokens=None`` leaves it out (some reasoning
             models refuse it).
 
-    ``timeout`` bounds each socket operation, not a whole reply that trickles in.
+    ``timeout`` bounds each network operation, not a whole reply that trickles in.
     """
 
     backend = "openai"
@@ -263,12 +291,21 @@ class OpenAIJudge:
     ):
         if max_concurrency < 1 or max_retries < 0 or max_malformed < 0:
             raise ValueError("max_concurrency >= 1, max_retries >= 0 and max_malformed >= 0 are required")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"the judge time-out must be a finite number of seconds > 0, got {timeout}")
+        for name, value in (("temperature", temperature), ("backoff_base", backoff_base), ("backoff_max", backoff_max)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"judge {name} must be a finite number >= 0, got {value}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"judge max_tokens must be >= 1 (or None: not sent), got {max_tokens}")
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
         parsed = urllib.parse.urlsplit(self.endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"judge URL must be http(s)://host[:port]/..., got scheme {parsed.scheme!r}")
         self.host = parsed.hostname + (f":{parsed.port}" if parsed.port else "")  # no user:password@
+        # what identifies the server in cache keys and reports: no user:password@, no query (either may hold a secret)
+        self.endpoint_id = urllib.parse.urlunsplit((parsed.scheme, self.host, parsed.path, "", ""))
         self.model = model
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
             # never echo the value: a user may have passed the key itself
@@ -293,6 +330,8 @@ class OpenAIJudge:
         self.cache = VerdictCache(cache_dir)
         self.stats: Counter = Counter()  # requests, retries, cache_hits, failures, malformed
         self._stats_lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._client_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(host={self.host!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -305,6 +344,12 @@ class OpenAIJudge:
             "prompt_sha256": self.prompt_sha256,
             "prompt_path": self.prompt_path,
         }
+
+    def cache_identity(self) -> dict:
+        """Everything besides the template and the texts that decides a verdict: the server, the model and
+        the sampling settings (never the key)."""
+        return {"backend": self.backend, "endpoint": self.endpoint_id, "model": self.model,
+                "temperature": self.temperature, "max_tokens": self.max_tokens}
 
     def _count(self, what: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -319,30 +364,65 @@ class OpenAIJudge:
     def _backoff(self, attempt: int) -> float:
         return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
+    def client(self) -> httpx.Client:
+        """The pooled HTTP client, made at first use (thread-safe; one connection per request in flight)."""
+        with self._client_lock:
+            if self._client is None:
+                parsed = urllib.parse.urlsplit(self.endpoint)
+                auth = None
+                if parsed.username is not None:  # basic auth from the URL, kept out of the logged request URL
+                    auth = (urllib.parse.unquote(parsed.username), urllib.parse.unquote(parsed.password or ""))
+                if logging.getLogger("httpx").level == logging.NOTSET:  # one INFO line per request otherwise
+                    logging.getLogger("httpx").setLevel(logging.WARNING)
+                self._client = httpx.Client(
+                    timeout=httpx.Timeout(self.timeout),
+                    limits=httpx.Limits(max_connections=self.max_concurrency,
+                                        max_keepalive_connections=self.max_concurrency),
+                    auth=auth,
+                )
+                self._url = urllib.parse.urlunsplit((parsed.scheme, self.host, parsed.path, parsed.query, ""))
+            return self._client
+
+    def close(self) -> None:
+        """Close the pooled connections (a later request opens new ones)."""
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def __del__(self):
+        client = getattr(self, "_client", None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001  (interpreter shutdown)
+                pass
+
     def _post(self, body: bytes) -> str:
-        """One HTTP request. Returns the response text, or raises _Retryable / a final error string."""
+        """One HTTP request. Returns the response text, or raises _Retryable / _Final."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+        client = self.client()
         self._count("requests")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read().decode("utf-8", errors="replace")
-        except urllib.error.HTTPError as e:
-            # the error body is not kept: some APIs echo (part of) the key in 401 messages
-            status = e.code
-            retry_after = _retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
-            e.close()
-            if status == 429:
-                raise _Retryable("HTTP 429", retry_after) from None
-            if status >= 500 or status == 408:
-                raise _Retryable(f"HTTP {status}") from None
-            raise _Final(f"HTTP {status} from {self.host}") from None
-        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            kind = "time-out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "connection error"
-            raise _Retryable(f"{kind} ({type(reason).__name__})") from None
+            response = client.post(self._url, content=body, headers=headers)
+            text = response.text  # the whole body: a connection cut mid-body raises here
+        except Exception as e:  # noqa: BLE001  (sorted below; the text is never kept: it may hold the URL)
+            reason = _transient_reason(e)
+            if reason is None:
+                raise
+            raise _Retryable(reason) from None
+        status = response.status_code
+        if status < 300:
+            return text
+        # the error body is not kept: some APIs echo (part of) the key in 401 messages
+        retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+        if status == 429:
+            raise _Retryable("HTTP 429", retry_after)
+        if status >= 500 or status == 408:
+            raise _Retryable(f"HTTP {status}", retry_after)
+        raise _Final(f"HTTP {status} from {self.host}")
 
     def _ask(self, text: str) -> Verdict:
         request = {"model": self.model, "messages": [{"role": "user", "content": text}], "temperature": self.temperature}
@@ -379,7 +459,7 @@ class OpenAIJudge:
             time.sleep(self._backoff(malformed))
 
     def judge(self, prompt: str, a: str, b: str) -> Verdict:
-        key = VerdictCache.key(self.model, self.template, prompt, a, b)
+        key = VerdictCache.key(self.cache_identity(), self.template, prompt, a, b)
         hit = self.cache.get(key)
         if hit is not None:
             self._count("cache_hits")
@@ -388,7 +468,7 @@ class OpenAIJudge:
         if verdict.failed:
             self._count("failures")
         else:
-            self.cache.put(key, verdict, self.model)
+            self.cache.put(key, verdict, self.cache_identity())
         return verdict
 
     def judge_many(self, triples: Sequence[tuple[str, str, str]], progress: bool = True) -> list[Verdict]:
@@ -413,10 +493,6 @@ class OpenAIJudge:
             self._count("failures")
             logger.warning("judge %s: unexpected %s", self.host, type(e).__name__)
             return Verdict(None, error=self._scrub(f"unexpected {type(e).__name__}: {e}"))
-
-
-class _Final(Exception):
-    pass
 
 
 def _reply_content(text: str) -> tuple[str | None, str | None]:
@@ -471,8 +547,12 @@ class LocalJudge:
         tie_margin: float = 0.0,
         batch_size: int = 8,
     ):
-        from seqcpo.evaluation.generate import load_checkpoint
+        from seqcpo.evaluation.checkpoints import context_length, load_checkpoint
 
+        if not (float(tie_margin) >= 0 and math.isfinite(tie_margin)):
+            raise ValueError(f"--judge-tie-margin must be a finite number >= 0, got {tie_margin}")
+        if int(batch_size) < 1:
+            raise ValueError(f"the local judge's batch_size must be >= 1, got {batch_size}")
         self.debias = debias
         self.tie_margin = float(tie_margin)
         self.batch_size = max(1, int(batch_size))
@@ -483,10 +563,23 @@ class LocalJudge:
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
         self.label_ids = {label: self._single_token_ids(letter) for label, letter in (("A", "A"), ("B", "B"), ("tie", "C"))}
-        cfg = self.model.config
-        self.max_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.max_length = context_length(self.model) or 2048
         self.cache = VerdictCache(cache_dir) if cache_dir is not None else None
+        self._identity: dict | None = None
         self.stats: Counter = Counter()
+
+    def cache_identity(self) -> dict:
+        """The checkpoint's content identity (not its path) and how prompts are rendered for it."""
+        if self._identity is None:
+            from seqcpo.evaluation.checkpoints import checkpoint_identity
+
+            try:
+                model_id = checkpoint_identity(self.model_path)
+            except (OSError, ValueError):  # a model handed in with a label for a path: only the label is known
+                model_id = f"label:{self.model_path}"
+            self._identity = {"backend": self.backend, "model": model_id, "chat_template": self.use_chat_template,
+                              "max_length": self.max_length}
+        return self._identity
 
     def _single_token_ids(self, letter: str) -> list[int]:
         ids = set()
@@ -551,7 +644,7 @@ class LocalJudge:
         todo = []
         for i, (prompt, a, b) in enumerate(triples):
             if self.cache is not None:
-                keys[i] = VerdictCache.key(self.model_path, self.template, prompt, a, b)
+                keys[i] = VerdictCache.key(self.cache_identity(), self.template, prompt, a, b)
                 hit = self.cache.get(keys[i])
                 if hit is not None:
                     self.stats["cache_hits"] += 1
@@ -575,7 +668,7 @@ class LocalJudge:
                 verdict = self._verdict(logits[r])
                 self.stats["requests"] += 1
                 if self.cache is not None:
-                    self.cache.put(keys[i], verdict, self.model_path)
+                    self.cache.put(keys[i], verdict, self.cache_identity())
                 out[i] = verdict
             bar.update(len(chunk))
         bar.close()
@@ -596,3 +689,75 @@ def build_judge(backend: str, model: str | None = None, url: str | None = None, 
             raise ValueError("--judge local needs --judge-model PATH (a local causal LM checkpoint or name)")
         return LocalJudge(model, prompt_path=prompt_path, cache_dir=cache_dir, **kwargs)
     raise ValueError(f"unknown judge backend {backend!r}; use openai, local or none")
+
+
+def check_judge(backend: str, model: str | None = None, url: str | None = None, prompt_path: str | None = None,
+                api_key_env: str = "OPENAI_API_KEY", timeout: float = 10.0) -> None:
+    """Check the judge options before any generation, so that a bad judge fails in seconds, not after hours.
+
+    - every backend but "none": the prompt template reads and has its placeholders;
+    - "local": ``model`` is a checkpoint folder with weights (or a loadable name), its config is a causal LM's,
+      and its tokenizer has single tokens for A, B and C. Nothing is loaded onto a device.
+    - "openai": url and model are given; the server accepts a connection; when it lists its models
+      (``GET {url}/models`` answers 200 with ``data``), ``model`` is among them. A server that does not list
+      them, or answers slowly, is not an error (the judging itself retries and reports).
+
+    Raises ``ValueError`` with a one-line message naming the option.
+    """
+    if backend == "none":
+        return
+    try:
+        load_judge_prompt(prompt_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--judge-prompt: {e}") from None
+    if backend == "openai":
+        if not url or not model:
+            raise ValueError("--judge openai needs --judge-url (e.g. https://api.openai.com/v1) and --judge-model")
+        _check_served_model(url, model, api_key_env, timeout)
+        return
+    if backend != "local":
+        raise ValueError(f"unknown judge backend {backend!r}; use openai, local or none")
+    if not model:
+        raise ValueError("--judge local needs --judge-model PATH (a local causal LM checkpoint or name)")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from seqcpo.evaluation.checkpoints import checkpoint_identity, load_tokenizer_only
+    from seqcpo.models import resolve_model_path
+
+    try:
+        checkpoint_identity(model)
+        config = AutoConfig.from_pretrained(resolve_model_path(model))
+        tokenizer = load_tokenizer_only(model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--judge-model {model}: not a loadable checkpoint ({str(e).splitlines()[0]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"--judge-model {model}: a {config.model_type!r} model is not a causal LM; "
+                         "LocalJudge needs one")
+    for letter in ("A", "B", "C"):
+        if not any(len(tokenizer.encode(s, add_special_tokens=False)) == 1 for s in (letter, " " + letter)):
+            raise ValueError(f"--judge-model {model}: its tokenizer has no single token for {letter!r}; "
+                             "LocalJudge needs one")
+
+
+def _check_served_model(url: str, model: str, api_key_env: str, timeout: float) -> None:
+    base = url.rstrip("/")
+    if base.endswith("/chat/completions"):
+        base = base[: -len("/chat/completions")]
+    headers = {"Accept": "application/json"}
+    key = os.environ.get(api_key_env or "") if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or "") else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    host = urllib.parse.urlsplit(base).hostname
+    try:
+        response = httpx.get(base + "/models", headers=headers, timeout=timeout)
+        listed = [m.get("id") for m in response.json().get("data", [])] if response.status_code == 200 else None
+    except httpx.ConnectError as e:  # refused or no such host: every request would fail after its retries
+        raise ValueError(f"--judge-url: cannot connect to the judge server at {host} ({type(e).__name__}); "
+                         "start it or fix the URL") from None
+    except Exception as e:  # noqa: BLE001  (the listing is optional; the judging itself retries and reports)
+        logger.info("judge %s: could not list the served models (%s); not checked", host, type(e).__name__)
+        return
+    if listed and model not in listed:
+        shown = ", ".join(sorted(str(m) for m in listed)[:20])
+        raise ValueError(f"--judge-model {model}: the server at {host} does not serve it; it lists {shown}")

@@ -142,25 +142,31 @@ def minilm_features(texts: Sequence[str], batch_size: int = 32, progress: bool =
 
 def model_features(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 512,
                    progress: bool = True) -> np.ndarray:
-    """Mean-pooled last hidden states (N, H) of a causal LM over each text (padding excluded)."""
+    """Mean-pooled last hidden states (N, H) of a causal LM over each text (padding excluded); a text is cut
+    to its first ``max_length`` tokens (at most the model's context)."""
     import torch
     from tqdm.auto import tqdm
 
+    from seqcpo.evaluation.checkpoints import context_length, pad_id_of
     from seqcpo.padding import pad_batch
-
-    from seqcpo.evaluation.generate import pad_id_of
 
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
-    feats = []
+    max_length = min(max_length, context_length(model) or max_length)  # longer texts keep their first tokens
+    feats, cut = [], 0
     for start in tqdm(range(0, len(texts), batch_size), desc="features", disable=not progress):
-        enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] or [pad] for t in texts[start:start + batch_size]]
+        full = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start:start + batch_size]]
+        cut += sum(len(e) > max_length for e in full)
+        enc = [e[:max_length] or [pad] for e in full]
         ids, mask = pad_batch(enc, pad)
         with torch.no_grad():
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
         hidden = out.hidden_states[-1].float()  # (B, T, H)
         m = mask.to(device).unsqueeze(-1).float()  # (B, T, 1)
         feats.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy())
+    if cut:
+        logger.warning("MAUVE model features: %d of %d text(s) longer than %d tokens were cut to their first %d",
+                       cut, len(texts), max_length, max_length)
     return np.concatenate(feats, axis=0)
 
 
@@ -170,24 +176,32 @@ def model_features(model, tokenizer, texts: Sequence[str], batch_size: int = 8, 
 def gold_perplexity(model, examples: Sequence[Example], batch_size: int = 8, progress: bool = True) -> dict:
     """Token-level perplexity of the gold continuations given their prefixes.
 
-    Returns ``{"ppl", "nll", "tokens"}`` with nll the mean token negative log-likelihood (nats).
+    Returns ``{"ppl", "nll", "tokens", "cut"}`` with nll the mean token negative log-likelihood (nats).
+
+    Context rule: an example longer than the model's context keeps the last tokens of its prefix that fit
+    (at least one when the prefix has any); a continuation that alone overflows keeps its first tokens. ``cut``
+    counts the examples so cut (logged when > 0); ``tokens`` counts only the scored tokens.
     """
     import torch
     from tqdm.auto import tqdm
 
+    from seqcpo.evaluation.checkpoints import context_length
     from seqcpo.padding import pad_batch
 
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    context = context_length(model)
+    total_nll, total_tokens, cut = 0.0, 0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc="gold ppl", disable=not progress):
         batch = [e for e in examples[start:start + batch_size] if e.continuation_ids]
         if not batch:
             continue
-        seqs = [list(e.prefix_ids) + list(e.continuation_ids) for e in batch]
+        pairs = [_fit_pair(list(e.prefix_ids), list(e.continuation_ids), context) for e in batch]
+        cut += sum(len(p) + len(c) < len(e.prefix_ids) + len(e.continuation_ids) for (p, c), e in zip(pairs, batch))
+        seqs = [p + c for p, c in pairs]
         ids, mask = pad_batch(seqs, 0)
         target = torch.zeros(ids.shape, dtype=torch.bool)  # True at gold continuation tokens
-        for i, (s, e) in enumerate(zip(seqs, batch)):
-            target[i, len(e.prefix_ids):len(s)] = True
+        for i, (s, (p, _)) in enumerate(zip(seqs, pairs)):
+            target[i, len(p):len(s)] = True
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
         sel = target[:, 1:].to(device)  # logits at t predict token t+1; an empty prefix leaves token 0 unscored
@@ -195,7 +209,25 @@ def gold_perplexity(model, examples: Sequence[Example], batch_size: int = 8, pro
         gold = ids[:, 1:].to(device)[sel]  # (N,)
         total_nll += torch.nn.functional.cross_entropy(picked, gold, reduction="sum").item()
         total_tokens += int(sel.sum().item())
+    if cut:
+        logger.warning("gold perplexity: %d example(s) longer than the model's context (%d) were cut", cut, context)
     if total_tokens == 0:
-        return {"ppl": None, "nll": None, "tokens": 0}
+        return {"ppl": None, "nll": None, "tokens": 0, "cut": cut}
     nll = total_nll / total_tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens}
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "cut": cut}
+
+
+def _fit_pair(prefix: list[int], cont: list[int], context: int | None) -> tuple[list[int], list[int]]:
+    """(prefix, continuation) cut to ``context`` tokens: the prefix loses its start first (one token stays to
+    condition on), then the continuation its end.
+
+    >>> _fit_pair([1, 2, 3], [4, 5], 4)
+    ([2, 3], [4, 5])
+    >>> _fit_pair([1, 2, 3], [4, 5, 6, 7], 3)
+    ([3], [4, 5])
+    """
+    if context is None or len(prefix) + len(cont) <= context:
+        return prefix, cont
+    keep_prefix = max(min(len(prefix), 1), context - len(cont))
+    prefix = prefix[len(prefix) - keep_prefix:]
+    return prefix, cont[: context - len(prefix)]

@@ -2,7 +2,8 @@
 
 Every generator follows :class:`NegativeGenerator`: ``gen(examples, k, generator, ranked=False)``
 returns :class:`seqcpo.types.Negatives` with exactly K negatives per example, all randomness drawn
-from the seeded ``torch.Generator``, rows sorted best first when ``ranked`` (scores non-increasing),
+from seeded ``torch.Generator`` objects, one per example (:mod:`seqcpo.seeding`; BN's pool is its batch by
+definition), rows sorted best first when ``ranked`` (scores non-increasing),
 and a negative equal to its gold never valid (it is redrawn, or kept with ``valid=False``).
 Build one from a spec string with :func:`build_negative_generator` ("an:2,tn:2").
 """

@@ -19,6 +19,13 @@ Ranked (ANR), ``rank_by``:
     "temperature": negative i is sampled at ``decoding.temperatures[i]``; lower = better,
         ``score = -temperature``.
 
+Seeding: prefix b's samples come from its own generator (``generator[b]``, :mod:`seqcpo.seeding`): in the
+shared-prefill loop each step draws one uniform per row from the row's example's generator, and only while that
+example has an unfinished row, so its negatives do not depend on the other prefixes of the batch (up to the
+float rounding of a batched forward pass). ``model.generate`` samples from the global RNG for its whole batch, so
+the "hf" backend samples one prefix per call, seeded from that prefix's generator; greedy and beam search are
+deterministic and stay batched. vLLM requests carry a seed drawn from their prefix's generator.
+
 Dropped rule (shared by all generators): a sampled negative identical to the gold is regenerated, at
 most ``max_tries`` generations in all; if it is still a copy it is kept with ``valid = False`` and the
 loss masks it out. Greedy and beam search are deterministic, so their copies are dropped at once (beam
@@ -34,10 +41,11 @@ from typing import Sequence
 import torch
 
 from seqcpo.logps import cache_kwarg, output_cache
-from seqcpo.negatives.mean_field import model_device, sample_categorical, seeded_model_rng
-from seqcpo.padding import pad_batch
-from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.sampling import filter_logits, model_device, sample_rows, seeded_model_rng
+from seqcpo.negatives.similarity import rouge_l_f
+from seqcpo.padding import pad_batch
+from seqcpo.seeding import Generators, joint_seed, per_example_generators
 from seqcpo.types import Example, Negatives
 
 STRATEGIES = ("sample", "greedy", "beam")
@@ -95,22 +103,6 @@ class DecodingConfig:
             raise ValueError(f"beam search returns at most num_beams sequences: need num_beams >= k, got {self.num_beams} < {k}")
         if self.temperatures is not None and len(self.temperatures) != k:
             raise ValueError(f"decoding.temperatures has {len(self.temperatures)} values for k={k}; give one per negative")
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Top-k then top-p filtering of (N, V) logits (already divided by the temperature), as transformers
-    does it: filtered entries become -inf; top-p keeps the smallest set whose mass reaches ``top_p``
-    (at least one token)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1)  # ascending
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= 1.0 - top_p
-        remove[:, -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
-    return logits
 
 
 def _cut_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:
@@ -186,8 +178,9 @@ class AutoregressiveNegatives:
         return list(d.temperatures) if d.temperatures is not None else [d.temperature] * k
 
     @torch.no_grad()
-    def _shared_prefill(self, prefixes: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[list[int]]]:
-        """Decode K continuations of each prefix: one cached prefill, cache repeated K times, B*K rows."""
+    def _shared_prefill(self, prefixes: Sequence[Sequence[int]], k: int, gens: list[torch.Generator]) -> list[list[list[int]]]:
+        """Decode K continuations of each prefix: one cached prefill, cache repeated K times, B*K rows; the K rows
+        of prefix b sample from ``gens[b]``."""
         model, d = self.model, self.decoding
         device = model_device(model)
         ids, mask = _left_pad(prefixes, self.pad_token_id)
@@ -202,15 +195,20 @@ class AutoregressiveNegatives:
         mask = mask.repeat_interleave(k, dim=0)  # (B*k, L)
         next_pos = mask.sum(-1, keepdim=True)  # (B*k, 1)
         temps = torch.tensor(self._temperatures(k), device=device).repeat(len(prefixes)).unsqueeze(1)  # (B*k, 1)
-        n_rows = len(prefixes) * k
+        B = len(prefixes)
+        n_rows = B * k
         finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
         steps = []
         for step in range(self.max_new_tokens):
             if d.strategy == "greedy":
                 tok = logits.argmax(-1)  # (B*k,)
             else:
-                filtered = filter_logits(logits / temps, d.top_k, d.top_p)
-                tok = sample_categorical(filtered.softmax(-1), generator).squeeze(1)
+                probs = filter_logits(logits / temps, d.top_k, d.top_p).softmax(-1)  # (B*k, V)
+                # only prefixes with an unfinished row draw, so a prefix's stream never depends on the batch's length
+                live = (~finished.view(B, k).all(dim=1)).nonzero().flatten().tolist()
+                rows = (torch.tensor(live, dtype=torch.long, device=device).unsqueeze(1) * k + torch.arange(k, device=device)).flatten()
+                tok = torch.full((n_rows,), self.pad_token_id, dtype=torch.long, device=device)
+                tok[rows] = sample_rows(probs[rows], [gens[b] for b in live], [k] * len(live))
             tok = tok.masked_fill(finished, self.pad_token_id)  # finished rows emit pad
             steps.append(tok)
             finished |= tok == self.eos_token_id
@@ -228,9 +226,19 @@ class AutoregressiveNegatives:
         rows = [_cut_at_eos(r, self.eos_token_id) for r in gen]
         return [rows[b * k : (b + 1) * k] for b in range(len(prefixes))]
 
+    def _hf_generate(self, prefixes: Sequence[Sequence[int]], k: int, gens: list[torch.Generator]) -> list[list[list[int]]]:
+        """Decode with ``model.generate``: sampling one prefix per call, seeded from its generator (``generate``
+        samples a whole batch from one global RNG); greedy and beam search batched (deterministic; a model in
+        train mode has its dropout seeded by :func:`~seqcpo.seeding.joint_seed`)."""
+        if self.decoding.strategy == "sample":
+            return [row for p, g in zip(prefixes, gens) for row in self._hf_calls([p], k, lambda g=g: g)]
+        seed = joint_seed(gens)
+        return self._hf_calls(prefixes, k, lambda: seed)
+
     @torch.no_grad()
-    def _hf_generate(self, prefixes: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[list[int]]]:
-        """Decode with ``model.generate`` (left-padded prompts), seeded from the generator."""
+    def _hf_calls(self, prefixes: Sequence[Sequence[int]], k: int, rng_source) -> list[list[list[int]]]:
+        """``model.generate`` over left-padded prompts; each call runs in :func:`seeded_model_rng` of
+        ``rng_source()`` (a generator to draw from or a seed)."""
         model, d = self.model, self.decoding
         device = model_device(model)
         ids, mask = _left_pad(prefixes, self.pad_token_id)
@@ -253,29 +261,33 @@ class AutoregressiveNegatives:
             calls = [dict(do_sample=True, temperature=t, top_k=d.top_k, top_p=d.top_p, num_return_sequences=1) for t in d.temperatures]
         per_call = []
         for kwargs in calls:
-            with seeded_model_rng(generator, device):
+            with seeded_model_rng(rng_source(), device):
                 seqs = model.generate(**common, **kwargs)  # (B*n_ret, L + new)
             rows = [_cut_at_eos(r, self.eos_token_id) for r in seqs[:, ids.shape[1] :].tolist()]
             per_call.append([rows[b * n_ret : (b + 1) * n_ret] for b in range(len(prefixes))])
         # Column i of prefix b: from the single call, or from call i when each column has its own temperature.
         return [sum((c[b] for c in per_call), []) for b in range(len(prefixes))]
 
-    def _decode(self, prefixes: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[list[int]]]:
-        """K (or, for beam, up to K+1) continuations per prefix, in chunks of ``batch_size`` prefixes."""
+    def _decode(self, prefixes: Sequence[Sequence[int]], k: int, gens: Generators) -> list[list[list[int]]]:
+        """K (or, for beam, up to K+1) continuations per prefix, in chunks of ``batch_size`` prefixes; prefix b
+        draws from ``gens[b]`` (or from a child of one generator for the call)."""
+        gens = per_example_generators(gens, len(prefixes))
         if self.backend == "vllm":  # vLLM schedules its own batches
             d = self.decoding
             return self.vllm.decode(
                 prefixes, k, temperatures=self._temperatures(k), greedy=d.strategy == "greedy", top_k=d.top_k,
-                top_p=d.top_p, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_token_id, generator=generator,
+                top_p=d.top_p, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_token_id, generator=gens,
             )
         out: list[list[list[int]]] = []
         for start in range(0, len(prefixes), self.batch_size):
             chunk = prefixes[start : start + self.batch_size]
+            chunk_gens = gens[start : start + self.batch_size]
             if self.backend == "hf":
-                out.extend(self._hf_generate(chunk, k, generator))  # seeds each generate call itself
+                out.extend(self._hf_generate(chunk, k, chunk_gens))  # seeds each generate call itself
             else:
-                with seeded_model_rng(generator, model_device(self.model)):  # dropout, if the model trains
-                    out.extend(self._shared_prefill(chunk, k, generator))
+                # dropout, if the model trains: seeded without advancing the prefixes' own streams
+                with seeded_model_rng(joint_seed(chunk_gens), model_device(self.model)):
+                    out.extend(self._shared_prefill(chunk, k, chunk_gens))
         return out
 
     # ---- the generator protocol -----------------------------------------------------------------
@@ -284,15 +296,17 @@ class AutoregressiveNegatives:
         self,
         examples: Sequence[Example],
         k: int,
-        generator: torch.Generator,
+        generator: Generators,
         ranked: bool = False,
     ) -> Negatives:
+        """K negatives per example; ``generator``: one per example, or one for the call."""
         if k < 1:
             raise ValueError(f"an: k must be >= 1, got {k}")
         self.decoding.check_k(k)
         golds = [list(ex.continuation_ids) for ex in examples]
         prefixes = [list(ex.prefix_ids) for ex in examples]
-        decoded = self._decode(prefixes, k, generator)
+        gens = per_example_generators(generator, len(examples))
+        decoded = self._decode(prefixes, k, gens)
         if self.decoding.strategy == "beam":
             # Best beams first, skipping one equal to the gold when a spare beam exists.
             ids = []
@@ -307,7 +321,7 @@ class AutoregressiveNegatives:
                     todo = [b for b in range(len(examples)) if any(s == golds[b] for s in ids[b])]
                     if not todo:
                         break
-                    redo = self._decode([prefixes[b] for b in todo], k, generator)
+                    redo = self._decode([prefixes[b] for b in todo], k, [gens[b] for b in todo])
                     for b, new in zip(todo, redo):
                         ids[b] = [n if old == golds[b] else old for old, n in zip(ids[b], new)]
         out = NegativesBuilder(self.name, ranked)

@@ -1,16 +1,20 @@
 """The protocol every negative generator follows (PAPER.md, "Negatives").
 
-A generator takes gold examples and a seeded ``torch.Generator`` and returns :class:`seqcpo.types.Negatives`:
-K token-id continuations per example, a validity flag per negative, and (when ``ranked``) a score per
-negative, higher = better, by the rule of PAPER.md's table for that generator.
+A generator takes gold examples and seeded ``torch.Generator`` objects, one per example (or one for the whole
+call), and returns :class:`seqcpo.types.Negatives`: K token-id continuations per example, a validity flag per
+negative, and (when ``ranked``) a score per negative, higher = better, by the rule of PAPER.md's table for that
+generator.
+
+Example b's draws come from ``generator[b]`` only (:mod:`seqcpo.seeding`), so its negatives do not depend on the
+batch it sits in: not on the batch size, the gradient accumulation, the number of processes or the step a run
+resumed from. BN is the exception by definition (its negatives are the batch's other golds).
 """
 
 from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-import torch
-
+from seqcpo.seeding import Generators
 from seqcpo.types import Example, Negatives
 
 
@@ -32,7 +36,7 @@ class NegativeGenerator(Protocol):
         self,
         examples: Sequence[Example],
         k: int,
-        generator: torch.Generator,
+        generator: Generators,
         ranked: bool = False,
     ) -> Negatives:
         ...

@@ -13,6 +13,11 @@ Ranked (BNR): by similarity to the gold, ``score = rouge_l_f(negative, gold)``, 
 Dropped rule (shared by all generators): a negative identical to the gold never enters the loss;
 BN excludes such golds before drawing, so all its negatives are valid (``max_tries`` is accepted for a
 uniform interface).
+
+Seeding: BN depends on its batch by definition (its negatives are the batch's other golds), so unlike the other
+generators an example's BN negatives change with the batch size, the accumulation and the number of processes.
+Its draw for example b comes from a fork of ``generator[b]`` (:func:`seqcpo.seeding.fork`) that leaves the
+example's own stream untouched, so the generators after BN in a mixture stay split-invariant.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.seeding import Generators, fork, per_example_generators
 from seqcpo.types import Example, Negatives
 
 logger = logging.getLogger(__name__)
@@ -47,9 +53,11 @@ class BatchNegatives:
         self,
         examples: Sequence[Example],
         k: int,
-        generator: torch.Generator,
+        generator: Generators,
         ranked: bool = False,
     ) -> Negatives:
+        """K negatives per example from the batch's other golds; ``generator``: one per example, or one for the
+        call."""
         if k < 1:
             raise ValueError(f"bn: k must be >= 1, got {k}")
         golds = [list(ex.continuation_ids) for ex in examples]
@@ -69,10 +77,12 @@ class BatchNegatives:
                 "are dropped (masked out of the loss) for this batch", len(examples), len(distinct), k + 1,
             )
             self._warned = True
+        # the pool's size depends on the batch: draw from forks so each example's own stream does not move
+        gens = fork(per_example_generators(generator, len(examples)), "bn")
         out = NegativesBuilder(self.name, ranked)
-        for gold in golds:
+        for gold, rng in zip(golds, gens):
             pool = [g for g in distinct if g != gold]
-            pick = torch.randperm(len(pool), generator=generator)[:k].tolist()
+            pick = torch.randperm(len(pool), generator=rng)[:k].tolist()
             ids = [list(pool[i]) for i in pick]
             valid = [True] * len(ids)
             scores = [rouge_l_f(neg, gold) for neg in ids] if ranked else []

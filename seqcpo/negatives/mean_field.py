@@ -21,68 +21,20 @@ same negatives from the same logits and generator state.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.sampling import (  # noqa: F401  (inverse_cdf_sample: importable from here as before)
+    inverse_cdf_sample,
+    model_device,
+    sample_categorical,
+    seeded_model_rng,
+)
 from seqcpo.padding import pad_batch
+from seqcpo.seeding import Generators, joint_seed, per_example_generators
 from seqcpo.types import Example, Negatives
-
-
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator, num_samples: int = 1) -> torch.Tensor:
-    """Draw ``num_samples`` ids per row of ``probs`` (N, V) with replacement: (N, num_samples), on probs' device.
-
-    Uses ``torch.multinomial`` when the generator lives on ``probs``' device; otherwise (a CPU generator,
-    logits on an accelerator) inverse-CDF sampling with uniforms from the generator, so all randomness
-    still comes from it.
-    """
-    if probs.device == generator.device:
-        return torch.multinomial(probs, num_samples, replacement=True, generator=generator)
-    u = torch.rand((probs.shape[0], num_samples), generator=generator, device=generator.device)
-    return inverse_cdf_sample(probs, u.to(probs.device))
-
-
-def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Token ``i`` of row n for each uniform ``u[n, j]`` in [0, 1) with ``cdf[i-1] <= u * total < cdf[i]``.
-
-    probs (N, V) (need not sum exactly to 1), u (N, S) -> (N, S) ids; zero-probability tokens are never chosen.
-    """
-    cdf = probs.float().cumsum(-1)  # (N, V)
-    target = u * cdf[:, -1:]  # scale by the row total: float32 sums fall a hair short of 1
-    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
-
-
-@contextlib.contextmanager
-def seeded_model_rng(generator: torch.Generator, device: torch.device) -> Iterator[None]:
-    """Fork the global RNG and seed it from ``generator`` so that anything random inside a model call
-    (dropout in train mode, ``model.generate`` sampling) is reproducible and leaves the caller's RNG untouched.
-    """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            yield
-        return
-    # Fork and seed only the model's device (torch.manual_seed would reseed every GPU for good).
-    with torch.random.fork_rng(devices=[device], device_type=device.type):
-        torch.random.default_generator.manual_seed(seed)
-        backend = getattr(torch, device.type)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        elif hasattr(backend, "manual_seed"):
-            backend.manual_seed(seed)
-        yield
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-less stub)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def mean_field_negatives_from_logits(
@@ -93,7 +45,7 @@ def mean_field_negatives_from_logits(
     *,
     sample: bool = True,
     temperature: float = 1.0,
-    generator: torch.Generator,
+    generator: Generators,
     max_tries: int = 8,
     ranked: bool = False,
     source: str = "mn",
@@ -107,7 +59,8 @@ def mean_field_negatives_from_logits(
         k: negatives per example.
         c: the replacement probability, one float for all K negatives or K floats (negative i uses c[i]).
         sample: replace with a sample from ``softmax(logits / temperature)`` (True) or with the argmax.
-        generator: the only source of randomness.
+        generator: the only source of randomness: one generator per example (a list, see
+            :mod:`seqcpo.seeding`), so an example's negatives depend on its own stream only, or one for the call.
         max_tries: draws in all per negative before a copy of the gold is kept as ``valid = False``.
         ranked: return each row sorted best first with ``scores[b][i] = -c_i`` (smaller c = better).
 
@@ -126,9 +79,10 @@ def mean_field_negatives_from_logits(
     if sample and temperature <= 0:
         raise ValueError(f"mn: temperature must be > 0 when sampling, got {temperature}")
     c_col = torch.tensor(cs).unsqueeze(1)  # (k, 1)
+    gens = per_example_generators(generator, len(golds))
 
     out = NegativesBuilder(source, ranked)
-    for gold_list, lg in zip(golds, logits):
+    for gold_list, lg, g in zip(golds, logits, gens):
         gold = torch.tensor(list(gold_list), dtype=torch.long)  # (T,)
         T = gold.numel()
         if lg.shape[0] != T:
@@ -143,9 +97,9 @@ def mean_field_negatives_from_logits(
             rows = torch.arange(k)
             for _ in range(max(1, max_tries)):
                 n = rows.numel()
-                replace = torch.rand((n, T), generator=generator) < c_col[rows]  # (n, T)
+                replace = torch.rand((n, T), generator=g) < c_col[rows]  # (n, T)
                 if sample:
-                    pred = sample_categorical(probs, generator, n).T.cpu()  # (n, T)
+                    pred = sample_categorical(probs, g, n).T.cpu()  # (n, T)
                 else:
                     pred = argmax.expand(n, T)
                 negs[rows] = torch.where(replace, pred, gold)
@@ -193,7 +147,8 @@ class MeanFieldNegatives:
 
     Args:
         model: a causal LM (PAPER.md default: the reference model); its train/eval mode is left as is,
-            and any dropout draws its seed from the generator.
+            and any dropout in its (batched) pass is seeded by :func:`seqcpo.seeding.joint_seed` of the examples'
+            generators, which does not advance them.
         c: the replacement probability (unranked).
         sample: sample the replacement (True) or take the argmax.
         temperature: the sampling temperature.
@@ -239,17 +194,20 @@ class MeanFieldNegatives:
         self,
         examples: Sequence[Example],
         k: int,
-        generator: torch.Generator,
+        generator: Generators,
         ranked: bool = False,
         gold_logits: Sequence[torch.Tensor] | None = None,
     ) -> Negatives:
-        """K negatives per example; ``gold_logits``: B tensors (T_b, V) from a pass over ``prefix + gold`` of
-        this generator's model (row t predicts gold token t), used instead of running the pass here."""
-        with seeded_model_rng(generator, model_device(self.model)):  # draws from ``generator`` either way
-            if gold_logits is None:
+        """K negatives per example; ``generator``: one per example (or one for the call); ``gold_logits``: B
+        tensors (T_b, V) from a pass over ``prefix + gold`` of this generator's model (row t predicts gold token
+        t), used instead of running the pass here. Either way the same negatives come from the same streams."""
+        gens = per_example_generators(generator, len(examples))
+        if gold_logits is None:
+            # the batched pass's own randomness (dropout) cannot be per example; it never advances their streams
+            with seeded_model_rng(joint_seed(gens), model_device(self.model)):
                 logits = continuation_logits(self.model, examples, self.pad_token_id)
-            else:
-                logits = list(gold_logits)
+        else:
+            logits = list(gold_logits)
         return mean_field_negatives_from_logits(
             [ex.continuation_ids for ex in examples],
             logits,
@@ -257,7 +215,7 @@ class MeanFieldNegatives:
             self.ranked_cs(k) if ranked else self.c,
             sample=self.sample,
             temperature=self.temperature,
-            generator=generator,
+            generator=gens,
             max_tries=self.max_tries,
             ranked=ranked,
             source=self.name,

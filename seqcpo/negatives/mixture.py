@@ -10,6 +10,10 @@ that every score of a group lies above every score of the groups after it: a row
 non-increasing across group boundaries, and differences within a group are unchanged.
 
 Dropped rule: each generator applies it to its own negatives; the mixture passes ``valid`` through.
+
+Seeding: the parts draw in the order listed from the same per-example generators (:mod:`seqcpo.seeding`); each
+part's draws for an example depend on that example only (BN draws from a fork), so the mixture is as
+split-invariant as its parts.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.negatives.base import NegativeGenerator, uses_gold_logits
+from seqcpo.seeding import Generators
 from seqcpo.types import Example, Negatives
 
 
@@ -50,7 +55,7 @@ class MixtureNegatives:
         self,
         examples: Sequence[Example],
         k: int,
-        generator: torch.Generator,
+        generator: Generators,
         ranked: bool = False,
         gold_logits: Sequence[torch.Tensor] | None = None,
     ) -> Negatives:

@@ -13,6 +13,9 @@ no proper cut exists (a gold of at most ``min_keep`` tokens, EOS aside, e.g. a o
 ``body + [EOS]`` as a placeholder with ``valid = False``, and the loss masks that column out. A gold
 with a proper cut can never be copied, so TN needs no resampling (``max_tries`` is accepted for a
 uniform interface).
+
+Seeding: example b's cuts come from its own generator (``generator[b]``, see :mod:`seqcpo.seeding`), so they do
+not depend on the other examples of the batch.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.seeding import Generators, per_example_generators
 from seqcpo.types import Example, Negatives
 
 
@@ -58,19 +62,20 @@ class TruncationNegatives:
         self,
         examples: Sequence[Example],
         k: int,
-        generator: torch.Generator,
+        generator: Generators,
         ranked: bool = False,
     ) -> Negatives:
+        """K negatives per example; ``generator``: one per example, or one for the call."""
         if k < 1:
             raise ValueError(f"tn: k must be >= 1, got {k}")
         eos = self.eos_token_id
         out = NegativesBuilder(self.name, ranked)
-        for ex in examples:
+        for ex, g in zip(examples, per_example_generators(generator, len(examples))):
             gold = list(ex.continuation_ids)
             body = gold[:-1] if gold and gold[-1] == eos else gold
             low, high = self.min_keep, len(body) - 1
             if high >= low:
-                cuts = _draw_cuts(low, high, k, generator)
+                cuts = _draw_cuts(low, high, k, g)
                 ids = [body[:j] + [eos] for j in cuts]
                 valid = [neg != gold for neg in ids]  # always True; kept as the shared rule's guard
             else:

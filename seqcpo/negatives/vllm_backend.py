@@ -10,8 +10,8 @@ stand-in for vLLM's interface (tests/test_vllm_backend.py); it is not run on a r
 Semantics match the other backends: each prefix gives K continuations (one request with ``n = K``, or one
 request per column when each column has its own temperature), a continuation stops at our EOS (kept in it)
 or after ``max_new_tokens``; vLLM's own EOS rule is switched off (``ignore_eos``) and ours passed as the only
-stop token, as ``generate(eos_token_id=...)`` does. Each request's sampling seed is drawn from the step's
-``torch.Generator``, so a resumed run asks for the same negatives.
+stop token, as ``generate(eos_token_id=...)`` does. Each request's sampling seed is drawn from its prefix's own
+``torch.Generator`` (:mod:`seqcpo.seeding`), so a resumed or differently split run asks for the same negatives.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import importlib.util
 from typing import Any, Sequence
 
 import torch
+
+from seqcpo.seeding import Generators, per_example_generators
 
 
 def vllm_available() -> bool:
@@ -72,10 +74,11 @@ class VLLMDecoder:
         top_p: float,
         max_new_tokens: int,
         eos_token_id: int,
-        generator: torch.Generator,
+        generator: Generators,
     ) -> list[list[list[int]]]:
         """K continuations per prefix. ``temperatures``: one per column (a request per column), else None with
-        one temperature for all (then the caller passes it as a one-element list)."""
+        one temperature for all (then the caller passes it as a one-element list). ``generator``: one per prefix
+        (or one for the call); prefix b's request seeds are drawn from ``generator[b]``."""
         from vllm import SamplingParams
 
         try:
@@ -86,9 +89,9 @@ class VLLMDecoder:
         per_column = temperatures is not None and len(temperatures) == k and len(set(temperatures)) > 1
         columns = [[t] for t in temperatures] if per_column else [[temperatures[0] if temperatures else 1.0] * k]
         prompts, params = [], []
-        for prefix in prefixes:
+        for prefix, g in zip(prefixes, per_example_generators(generator, len(prefixes))):
             for temps in columns:
-                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g).item())
                 prompts.append(TokensPrompt(prompt_token_ids=[int(t) for t in prefix]))
                 params.append(SamplingParams(
                     n=len(temps), temperature=0.0 if greedy else float(temps[0]), top_k=top_k if top_k > 0 else -1,

@@ -61,7 +61,8 @@ def make_offline_negatives(
     ``model`` is the reference (the starting model); it makes AN/MN negatives and scores all candidates.
     Batch negatives are drawn within batches of ``per_device_train_batch_size`` consecutive examples.
     """
-    from seqcpo.training.trainer import candidate_batch, step_seed
+    from seqcpo.batching import candidate_batch
+    from seqcpo.seeding import example_generators
 
     os.makedirs(out_dir, exist_ok=True)
     settings = offline_settings(cfg, len(examples))
@@ -104,10 +105,11 @@ def make_offline_negatives(
     bar = tqdm(total=len(examples), desc="negatives", disable=not progress, initial=(n_shards - len(todo)) * shard_size)
     for s in todo:
         shard = examples[s * shard_size : (s + 1) * shard_size]
-        rng = torch.Generator().manual_seed(step_seed(cfg.seed, s, 0, 0))
         rows = []
         for i in range(0, len(shard), bs):
             chunk = shard[i : i + bs]
+            # each example's own draws, as in training's epoch 0 (seqcpo.seeding): shard size and order do not matter
+            rng = example_generators(cfg.seed, [str(e.meta.get("id")) for e in chunk], 0, "negatives")
             if fuse_mn:
                 gp = ref.gold_pass([e.prefix_ids for e in chunk], [e.continuation_ids for e in chunk])
                 neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked, gold_logits=gp.gold_logits)

@@ -3,14 +3,30 @@
 Per training step (PAPER.md, "The objective"):
 
 1. the batch's gold examples get K negatives: read from a fixed offline set (``negatives_path``) or made now
-   by the configured generators, seeded by (seed, step, micro-step, process) so a resumed run makes the
-   same negatives as an uninterrupted one;
+   by the configured generators, each example's draws seeded by (seed, example id, epoch) (:mod:`seqcpo.seeding`),
+   so an example's negatives do not depend on the batch size, the accumulation, the number of processes or the
+   step a run resumed from (BN excepted: it draws from its batch by definition);
 2. the policy scores gold + negatives (:mod:`seqcpo.logps`): in the prefix-shared layout, or in two passes
    (:mod:`seqcpo.two_pass`) when its negatives share long beginnings with the gold; ``logps_layout: auto``
    chooses per batch (:func:`seqcpo.logps.choose_layout`);
 3. the reference scores them too (frozen copy, adapter disabled, or precomputed log-probs);
 4. ``L = mle_weight * L_mle(gold) + lambda * L_cpo`` (or MLE / DPO / PSS alone), with the metrics of
    :func:`seqcpo.losses.preference_metrics` logged beside it.
+
+Split-invariant steps (issue 11). One optimizer step's loss is the same function of its examples however they
+are split into micro-batches (``gradient_accumulation_steps``) and processes:
+
+- the MLE and PSS terms are the SUM of the gold tokens' losses divided by the number of gold target tokens in
+  the whole step (transformers' ``num_items_in_batch`` convention, counted by :meth:`get_batch_samples` over the
+  step's micro-batches and all-reduced over processes; ``average_tokens_across_devices`` is not consulted:
+  the count is always global, else the step would depend on the split);
+- the CPO / DPO terms are the sum of per-example losses divided by the number of examples in the step;
+- each micro-batch's loss is multiplied by the number of processes, since DDP / FSDP / DeepSpeed average the
+  processes' gradients, and is not divided again by the accumulation steps (``loss_is_scaled_for_ga``);
+- a final partial step (fewer micro-batches, or a shorter last batch) divides by what it holds.
+
+Evaluation (``eval_loss``) is the plain per-batch mean (token mean for MLE/PSS, example mean for CPO), averaged
+over batches by transformers; the ``eval_*`` metrics are pooled over the whole evaluation set.
 
 With MN negatives and ``logps_layout: auto`` (the default), the model that makes them is scored in two passes:
 its gold-branch pass gives both its gold log-probs and the logits MN draws from, so MN costs no forward pass of
@@ -20,104 +36,41 @@ its own. That model is the live reference by default, or the policy with ``negat
 Logged metrics: ``loss``, ``loss/mle``, ``loss/cpo``, ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracies``, ``rewards/strongest_rejected``, ``rewards/gold_top1``,
 ``logps/chosen``, ``logps/rejected``, ``negatives/dropped`` (fraction of negatives masked because they equalled
-the gold), and for PSS ``pss/mix_fraction``.
+the gold), and for PSS ``pss/mix_fraction``. Each is the whole optimizer step's value, pooled over its
+micro-batches and processes with the right weights (tokens for ``loss/mle`` and ``pss/mix_fraction``, examples
+or valid negatives for the others, see :func:`seqcpo.losses.preference_metric_sums`), then averaged over the
+steps since the last log, as transformers does for ``loss``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
+import math
 import os
-from collections import defaultdict
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 from transformers import Trainer
 
+from seqcpo.batching import (  # noqa: F401  (ExampleDataset, collate_examples: importable from here as before)
+    ExampleDataset,
+    StepCounts,
+    _negatives_from_offline,
+    candidate_batch,
+    collate_examples,
+    local_step_counts,
+    target_tokens,
+)
 from seqcpo.logps import sequence_logps, unwrap_model
-from seqcpo.losses import cpo_loss, mle_loss, preference_metrics
+from seqcpo.losses import PREFERENCE_METRICS, cpo_loss_per_example, preference_metric_sums
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
+from seqcpo.seeding import example_generators
 from seqcpo.two_pass import gold_pass, negatives_pass, two_pass_supported
 from seqcpo.training.checkpoints import NonFiniteGuard, finite_logs, save_complete_checkpoint
 from seqcpo.training.config import SeqCPOConfig
 from seqcpo.types import CandidateBatch, Example, Negatives
-
-
-class ExampleDataset(Dataset):
-    """Examples as dicts the collator understands; attaches fixed negatives by example id when given."""
-
-    def __init__(self, examples: list[Example], offline: dict[str, dict] | None = None):
-        self.examples = examples
-        self.offline = offline
-        if offline is not None:
-            missing = [str(ex.meta.get("id")) for ex in examples if str(ex.meta.get("id")) not in offline]
-            if missing:
-                raise ValueError(
-                    f"negatives_path has no negatives for {len(missing)} training examples (first: id {missing[0]}); "
-                    "re-run `seqcpo negatives` with the same data settings"
-                )
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        ex = self.examples[i]
-        item = {"prefix_ids": ex.prefix_ids, "continuation_ids": ex.continuation_ids, "id": str(ex.meta.get("id", i))}
-        if self.offline is not None:
-            item["offline"] = self.offline[item["id"]]
-        return item
-
-
-def collate_examples(features: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists of examples -> one batch dict of python lists (token ids stay lists until the layout is built).
-
-    >>> collate_examples([{"prefix_ids": [1, 2], "continuation_ids": [3], "id": "a"}])
-    {'prefix_ids': [[1, 2]], 'continuation_ids': [[3]], 'ids': ['a'], 'offline': None}
-    """
-    return {
-        "prefix_ids": [f["prefix_ids"] for f in features],
-        "continuation_ids": [f["continuation_ids"] for f in features],
-        "ids": [f["id"] for f in features],
-        "offline": [f["offline"] for f in features] if "offline" in features[0] else None,
-    }
-
-
-def _negatives_from_offline(rows: list[dict]) -> tuple[Negatives, torch.Tensor | None]:
-    neg = Negatives(
-        ids=[r["negatives"] for r in rows],
-        valid=[r["valid"] for r in rows],
-        scores=[r["scores"] for r in rows] if rows[0].get("scores") is not None else None,
-        sources=[r["sources"] for r in rows],
-    )
-    ref = None
-    if rows[0].get("ref_logps") is not None:
-        ref = torch.tensor([r["ref_logps"] for r in rows], dtype=torch.float32)
-    return neg, ref
-
-
-def candidate_batch(examples: list[Example], negatives: Negatives | None, ref_logps=None) -> CandidateBatch:
-    """Gold + negatives -> :class:`CandidateBatch` (column 0 the gold)."""
-    if negatives is None:
-        return CandidateBatch(
-            prefix_ids=[e.prefix_ids for e in examples],
-            candidate_ids=[[e.continuation_ids] for e in examples],
-            candidate_mask=[[True] for _ in examples],
-        )
-    return CandidateBatch(
-        prefix_ids=[e.prefix_ids for e in examples],
-        candidate_ids=[[e.continuation_ids] + list(n) for e, n in zip(examples, negatives.ids)],
-        candidate_mask=[[True] + list(v) for v in negatives.valid],
-        ref_logps=ref_logps,
-    )
-
-
-def step_seed(seed: int, step: int, micro: int, process: int) -> int:
-    """A seed for one micro-batch's negatives that a resumed run reproduces exactly."""
-    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{process}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class SeqCPOTrainer(Trainer):
@@ -134,14 +87,18 @@ class SeqCPOTrainer(Trainer):
     def __init__(self, model, args: SeqCPOConfig, *, reference_model=None, offline_meta: dict | None = None, **kwargs):
         kwargs.setdefault("data_collator", collate_examples)
         super().__init__(model=model, args=args, **kwargs)
-        self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean
+        # compute_loss divides by the whole step's counts (StepCounts): the loss is already scaled for accumulation
+        self.loss_is_scaled_for_ga = True
         self.cfg = args
         tok = self.processing_class
         self.pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         self.eos_token_id = tok.eos_token_id if tok is not None else unwrap_model(model).config.eos_token_id
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        # per mode: (step last seen, micro-batches drawn at it); eval never shifts the training seeds
-        self._rng_state = {True: [-1, 0], False: [-1, 0]}
+        # metrics: {name: [sum, count]} of the open step (train) or of the evaluation (eval); finished steps'
+        # values are summed in _window until the next log (see log())
+        self._metric_names = self._logged_metric_names()
+        self._pool: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+        self._window = torch.zeros((2, len(self._metric_names)), dtype=torch.float64)  # (sum of values, steps)
+        self._epoch = 0  # the epoch of the step being run: seeds its examples' draws (seqcpo.seeding)
         self.offline_meta = offline_meta
         self.reference = None
         self.generator = None
@@ -195,6 +152,33 @@ class SeqCPOTrainer(Trainer):
         self.mn_source = self._mn_source()
         self.finite_guard = NonFiniteGuard()  # stops at a NaN/inf loss or gradient norm (checkpoints.py)
 
+    def _logged_metric_names(self) -> list[str]:
+        """The metrics this objective logs (the same on every process, so their sums can be all-reduced)."""
+        if self.cfg.objective == "pss":
+            return ["loss/mle", "pss/mix_fraction"]
+        if not self.cfg.uses_negatives:
+            return ["loss/mle"]
+        return [*PREFERENCE_METRICS, "loss/mle", "loss/cpo", "negatives/dropped"]
+
+    def _pooled(self, mode: str, device, extra: list[float] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """``extra`` and this mode's metric (sums, counts), summed over processes (one all-reduce), and the
+        pool emptied: returns ``(extra, (2, metrics))``."""
+        pool = self._pool[mode]
+        rows = [[pool.get(n, (0.0, 0.0))[j] for n in self._metric_names] for j in (0, 1)]
+        t = torch.tensor([*extra, *rows[0], *rows[1]], dtype=torch.float64, device=device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        self._pool[mode] = {}
+        t = t.cpu()
+        return t[: len(extra)], t[len(extra) :].view(2, -1)
+
+    def _close_step(self, sums_counts: torch.Tensor) -> None:
+        """Adds a finished step's metric values (sum / count, where counted) to the logging window."""
+        total, count = sums_counts
+        seen = count > 0
+        self._window[0] += torch.where(seen, total / count.clamp(min=1), torch.zeros_like(total))
+        self._window[1] += seen.double()
+
     def _mn_source(self) -> str | None:
         """Which model's gold-branch pass MN negatives are drawn from: "reference", "policy" or None (MN, if
         any, runs its own forward pass)."""
@@ -234,65 +218,110 @@ class SeqCPOTrainer(Trainer):
             self._snapshot_step = step - step % n
         return self._policy_snapshot
 
-    def _rng(self, training: bool) -> torch.Generator:
-        """Seeded by (seed, step, micro-batch, process) in training; in evaluation by (seed, batch, process)
-        only, so every evaluation scores the same negatives and model changes are not mixed with resampling."""
-        state = self._rng_state[training]
-        step = self.state.global_step if training else 0
-        if step != state[0]:
-            state[0], state[1] = step, 0
-        seed = step_seed(self.cfg.seed + (0 if training else 7919), step, state[1], self.args.process_index)
-        state[1] += 1
-        return torch.Generator().manual_seed(seed)
+    # ---- seeds and step counts
+    def example_rngs(self, ids, training: bool, purpose: str, epochs=None) -> list[torch.Generator]:
+        """One generator per example, seeded by (seed, example id, epoch, purpose) (:mod:`seqcpo.seeding`).
+
+        Training uses the epoch each example was drawn in (``epochs``, carried by a streaming dataset) or the
+        current step's; evaluation uses epoch 0 and its own purposes, so every evaluation draws the same
+        validation negatives and never moves a training stream.
+        """
+        if not training:
+            return example_generators(self.cfg.seed, ids, 0, f"eval/{purpose}")
+        return example_generators(self.cfg.seed, ids, self._epoch if epochs is None else epochs, purpose)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches and its :class:`~seqcpo.batching.StepCounts` (gold target tokens and
+        examples over the micro-batches of every process), which ``compute_loss`` divides by.
+
+        Called by transformers once per optimizer step, before its micro-batches run (``num_items_in_batch``).
+        """
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        # one all-reduce: this step's counts, and the metric sums of the previous step if no log took them
+        counts, previous = self._pooled("train", device, extra=local_step_counts(batches))
+        self._close_step(previous)
+        tokens, examples = (int(x) for x in counts.tolist())
+        self._epoch = int(math.floor(self.state.epoch or 0))  # the epoch this step belongs to
+        return batches, StepCounts(tokens=tokens, examples=examples)
 
     def evaluate(self, *args, **kwargs):
-        self._rng_state[False] = [-1, 0]  # the same validation negatives at every evaluation
+        self._pool["eval"] = {}  # one pool for the whole evaluation
         return super().evaluate(*args, **kwargs)
 
-    def make_negatives(self, examples: list[Example], training: bool = True, gold_logits=None) -> Negatives:
+    def make_negatives(self, examples: list[Example], training: bool = True, gold_logits=None, epochs=None) -> Negatives:
+        """K negatives per example, each example's draws from its own generator (:meth:`example_rngs`); an
+        example without ``meta["id"]`` is seeded by its position."""
+        ids = [str(e.meta.get("id", i)) for i, e in enumerate(examples)]
+        rngs = self.example_rngs(ids, training, "negatives", epochs)
         extra = {"gold_logits": gold_logits} if gold_logits is not None else {}
-        return self.generator(examples, self.cfg.num_negatives, self._rng(training), ranked=self.cfg.ranked, **extra)
+        return self.generator(examples, self.cfg.num_negatives, rngs, ranked=self.cfg.ranked, **extra)
 
     # ---- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The micro-batch's share of the step's loss (see the module docstring).
+
+        ``num_items_in_batch``: the step's :class:`~seqcpo.batching.StepCounts` in training; without it (evaluation,
+        a direct call) the loss is this batch's own mean.
+        """
         mode = "train" if model.training else "eval"
+        training = mode == "train"
+        epochs = inputs.get("epochs")
         examples = [
             Example(prefix_ids=p, continuation_ids=c, meta={"id": i})
             for p, c, i in zip(inputs["prefix_ids"], inputs["continuation_ids"], inputs["ids"])
         ]
+        n_tokens = sum(target_tokens(e.prefix_ids, e.continuation_ids) for e in examples)
+        if isinstance(num_items_in_batch, StepCounts):
+            # DDP/FSDP/DeepSpeed average the processes' gradients: scale back to a sum over processes
+            scale = self.accelerator.num_processes
+            tokens_norm, examples_norm = max(num_items_in_batch.tokens, 1), max(num_items_in_batch.examples, 1)
+        else:
+            scale, tokens_norm, examples_norm = 1, max(n_tokens, 1), max(len(examples), 1)
         cfg = self.cfg
-        metrics: dict[str, float] = {}
+        sums: dict[str, tuple[float, float]] = {}
         if cfg.objective == "pss":
             from seqcpo.pss import pss_loss, pss_mix_probability
 
             p_model = pss_mix_probability(self.state.global_step, cfg.pss_p_gold, cfg.pss_warmup_steps)
-            loss, frac = pss_loss(
-                model, examples, p_model=p_model, passes=cfg.pss_passes, generator=self._rng(mode == "train"),
-                pad_token_id=self.pad_token_id,
+            nll, frac = pss_loss(
+                model, examples, p_model=p_model, passes=cfg.pss_passes,
+                generator=self.example_rngs(inputs["ids"], training, "pss", epochs),
+                pad_token_id=self.pad_token_id, reduction="sum",
             )
-            metrics["loss/mle"] = loss.item()
-            metrics["pss/mix_fraction"] = frac
+            loss = nll * (scale / tokens_norm)
+            sums["loss/mle"] = (nll.item(), n_tokens)
+            sums["pss/mix_fraction"] = (round(frac * n_tokens), n_tokens)
         elif not cfg.uses_negatives:
             out = sequence_logps(
                 model, candidate_batch(examples, None), layout="naive" if self.layout == "naive" else "shared",
                 pad_token_id=self.pad_token_id,
                 chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
             )
-            loss = mle_loss(out.summed[:, 0], out.token_counts[:, 0])
-            metrics["loss/mle"] = loss.item()
+            nll = -out.summed[:, 0].float().sum()
+            loss = nll * (scale / tokens_norm)
+            sums["loss/mle"] = (nll.item(), n_tokens)
         else:
-            batch, out, ref = self._score(model, inputs, examples, training=mode == "train")
+            batch, out, ref = self._score(model, inputs, examples, training=training)
             ref = ref.to(out.logps.device)
             mask = torch.tensor(batch.candidate_mask, dtype=torch.bool, device=out.logps.device)
-            mle = mle_loss(out.summed[:, 0], out.token_counts[:, 0])
-            cpo = cpo_loss(out.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask)
-            loss = cfg.mle_weight * mle + cfg.cpo_lambda * cpo
-            metrics.update(preference_metrics(out.logps.detach(), ref, cfg.beta, mask=mask))
-            metrics["loss/mle"] = mle.item()
-            metrics["loss/cpo"] = cpo.item()
-            metrics["negatives/dropped"] = 1.0 - mask[:, 1:].float().mean().item()
-        for k, v in metrics.items():
-            self._metrics[mode][k].append(v)
+            nll = -out.summed[:, 0].float().sum()
+            cpo = cpo_loss_per_example(out.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
+            loss = (cfg.mle_weight * nll / tokens_norm + cfg.cpo_lambda * cpo / examples_norm) * scale
+            sums.update(preference_metric_sums(out.logps.detach(), ref, cfg.beta, mask=mask))
+            sums["loss/mle"] = (nll.item(), n_tokens)
+            sums["loss/cpo"] = (cpo.item(), len(examples))
+            n_neg = mask[:, 1:].numel()
+            sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
+        pool = self._pool[mode]
+        for k, (total, count) in sums.items():
+            acc = pool.setdefault(k, [0.0, 0.0])
+            acc[0] += float(total)
+            acc[1] += float(count)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
     def _score(self, model, inputs, examples: list[Example], training: bool):
@@ -305,20 +334,21 @@ class SeqCPOTrainer(Trainer):
             return batch, self._policy_logps(model, batch), self.reference.logps(batch)
         prefixes = [e.prefix_ids for e in examples]
         golds = [e.continuation_ids for e in examples]
+        epochs = inputs.get("epochs")
         if self.mn_source == "reference":
             # one reference pass over x + y_0 gives the reference's gold log-probs and MN's logits
             rgp = self.reference.gold_pass(prefixes, golds, want_logits=True)
-            negatives = self.make_negatives(examples, training, gold_logits=rgp.gold_logits)
+            negatives = self.make_negatives(examples, training, gold_logits=rgp.gold_logits, epochs=epochs)
             batch = candidate_batch(examples, negatives)
             return batch, self._policy_logps(model, batch), self.reference.finish(rgp, negatives.ids)
         if self.mn_source == "policy":
             # the policy's own gold-branch pass (with gradient) gives its gold log-probs and MN's logits
             gp = gold_pass(model, prefixes, golds, want_logits=True, **opts)
-            negatives = self.make_negatives(examples, training, gold_logits=gp.gold_logits)
+            negatives = self.make_negatives(examples, training, gold_logits=gp.gold_logits, epochs=epochs)
             out = negatives_pass(model, gp, negatives.ids, length_normalize=cfg.length_normalize, **opts)
             batch = candidate_batch(examples, negatives)
             return batch, out, self.reference.logps(batch)
-        batch = candidate_batch(examples, self.make_negatives(examples, training))
+        batch = candidate_batch(examples, self.make_negatives(examples, training, epochs=epochs))
         return batch, self._policy_logps(model, batch), self.reference.logps(batch)
 
     def _policy_logps(self, model, batch: CandidateBatch):
@@ -334,16 +364,21 @@ class SeqCPOTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the pooled metrics. Train: each step's value is sum / count over its micro-batches and processes,
+        averaged over the steps since the last log. Eval: sum / count over the whole evaluation. Runs on every
+        process (transformers logs on all of them): one all-reduce."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        stored = self._metrics[mode]
-        if stored:
-            gathered = {}
-            for k, vals in stored.items():
-                t = torch.tensor(vals, dtype=torch.float64, device=self.args.device).mean()
-                gathered[k] = self.accelerator.gather_for_metrics(t.reshape(1)).mean().item()
-            prefix = "eval_" if mode == "eval" else ""
-            logs.update({f"{prefix}{k}": round(v, 6) for k, v in gathered.items()})
-            stored.clear()
+        _, sums_counts = self._pooled(mode, self.args.device)
+        if mode == "train":
+            self._close_step(sums_counts)
+            total, count = self._window
+            self._window = torch.zeros_like(self._window)
+        else:
+            total, count = sums_counts
+        prefix = "eval_" if mode == "eval" else ""
+        for name, t, c in zip(self._metric_names, total.tolist(), count.tolist()):
+            if c > 0:
+                logs[f"{prefix}{name}"] = round(t / c, 6)
         super().log(finite_logs(logs), start_time)
 
     # ---- run safety (seqcpo.training.checkpoints): finite steps, checkpoints marked complete

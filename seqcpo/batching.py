@@ -1,0 +1,126 @@
+"""From dataset items to batches: the collated lists, the candidate batch of gold + negatives, and what one
+optimizer step holds.
+
+Data flows one way (STYLE.md): an item ``{"prefix_ids", "continuation_ids", "id"[, "offline"][, "epoch"]}``
+-> :func:`collate_examples` (python lists) -> :func:`candidate_batch` (gold + negatives,
+:class:`~seqcpo.types.CandidateBatch`) -> log-probs -> loss. :class:`StepCounts` is what the trainer divides by
+so that a step does not depend on how its examples were split into micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from seqcpo.types import CandidateBatch, Example, Negatives
+
+
+class ExampleDataset(Dataset):
+    """Examples as dicts the collator understands; attaches fixed negatives by example id when given."""
+
+    def __init__(self, examples: list[Example], offline: dict[str, dict] | None = None):
+        self.examples = examples
+        self.offline = offline
+        if offline is not None:
+            missing = [str(ex.meta.get("id")) for ex in examples if str(ex.meta.get("id")) not in offline]
+            if missing:
+                raise ValueError(
+                    f"negatives_path has no negatives for {len(missing)} training examples (first: id {missing[0]}); "
+                    "re-run `seqcpo negatives` with the same data settings"
+                )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ex = self.examples[i]
+        item = {"prefix_ids": ex.prefix_ids, "continuation_ids": ex.continuation_ids, "id": str(ex.meta.get("id", i))}
+        if self.offline is not None:
+            item["offline"] = self.offline[item["id"]]
+        return item
+
+
+def collate_examples(features: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lists of items -> one batch dict of python lists (token ids stay lists until the layout is built).
+
+    An item may carry the ``epoch`` it was drawn in (a streaming dataset does); the trainer seeds the
+    example's draws with it (:mod:`seqcpo.seeding`), else with the trainer's own epoch.
+
+    >>> collate_examples([{"prefix_ids": [1, 2], "continuation_ids": [3], "id": "a"}])
+    {'prefix_ids': [[1, 2]], 'continuation_ids': [[3]], 'ids': ['a'], 'offline': None, 'epochs': None}
+    """
+    return {
+        "prefix_ids": [f["prefix_ids"] for f in features],
+        "continuation_ids": [f["continuation_ids"] for f in features],
+        "ids": [f["id"] for f in features],
+        "offline": [f["offline"] for f in features] if "offline" in features[0] else None,
+        "epochs": [int(f["epoch"]) for f in features] if "epoch" in features[0] else None,
+    }
+
+
+def _negatives_from_offline(rows: list[dict]) -> tuple[Negatives, torch.Tensor | None]:
+    neg = Negatives(
+        ids=[r["negatives"] for r in rows],
+        valid=[r["valid"] for r in rows],
+        scores=[r["scores"] for r in rows] if rows[0].get("scores") is not None else None,
+        sources=[r["sources"] for r in rows],
+    )
+    ref = None
+    if rows[0].get("ref_logps") is not None:
+        ref = torch.tensor([r["ref_logps"] for r in rows], dtype=torch.float32)
+    return neg, ref
+
+
+def candidate_batch(examples: list[Example], negatives: Negatives | None, ref_logps=None) -> CandidateBatch:
+    """Gold + negatives -> :class:`CandidateBatch` (column 0 the gold)."""
+    if negatives is None:
+        return CandidateBatch(
+            prefix_ids=[e.prefix_ids for e in examples],
+            candidate_ids=[[e.continuation_ids] for e in examples],
+            candidate_mask=[[True] for _ in examples],
+        )
+    return CandidateBatch(
+        prefix_ids=[e.prefix_ids for e in examples],
+        candidate_ids=[[e.continuation_ids] + list(n) for e, n in zip(examples, negatives.ids)],
+        candidate_mask=[[True] + list(v) for v in negatives.valid],
+        ref_logps=ref_logps,
+    )
+
+
+def target_tokens(prefix_ids: Sequence[int], continuation_ids: Sequence[int]) -> int:
+    """Gold continuation tokens that are prediction targets: all of them, except token 0 after an empty prefix
+    (nothing predicts it; :mod:`seqcpo.pss` skips it, :func:`seqcpo.logps.sequence_logps` refuses empty prefixes).
+
+    >>> target_tokens([5, 6], [7, 8, 9]), target_tokens([], [7, 8, 9])
+    (3, 2)
+    """
+    n = len(continuation_ids)
+    return n - 1 if len(prefix_ids) == 0 and n > 0 else n
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """What one optimizer step holds, summed over its accumulation micro-batches and over all processes.
+
+    The trainer divides the summed MLE / PSS token losses by ``tokens`` and the summed per-example CPO / DPO
+    losses by ``examples`` (transformers' ``num_items_in_batch`` convention), so the step's gradient is the
+    same however its examples were split.
+
+    Attributes:
+        tokens: gold continuation target tokens (:func:`target_tokens`).
+        examples: examples.
+    """
+
+    tokens: int
+    examples: int
+
+
+def local_step_counts(batches: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """``(target tokens, examples)`` of one process's micro-batches (collated by :func:`collate_examples`)."""
+    tokens = sum(
+        target_tokens(p, c) for b in batches for p, c in zip(b["prefix_ids"], b["continuation_ids"])
+    )
+    return tokens, sum(len(b["ids"]) for b in batches)
