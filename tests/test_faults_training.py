@@ -141,6 +141,22 @@ def test_identity_names_every_decisive_change_and_ignores_the_rest(assets, tmp_p
     assert identity_differences(base, run_identity(_cfg(assets, tmp_path / "a", max_steps=8))) == []
 
 
+def test_resume_auto_takes_this_runs_newest_checkpoint_or_starts_afresh(assets, tmp_path, caplog):
+    """``auto`` (what ``seqcpo reproduce`` passes for an arm folder with checkpoints) never resumes another run."""
+    out = tmp_path / "run"
+    _train(_cfg(assets, out, learning_rate=5e-3, max_steps=4, save_steps=2))  # A: checkpoint-2, checkpoint-4
+    with pytest.raises(_Killed):
+        _train(_cfg(assets, out, learning_rate=1e-3), callbacks=[_KillAfterSave(1)])  # B: checkpoint-1
+    with caplog.at_level(logging.INFO, logger="seqcpo"):
+        b = _train(_cfg(assets, out, learning_rate=1e-3, max_steps=2, resume_from_checkpoint="auto"))
+    assert f"resume: from {out / 'checkpoint-1'}" in caplog.text and b["steps"] == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="seqcpo"):
+        c = _train(_cfg(assets, out, learning_rate=2e-3, max_steps=1, resume_from_checkpoint="auto"))
+    assert "starting afresh" in caplog.text and c["steps"] == 1
+    assert read_marker(str(out / "checkpoint-4"))["identity"]["config"]["learning_rate"] == 5e-3  # left alone
+
+
 # ---------------------------------------------------------------- completeness
 
 

@@ -299,8 +299,10 @@ def resolve_resume(cfg, identity: dict[str, Any]) -> str | None:
     """The checkpoint to resume from per ``cfg.resume_from_checkpoint``, checked; None to start fresh.
 
     ``true`` (or latest/yes) takes the newest complete checkpoint in ``output_dir`` (an error if there is none);
-    ``auto`` the same, or a fresh start when there is none; a path must be a complete checkpoint. Either way the checkpoint's identity must match the run's unless
-    ``allow_config_change`` is set. Raises :class:`~seqcpo.training.config.ConfigError` with one line.
+    a path must be a complete checkpoint; either way its identity must match the run's unless
+    ``allow_config_change`` is set. ``auto`` takes the newest complete checkpoint written under this run's
+    settings, or starts afresh (leaving other checkpoints alone) when there is none: what ``seqcpo reproduce``
+    uses for an arm's folder. Raises :class:`~seqcpo.training.config.ConfigError` with one line.
     """
     from seqcpo.training.config import ConfigError
 
@@ -312,10 +314,13 @@ def resolve_resume(cfg, identity: dict[str, Any]) -> str | None:
         for t in torn:
             logger.warning("resume: %s is incomplete (no %s; its write was interrupted): left alone, not used",
                            t, COMPLETE_MARKER)
-        if path is None and str(value).lower() == "auto":
-            logger.info("resume: no complete checkpoint in %s: starting afresh (resume_from_checkpoint=auto)",
-                        cfg.output_dir)
-            return None
+        if str(value).lower() == "auto":
+            ours = _matching(cfg.output_dir, identity)
+            if not ours:
+                logger.info("resume: no complete checkpoint of this run's settings in %s: starting afresh "
+                            "(resume_from_checkpoint=auto)", cfg.output_dir)
+                return None
+            path = ours[-1]
         if path is None:
             raise ConfigError(
                 f"resume_from_checkpoint=true: no complete checkpoint in output_dir={cfg.output_dir!r}"
@@ -339,8 +344,7 @@ def resolve_resume(cfg, identity: dict[str, Any]) -> str | None:
             logger.warning("resume: %s was written under other settings (%s); resuming anyway (allow_config_change)",
                            path, changes)
         else:
-            same = [p for _, p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
-                    if (m := read_marker(p)) is not None and not identity_differences(m.get("identity", {}), identity)]
+            same = _matching(os.path.dirname(os.path.abspath(path)), identity)
             hint = (f"resume from {same[-1]} (written under this run's settings)" if same
                     else "resume with the checkpoint's settings")
             raise ConfigError(
@@ -349,6 +353,12 @@ def resolve_resume(cfg, identity: dict[str, Any]) -> str | None:
             )
     logger.info("resume: from %s (step %s, complete)", path, marker.get("step"))
     return path
+
+
+def _matching(run_dir: str, identity: dict[str, Any]) -> list[str]:
+    """The complete checkpoints in ``run_dir`` written under ``identity``'s decisive settings, oldest first."""
+    return [p for _, p in list_checkpoints(run_dir)
+            if (m := read_marker(p)) is not None and not identity_differences(m.get("identity", {}), identity)]
 
 
 def rotate(run_dir: str, limit: int | None, key: str, protect: tuple[str | None, ...] = ()) -> None:
