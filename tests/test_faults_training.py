@@ -360,3 +360,40 @@ def test_negatives_into_a_file_is_one_line_naming_out(assets, tmp_path, capsys):
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("seqcpo: error: --out") and str(blocker) in last and "folder" in last, last
+
+
+@pytest.mark.integration  # two CLI processes (~15-30 s); the in-process tear test above covers the fast suite
+def test_sigkill_during_a_checkpoint_write_then_cli_resume(assets, tmp_path):
+    """A real SIGKILL of the `seqcpo train` process while checkpoint-3 is half written (after its weights and
+    optimizer, before its RNG and trainer state), then `--resume_from_checkpoint true` from the command line."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    argv = []
+    for k, v in _over(assets, out).items():
+        argv += [f"--{k}", str(v)]
+    killer = (
+        "import os, signal, sys\n"
+        "from transformers import Trainer\n"
+        "real = Trainer._save_rng_state\n"
+        "def dying(self, d):\n"
+        "    if self.state.global_step == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, d)\n"
+        "Trainer._save_rng_state = dying\n"
+        "from seqcpo.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, "-c", killer, "train", *argv], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert (out / "checkpoint-3" / "optimizer.pt").exists()
+    assert read_marker(str(out / "checkpoint-3")) is None
+    second = subprocess.run([sys.executable, "-m", "seqcpo.cli", "train", *argv, "--resume_from_checkpoint", "true"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "checkpoint-3 is incomplete" in second.stderr and "resume: from" in second.stderr
+    assert f"{out / 'checkpoint-2'} (step 2, complete)" in second.stderr
+    assert read_marker(str(out / "final"))["step"] == 4
