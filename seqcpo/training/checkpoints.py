@@ -171,16 +171,16 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
             continue
         if old[name] != new[name]:
             diffs.append((name, old[name], new[name]))
-    if saved.get("data_fingerprint") != current.get("data_fingerprint") and not any(
-        d[0] in _data_field_names() for d in diffs
-    ):
-        diffs.append(("data (content of the dataset / negatives)", "fingerprint " + str(saved.get("data_fingerprint"))[:12],
-                      "fingerprint " + str(current.get("data_fingerprint"))[:12]))
-    if saved.get("model_fingerprint") != current.get("model_fingerprint") and "model_name_or_path" not in [
-        d[0] for d in diffs
-    ]:
-        diffs.append(("model (content of model_name_or_path)", "fingerprint " + str(saved.get("model_fingerprint"))[:12],
-                      "fingerprint " + str(current.get("model_fingerprint"))[:12]))
+    changed = {d[0] for d in diffs}
+
+    def content(kind: str, label: str, named_by: set[str]) -> None:
+        # a content change under unchanged names; a renamed source is already reported by its field
+        a, b = saved.get(kind), current.get(kind)
+        if a != b and not changed & named_by:
+            diffs.append((label, f"fingerprint {str(a)[:12]}", f"fingerprint {str(b)[:12]}"))
+
+    content("data_fingerprint", "data (content of the dataset / negatives)", _data_field_names() | {"negatives_path"})
+    content("model_fingerprint", "model (content of model_name_or_path)", {"model_name_or_path"})
     if saved.get("world_size", 1) != current.get("world_size", 1):
         diffs.append(("world_size (training processes)", saved.get("world_size", 1), current.get("world_size", 1)))
     return diffs
@@ -454,7 +454,8 @@ class NonFiniteGuard:
         step = trainer.state.global_step + 1  # the step being taken; the last saved one is at most global_step
         what = []
         if flags[0] > 0:
-            what.append(f"the loss is {bad_loss}" if bad_loss is not None else "the loss is not finite on another process")
+            what.append(f"the loss is {bad_loss}" if bad_loss is not None
+                        else "the loss is not finite on another process")
         if flags[1] > 0:
             what.append(f"the gradient norm is {norm}")
         last, _ = newest_complete(trainer.args.output_dir)

@@ -124,7 +124,8 @@ def _warn_foreign_checkpoints(output_dir: str, identity: dict) -> None:
     from seqcpo.training.checkpoints import identity_key, list_checkpoints, read_marker
 
     key = identity_key(identity)
-    foreign = [p for _, p in list_checkpoints(output_dir) if (m := read_marker(p)) is None or m.get("identity_key") != key]
+    foreign = [p for _, p in list_checkpoints(output_dir)
+               if (m := read_marker(p)) is None or m.get("identity_key") != key]
     if foreign:
         logger.warning(
             "output_dir %s already holds %d checkpoint(s) of another run or torn ones (%s): this run starts afresh "
