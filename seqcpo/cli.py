@@ -7,8 +7,9 @@
     seqcpo ensemble --from A --to B --alphas 0,0.5,1 --out DIR     weight-space ensembles
     seqcpo reproduce GRID.yaml                                     a grid of arms: train, generate, evaluate
 
-Every ``--key value`` after the known options overrides a field of the YAML config (see the README's config
-reference). Errors in configs and data end the command with one line naming the file and field.
+Every ``--key value`` after the known options overrides a field of the YAML config (docs/CONFIG.md), read
+by the one config loader (:mod:`seqcpo.config_loader`): by the field's type, floats finite, ranges checked.
+Errors in configs, flags and data end the command with one line naming the file, field or flag.
 """
 
 from __future__ import annotations
@@ -41,9 +42,29 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def _check_flags(values: dict, types: dict) -> dict:
+    """Flags of a subcommand read by the one config loader: ``{"--flag": raw}`` and ``{"--flag": (type,
+    rule)}`` -> ``{"--flag": value}``; ConfigError naming the flag (floats finite, ranges kept)."""
+    from seqcpo.config_loader import ConfigError, check_value, coerce
+
+    out = {}
+    for flag, raw in values.items():
+        tp, rule = types[flag]
+        value = coerce(flag.lstrip("-").replace("-", "_"), raw, tp, flag)
+        for v in value if isinstance(value, list) else [value]:
+            why = check_value(v, rule) if rule else None
+            if why:
+                raise ConfigError(f"{flag} {raw}: {why}")
+        out[flag] = value
+    return out
+
+
 def cmd_negatives(args, extra) -> int:
+    from seqcpo.config_loader import check_output_dir
     from seqcpo.training.run import make_negatives
 
+    args.shard_size = _check_flags({"--shard-size": args.shard_size}, {"--shard-size": (int, ">=1")})["--shard-size"]
+    check_output_dir(args.out, "--out")
     cfg = _config(args, extra)
     out = make_negatives(cfg, args.out, shard_size=args.shard_size)
     print(json.dumps(out, indent=2))
@@ -54,9 +75,12 @@ def cmd_negatives(args, extra) -> int:
 def cmd_ensemble(args, extra) -> int:
     from seqcpo.ensemble import interpolate_checkpoints
 
+    from seqcpo.config_loader import check_output_dir
+
     if extra:
         raise SystemExit(f"seqcpo ensemble: unknown arguments {' '.join(extra)}")
-    alphas = [float(a) for a in args.alphas.split(",")]
+    alphas = _check_flags({"--alphas": args.alphas}, {"--alphas": (list[float], None)})["--alphas"]
+    check_output_dir(args.out, "--out")
     paths = interpolate_checkpoints(args.from_, args.to, alphas, args.out)
     for a, p in zip(alphas, paths):
         print(f"alpha={a:g}\t{p}")
@@ -85,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("negatives", help="make fixed negatives with reference log-probs (resumable)")
     n.add_argument("--config", help="YAML config (the same one training will use)")
     n.add_argument("--out", required=True, help="folder to write (an interrupted run resumes into it)")
-    n.add_argument("--shard-size", type=int, default=256, help="examples per shard file")
+    n.add_argument("--shard-size", default="256", help="examples per shard file (>= 1)")
     n.set_defaults(func=cmd_negatives, takes_overrides=True)
 
     e = sub.add_parser("ensemble", help="weight-space interpolation (1-alpha)*A + alpha*B of two checkpoints")

@@ -187,3 +187,106 @@ def test_alphas_labels_and_data_config(tmp_path):
     ns.data_config = str(bad)
     with pytest.raises(SystemExit, match="prefix_tokenz"):
         cli.data_config_from_args(ns)
+
+
+# ----------------------------------------------------------------------------- EvalConfig, one loader, validation
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--num-examples", "-1"], "--num-examples: field 'num_examples': -1 must be >= 0"),
+    (["--batch-size", "0"], "--batch-size: field 'batch_size': 0 must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: field 'max_new_tokens': 0 must be >= 1"),
+    (["--judge-tie-margin", "nan"], "--judge-tie-margin: judge: field 'tie_margin': 'nan' is not valid"),
+    (["--judge-timeout", "inf"], "--judge-timeout: judge: field 'timeout': 'inf' is not valid"),
+    (["--judge-concurrency", "0"], "--judge-concurrency: judge: field 'concurrency': 0 must be >= 1"),
+    (["--seed", "1.5"], "--seed: field 'seed': '1.5' is not valid (expected a whole number)"),
+    (["--alphas", "0.5", "nan"], "--alphas: field 'alphas[1]': 'nan' is not valid"),
+])
+def test_eval_flags_are_validated_naming_the_flag(tmp_path, flags, needle):
+    base = ["--models", "m1", "m2", "--out", str(tmp_path / "o")]
+    for command in (["eval"], ["generate"]) if "judge" not in flags[0] and "alphas" not in flags[0] else (["eval"],):
+        with pytest.raises(SystemExit) as e:
+            _run([*command, *base, *flags])
+        assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_out_that_is_a_file_names_the_flag(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        with pytest.raises(SystemExit, match=r"--out .*is a file, not a folder"):
+            _run(["generate", "--models", "m", "--out", str(out)])
+
+
+def test_eval_config_from_yaml_with_flags_on_top(tmp_path):
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text("eval:\n  models: [a, b]\n  num_examples: 0\n  decoding: [greedy, 'beam:n=2']\n"
+                        "  judge: {backend: local, model: j, debias: false, tie_margin: 0.5}\n  order: random\n")
+    ns = _parser().parse_args(["eval", "--config", str(cfg_file), "--out", str(tmp_path / "o"),
+                               "--judge-tie-margin", "1.5", "--no-progress"])
+    cfg = cli.eval_config_from_args(ns)
+    assert cfg.models == ["a", "b"] and cfg.num_examples == 0 and cfg.decoding == ["greedy", "beam:n=2"]
+    # the flag replaced one judge field and kept the others from the file
+    assert (cfg.judge.backend, cfg.judge.model, cfg.judge.debias, cfg.judge.tie_margin) == ("local", "j", False, 1.5)
+    assert cfg.order == "random" and cfg.progress is False and cfg.judge.uses_log_odds is False
+    cfg_file.write_text("eval:\n  judge: {backend: local, tie_margn: 1}\n")
+    with pytest.raises(SystemExit, match=r"eval.yaml: judge: unknown field 'tie_margn' \(did you mean 'tie_margin'"):
+        cli.eval_config_from_args(_parser().parse_args(["eval", "--config", str(cfg_file), "--models", "m",
+                                                        "--out", str(tmp_path / "o")]))
+
+
+def test_head_to_head_has_a_paired_interval_in_results_and_report(tmp_path):
+    """Two models judged on the same 4 items: the paired difference of their win rates against the gold.
+
+    Against the gold, A wins items 0-2 and loses 3; B wins item 0 and loses 1-3 (the judge below ranks
+    "good" over the gold over "bad"). Per item A - B = 0, 1, 1, 0: mean 0.5, sample sd 0.5774,
+    interval 0.5 -+ 1.96 * 0.5774 / 2 = [-0.0658, 1.0658].
+    """
+    from seqcpo.evaluation.config import EvalConfig
+    from seqcpo.evaluation.evaluate import compare, score_model
+    from seqcpo.evaluation.judges import Verdict
+    from seqcpo.evaluation.report import render_markdown
+    from seqcpo.decoding import DecodingConfig
+
+    class PrefersGood:
+        def judge(self, prompt, a, b):
+            rank = {"good": 2, "gold": 1, "bad": 0}
+            return Verdict("tie" if rank[a] == rank[b] else ("A" if rank[a] > rank[b] else "B"))
+
+        def describe(self):
+            return {"backend": "fake", "model": "prefers-good", "host": None, "prompt_sha256": "0" * 64}
+
+    def rows(label, gens):
+        return {"greedy": [{"id": str(i), "model": label, "decoding": "greedy", "prompt": "p", "reference": "gold",
+                            "generation": g, "num_tokens": 1} for i, g in enumerate(gens)]}
+
+    cfg = EvalConfig(progress=False, mauve="none")
+    judge = PrefersGood()
+    a, b = rows("A", ["good", "good", "good", "bad"]), rows("B", ["good", "bad", "bad", "bad"])
+    configs = [DecodingConfig("greedy", num_beams=1, name="greedy")]
+    runs, vs_gold = [], []
+    for label, r in (("A", a), ("B", b)):
+        ru, j = score_model(label, None, None, r, configs, None, judge, cfg)
+        runs += ru
+        vs_gold += j
+    [h2h], _ = compare(judge, "A", "B", a, b, cfg, vs_gold=vs_gold)
+    p = h2h["paired_vs_gold"]
+    assert p["n"] == 4 and p["diff"] == pytest.approx(0.5)
+    assert (p["ci_low"], p["ci_high"]) == pytest.approx((0.5 - 1.959964 * (1 / 3) ** 0.5 / 2,
+                                                         0.5 + 1.959964 * (1 / 3) ** 0.5 / 2), abs=1e-5)
+    report = render_markdown({"runs": runs, "head_to_head": [h2h], "judge": judge.describe()})
+    assert "paired diff vs gold" in report and "+50.0 [-6.6, +106.6]" in report
+
+
+def test_a_local_judge_that_cannot_load_fails_before_generation(setup, monkeypatch):
+    from seqcpo.evaluation import generate as gen
+
+    root, cfg, models, _ = setup
+
+    def no_generation(*a, **k):
+        raise AssertionError("generation started before the judge was checked")
+
+    monkeypatch.setattr(gen, "generate_continuations", no_generation)
+    with pytest.raises(SystemExit, match=r"--judge-model .*no-such-judge: not a loadable checkpoint"):
+        _run(["eval", "--models", models[0], "--data-config", str(cfg), "--judge", "local", "--judge-model",
+              str(root / "no-such-judge"), "--out", str(root / "out_badjudge"), "--no-progress"])

@@ -147,8 +147,6 @@ def test_debiased_local_judge_cancels_position_bias():
     Candidate as A: logp(A) - logp(B) = 3 + 0.5; candidate as B: logp(B) - logp(A) = -3 + 0.5.
     Summed: +1.0 > 0 -> win. Arg-max verdicts would say A both times: win then loss -> tie.
     """
-    import json
-
     from seqcpo.evaluation.judges import Verdict
     from seqcpo.evaluation.winrate import combine_orders, debiased_outcome, from_candidate_side, judge_pairs
 
@@ -158,16 +156,18 @@ def test_debiased_local_judge_cancels_position_bias():
 
         def judge(self, prompt, a, b):
             bonus = 0.5 if a == "cand" else -0.5
-            return Verdict("A", raw=json.dumps({"logp": {"A": -0.1, "B": -0.1 - 3.0 - bonus, "tie": -9.0}}))
+            return Verdict("A", logp={"A": -0.1, "B": -0.1 - 3.0 - bonus, "tie": -9.0})
 
         def describe(self):
             return {}
 
     pairs = [{"key": "k", "id": "1", "category": None, "prompt": "p", "candidate": "cand", "baseline": "gold"}]
-    [item] = judge_pairs(BiasedJudge(), pairs, order="both", progress=False)
+    [item] = judge_pairs(BiasedJudge(), pairs, order="both", progress=False, debias=True,
+                         tie_margin=BiasedJudge.tie_margin)
     assert item.outcome == "win"
     assert combine_orders(from_candidate_side("A", "A"), from_candidate_side("A", "B")) == "tie"
     BiasedJudge.tie_margin = 1.5
-    [item] = judge_pairs(BiasedJudge(), pairs, order="both", progress=False)
+    [item] = judge_pairs(BiasedJudge(), pairs, order="both", progress=False, debias=True,
+                         tie_margin=BiasedJudge.tie_margin)
     assert item.outcome == "tie"
     assert debiased_outcome([Verdict(None), Verdict("A", raw="{}")], ["A", "B"]) is None

@@ -107,14 +107,17 @@ def test_local_folder_roundtrip(tmp_path):
     assert half.config.use_cache is False
 
 
-def test_bin_only_folder_refused(tmp_path):
+def test_bin_only_folder_loads_through_a_safetensors_copy(tmp_path, monkeypatch):
+    """More in tests/test_bin_checkpoints.py."""
+    monkeypatch.setenv("SEQCPO_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "old"
-    make_tiny_gpt2().save_pretrained(folder)
-    state = {k: v.clone() for k, v in make_tiny_gpt2().state_dict().items()}
-    torch.save(state, folder / "pytorch_model.bin")
+    model = make_tiny_gpt2()
+    model.save_pretrained(folder)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
     os.remove(folder / "model.safetensors")
-    with pytest.raises(ValueError, match=r"only pickled \.bin weights \(pytorch_model\.bin\).*safetensors only"):
-        load_model(str(folder))
+    loaded = load_model(str(folder))
+    torch.testing.assert_close(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    assert resolve_model_path(str(folder)).startswith(str(tmp_path / "cache" / "models" / "bin-old-"))
 
 
 def test_missing_local_folder(tmp_path):

@@ -201,7 +201,7 @@ def test_shipped_grid_files_load_and_dry_run(name, capsys, monkeypatch, tmp_path
     assert first.startswith("# seqcpo reproduce configs/"), "each grid starts with the command that runs it"
     monkeypatch.chdir(tmp_path)  # out_dir is relative: nothing is written into the repository
     grid = load_grid(path)
-    assert grid.eval["baseline"] in [a.name for a in grid.arms]
+    assert grid.eval.baseline in [a.name for a in grid.arms]
     run_grid(path, dry_run=True)
     assert "arms:" in capsys.readouterr().out
 
@@ -225,3 +225,65 @@ def test_only_runs_a_subset_and_an_ensemble_needs_its_endpoints(assets, tmp_path
     assert "not evaluated yet: base, cpo, mle~cpo@0, mle~cpo@0.5" in text
     with pytest.raises(GridError, match="ensemble 'mle~cpo' needs arm 'cpo' trained first"):
         run_grid(grid, only=["mle~cpo"])
+
+
+def test_a_grid_sets_every_judge_option(assets, tmp_path):
+    """Every JudgeConfig field can be set in a grid's eval.judge, arrives typed, and reaches the judge."""
+    import dataclasses
+
+    from seqcpo.evaluation.config import JudgeConfig
+
+    every = {"backend": "openai", "model": "gpt-x", "url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY",
+             "prompt": None, "concurrency": 3, "max_retries": 2, "timeout": 7.5, "max_tokens": 0,
+             "cache": str(tmp_path / "jc"), "debias": False, "tie_margin": 0.25, "note": "a test judge"}
+    assert set(every) == {f.name for f in dataclasses.fields(JudgeConfig)}, "a JudgeConfig field is not covered"
+    grid = _grid(assets, tmp_path, judge=every, order="random", order_seed=3)
+    g = load_grid(grid)
+    assert dataclasses.asdict(g.eval.judge) == every and (g.eval.order, g.eval.order_seed) == ("random", 3)
+    from seqcpo.reproduce import _Runner
+
+    judge = _Runner(g, set()).judge()
+    assert (judge.max_concurrency, judge.max_retries, judge.timeout, judge.max_tokens) == (3, 2, 7.5, None)
+    assert judge.api_key_env == "MY_KEY" and judge.host == "127.0.0.1:9" and str(judge.cache.path).startswith(every["cache"])
+
+    local = dict(backend="local", model=assets["model"], debias=False, tie_margin=0.25, note="n")
+    g = load_grid(_grid(assets, tmp_path, judge=local))
+    judge = _Runner(g, set()).judge()
+    assert (judge.debias, judge.tie_margin) == (False, 0.25) and g.eval.judge.uses_log_odds is False
+    # the judge options enter the evaluation fingerprint: changing one redoes the evaluation
+    r1 = _Runner(g, set()).grid.eval.scoring_key()
+    g2 = load_grid(_grid(assets, tmp_path, judge={**local, "tie_margin": 0.5}))
+    assert g2.eval.scoring_key() != r1
+    for bad, match in [({"tie_margin": -1}, r"tie_margin': -1.0 must be >= 0"),
+                       ({"debias": "maybe"}, r"debias': 'maybe' is not valid"),
+                       ({"concurrency": 0}, r"concurrency': 0 must be >= 1"),
+                       ({"tie_margn": 1}, r"unknown field 'tie_margn' \(did you mean 'tie_margin'")]:
+        with pytest.raises(GridError, match=match):
+            load_grid(_grid(assets, tmp_path, judge={**local, **bad}))
+
+
+def test_grid_eval_counts_and_out_dir_are_validated(assets, tmp_path):
+    for over, match in [({"num_examples": -1}, r"eval: field 'num_examples': -1 must be >= 0"),
+                        ({"batch_size": 0}, r"eval: field 'batch_size': 0 must be >= 1"),
+                        ({"models": ["x"]}, r"unknown key 'models'"),
+                        ({"mauve": "model"}, r"eval.mauve: choose minilm or none")]:
+        with pytest.raises(GridError, match=match):
+            load_grid(_grid(assets, tmp_path, **over))
+    path = _grid(assets, tmp_path)
+    raw = yaml.safe_load(open(path))
+    (tmp_path / "afile").write_text("x")
+    raw["out_dir"] = str(tmp_path / "afile")
+    Path(path).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match=r"out_dir .*afile: is a file, not a folder"):
+        load_grid(path)
+    raw["out_dir"], raw["ensembles"] = str(tmp_path / "out"), [{"from": "mle", "to": "cpo", "alphas": [0, "nan"]}]
+    Path(path).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match=r"ensembles\[0\]: field 'alphas\[1\]': 'nan' is not valid"):
+        load_grid(path)
+
+
+def test_a_grid_judge_that_cannot_load_fails_before_training(assets, tmp_path):
+    grid = _grid(assets, tmp_path, judge={"backend": "local", "model": str(tmp_path / "no-such-judge")})
+    with pytest.raises(GridError, match=r"eval.judge: --judge-model .*no-such-judge: not a loadable checkpoint"):
+        run_grid(grid)
+    assert not (tmp_path / "out" / "arms").exists()

@@ -162,7 +162,7 @@ def test_offline_negatives_resume_and_train_with_precomputed_reference(assets, t
     info = make_negatives(cfg, out_dir, shard_size=16)
     shards = sorted(f for f in os.listdir(out_dir) if f.startswith("shard-"))
     assert len(shards) == info["shards"] > 1
-    first = open(os.path.join(out_dir, shards[0])).read()
+    first = open(os.path.join(out_dir, shards[0]), "rb").read()
     # interrupt: lose the last shard and the completion flag, then resume
     os.remove(os.path.join(out_dir, shards[-1]))
     man = json.load(open(os.path.join(out_dir, "manifest.json")))
@@ -173,7 +173,7 @@ def test_offline_negatives_resume_and_train_with_precomputed_reference(assets, t
     mtime = os.path.getmtime(os.path.join(out_dir, shards[0]))
     make_negatives(cfg, out_dir, shard_size=16)
     assert os.path.getmtime(os.path.join(out_dir, shards[0])) == mtime, "finished shards are not redone"
-    assert open(os.path.join(out_dir, shards[0])).read() == first
+    assert open(os.path.join(out_dir, shards[0]), "rb").read() == first
     rows, meta = read_offline_negatives(out_dir, cfg)
     row = next(iter(rows.values()))
     assert len(row["negatives"]) == 2 and len(row["ref_logps"]) == 3

@@ -66,12 +66,14 @@ class Verdict:
         raw: the judge's reply text (API backend) or its answer log-probs as JSON (local backend).
         error: why it failed (None on success).
         cached: True when read from the verdict cache.
+        logp: local backend: the answer log-probs ``{"A", "B", "tie"}`` (what the debiased win rate reads).
     """
 
     winner: str | None
     raw: str = ""
     error: str | None = None
     cached: bool = False
+    logp: dict[str, float] | None = None
 
     @property
     def failed(self) -> bool:
@@ -186,12 +188,13 @@ class VerdictCache:
             entry = self._entries.get(key)
         if entry is None:
             return None
-        return Verdict(winner=entry["winner"], raw=entry.get("raw", ""), cached=True)
+        return Verdict(winner=entry["winner"], raw=entry.get("raw", ""), cached=True, logp=entry.get("logp"))
 
     def put(self, key: str, verdict: Verdict, judge_identity: dict) -> None:
         if verdict.winner is None:
             return
-        entry = {"key": key, "winner": verdict.winner, "raw": verdict.raw, "judge": judge_identity}
+        entry = {"key": key, "winner": verdict.winner, "raw": verdict.raw, "judge": judge_identity,
+                 "logp": verdict.logp}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             self._entries[key] = entry
@@ -629,7 +632,7 @@ class LocalJudge:
         logp = torch.log_softmax(logits.float(), dim=-1)
         scores = {label: torch.logsumexp(logp[tids], dim=0).item() for label, tids in self.label_ids.items()}
         winner = max(WINNERS, key=lambda lab: scores[lab])  # max keeps the first of equal scores
-        return Verdict(winner, raw=json.dumps({"logp": scores}))
+        return Verdict(winner, raw=json.dumps({"logp": scores}), logp=scores)
 
     def judge_many(self, triples: Sequence[tuple[str, str, str]], progress: bool = True) -> list[Verdict]:
         """Verdicts for many triples: cache hits first, the rest in left-padded batches of ``batch_size``

@@ -2,12 +2,15 @@
 
 The results dict (written verbatim to ``results.json``)::
 
-    {"seqcpo_version", "created_utc", "data": {...}, "judge": {backend, model, host, prompt_sha256} | None,
+    {"seqcpo_version", "created_utc", "data": {...}, "judge": {backend, model, host, prompt_sha256, debias, tie_margin, combine, note} | None,
      "judge_stats": {...}, "order": "both" | "random", "order_seed": int,
      "runs": [{"label", "model", "alpha", "decoding", "num_items", "win_rate_vs_gold": WinRate | None,
                "win_rate_by_category": {category: WinRate}, "mauve": MauveResult | None, "rouge_l",
                "distinct_1", "distinct_2", "distinct_3", "rep_4", "mean_tokens", "gold_ppl": {...} | None}],
-     "head_to_head": [{"a", "b", "decoding", "win_rate": WinRate, "by_category": {...}}]}
+     "head_to_head": [{"a", "b", "decoding", "win_rate": WinRate, "by_category": {...},
+                       "paired_vs_gold": PairedDifference | None}],
+     optional: "title", "command" (how to regenerate), "mauve" (the features setting),
+     "grid": {"file", "out_dir", "eval", "compute": {arm: {...}}, "not_evaluated": [...]} (a grid's report)}
 
 Every write is atomic (temporary file in the same folder, then ``os.replace``).
 """
@@ -47,27 +50,54 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _fmt_wr(wr: dict | None) -> str:
+def fmt_win_rate(wr: dict | None) -> str:
+    """``"62.5 [40.1, 80.3]"``: a win rate and its interval in percent, "-" when there is none."""
     if not wr or wr.get("rate") is None:
         return "-"
     return f"{100 * wr['rate']:.1f} [{100 * wr['ci_low']:.1f}, {100 * wr['ci_high']:.1f}]"
 
 
-def render_markdown(results: dict) -> str:
-    judge = judge_label(results.get("judge"))
-    lines = ["# seqcpo evaluation", ""]
+def fmt_paired(p: dict | None) -> str:
+    """``"+12.5 [-3.1, +28.1]"``: a paired difference of win rates and its interval in points."""
+    if not p or p.get("diff") is None:
+        return "-"
+    if p.get("ci_low") is None:
+        return f"{100 * p['diff']:+.1f}"
+    return f"{100 * p['diff']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
+
+
+def _fmt_mauve(mv: dict | None) -> str:
+    return "-" if not mv else f"{mv['score']:.3f} ({mv['n_p']}/{mv['n_q']}){' (!)' if mv.get('warning') else ''}"
+
+
+def _header(results: dict, judge: str) -> list[str]:
+    grid = results.get("grid")
+    lines = [f"# {results.get('title') or 'seqcpo evaluation'}", ""]
+    if results.get("command"):
+        lines += [f"Regenerate this report (finished stages are skipped): `{results['command']}`", ""]
     lines.append(f"- created: {results.get('created_utc', '-')}, seqcpo {results.get('seqcpo_version', '-')}")
+    if grid:
+        lines.append(f"- grid file: `{grid['file']}`, output: `{grid['out_dir']}`")
     data = results.get("data") or {}
     if data:
         lines.append("- data: " + ", ".join(f"{k}={v}" for k, v in data.items()))
+    if grid:
+        lines.append(f"- decoding: {', '.join(map(str, grid['eval']['decoding']))}")
     lines.append(f"- judge: {judge}")
-    if results.get("judge"):
-        j = results["judge"]
+    j = results.get("judge")
+    if j:
+        if j.get("backend") == "local":
+            lines.append("- **the local judge is weak**: a small LM choosing A/B/C by next-token log-probabilities "
+                         "agrees with people far less than GPT-3.5 did in the paper; read its win rates as a smoke "
+                         "test of the pipeline, not as evidence for or against a method")
+        if j.get("note"):
+            lines.append(f"- judge note: {j['note']}")
         lines.append(f"- judge prompt: {j.get('prompt_path') or 'default (seqcpo/templates/judge_pairwise.txt)'}, "
                      f"sha256 `{j['prompt_sha256']}`")
         order = results.get("order", "both")
-        if order == "both" and str(j.get("combine", "")).startswith("log-odds"):
-            rule = f"both orders per item, the judge's {j['combine']} (position bias cancels)"
+        if order == "both" and j.get("debias"):
+            rule = (f"both orders per item, the judge's answer log-odds summed over the two orders, tie within "
+                    f"{j.get('tie_margin', 0.0):g} (position bias cancels)")
         elif order == "both":
             rule = "both orders per item; disagreeing verdicts count as a tie"
         else:
@@ -76,7 +106,45 @@ def render_markdown(results: dict) -> str:
                      "95% Wilson score interval")
     if results.get("judge_stats"):
         lines.append("- judge calls: " + ", ".join(f"{k}={v}" for k, v in sorted(results["judge_stats"].items())))
-    lines.append("")
+    if results.get("mauve") == "none":
+        lines.append("- MAUVE: off")
+    if grid and grid.get("not_evaluated"):
+        lines.append(f"- not evaluated yet: {', '.join(grid['not_evaluated'])}")
+    return lines + [""]
+
+
+def _arms_table(results: dict) -> list[str]:
+    """A grid's one-row-per-arm summary: what each arm is, its headline numbers and what it cost."""
+    grid = results["grid"]
+    baseline = grid["eval"].get("baseline")
+    lines = ["## Arms", "", "| arm | what | decoding | win vs gold % [95% CI] | n | vs "
+             f"{baseline or '-'} % [95% CI] | n | MAUVE (n gold/model) | ROUGE-L | train s | steps | gen s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    h2h_by = {(h["a"], h["decoding"]): h["win_rate"] for h in results.get("head_to_head") or []}
+    for r in results.get("runs", []):
+        c = grid["compute"][r["label"]]
+        wr = r.get("win_rate_vs_gold")
+        hw = h2h_by.get((r["label"], r["decoding"]))
+        train_s = c["train_seconds"] if c["kind"] != "ensemble" else f"({c['ensemble_seconds']} interp.)"
+        gen_s = c["generate_seconds"] if not c["generations_copied_from"] else f"(= {c['generations_copied_from']})"
+        lines.append(
+            f"| {_cell(r['label'])} | {_cell(c['summary'])} | `{r['decoding']}` | {fmt_win_rate(wr)} | "
+            f"{wr['n'] if wr else '-'} | {fmt_win_rate(hw)} | {hw['n'] if hw else '-'} | {_fmt_mauve(r.get('mauve'))} | "
+            f"{_fmt(r.get('rouge_l'))} | {train_s if train_s is not None else '-'} | "
+            f"{c['train_steps'] if c['train_steps'] is not None else '-'} | {gen_s} |")
+    lines += ["", "Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items. MAUVE marked (!) "
+              "comes from too few samples to discriminate. train s includes model loading; ensemble arms cost an "
+              "interpolation on top of their two endpoints' training; alpha 0 and 1 are bit for bit their endpoints, "
+              "so their generations are copied (gen s \"(= arm)\").", ""]
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    """The report of a results dict (``seqcpo eval``'s, or a grid's with its ``grid`` and ``command`` keys)."""
+    judge = judge_label(results.get("judge"))
+    lines = _header(results, judge)
+    if results.get("grid"):
+        lines += _arms_table(results)
 
     lines += ["## Models x decoding", "",
               "| model | alpha | decoding | win rate vs gold % [95% CI] | n | failed | judge | MAUVE (n gold/model) "
@@ -84,12 +152,11 @@ def render_markdown(results: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.get("runs", []):
         wr = r.get("win_rate_vs_gold")
-        mv = r.get("mauve")
-        mauve = "-" if not mv else f"{mv['score']:.3f} ({mv['n_p']}/{mv['n_q']}){' (!)' if mv.get('warning') else ''}"
         ppl = (r.get("gold_ppl") or {}).get("ppl")
         lines.append(
-            f"| {_cell(r['label'])} | {_fmt(r.get('alpha'), 2)} | `{r['decoding']}` | {_fmt_wr(wr)} | "
-            f"{wr['n'] if wr else '-'} | {wr['failed'] if wr else '-'} | {judge if wr else '-'} | {mauve} | "
+            f"| {_cell(r['label'])} | {_fmt(r.get('alpha'), 2)} | `{r['decoding']}` | {fmt_win_rate(wr)} | "
+            f"{wr['n'] if wr else '-'} | {wr['failed'] if wr else '-'} | {judge if wr else '-'} | "
+            f"{_fmt_mauve(r.get('mauve'))} | "
             f"{_fmt(r.get('rouge_l'))} | {_fmt(r.get('distinct_1'))}/{_fmt(r.get('distinct_2'))}/"
             f"{_fmt(r.get('distinct_3'))} | {_fmt(r.get('rep_4'))} | {_fmt(r.get('mean_tokens'), 1)} | {_fmt(ppl, 2)} |"
         )
@@ -105,17 +172,22 @@ def render_markdown(results: dict) -> str:
         lines += ["", "## Win rate vs gold by category", "", f"Judge: {judge}", "",
                   "| model | decoding | category | win rate % [95% CI] | n | W/T/L | failed |", "|---|---|---|---|---|---|---|"]
         for r, cat, wr in cat_rows:
-            lines.append(f"| {_cell(r['label'])} | `{r['decoding']}` | {_cell(cat)} | {_fmt_wr(wr)} | {wr['n']} | "
+            lines.append(f"| {_cell(r['label'])} | `{r['decoding']}` | {_cell(cat)} | {fmt_win_rate(wr)} | {wr['n']} | "
                          f"{wr['wins']}/{wr['ties']}/{wr['losses']} | {wr['failed']} |")
 
     h2h = results.get("head_to_head") or []
     if h2h:
-        lines += ["", "## Head to head", "", f"Judge: {judge}. Win rate of the first model over the second.", "",
-                  "| model | vs | decoding | win rate % [95% CI] | n | W/T/L | failed | judge |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Head to head", "", f"Judge: {judge}. Win rate of the first model over the second, with its "
+                  "Wilson interval; beside it the paired difference of the two models' win rates against the gold "
+                  "(per item, both models' verdicts on the same item; points, 95% paired-difference interval).", "",
+                  "| model | vs | decoding | win rate % [95% CI] | n | W/T/L | failed | paired diff vs gold, points "
+                  "[95% CI] | paired n | judge |", "|---|---|---|---|---|---|---|---|---|---|"]
         for h in h2h:
             wr = h["win_rate"]
-            lines.append(f"| {_cell(h['a'])} | {_cell(h['b'])} | `{h['decoding']}` | {_fmt_wr(wr)} | {wr['n']} | "
-                         f"{wr['wins']}/{wr['ties']}/{wr['losses']} | {wr['failed']} | {judge} |")
+            p = h.get("paired_vs_gold")
+            lines.append(f"| {_cell(h['a'])} | {_cell(h['b'])} | `{h['decoding']}` | {fmt_win_rate(wr)} | {wr['n']} | "
+                         f"{wr['wins']}/{wr['ties']}/{wr['losses']} | {wr['failed']} | {fmt_paired(p)} | "
+                         f"{p['n'] if p else '-'} | {judge} |")
 
     plots = results.get("plots") or []
     if plots:
@@ -228,11 +300,17 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[str]:
 
 
 def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
-    """Write plots, ``results.json`` and ``report.md`` into ``out_dir``. Returns the results with ``plots``."""
+    """Write plots, ``results.json``, ``report.md`` and (when the results carry ``judgments``)
+    ``judgments.jsonl`` into ``out_dir``; the one report writer of ``seqcpo eval`` and ``seqcpo reproduce``.
+    Returns the results with ``plots`` (and without ``judgments``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = dict(results)
-    results["plots"] = write_plots(results, out_dir)
+    judgments = results.pop("judgments", None)
+    if judgments:
+        atomic_write_text(out_dir / "judgments.jsonl",
+                          "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
+    results["plots"] = write_plots(results, out_dir) if results.get("runs") else []
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out_dir / "report.md", render_markdown(results))
     return results

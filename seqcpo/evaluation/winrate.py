@@ -6,7 +6,8 @@ Rules (the paper leaves them open; these are ours):
   read from the candidate's side, give the item's outcome when they agree (win/win = win, loss/loss =
   loss, tie/tie = tie); **any disagreement is a tie** (win/loss, and also win/tie or loss/tie), which
   cancels position bias. If either verdict failed, the item is **failed**.
-- **Debiased log-odds** (a judge with ``debias = True``, the local judge by default, both orders): small local
+- **Debiased log-odds** (``debias=True``: the local judge by default, both orders; the caller passes it from
+  :class:`seqcpo.evaluation.config.JudgeConfig`): small local
   judges answer mostly by position, so the verdict pair is nearly always a disagreement. Instead the
   candidate's log-odds ``logp(its letter) - logp(the other letter)`` are summed over the two orders, so a
   constant position bias cancels exactly; the item is a win above ``tie_margin``, a loss below ``-tie_margin``,
@@ -23,7 +24,6 @@ Rules (the paper leaves them open; these are ours):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import defaultdict
@@ -111,22 +111,18 @@ def combine_orders(as_a: str | None, as_b: str | None) -> str | None:
 def debiased_outcome(verdicts: Sequence[Verdict], positions: Sequence[str], tie_margin: float = 0.0) -> str | None:
     """Outcome from a judge's answer log-probs summed over both orders (see the module docstring).
 
-    Each verdict's ``raw`` is JSON with ``{"logp": {"A": .., "B": .., "tie": ..}}``; the candidate stood at
-    ``positions[i]`` in verdict i.
+    Each verdict carries its answer log-probs ``logp = {"A": .., "B": .., "tie": ..}``; the candidate stood at
+    ``positions[i]`` in verdict i. A verdict without them (an API judge's) fails the item.
 
-    >>> import json
-    >>> v = lambda a, b: Verdict("A", raw=json.dumps({"logp": {"A": a, "B": b, "tie": -9.0}}))
+    >>> v = lambda a, b: Verdict("A", logp={"A": a, "B": b, "tie": -9.0})
     >>> debiased_outcome([v(-0.1, -2.5), v(-0.2, -1.0)], ["A", "B"])  # +2.4 as A, -0.8 as B: net +1.6
     'win'
     """
     total = 0.0
     for v, pos in zip(verdicts, positions):
-        if v.winner is None:
+        if v.winner is None or v.logp is None:
             return None
-        try:
-            logp = json.loads(v.raw)["logp"]
-        except (TypeError, ValueError, KeyError):
-            return None
+        logp = v.logp
         other = "B" if pos == "A" else "A"
         total += logp[pos] - logp[other]
     if total > tie_margin:
@@ -149,6 +145,52 @@ def summarize(items: Sequence[ItemResult]) -> WinRate:
     return WinRate(wins, losses, ties, failed, n, rate, low, high)
 
 
+@dataclass
+class PairedDifference:
+    """Paired difference of two models' win rates against the gold, over the items both were judged on.
+
+    ``diff`` = mean over items of ``score_a - score_b`` (score: win 1, tie 0.5, loss 0), with a 95% interval
+    ``diff +- z * sd / sqrt(n)`` (sd: the sample standard deviation of the per-item differences). Pairing
+    removes the items' shared difficulty, so it is narrower than two independent Wilson intervals would allow.
+    """
+
+    n: int
+    diff: float | None
+    ci_low: float | None
+    ci_high: float | None
+    ci_method: str = "paired-difference95"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
+def paired_difference(outcomes_a: dict[str, str | None], outcomes_b: dict[str, str | None],
+                      z: float = Z_95) -> PairedDifference:
+    """Paired interval of ``rate_a - rate_b`` from per-item outcomes against the gold (``{item id: outcome}``);
+    items failed for either model are left out.
+
+    >>> d = paired_difference({"1": "win", "2": "win", "3": "tie"}, {"1": "loss", "2": "win", "3": "loss"})
+    >>> d.n, round(d.diff, 4)  # differences 1, 0, 0.5: mean 0.5, sd 0.5
+    (3, 0.5)
+    >>> round(d.ci_low, 4), round(d.ci_high, 4)  # 0.5 -+ 1.96 * 0.5 / sqrt(3)
+    (-0.0658, 1.0658)
+    """
+    diffs = [_SCORE[outcomes_a[k]] - _SCORE[outcomes_b[k]] for k in outcomes_a
+             if outcomes_a[k] in _SCORE and outcomes_b.get(k) in _SCORE]
+    n = len(diffs)
+    if n == 0:
+        return PairedDifference(0, None, None, None)
+    mean = sum(diffs) / n
+    if n == 1:
+        return PairedDifference(1, mean, None, None)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = z * sd / math.sqrt(n)
+    return PairedDifference(n, mean, mean - half, mean + half)
+
+
 def summarize_by_category(items: Sequence[ItemResult]) -> dict[str, WinRate]:
     """Per-category summaries; empty when no item has a category."""
     groups: dict[str, list[ItemResult]] = defaultdict(list)
@@ -164,11 +206,14 @@ def judge_pairs(
     order: str = "both",
     seed: int = 0,
     progress: bool = True,
+    debias: bool = False,
+    tie_margin: float = 0.0,
 ) -> list[ItemResult]:
     """Judge candidate vs baseline for each pair.
 
     Each pair is a dict with ``key`` (unique, seeds the random order), ``id``, ``category``, ``prompt``,
-    ``candidate`` and ``baseline`` texts.
+    ``candidate`` and ``baseline`` texts. ``debias`` (with ``order="both"``): outcomes from the summed answer
+    log-odds of the two orders, a tie within ``tie_margin`` (:func:`debiased_outcome`).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -189,8 +234,8 @@ def judge_pairs(
         vs = verdicts[k:k + len(positions)]
         k += len(positions)
         sides = [from_candidate_side(v.winner, pos) for v, pos in zip(vs, positions)]
-        if order == "both" and getattr(judge, "debias", False):
-            outcome = debiased_outcome(vs, positions, getattr(judge, "tie_margin", 0.0))
+        if order == "both" and debias:
+            outcome = debiased_outcome(vs, positions, tie_margin)
         else:
             outcome = combine_orders(*sides) if order == "both" else sides[0]
         results.append(ItemResult(
@@ -205,7 +250,7 @@ def judge_pairs(
 
 
 def win_rate_vs_gold(judge: PairwiseJudge, rows: Sequence[dict], order: str = "both", seed: int = 0,
-                     progress: bool = True) -> list[ItemResult]:
+                     progress: bool = True, debias: bool = False, tie_margin: float = 0.0) -> list[ItemResult]:
     """Judge generation rows (from :func:`generate_continuations`) against their gold ``reference``.
 
     The judge sees ``judge_prompt`` (falling back to ``prompt``) as the prompt."""
@@ -217,11 +262,12 @@ def win_rate_vs_gold(judge: PairwiseJudge, rows: Sequence[dict], order: str = "b
         "candidate": r["generation"],
         "baseline": r["reference"],
     } for r in rows]
-    return judge_pairs(judge, pairs, order=order, seed=seed, progress=progress)
+    return judge_pairs(judge, pairs, order=order, seed=seed, progress=progress, debias=debias, tie_margin=tie_margin)
 
 
 def head_to_head(judge: PairwiseJudge, rows_x: Sequence[dict], rows_y: Sequence[dict], order: str = "both",
-                 seed: int = 0, progress: bool = True) -> list[ItemResult]:
+                 seed: int = 0, progress: bool = True, debias: bool = False,
+                 tie_margin: float = 0.0) -> list[ItemResult]:
     """Model X (candidate) against model Y (baseline), matched on (id, decoding). Win = X preferred."""
     by_key = {(str(r["id"]), r["decoding"]): r for r in rows_y}
     pairs = []
@@ -239,4 +285,4 @@ def head_to_head(judge: PairwiseJudge, rows_x: Sequence[dict], rows_y: Sequence[
         })
     if not pairs:
         raise ValueError("head-to-head: the two models share no (id, decoding) rows")
-    return judge_pairs(judge, pairs, order=order, seed=seed, progress=progress)
+    return judge_pairs(judge, pairs, order=order, seed=seed, progress=progress, debias=debias, tie_margin=tie_margin)

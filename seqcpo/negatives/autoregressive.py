@@ -35,11 +35,11 @@ search asks for one extra beam when ``num_beams > K`` and skips a beam equal to 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from seqcpo.decoding import DecodingConfig
 from seqcpo.logps import cache_kwarg, output_cache
 from seqcpo.negatives.base import NegativesBuilder
 from seqcpo.sampling import filter_logits, model_device, sample_rows, seeded_model_rng
@@ -48,61 +48,10 @@ from seqcpo.padding import pad_batch
 from seqcpo.seeding import Generators, joint_seed, per_example_generators
 from seqcpo.types import Example, Negatives
 
-STRATEGIES = ("sample", "greedy", "beam")
 BACKENDS = ("shared_prefill", "hf", "vllm")
 RANK_BY = ("rouge", "temperature")
 
 
-@dataclass
-class DecodingConfig:
-    """How AN continues a prefix.
-
-    Attributes:
-        strategy: "sample", "greedy" or "beam".
-        temperature: sampling temperature (> 0) for "sample".
-        top_k: keep the k most likely tokens before sampling; 0 disables.
-        top_p: nucleus sampling mass in (0, 1]; 1.0 disables.
-        num_beams: beams for "beam" (must be >= K).
-        temperatures: optional K temperatures, negative i sampled at temperatures[i] (needed by
-            ``rank_by="temperature"``); overrides ``temperature``.
-    """
-
-    strategy: str = "sample"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_beams: int = 4
-    temperatures: Sequence[float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"decoding strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; use strategy='greedy' for argmax")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.temperatures is not None:
-            self.temperatures = [float(t) for t in self.temperatures]
-            if self.strategy != "sample":
-                raise ValueError("decoding.temperatures needs strategy='sample'")
-            if any(t <= 0 for t in self.temperatures):
-                raise ValueError(f"every temperature must be > 0, got {self.temperatures}")
-
-    def check_k(self, k: int) -> None:
-        """Raise ValueError when this config cannot make K distinct negatives per prefix."""
-        if self.strategy == "greedy" and k > 1:
-            raise ValueError(
-                f"greedy decoding gives one deterministic continuation per prefix, so it cannot make k={k} "
-                "AN negatives: use strategy='beam' (num_beams >= k) or strategy='sample'"
-            )
-        if self.strategy == "beam" and self.num_beams < k:
-            raise ValueError(f"beam search returns at most num_beams sequences: need num_beams >= k, got {self.num_beams} < {k}")
-        if self.temperatures is not None and len(self.temperatures) != k:
-            raise ValueError(f"decoding.temperatures has {len(self.temperatures)} values for k={k}; give one per negative")
 
 
 def _cut_at_eos(tokens: list[int], eos_token_id: int) -> list[int]:

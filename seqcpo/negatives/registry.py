@@ -7,6 +7,7 @@ first for the ranked objective (see :mod:`seqcpo.negatives.mixture`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,28 +21,81 @@ from seqcpo.negatives.truncation import TruncationNegatives
 
 GENERATOR_NAMES = ("tn", "bn", "mn", "an")
 
-#: option key -> (help, default). Keys for a generator not in the spec are accepted and ignored.
-OPTIONS: dict[str, tuple[str, Any]] = {
-    "max_tries": ("draws in all before a copy of the gold is dropped (valid=False), every generator", 8),
-    "tn_min_keep": ("TN: fewest gold tokens a truncation keeps", 1),
-    "mn_c": ("MN: replacement probability per position (unranked)", 0.15),
-    "mn_sample": ("MN: sample the replacement (True) or take the argmax (False)", True),
-    "mn_temperature": ("MN: sampling temperature", 1.0),
-    "mn_c_range": ("MN ranked: (low, high) spread of c over the K negatives", (0.05, 0.5)),
-    "an_strategy": ("AN: 'sample', 'greedy' or 'beam'", "sample"),
-    "an_temperature": ("AN: sampling temperature", 1.0),
-    "an_top_k": ("AN: top-k filter, 0 disables", 0),
-    "an_top_p": ("AN: nucleus mass, 1.0 disables", 1.0),
-    "an_num_beams": ("AN: beams for beam search (>= its count)", 4),
-    "an_temperatures": ("AN: one sampling temperature per AN negative (needed by an_rank_by='temperature')", None),
-    "an_max_new_tokens": ("AN: longest negative in tokens", 64),
-    "an_backend": ("AN: 'shared_prefill', 'hf' or 'vllm'", "shared_prefill"),
-    "an_vllm_model": ("AN on vLLM: the weights folder or Hub id (default: the model's own name_or_path)", None),
-    "an_vllm_dtype": ("AN on vLLM: 'auto' or a dtype name", "auto"),
-    "an_vllm_gpu_memory_utilization": ("AN on vLLM: fraction of the GPU vLLM may take", 0.3),
-    "an_batch_size": ("AN: prefixes per generation call", 16),
-    "an_rank_by": ("AN ranked: 'rouge' or 'temperature'", "rouge"),
+BACKEND_CHOICES = ("auto", "shared_prefill", "hf", "vllm")
+
+
+@dataclass(frozen=True)
+class NegativeOption:
+    """One option of the negative generators, declared once: :class:`seqcpo.training.config.SeqCPOConfig`
+    makes its field from it (``config_name``), :func:`build_negative_generator` reads its default, the config
+    checks its ``check`` range and ``choices``, and ``docs/CONFIG.md`` prints its ``help``."""
+
+    help: str
+    default: Any
+    check: str | None = None  # a range rule of seqcpo.config_loader.check_value
+    choices: tuple[str, ...] | None = None
+    config_name: str | None = None  # the SeqCPOConfig field, when not the option's own name
+    vllm_only: bool = False  # passed on only when the AN backend is vllm
+
+
+#: option key -> its declaration. Keys for a generator not in the spec are accepted and ignored.
+OPTIONS: dict[str, NegativeOption] = {
+    "max_tries": NegativeOption(
+        "Draws in all before a copy of the gold is dropped (valid=False), every generator.", 8, ">=1",
+        config_name="neg_max_tries"),
+    "tn_min_keep": NegativeOption("TN: fewest gold tokens a truncation keeps before the EOS.", 1, ">=1"),
+    "mn_c": NegativeOption("MN: fraction c of continuation positions replaced (unranked).", 0.15, "[0,1]"),
+    "mn_sample": NegativeOption("MN: sample the replacement (true) or take the argmax (false).", True),
+    "mn_temperature": NegativeOption("MN: sampling temperature.", 1.0, ">0"),
+    "mn_c_range": NegativeOption("MN ranked: the K values of c spread over this (low, high) range.", (0.05, 0.5)),
+    "an_strategy": NegativeOption("AN decoding: sample | greedy | beam.", "sample",
+                                  choices=("sample", "greedy", "beam")),
+    "an_temperature": NegativeOption("AN: sampling temperature.", 1.0, ">0"),
+    "an_top_k": NegativeOption("AN: top-k filter (0 = off).", 0, ">=0"),
+    "an_top_p": NegativeOption("AN: nucleus mass (1 = off).", 1.0, "(0,1]"),
+    "an_num_beams": NegativeOption("AN: beams for beam search (>= its count of negatives).", 4, ">=1"),
+    "an_temperatures": NegativeOption(
+        "AN ranked by temperature: one sampling temperature per AN negative, best (lowest) first.", None),
+    "an_max_new_tokens": NegativeOption("AN: longest negative in tokens.", 64, ">=1"),
+    "an_backend": NegativeOption(
+        "AN: auto | shared_prefill | hf | vllm. shared_prefill: one cached prefill per prefix, our decoding "
+        "loop; hf: model.generate; vllm: vLLM's engine over the starting model's weights (needs the vllm package "
+        "and a GPU; reference-made negatives only). auto: vllm in `seqcpo negatives` when vllm and CUDA are "
+        "present, shared_prefill otherwise (training opts into vllm explicitly: it shares the GPU).",
+        "auto", choices=BACKEND_CHOICES),
+    "an_vllm_model": NegativeOption(
+        "AN on vLLM: the weights folder or Hub id (default: the model's own name_or_path).", None, vllm_only=True),
+    "an_vllm_dtype": NegativeOption("AN on vLLM: auto (the checkpoint's) or a dtype name.", "auto", vllm_only=True),
+    "an_vllm_gpu_memory_utilization": NegativeOption(
+        "AN on vLLM: fraction of the GPU vLLM may take (leave room for training).", 0.3, "(0,1]", vllm_only=True),
+    "an_batch_size": NegativeOption("AN: prefixes decoded together.", 16, ">=1"),
+    "an_rank_by": NegativeOption("AN ranked: rouge (ROUGE-L F to the gold) | temperature.", "rouge",
+                                 choices=("rouge", "temperature")),
 }
+
+
+def resolve_an_backend(backend: str, offline: bool = False, reference_made: bool = True) -> str:
+    """``an_backend`` with "auto" resolved: vLLM for `seqcpo negatives` (``offline``) of reference-made
+    negatives when vllm and CUDA are present, else shared_prefill."""
+    if backend != "auto":
+        return backend
+    if offline and reference_made:
+        from seqcpo.negatives.vllm_backend import vllm_available
+
+        if vllm_available() and torch.cuda.is_available():
+            return "vllm"
+    return "shared_prefill"
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    """ValueError naming the option when a value breaks its declared range (the generators check choices)."""
+    from seqcpo.config_loader import check_value
+
+    for key, value in opts.items():
+        opt = OPTIONS[key]
+        why = check_value(value, opt.check) if opt.check else None
+        if why:
+            raise ValueError(f"{key}={value!r}: {why}")
 
 
 def parse_spec(spec: str, k: int) -> list[tuple[str, int]]:
@@ -93,15 +147,8 @@ def build_negative_generator(
         k: negatives per example.
         model: the model AN and MN run (PAPER.md default: the reference model); required for them.
         eos_token_id, pad_token_id: the tokenizer's EOS and pad ids.
-        options: optional overrides, all keys optional (defaults in brackets):
-            max_tries [8]: draws before a copy of the gold is dropped (valid=False);
-            tn_min_keep [1];
-            mn_c [0.15], mn_sample [True], mn_temperature [1.0], mn_c_range [(0.05, 0.5)];
-            an_strategy ["sample"], an_temperature [1.0], an_top_k [0], an_top_p [1.0], an_num_beams [4],
-            an_temperatures [None], an_max_new_tokens [64], an_backend ["shared_prefill"],
-            an_batch_size [16], an_rank_by ["rouge"]; with an_backend "vllm": an_vllm_model [the model's
-            ``config._name_or_path``], an_vllm_dtype ["auto"], an_vllm_gpu_memory_utilization [0.3].
-            Unknown keys raise ValueError listing the valid ones.
+        options: optional overrides, all keys optional; the keys, defaults and ranges are :data:`OPTIONS`
+            (an_backend "auto" means shared_prefill here). Unknown keys raise ValueError listing the valid ones.
 
     Returns:
         A single generator, or a :class:`MixtureNegatives` for a mixture spec. Errors that depend on K
@@ -111,7 +158,9 @@ def build_negative_generator(
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown negatives option(s) {unknown}; valid options: {sorted(OPTIONS)}")
-    o = {key: opts.get(key, default) for key, (_, default) in OPTIONS.items()}
+    o = {key: opts.get(key, opt.default) for key, opt in OPTIONS.items()}
+    check_options({k: v for k, v in o.items() if v is not None})
+    o["an_backend"] = resolve_an_backend(o["an_backend"])
     parts = parse_spec(spec, k)
 
     def build(name: str, count: int) -> NegativeGenerator:

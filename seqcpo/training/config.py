@@ -10,16 +10,18 @@ different method (Contrastive Preference Optimization of Xu et al. 2024, for hum
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 from transformers import TrainingArguments
 
+from seqcpo.config_loader import ConfigError, check_fields, check_output_dir, load_dataclass, parse_cli_overrides
 from seqcpo.data.config import DataConfig
+from seqcpo.negatives.registry import OPTIONS as NEGATIVE_OPTIONS
+from seqcpo.negatives.registry import resolve_an_backend
 
 OBJECTIVES = ("mle", "cpo", "cpo_ranked", "dpo", "pss")
 REFERENCES = ("auto", "frozen_copy", "precomputed", "adapter_disabled")
@@ -35,12 +37,39 @@ def _is_secret(name: str) -> bool:
     return name.endswith("_token") or name == "token" or any(w in name for w in _SECRET_WORDS)
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message names the file and the field."""
+def negative_option(key: str):
+    """The config field of negatives option ``key``: default, help and range from its one declaration
+    (:data:`seqcpo.negatives.registry.OPTIONS`)."""
+    opt = NEGATIVE_OPTIONS[key]
+    meta = {"help": opt.help, "negative_option": key}
+    if opt.check:
+        meta["check"] = opt.check
+    return field(default=opt.default, metadata=meta)
+
+
+# Ranges of TrainingArguments fields (transformers checks few of them; a NaN learning rate trains NaN weights).
+_TRAINING_ARGS_CHECKS = {
+    "learning_rate": ">=0",
+    "weight_decay": ">=0",
+    "adam_beta1": "[0,1)",
+    "adam_beta2": "[0,1)",
+    "adam_epsilon": ">=0",
+    "max_grad_norm": ">=0",
+    "warmup_ratio": "[0,1]",
+    "per_device_train_batch_size": ">=1",
+    "per_device_eval_batch_size": ">=1",
+    "gradient_accumulation_steps": ">=1",
+    "num_train_epochs": ">=0",
+    "logging_steps": ">=0",
+    "save_steps": ">=0",
+    "dataloader_num_workers": ">=0",
+}
 
 
 @dataclass
 class SeqCPOConfig(TrainingArguments, DataConfig):
+    EXTRA_CHECKS = _TRAINING_ARGS_CHECKS  # ranges of inherited fields, checked like the "check" metadata
+
     # ---- model
     model_name_or_path: str = field(
         default="smollm2-135m",
@@ -52,9 +81,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         default=None, metadata={"help": "Attention kernel: sdpa (default), eager, flex_attention (CUDA)."}
     )
     lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "check": ">=1"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha.", "check": ">0"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout.", "check": "[0,1)"})
     lora_target_modules: str = field(
         default="auto", metadata={"help": 'Comma-separated module names, or "auto" for the attention projections.'}
     )
@@ -64,13 +93,19 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         default="cpo",
         metadata={"help": "mle | cpo (softmax over K+1) | cpo_ranked (Plackett-Luce) | dpo (K = 1) | pss."},
     )
-    beta: float = field(default=0.1, metadata={"help": "Reward scale beta in s_i = beta*(logp_policy - logp_ref)."})
-    cpo_lambda: float = field(default=1.0, metadata={"help": "Weight lambda of the CPO term: L = L_mle + lambda*L_cpo."})
-    mle_weight: float = field(default=1.0, metadata={"help": "Weight of the MLE term (1 in the paper; 0 = CPO alone)."})
+    beta: float = field(
+        default=0.1, metadata={"help": "Reward scale beta in s_i = beta*(logp_policy - logp_ref).", "check": ">0"}
+    )
+    cpo_lambda: float = field(
+        default=1.0, metadata={"help": "Weight lambda of the CPO term: L = L_mle + lambda*L_cpo.", "check": ">=0"}
+    )
+    mle_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the MLE term (1 in the paper; 0 = CPO alone).", "check": ">=0"}
+    )
     length_normalize: bool = field(
         default=False, metadata={"help": "Use token-mean instead of summed continuation log-probs in the CPO term."}
     )
-    num_negatives: int = field(default=4, metadata={"help": "K, negatives per example (dpo forces 1)."})
+    num_negatives: int = field(default=4, metadata={"help": "K, negatives per example (dpo forces 1).", "check": ">=1"})
 
     # ---- negatives (PAPER.md, "Negatives")
     negatives: str = field(
@@ -89,40 +124,31 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     negatives_refresh_steps: int = field(
         default=1,
         metadata={
+            "check": ">=1",
             "help": "With negatives_model=policy: refresh the generating snapshot of the policy every N steps "
             "(a resumed run takes its first snapshot at the resume step: resume at a multiple of N to match)."
         },
     )
-    neg_max_tries: int = field(default=8, metadata={"help": "Resamples of a negative identical to the gold before dropping it."})
-    tn_min_keep: int = field(default=1, metadata={"help": "TN: fewest gold tokens kept before the EOS."})
-    mn_c: float = field(default=0.15, metadata={"help": "MN: fraction c of continuation positions replaced."})
-    mn_sample: bool = field(default=True, metadata={"help": "MN: sample the replacement (else argmax)."})
-    mn_temperature: float = field(default=1.0, metadata={"help": "MN: sampling temperature."})
-    mn_c_range: str = field(default="0.05,0.5", metadata={"help": "MN ranked: K values of c spread over this range."})
-    an_strategy: str = field(default="sample", metadata={"help": "AN decoding: sample | greedy | beam."})
-    an_temperature: float = field(default=1.0, metadata={"help": "AN: sampling temperature."})
-    an_top_k: int = field(default=0, metadata={"help": "AN: top-k (0 = off)."})
-    an_top_p: float = field(default=1.0, metadata={"help": "AN: top-p (1 = off)."})
-    an_num_beams: int = field(default=4, metadata={"help": "AN: beams for beam search."})
-    an_max_new_tokens: int = field(default=64, metadata={"help": "AN: longest negative in tokens."})
-    an_backend: str = field(
-        default="auto",
-        metadata={
-            "help": "AN: auto | shared_prefill | hf | vllm. shared_prefill: one cached prefill per prefix, our "
-            "decoding loop; hf: model.generate; vllm: vLLM's engine over the starting model's weights (needs the "
-            "vllm package and a GPU; reference-made negatives only). auto: vllm in `seqcpo negatives` when vllm "
-            "and CUDA are present, shared_prefill otherwise (training opts into vllm explicitly: it shares the GPU)."
-        },
-    )
-    an_vllm_gpu_memory_utilization: float = field(
-        default=0.3, metadata={"help": "AN on vLLM: fraction of the GPU vLLM may take (leave room for training)."}
-    )
-    an_vllm_dtype: str = field(default="auto", metadata={"help": "AN on vLLM: auto (the checkpoint's) or a dtype name."})
-    an_batch_size: int = field(default=16, metadata={"help": "AN: prefixes decoded together."})
-    an_rank_by: str = field(default="rouge", metadata={"help": "AN ranked: rouge (ROUGE-L F to the gold) | temperature."})
-    an_temperatures: Optional[str] = field(
-        default=None, metadata={"help": "AN ranked by temperature: K comma-separated temperatures, best (lowest) first."}
-    )
+    # the generators' own options: declared once in seqcpo.negatives.registry.OPTIONS (default, help, range)
+    neg_max_tries: int = negative_option("max_tries")
+    tn_min_keep: int = negative_option("tn_min_keep")
+    mn_c: float = negative_option("mn_c")
+    mn_sample: bool = negative_option("mn_sample")
+    mn_temperature: float = negative_option("mn_temperature")
+    mn_c_range: list[float] = negative_option("mn_c_range")
+    an_strategy: str = negative_option("an_strategy")
+    an_temperature: float = negative_option("an_temperature")
+    an_top_k: int = negative_option("an_top_k")
+    an_top_p: float = negative_option("an_top_p")
+    an_num_beams: int = negative_option("an_num_beams")
+    an_max_new_tokens: int = negative_option("an_max_new_tokens")
+    an_backend: str = negative_option("an_backend")
+    an_vllm_model: Optional[str] = negative_option("an_vllm_model")
+    an_vllm_gpu_memory_utilization: float = negative_option("an_vllm_gpu_memory_utilization")
+    an_vllm_dtype: str = negative_option("an_vllm_dtype")
+    an_batch_size: int = negative_option("an_batch_size")
+    an_rank_by: str = negative_option("an_rank_by")
+    an_temperatures: Optional[list[float]] = negative_option("an_temperatures")
 
     # ---- reference (PAPER.md: the frozen starting model)
     reference: str = field(default="auto", metadata={"help": "auto | frozen_copy | precomputed | adapter_disabled."})
@@ -135,9 +161,13 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     )
 
     # ---- PSS baseline (PAPER.md, "Baselines")
-    pss_p_gold: float = field(default=0.5, metadata={"help": "PSS: probability of keeping each gold token."})
-    pss_passes: int = field(default=1, metadata={"help": "PSS: number of mixing passes."})
-    pss_warmup_steps: int = field(default=0, metadata={"help": "PSS: steps over which mixing ramps from none to full."})
+    pss_p_gold: float = field(
+        default=0.5, metadata={"help": "PSS: probability of keeping each gold token.", "check": "[0,1]"}
+    )
+    pss_passes: int = field(default=1, metadata={"help": "PSS: number of mixing passes.", "check": ">=1"})
+    pss_warmup_steps: int = field(
+        default=0, metadata={"help": "PSS: steps over which mixing ramps from none to full.", "check": ">=0"}
+    )
 
     # ---- speed
     logps_layout: str = field(
@@ -151,7 +181,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             "negatives. naive: K+1 rows per example (the reference implementation)."
         },
     )
-    logits_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the LM head + log-softmax."})
+    logits_chunk_size: int = field(
+        default=1024, metadata={"help": "Tokens per chunk of the LM head + log-softmax.", "check": ">=1"}
+    )
 
     # ---- resume (seqcpo.training.checkpoints)
     allow_config_change: bool = field(
@@ -183,6 +215,8 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             value = getattr(value, "value", value)  # enums (eval_strategy, ...) by their plain value
             raise ConfigError(f"{name}={value!r}: {msg}")
 
+        check_fields(self)  # floats finite, the declared ranges (num_negatives >= 1, beta > 0, ...)
+        check_output_dir(self.output_dir, "output_dir")
         if self.objective not in OBJECTIVES:
             bad("objective", f"choose one of {', '.join(OBJECTIVES)}")
         if self.reference_dtype not in (None, "float32", "bfloat16", "float16"):
@@ -191,23 +225,21 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             bad("reference", f"choose one of {', '.join(REFERENCES)}")
         if self.negatives_model not in NEGATIVE_MODELS:
             bad("negatives_model", f"choose one of {', '.join(NEGATIVE_MODELS)}")
-        if self.beta <= 0:
-            bad("beta", "must be positive")
-        if self.num_negatives < 1:
-            bad("num_negatives", "must be at least 1")
         if self.objective == "dpo" and self.num_negatives != 1:
             # DPO is CPO with one negative (PAPER.md); say so rather than silently changing K
             bad("num_negatives", "objective dpo uses exactly one negative: set num_negatives: 1")
         if self.logps_layout not in ("auto", "shared", "two_pass", "naive"):
             bad("logps_layout", "choose auto, shared, two_pass or naive")
-        if not 0.0 <= self.pss_p_gold <= 1.0:
-            bad("pss_p_gold", "must lie in [0, 1]")
-        if self.pss_passes < 1:
-            bad("pss_passes", "must be at least 1")
-        if self.negatives_refresh_steps < 1:
-            bad("negatives_refresh_steps", "must be at least 1")
-        if self.an_backend not in ("auto", "shared_prefill", "hf", "vllm"):
-            bad("an_backend", "choose auto, shared_prefill, hf or vllm")
+        for f in dataclasses.fields(self):
+            key = f.metadata.get("negative_option")
+            choices = NEGATIVE_OPTIONS[key].choices if key else None
+            if choices is not None and getattr(self, f.name) not in choices:
+                bad(f.name, f"choose one of {', '.join(choices)}")
+        low_high = list(self.mn_c_range)
+        if len(low_high) != 2 or not 0.0 <= low_high[0] <= low_high[1] <= 1.0:
+            bad("mn_c_range", "give two numbers low,high with 0 <= low <= high <= 1")
+        if self.an_temperatures is not None and not all(math.isfinite(t) and t > 0 for t in self.an_temperatures):
+            bad("an_temperatures", "every temperature must be a finite number > 0")
         if self.an_backend == "vllm" and self.negatives_model == "policy":
             bad("an_backend", "vLLM holds its own copy of the starting weights and cannot follow the policy: "
                 "use negatives_model reference, or an_backend shared_prefill")
@@ -251,41 +283,22 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     def resolved_an_backend(self, offline: bool = False) -> str:
         """``an_backend`` with "auto" resolved: vLLM for `seqcpo negatives` (``offline``) when it and CUDA are
         present, else shared_prefill."""
-        if self.an_backend != "auto":
-            return self.an_backend
-        if offline and self.negatives_model == "reference":
-            import torch
-
-            from seqcpo.negatives.vllm_backend import vllm_available
-
-            if vllm_available() and torch.cuda.is_available():
-                return "vllm"
-        return "shared_prefill"
+        return resolve_an_backend(self.an_backend, offline, reference_made=self.negatives_model == "reference")
 
     def negative_options(self, offline: bool = False) -> dict[str, Any]:
-        """Options for :func:`seqcpo.negatives.build_negative_generator` (``offline``: for `seqcpo negatives`)."""
-        opts = {
-            "max_tries": self.neg_max_tries,
-            "tn_min_keep": self.tn_min_keep,
-            "mn_c": self.mn_c,
-            "mn_sample": self.mn_sample,
-            "mn_temperature": self.mn_temperature,
-            "mn_c_range": tuple(float(x) for x in self.mn_c_range.split(",")),
-            "an_strategy": self.an_strategy,
-            "an_temperature": self.an_temperature,
-            "an_top_k": self.an_top_k,
-            "an_top_p": self.an_top_p,
-            "an_num_beams": self.an_num_beams,
-            "an_max_new_tokens": self.an_max_new_tokens,
-            "an_backend": self.resolved_an_backend(offline),
-            "an_rank_by": self.an_rank_by,
-            "an_batch_size": self.an_batch_size,
-        }
-        if self.an_temperatures:
-            opts["an_temperatures"] = [float(x) for x in self.an_temperatures.split(",")]
-        if opts["an_backend"] == "vllm":
-            opts["an_vllm_dtype"] = self.an_vllm_dtype
-            opts["an_vllm_gpu_memory_utilization"] = self.an_vllm_gpu_memory_utilization
+        """Options for :func:`seqcpo.negatives.build_negative_generator` (``offline``: for `seqcpo negatives`):
+        every option of :data:`seqcpo.negatives.registry.OPTIONS` that is set, the vLLM ones with vLLM only."""
+        backend = self.resolved_an_backend(offline)
+        opts: dict[str, Any] = {}
+        for key, opt in NEGATIVE_OPTIONS.items():
+            value = getattr(self, opt.config_name or key)
+            if value is None or (opt.vllm_only and backend != "vllm"):
+                continue
+            opts[key] = value
+        opts["an_backend"] = backend
+        opts["mn_c_range"] = tuple(float(x) for x in self.mn_c_range)
+        if "an_temperatures" in opts:
+            opts["an_temperatures"] = [float(x) for x in opts["an_temperatures"]]
         return opts
 
     def to_public_dict(self) -> dict[str, Any]:
@@ -301,12 +314,13 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
                 out[f.name] = v
             elif isinstance(v, (list, tuple)):
                 out[f.name] = [x.value if hasattr(x, "value") else x for x in v]
-            elif isinstance(v, dict):
+            elif isinstance(v, dict) or (dataclasses.is_dataclass(v) and not isinstance(v, type)):
+                # a nested dataclass (accelerator_config) as its fields, so the saved config loads again
+                v = v if isinstance(v, dict) else dataclasses.asdict(v)
                 out[f.name] = {k: x for k, x in v.items() if not _is_secret(k)}
             else:
                 out[f.name] = str(v)
         return out
-
 
     def __repr__(self) -> str:
         # the generated dataclass repr would print hub_token; TrainingArguments' masks every *_token field
@@ -322,115 +336,18 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         return state
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(SeqCPOConfig)
-    return {f.name: hints.get(f.name) for f in dataclasses.fields(SeqCPOConfig) if f.init}
+# `--key value` of the command line; values stay strings until the field's type reads them.
+parse_overrides = parse_cli_overrides
 
 
-def _base_type(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0]) if len(args) == 1 else None
-    return tp
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                where: str = "command line") -> SeqCPOConfig:
+    """Read a YAML file, apply overrides (from ``where``), check every key, type and range, build the config.
 
-
-def _coerce(name: str, value: Any, tp, where: str) -> Any:
-    base = _base_type(tp)
-    if value is None:
-        return None
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            raise ValueError("expected true or false")
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and value != int(value)):
-                raise ValueError("expected a whole number")
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value)
-        if base is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError("expected a string")
-            return str(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: field {name!r}: {value!r} is not valid ({e})") from None
-    return value
-
-
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """``["--beta", "0.2", "--lora", "--report_to", "none"]`` -> {"beta": 0.2, "lora": True, ...}.
-
-    Values are read as YAML scalars (so ``0.2`` is a number, ``true`` a bool); a flag with no value is True.
+    One loader for every command (:func:`seqcpo.config_loader.load_dataclass`): unknown keys and wrong
+    types fail with the file and field named (and a close match suggested).
     """
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if not tok.startswith("--"):
-            raise ConfigError(f"command line: expected --key value, got {tok!r}")
-        key = tok[2:].replace("-", "_")
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            raw = argv[i + 1]
-            i += 2
-        else:
-            raw = "true"
-            i += 1
-        try:
-            out[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key] = raw
-        if isinstance(out[key], (dict,)) or out[key] is None and raw not in ("null", "~", "None"):
-            out[key] = raw
-    return out
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SeqCPOConfig:
-    """Read a YAML file, apply overrides, check every key and type, and build the config.
-
-    Unknown keys and wrong types fail with the file and field named (and a close match suggested).
-    """
-    raw: dict[str, Any] = {}
-    where = "config"
-    if path is not None:
-        where = str(path)
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: no such config file")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                loaded = yaml.safe_load(fh)
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                line = f" line {mark.line + 1}" if mark is not None else ""
-                raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of field: value")
-        raw.update(loaded)
-    types = _field_types()
-    merged = {}
-    for source, items in ((where, raw), ("command line", overrides or {})):
-        for key, value in items.items():
-            if key not in types:
-                close = difflib.get_close_matches(key, types.keys(), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{source}: unknown field {key!r}{hint}")
-            merged[key] = _coerce(key, value, types[key], source)
-    try:
-        return SeqCPOConfig(**merged)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    return load_dataclass(SeqCPOConfig, path, overrides, where=where)
 
 
 def save_config(cfg: SeqCPOConfig, path: str | os.PathLike) -> None:
@@ -446,7 +363,10 @@ def config_reference() -> str:
     ``docs/CONFIG.md`` is this text; a test keeps the two in step. The ``TrainingArguments`` fields
     (learning rate, batch size, schedule, logging, checkpoints, ``report_to``) are documented by transformers.
     """
+    from seqcpo.config_loader import field_rules
+
     train_names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    rules = field_rules(SeqCPOConfig)
     lines = [
         "# Config reference",
         "",
@@ -455,16 +375,35 @@ def config_reference() -> str:
         "`transformers.TrainingArguments` (learning_rate, per_device_train_batch_size, max_steps, bf16,",
         "gradient_checkpointing, save_steps, report_to, ...) are accepted too.",
         "",
-        "| field | default | meaning |",
-        "| --- | --- | --- |",
+        "Ranges are checked where a value enters (YAML or command line); floats must be finite everywhere.",
+        "The negatives' options are declared once in `seqcpo.negatives.registry.OPTIONS`.",
+        "",
+        "| field | default | range | meaning |",
+        "| --- | --- | --- | --- |",
     ]
     for f in dataclasses.fields(SeqCPOConfig):
         if f.name in train_names or not f.init:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "").replace("|", "\\|")
-        lines.append(f"| `{f.name}` | `{default!r}` | {help_text} |")
+        key = f.metadata.get("negative_option")
+        choices = NEGATIVE_OPTIONS[key].choices if key else None
+        rule = rules.get(f.name) or ("one of " + ", ".join(choices) if choices else "")
+        rule = f"`{rule}`" if rule else ""
+        lines.append(f"| `{f.name}` | `{default!r}` | {rule} | {help_text} |")
+    lines += ["", "Ranges checked on `TrainingArguments` fields: "
+              + ", ".join(f"`{k}` `{v}`" for k, v in _TRAINING_ARGS_CHECKS.items()) + ".", ""]
+    lines += _eval_reference()
     return "\n".join(lines) + "\n"
+
+
+def _eval_reference() -> list[str]:
+    """The `seqcpo eval` / `generate` / grid `eval:` fields (:class:`seqcpo.evaluation.config.EvalConfig`)."""
+    try:
+        from seqcpo.evaluation.config import config_reference_lines
+    except ImportError:
+        return []
+    return config_reference_lines()
 
 
 if __name__ == "__main__":

@@ -5,52 +5,163 @@ needs no reference model at all (reference ``precomputed``).
 
 Folder layout::
 
-    manifest.json        what was made (model, data, generators, K, ranked) and the shard plan
-    shard-00000.jsonl    one row per example: id, negatives, valid, scores, sources, ref_logps (K+1, gold first)
+    manifest.json                         settings, fingerprint, shard plan; ``complete`` and the shard list last
+    shard-<plan>-00000-of-00003.parquet   one row per example (columns below), ``shard_size`` rows per shard
     ...
 
-Every shard is written atomically when it is complete, so an interrupted run resumes at the first missing
-shard and never leaves a half-written one. A folder made with other settings is refused, not overwritten.
+Columns: ``id`` (string), ``prefix_ids`` and ``gold_ids`` (list<int32>), ``negatives`` (K token-id lists),
+``valid`` (K bools), ``scores`` (K floats or null), ``sources`` (K generator names), ``ref_logps`` (K+1
+float64, gold first). ``datasets.load_dataset("parquet", data_files=...)`` reads the shards.
+
+Many processes (``accelerate launch -m seqcpo.cli negatives ...``): shard ``s`` is made by rank
+``s % world_size``; a shard's seed depends only on ``(seed, s)``, so the rows are the same for any number of
+processes. With AN on vLLM each process runs its own engine on its own GPU. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
+``<plan>`` is the fingerprint of everything that decides the content (model, data and its example tokens,
+generators, K, seed, batch and shard size, dtype): a resumed run with another shard size or batch size
+re-plans (old shards are deleted), one with other model/data/generator settings is refused. Rank 0 marks the
+folder complete only after every shard of the plan exists and holds exactly its examples' ids.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from seqcpo.io import atomic_write_json, atomic_write_jsonl
+from seqcpo.io import atomic_write_json
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import FrozenCopyReference
 from seqcpo.types import Example
 
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+# settings that only change how the rows are grouped and drawn, not which model/data they describe: a resume
+# that changes only these re-plans the folder instead of refusing it
+PLAN_KEYS = ("shard_size", "batch_size")
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def offline_settings(cfg, num_examples: int) -> dict[str, Any]:
+def examples_digest(examples: Sequence[Example]) -> str:
+    """sha256 over every example's id and token ids, in order: a data file changed in place changes it."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([str(ex.meta.get("id")), ex.prefix_ids, ex.continuation_ids]).encode())
+    return h.hexdigest()[:16]
+
+
+def offline_settings(cfg, num_examples: int, shard_size: int | None = None, digest: str | None = None) -> dict[str, Any]:
     """What determines the negatives; a folder is reused only when all of it matches."""
     data = cfg.data_config()
     return {
         "format": FORMAT_VERSION,
         "model": cfg.model_name_or_path,
+        "model_dtype": cfg.model_dtype,
         "data": {k: v for k, v in vars(data).items()},
+        "examples_digest": digest,
         "negatives": cfg.negatives,
         "k": cfg.num_negatives,
         "ranked": cfg.ranked,
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.negative_options(offline=True).items()},
         "seed": cfg.seed,
         "batch_size": cfg.per_device_train_batch_size,
+        "shard_size": shard_size,
         "length_normalize": cfg.length_normalize,
         "num_examples": num_examples,
     }
+
+
+def shard_name(plan: str, s: int, n_shards: int) -> str:
+    return f"shard-{plan}-{s:05d}-of-{n_shards:05d}.parquet"
+
+
+def _schema():
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("prefix_ids", ids),
+            ("gold_ids", ids),
+            ("negatives", pa.list_(ids)),
+            ("valid", pa.list_(pa.bool_())),
+            ("scores", pa.list_(pa.float64())),
+            ("sources", pa.list_(pa.string())),
+            ("ref_logps", pa.list_(pa.float64())),
+        ]
+    )
+
+
+def _write_shard(path: str, rows: list[dict]) -> None:
+    """Parquet to a temp file beside ``path``, fsynced, then renamed: a reader never sees half a shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=_schema())
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, row_group_size=256)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _shard_ids(path: str) -> list[str] | None:
+    """The ``id`` column of a shard, or None when the file is missing or unreadable (torn, foreign)."""
+    import pyarrow.parquet as pq
+
+    if not os.path.exists(path):
+        return None
+    try:
+        return [str(x) for x in pq.read_table(path, columns=["id"]).column("id").to_pylist()]
+    except Exception:  # any unreadable file is simply remade
+        return None
+
+
+def _read_manifest(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); delete the folder or choose another --out") from None
+
+
+def _plan_decision(old: dict | None, settings: dict[str, Any], out_dir: str) -> str:
+    """"new", "same" or "replan" for a folder holding ``old`` (its manifest); raises when it must be refused."""
+    if old is None:
+        return "new"
+    old_settings = old.get("settings", {})
+    if old_settings.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"{out_dir} holds negatives in an older format ({old_settings.get('format')}, JSONL shards); "
+            "choose a new --out folder or delete this one"
+        )
+    if old.get("fingerprint") == _fingerprint(settings):
+        return "same"
+    differ = sorted(k for k in set(settings) | set(old_settings) if settings.get(k) != old_settings.get(k))
+    if all(k in PLAN_KEYS for k in differ):
+        return "replan"
+    raise ValueError(
+        f"{out_dir} holds negatives made with other settings ({', '.join(differ)} differ from this run's); "
+        "choose a new --out folder or delete this one"
+    )
 
 
 def make_offline_negatives(
@@ -59,24 +170,38 @@ def make_offline_negatives(
     """Make K negatives and reference log-probs for every example into ``out_dir``; resumes a partial run.
 
     ``model`` is the reference (the starting model); it makes AN/MN negatives and scores all candidates.
-    Batch negatives are drawn within batches of ``per_device_train_batch_size`` consecutive examples.
+    Batch negatives are drawn within batches of ``per_device_train_batch_size`` consecutive examples of a shard.
+    Under ``accelerate launch`` every process makes the shards ``s`` with ``s % world_size == rank``.
+    Returns the manifest.
     """
+    from accelerate import PartialState
+
     from seqcpo.batching import candidate_batch
     from seqcpo.seeding import example_generators
 
-    os.makedirs(out_dir, exist_ok=True)
-    settings = offline_settings(cfg, len(examples))
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"--shard-size {shard_size!r}: must be an integer >= 1")
+    if not examples:
+        raise ValueError("seqcpo negatives: the training split is empty; nothing to make")
+    owned_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    state = PartialState(cpu=bool(cfg.use_cpu))  # on the GPU(s) unless the config says CPU
+    rank, world = state.process_index, state.num_processes
+    settings = offline_settings(cfg, len(examples), shard_size, examples_digest(examples))
     fp = _fingerprint(settings)
+    n_shards = -(-len(examples) // shard_size)
+    names = [shard_name(fp, s, n_shards) for s in range(n_shards)]
     manifest_path = os.path.join(out_dir, "manifest.json")
-    n_shards = max(1, -(-len(examples) // shard_size))
-    if os.path.exists(manifest_path):
-        with open(manifest_path, encoding="utf-8") as fh:
-            old = json.load(fh)
-        if old.get("fingerprint") != fp:
-            raise ValueError(
-                f"{out_dir} holds negatives made with other settings (model, data, generators, K or seed differ); "
-                "choose a new folder or delete this one"
-            )
+
+    os.makedirs(out_dir, exist_ok=True)
+    # every rank decides from the same manifest (before rank 0 rewrites it), so all refuse or go on together
+    old = _read_manifest(out_dir)
+    decision = _plan_decision(old, settings, out_dir)
+    # a finished folder is returned as is only while every shard still holds its rows (checked by every rank
+    # from the files, so all ranks agree); a deleted or damaged shard is remade below
+    if decision == "same" and old.get("complete") and _shards_hold(examples, out_dir, names, shard_size):
+        state.wait_for_everyone()
+        return _finish(old, owned_group)
+    state.wait_for_everyone()
     manifest = {
         "fingerprint": fp,
         "settings": settings,
@@ -84,11 +209,26 @@ def make_offline_negatives(
         "num_shards": n_shards,
         "shard_size": shard_size,
         "complete": False,
+        "world_size": world,  # of the run that wrote this manifest; the rows do not depend on it
     }
-    atomic_write_json(manifest_path, manifest)
+    if state.is_main_process:
+        if decision == "replan":
+            logger.warning("%s was planned with other shard/batch sizes: discarding its shards and re-planning", out_dir)
+        # the manifest is rewritten incomplete before any shard changes, so a kill from here on never leaves
+        # a folder marked complete
+        atomic_write_json(manifest_path, manifest)
+        keep = set(names)
+        for f in os.listdir(out_dir):
+            stale_shard = f.startswith("shard-") and f.endswith(".parquet") and f not in keep
+            if stale_shard or (f.startswith(".shard-") and f.endswith(".tmp")):
+                os.remove(os.path.join(out_dir, f))
+    state.wait_for_everyone()
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.to(state.device)
     model.eval()
+    if world > 1 and cfg.negative_options(offline=True).get("an_backend") == "vllm":
+        _one_gpu_per_engine(state.local_process_index)
     gen = build_negative_generator(
         cfg.negatives, cfg.num_negatives, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
         options=cfg.negative_options(offline=True),
@@ -101,56 +241,177 @@ def make_offline_negatives(
         chunk_size=cfg.logits_chunk_size,
     )
     bs = cfg.per_device_train_batch_size
-    todo = [s for s in range(n_shards) if not os.path.exists(_shard_path(out_dir, s))]
-    bar = tqdm(total=len(examples), desc="negatives", disable=not progress, initial=(n_shards - len(todo)) * shard_size)
+    mine = list(range(rank, n_shards, world))
+    todo = [s for s in mine if _shard_ids(os.path.join(out_dir, names[s])) != _expected_ids(examples, s, shard_size)]
+    bar = tqdm(total=len(todo), desc=f"negatives shards (rank {rank})", disable=not progress or not state.is_main_process)
     for s in todo:
         shard = examples[s * shard_size : (s + 1) * shard_size]
         rows = []
         for i in range(0, len(shard), bs):
             chunk = shard[i : i + bs]
-            # each example's own draws, as in training's epoch 0 (seqcpo.seeding): shard size and order do not matter
+            # each example's own draws, as in training's epoch 0 (seqcpo.seeding): shard size, batch position and
+            # number of processes do not change an example's negatives (BN, by definition, depends on its batch)
             rng = example_generators(cfg.seed, [str(e.meta.get("id")) for e in chunk], 0, "negatives")
-            if fuse_mn:
-                gp = ref.gold_pass([e.prefix_ids for e in chunk], [e.continuation_ids for e in chunk])
-                neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked, gold_logits=gp.gold_logits)
-                ref_logps = ref.finish(gp, neg.ids).cpu()
-            else:
-                neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked)
-                with torch.no_grad():
-                    ref_logps = ref.logps(candidate_batch(chunk, neg)).cpu()
+            with torch.no_grad():
+                if fuse_mn:
+                    gp = ref.gold_pass([e.prefix_ids for e in chunk], [e.continuation_ids for e in chunk])
+                    neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked, gold_logits=gp.gold_logits)
+                    ref_logps = ref.finish(gp, neg.ids).float().cpu()
+                else:
+                    neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked)
+                    ref_logps = ref.logps(candidate_batch(chunk, neg)).float().cpu()
             for j, ex in enumerate(chunk):
                 rows.append(
                     {
                         "id": str(ex.meta.get("id")),
-                        "negatives": neg.ids[j],
-                        "valid": neg.valid[j],
-                        "scores": neg.scores[j] if neg.scores is not None else None,
-                        "sources": neg.sources[j],
-                        "ref_logps": [round(float(x), 6) for x in ref_logps[j].tolist()],
+                        "prefix_ids": list(ex.prefix_ids),
+                        "gold_ids": list(ex.continuation_ids),
+                        "negatives": [list(n) for n in neg.ids[j]],
+                        "valid": [bool(v) for v in neg.valid[j]],
+                        "scores": [float(x) for x in neg.scores[j]] if neg.scores is not None else None,
+                        "sources": list(neg.sources[j]),
+                        "ref_logps": [float(x) for x in ref_logps[j].tolist()],
                     }
                 )
-            bar.update(len(chunk))
-        atomic_write_jsonl(_shard_path(out_dir, s), rows)
+        _write_shard(os.path.join(out_dir, names[s]), rows)
+        bar.update(1)
     bar.close()
-    manifest["complete"] = True
-    atomic_write_json(manifest_path, manifest)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest = _verified_manifest(manifest, examples, out_dir, names, shard_size)
+        atomic_write_json(manifest_path, manifest)
+    state.wait_for_everyone()
+    return _finish(_read_manifest(out_dir), owned_group)
+
+
+def _one_gpu_per_engine(local_rank: int) -> None:
+    """vLLM's engine runs in a child process on the first visible GPU: show each rank's child only its own
+    GPU, so N processes run N engines on N GPUs instead of N engines on GPU 0 (set before the engine starts)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if local_rank < len(devices):
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[local_rank]
+
+
+def _expected_ids(examples: Sequence[Example], s: int, shard_size: int) -> list[str]:
+    return [str(ex.meta.get("id")) for ex in examples[s * shard_size : (s + 1) * shard_size]]
+
+
+def _shards_hold(examples, out_dir: str, names: list[str], shard_size: int) -> bool:
+    return all(_shard_ids(os.path.join(out_dir, n)) == _expected_ids(examples, s, shard_size) for s, n in enumerate(names))
+
+
+def _verified_manifest(manifest: dict, examples, out_dir: str, names: list[str], shard_size: int) -> dict:
+    """The manifest marked complete, once every shard holds exactly its examples' ids; raises otherwise."""
+    shards = []
+    for s, name in enumerate(names):
+        got = _shard_ids(os.path.join(out_dir, name))
+        want = _expected_ids(examples, s, shard_size)
+        if got != want:
+            state = "missing or unreadable" if got is None else f"{len(got)} rows, {len(want)} expected"
+            raise RuntimeError(
+                f"{out_dir}/{name}: {state}; not marking the folder complete. Run the same `seqcpo negatives` "
+                "command again: it remakes the missing shards"
+            )
+        shards.append({"file": name, "rows": len(got)})
+    total = sum(x["rows"] for x in shards)
+    if total != len(examples):
+        raise RuntimeError(f"{out_dir}: {total} rows in shards but {len(examples)} examples; not marking it complete")
+    return dict(manifest, shards=shards, num_rows=total, complete=True)
+
+
+def _finish(manifest: dict, owned_group: bool) -> dict:
+    if owned_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # end the process group cleanly: a rank leaving with live gloo threads aborts at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return manifest
 
 
-def _shard_path(out_dir: str, s: int) -> str:
-    return os.path.join(out_dir, f"shard-{s:05d}.jsonl")
+class OfflineNegatives(Mapping):
+    """Read-only ``{example id: row}`` over a finished negatives folder, without loading it into Python.
+
+    The shards are read once through ``datasets`` into a memory-mapped Arrow table (cached under the seqcpo
+    cache); an id index of 16 bytes per row (a sorted 64-bit hash of the id and its row) finds a row.
+    A row is a dict with the Parquet columns (``negatives``, ``valid``, ``scores``, ``sources``, ``ref_logps``,
+    ``prefix_ids``, ``gold_ids``, ``id``).
+    """
+
+    def __init__(self, path: str, manifest: dict):
+        import datasets
+        import numpy as np
+
+        from seqcpo.models import cache_dir
+
+        files = [os.path.join(path, s["file"]) for s in manifest["shards"]]
+        self.path = path
+        self.table = datasets.load_dataset(
+            "parquet", data_files=files, split="train", cache_dir=os.path.join(cache_dir(), "datasets")
+        )
+        ids = self.table.data.column("id")
+        # chunk by chunk: never a Python list of every id
+        hashes = np.fromiter(
+            (_id_hash(str(x)) for chunk in ids.chunks for x in chunk.to_pylist()), dtype=np.uint64, count=len(ids)
+        )
+        order = np.argsort(hashes, kind="stable")
+        self._hashes = hashes[order]
+        self._rows = order.astype(np.int64)
+
+    def _row(self, key: str) -> int | None:
+        import numpy as np
+
+        h = np.uint64(_id_hash(str(key)))
+        i = int(np.searchsorted(self._hashes, h, side="left"))
+        col = self.table.data.column("id")
+        while i < len(self._hashes) and self._hashes[i] == h:
+            r = int(self._rows[i])
+            if col[r].as_py() == str(key):
+                return r
+            i += 1
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return self._row(str(key)) is not None
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        r = self._row(str(key))
+        if r is None:
+            raise KeyError(key)
+        return self.table[r]
+
+    def __iter__(self) -> Iterator[str]:
+        return (str(x) for chunk in self.table.data.column("id").chunks for x in chunk.to_pylist())
+
+    def __len__(self) -> int:
+        return len(self.table)
 
 
-def read_offline_negatives(path: str, cfg) -> tuple[dict[str, dict], dict[str, Any]]:
-    """Load a finished negatives folder for training, checking it fits the training config."""
-    manifest_path = os.path.join(path, "manifest.json")
-    if not os.path.exists(manifest_path):
+def _id_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def read_offline_negatives(
+    path: str, cfg, examples: Sequence[Example] | None = None
+) -> tuple[OfflineNegatives, dict[str, Any]]:
+    """Open a finished negatives folder for training, checking it fits the training config.
+
+    With ``examples`` (the training split), also checks that every example has a row and that the rows were
+    made from these examples' tokens. Returns ``(rows by id, manifest)``.
+    """
+    manifest = _read_manifest(path)
+    if manifest is None:
         raise ValueError(f"negatives_path {path}: no manifest.json; make the folder with `seqcpo negatives`")
-    with open(manifest_path, encoding="utf-8") as fh:
-        manifest = json.load(fh)
+    st = manifest.get("settings", {})
+    if st.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"negatives_path {path}: made by an older seqcpo (format {st.get('format')}, JSONL shards); re-make it "
+            "into a new folder with `seqcpo negatives --out NEW_DIR`"
+        )
     if not manifest.get("complete"):
-        raise ValueError(f"negatives_path {path}: incomplete; run `seqcpo negatives` again to finish it (it resumes)")
-    st = manifest["settings"]
+        raise ValueError(
+            f"negatives_path {path}: incomplete; run the same `seqcpo negatives` command again to finish it (it "
+            "resumes)"
+        )
     if st["k"] != cfg.num_negatives:
         raise ValueError(f"negatives_path {path} has K = {st['k']} negatives per example but num_negatives = {cfg.num_negatives}")
     if cfg.ranked and not st["ranked"]:
@@ -164,20 +425,33 @@ def read_offline_negatives(path: str, cfg) -> tuple[dict[str, dict], dict[str, A
             f"{st.get('length_normalize')}; set the same, or use reference frozen_copy"
         )
     expected = offline_settings(cfg, st.get("num_examples", 0))
+    # model_dtype is not compared: reference log-probs made at another precision still describe this model
     for key in ("model", "data", "negatives", "options", "seed"):
         if json.loads(json.dumps(expected[key])) != st.get(key):
             raise ValueError(
                 f"negatives_path {path} was made with another {key} ({st.get(key)!r}) than this run's "
-                f"({expected[key]!r}); its reference log-probs would not match. Re-make it with `seqcpo negatives`"
+                f"({expected[key]!r}); its reference log-probs would not match. Make a folder for this config: "
+                f"seqcpo negatives --config FILE.yaml --out NEW_DIR (same overrides as this run)"
             )
-    rows: dict[str, dict] = {}
-    for s in range(manifest["num_shards"]):
-        sp = _shard_path(path, s)
-        with open(sp, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{sp} line {n}: not valid JSON ({e.msg})") from None
-                rows[r["id"]] = r
+    for shard in manifest.get("shards", []):
+        if not os.path.isfile(os.path.join(path, shard["file"])):
+            raise ValueError(
+                f"negatives_path {path}: {shard['file']} is missing; run the same `seqcpo negatives` command again "
+                "(it checks every shard and remakes the missing ones)"
+            )
+    rows = OfflineNegatives(path, manifest)
+    if examples is not None:
+        missing = [str(ex.meta.get("id")) for ex in examples if str(ex.meta.get("id")) not in rows]
+        if missing:
+            raise ValueError(
+                f"negatives_path {path} has no row for {len(missing)} of {len(examples)} training examples (first: id "
+                f"{missing[0]}): it was made from other examples. Make a folder for this run's data: seqcpo "
+                "negatives --config FILE.yaml --out NEW_DIR (same data settings and overrides as this run)"
+            )
+        if st.get("examples_digest") is not None and examples_digest(examples) != st["examples_digest"]:
+            raise ValueError(
+                f"negatives_path {path} was made from other token ids for these examples (data file or tokenizer "
+                "changed?); its reference log-probs would not match. Make a folder for this run: seqcpo negatives "
+                "--config FILE.yaml --out NEW_DIR"
+            )
     return rows, manifest

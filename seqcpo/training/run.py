@@ -55,7 +55,7 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     if cfg.negatives_path and cfg.uses_negatives:
         from seqcpo.training.offline import read_offline_negatives
 
-        offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg)
+        offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg, splits.train)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)

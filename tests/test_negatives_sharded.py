@@ -1,0 +1,197 @@
+"""`seqcpo negatives` at scale: Parquet shards that `datasets` reads, the same rows from 1 and 2 processes,
+a kill -9 then a resume with another shard size that ends complete and correct (never complete with rows
+missing), and training that looks rows up by id without loading the folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_tiny_llama, make_toy_tokenizer
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("negscale")
+    tok = make_toy_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    words = "the river market bridge city wool salt square bread books fog".split()
+    (root / "docs.txt").write_text(
+        "".join(" ".join(words[(i * j + j) % len(words)] for j in range(12)) + ".\n\n" for i in range(26))
+    )
+    cfg = root / "cfg.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {root / 'model'}\ndataset: {root / 'docs.txt'}\ntask: continuation\n"
+        "prefix_tokens: 6\ncontinuation_tokens: 6\nvalidation_size: 2\ntest_size: 2\nobjective: cpo\n"
+        "num_negatives: 2\nnegatives: tn:1,mn:1\nmax_steps: 1\nlogging_steps: 1\nsave_strategy: 'no'\n"
+        "report_to: none\nlearning_rate: 1.0e-3\nseed: 0\nuse_cpu: true\ndisable_tqdm: true\n"
+        "per_device_train_batch_size: 2\n"
+    )
+    return {"root": root, "cfg": str(cfg)}
+
+
+def _free_port() -> str:
+    """A port no other test run on this machine holds right now (fixed ports collide across parallel runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _config(setup, **over):
+    from seqcpo.training.config import load_config
+
+    return load_config(setup["cfg"], {"output_dir": str(setup["root"] / "run"), **over})
+
+
+def _run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _rows(folder):
+    """Every row of a finished folder, read with `datasets` from the manifest's Parquet shards."""
+    import datasets
+
+    man = json.load(open(os.path.join(folder, "manifest.json")))
+    assert man["complete"]
+    files = [os.path.join(folder, s["file"]) for s in man["shards"]]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(os.path.join(folder, "..", "hf")))
+    return man, {r["id"]: r for r in ds}
+
+
+def _train_ids(setup):
+    from seqcpo.data import load_splits
+    from seqcpo.models import load_tokenizer
+
+    cfg = _config(setup)
+    return [str(e.meta["id"]) for e in load_splits(cfg.data_config(), load_tokenizer(cfg.model_name_or_path)).train]
+
+
+def test_two_processes_make_the_rows_of_one(setup):
+    from seqcpo.training.run import make_negatives
+
+    root = setup["root"]
+    make_negatives(_config(setup), str(root / "one"), shard_size=3)  # one process: this one
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
+          "-m", "seqcpo.cli", "negatives", "--config", setup["cfg"], "--out", str(root / "two"), "--shard-size", "3"])
+    man1, one = _rows(root / "one")
+    man2, two = _rows(root / "two")
+    ids = _train_ids(setup)
+    assert len(ids) > 6 and man1["num_shards"] >= 3  # several shards, so both ranks made some
+    # no duplicate, no gap: exactly the training split's ids, in plan order
+    assert sorted(one) == sorted(ids) and sorted(two) == sorted(ids) and man1["num_rows"] == len(ids)
+    assert man1["world_size"] == 1 and man2["world_size"] == 2
+    assert [s["file"] for s in man1["shards"]] == [s["file"] for s in man2["shards"]]
+    for i in ids:
+        a, b = one[i], two[i]
+        assert (a["negatives"], a["valid"], a["sources"], a["gold_ids"]) == (b["negatives"], b["valid"], b["sources"], b["gold_ids"])
+        assert len(a["ref_logps"]) == 3
+        assert a["ref_logps"] == pytest.approx(b["ref_logps"], abs=1e-5)
+
+
+def test_kill_then_resume_with_another_shard_size_is_complete_and_correct(setup):
+    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.run import make_negatives
+
+    root = setup["root"]
+    out = root / "killed"
+    # a child that writes one shard per 0.3 s, so the kill lands between shards of a half-made folder
+    slow = (
+        "import sys, time\n"
+        "import seqcpo.training.offline as o\n"
+        "w = o._write_shard\n"
+        "o._write_shard = lambda p, r: (w(p, r), time.sleep(0.3))\n"
+        "from seqcpo.cli import main\n"
+        f"sys.exit(main(['negatives', '--config', {setup['cfg']!r}, '--out', {str(out)!r}, '--shard-size', '1']))\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", slow], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None:
+        if out.exists() and sum(f.endswith(".parquet") for f in os.listdir(out)) >= 3:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the child finished before it could be killed: " + child.stderr.read().decode()[-2000:]
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    man = json.load(open(out / "manifest.json"))
+    assert not man["complete"]
+    n_ids = len(_train_ids(setup))
+    assert 3 <= sum(f.endswith(".parquet") for f in os.listdir(out)) < n_ids
+    cfg = _config(setup)
+    with pytest.raises(ValueError, match="incomplete; run the same `seqcpo negatives` command again"):
+        read_offline_negatives(str(out), cfg)
+
+    # resume with another shard size: re-planned, complete, every row, equal to a fresh run at that size
+    info = make_negatives(cfg, str(out), shard_size=4)
+    assert info["shards"] == -(-n_ids // 4)
+    man, rows = _rows(out)
+    assert man["shard_size"] == 4 and man["num_rows"] == n_ids == len(rows)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == sorted(s["file"] for s in man["shards"])
+    make_negatives(cfg, str(root / "fresh4"), shard_size=4)
+    _, fresh = _rows(root / "fresh4")
+    assert rows == fresh
+
+    # and back to the first size on a complete folder: re-planned again, never complete with rows missing
+    make_negatives(cfg, str(out), shard_size=16)
+    man, rows = _rows(out)
+    assert man["shard_size"] == 16 and len(rows) == n_ids
+
+    # a shard lost from a finished folder: training names the fix, and that fix (the same command) works
+    lost = man["shards"][0]["file"]
+    os.remove(out / lost)
+    with pytest.raises(ValueError, match=f"{lost} is missing; run the same `seqcpo negatives` command again"):
+        read_offline_negatives(str(out), cfg)
+    make_negatives(cfg, str(out), shard_size=16)
+    man, rows = _rows(out)
+    assert (out / lost).exists() and len(rows) == n_ids
+
+    # a folder made with other generators is refused, not overwritten
+    with pytest.raises(ValueError, match="other settings"):
+        make_negatives(_config(setup, negatives="tn:2"), str(out), shard_size=16)
+
+
+def test_training_reads_rows_by_id_and_names_a_fix_that_works(setup):
+    from seqcpo.data import load_splits
+    from seqcpo.models import load_tokenizer
+    from seqcpo.training.offline import OfflineNegatives, read_offline_negatives
+    from seqcpo.training.run import make_negatives, train
+    from seqcpo.types import Example
+
+    root = setup["root"]
+    cfg = _config(setup)
+    make_negatives(cfg, str(root / "lookup"), shard_size=5)
+    train_split = load_splits(cfg.data_config(), load_tokenizer(cfg.model_name_or_path)).train
+    rows, manifest = read_offline_negatives(str(root / "lookup"), cfg, train_split)
+    assert isinstance(rows, OfflineNegatives) and len(rows) == len(train_split)
+    ex = train_split[-1]
+    row = rows[str(ex.meta["id"])]
+    assert row["id"] == str(ex.meta["id"]) and row["gold_ids"] == list(ex.continuation_ids)
+    assert "no-such-id" not in rows
+    with pytest.raises(KeyError):
+        rows["no-such-id"]
+
+    # an example the folder does not hold: the error says to make a folder for this run's data
+    extra = Example(prefix_ids=[5, 6], continuation_ids=[7, 2], meta={"id": "extra"})
+    with pytest.raises(ValueError, match="no row for 1 of .*--out NEW_DIR"):
+        read_offline_negatives(str(root / "lookup"), cfg, [*train_split, extra])
+    # the same ids with other tokens: refused (the stored reference log-probs would be another sequence's)
+    changed = Example(prefix_ids=list(ex.prefix_ids), continuation_ids=[7, 7, 2], meta=dict(ex.meta))
+    with pytest.raises(ValueError, match="other token ids"):
+        read_offline_negatives(str(root / "lookup"), cfg, [*train_split[:-1], changed])
+
+    out = train(_config(setup, negatives_path=str(root / "lookup"), output_dir=str(root / "trained")))
+    assert out["trainer"].reference.name == "precomputed" and out["steps"] == 1
