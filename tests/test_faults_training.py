@@ -139,6 +139,18 @@ def test_identity_names_every_decisive_change_and_ignores_the_rest(assets, tmp_p
     longer = run_identity(_cfg(assets, tmp_path / "a", lr_scheduler_type="linear", max_steps=8))
     assert [d[0] for d in identity_differences(linear, longer)] == ["max_steps"]
     assert identity_differences(base, run_identity(_cfg(assets, tmp_path / "a", max_steps=8))) == []
+    # how a step is split: free without live batch negatives (split-invariant steps), decisive with them
+    tn = run_identity(_cfg(assets, tmp_path / "a", negatives="tn:2"))
+    resplit = run_identity(_cfg(assets, tmp_path / "a", negatives="tn:2", per_device_train_batch_size=2,
+                                gradient_accumulation_steps=2))
+    assert identity_differences(tn, resplit) == []
+    bigger = run_identity(_cfg(assets, tmp_path / "a", negatives="tn:2", gradient_accumulation_steps=2))
+    assert [d[0] for d in identity_differences(tn, bigger)] == [
+        "global batch (per_device_train_batch_size x gradient_accumulation_steps x processes)"]
+    bn_resplit = run_identity(_cfg(assets, tmp_path / "a", per_device_train_batch_size=2,
+                                   gradient_accumulation_steps=2))
+    assert [d[0] for d in identity_differences(base, bn_resplit)] == [
+        "gradient_accumulation_steps", "per_device_train_batch_size"]
 
 
 def test_resume_auto_takes_this_runs_newest_checkpoint_or_starts_afresh(assets, tmp_path, caplog):

@@ -69,6 +69,8 @@ NOT_DECISIVE = frozenset(
 # extended by resuming with more steps).
 _LENGTH_FIELDS = ("max_steps", "num_train_epochs")
 _LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+# How a step is split: free to change unless batch negatives are drawn live (see _split_matters).
+_SPLIT_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")
 
 
 class TrainingStopped(RuntimeError):
@@ -158,19 +160,50 @@ def model_fingerprint(name_or_path: str) -> str | None:
     return _source_fingerprint(path)[:32] if os.path.isdir(path) else None
 
 
+def _split_matters(config: dict[str, Any]) -> bool:
+    """Whether how a step is split (per-device batch, accumulation, processes) decides it, not only the global
+    batch: steps are split-invariant except for batch negatives (BN) drawn live, which come from each
+    micro-batch (NOTES_split.md; tests/test_split_invariance.py)."""
+    if config.get("objective") not in ("cpo", "cpo_ranked", "dpo") or config.get("negatives_path"):
+        return False
+    return "bn" in {part.split(":")[0].strip().lower() for part in str(config.get("negatives", "")).split(",")}
+
+
+_GLOBAL_BATCH = "global batch (per_device_train_batch_size x gradient_accumulation_steps x processes)"
+
+
+def _decisive_view(identity: dict[str, Any], length_free: bool, split_free: bool) -> dict[str, Any]:
+    """The settings of ``identity`` that decide the run, by name (with the global batch or the number of
+    processes as pseudo-fields)."""
+    config = identity.get("config", {})
+    skip = set(NOT_DECISIVE) | (set(_LENGTH_FIELDS) if length_free else set()) | (
+        set(_SPLIT_FIELDS) if split_free else set())
+    view = {k: v for k, v in config.items() if k not in skip}
+    world = identity.get("world_size", 1)
+    if split_free:
+        try:
+            view[_GLOBAL_BATCH] = (int(config["per_device_train_batch_size"])
+                                   * int(config["gradient_accumulation_steps"]) * int(world))
+        except (KeyError, TypeError, ValueError):
+            view[_GLOBAL_BATCH] = None
+    else:
+        view["world_size (training processes)"] = world
+    return view
+
+
+def _length_free(config: dict[str, Any]) -> bool:
+    return str(config.get("lr_scheduler_type")) in _LENGTH_FREE_SCHEDULES
+
+
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """The decisive settings that differ between two identities: ``[(field, saved value, current value)]``."""
-    old, new = saved.get("config", {}), current.get("config", {})
-    length_free = all(
-        str(c.get("lr_scheduler_type")) in _LENGTH_FREE_SCHEDULES for c in (old, new)
-    )
-    diffs = []
+    old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
+    length_free = _length_free(old_cfg) and _length_free(new_cfg)
+    split_free = not _split_matters(old_cfg) and not _split_matters(new_cfg)
+    old = _decisive_view(saved, length_free, split_free)
+    new = _decisive_view(current, length_free, split_free)
     # a field only one side knows (a seqcpo version that added or dropped an option) is not compared
-    for name in sorted(set(old) & set(new)):
-        if name in NOT_DECISIVE or (length_free and name in _LENGTH_FIELDS):
-            continue
-        if old[name] != new[name]:
-            diffs.append((name, old[name], new[name]))
+    diffs = [(name, old[name], new[name]) for name in sorted(set(old) & set(new)) if old[name] != new[name]]
     changed = {d[0] for d in diffs}
 
     def content(kind: str, label: str, named_by: set[str]) -> None:
@@ -181,8 +214,6 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
 
     content("data_fingerprint", "data (content of the dataset / negatives)", _data_field_names() | {"negatives_path"})
     content("model_fingerprint", "model (content of model_name_or_path)", {"model_name_or_path"})
-    if saved.get("world_size", 1) != current.get("world_size", 1):
-        diffs.append(("world_size (training processes)", saved.get("world_size", 1), current.get("world_size", 1)))
     return diffs
 
 
@@ -197,11 +228,9 @@ def _data_field_names() -> set[str]:
 def identity_key(identity: dict[str, Any]) -> str:
     """A short hash of the decisive part of an identity: two checkpoints of one run share it."""
     config = identity.get("config", {})
-    length_free = str(config.get("lr_scheduler_type")) in _LENGTH_FREE_SCHEDULES
-    decisive = {k: v for k, v in config.items()
-                if k not in NOT_DECISIVE and not (length_free and k in _LENGTH_FIELDS)}
-    blob = json.dumps([decisive, identity.get("data_fingerprint"), identity.get("model_fingerprint"),
-                       identity.get("world_size", 1)], sort_keys=True, default=str)
+    view = _decisive_view(identity, _length_free(config), not _split_matters(config))
+    blob = json.dumps([view, identity.get("data_fingerprint"), identity.get("model_fingerprint")], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
