@@ -5,6 +5,7 @@ from typing import Optional
 
 TASKS = ("continuation", "instruction")
 PROMPT_TEMPLATES = ("auto", "plain", "chat")
+OVERLONG = ("cut", "skip")
 
 
 class DataError(ValueError):
@@ -34,6 +35,9 @@ class DataConfig:
     ``add_generation_prompt=True``.
 
     Splits are assigned by a stable hash of (split_seed, record id): see :mod:`seqcpo.data.splits`.
+    With ``streaming=True`` records are read lazily and tokenized on the fly, with the same split rule:
+    see :mod:`seqcpo.data.streaming`. Examples that do not fit the model's context follow the rule of
+    :func:`seqcpo.data.examples.context_limits` (cut or skipped, and counted in the log).
     See :func:`seqcpo.data.load_splits` for the full pipeline and PAPER.md "Tasks" for the two settings.
     """
 
@@ -131,6 +135,42 @@ class DataConfig:
         default=None, metadata={"help": "Cap on training examples (a hash-random subset); None keeps all."}
     )
 
+    # -- context limits
+    max_context_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Longest prefix + candidate continuation in tokens; None: the model's context "
+            "(max_position_embeddings). Instruction examples over it are cut (the prompt keeps its end, the "
+            "response its start + EOS) or skipped (see overlong), and counted in the log; a continuation "
+            "window that cannot fit is an error at start."
+        },
+    )
+    overlong: str = field(
+        default="cut",
+        metadata={
+            "help": 'Instruction task: "cut" a prompt or response longer than its token cap (max_prefix_tokens, '
+            'max_continuation_tokens, both lowered to fit max_context_tokens), or "skip" the example. Both are '
+            "counted and logged."
+        },
+    )
+
+    # -- streaming (corpus scale)
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read records lazily (datasets streaming; Hub datasets streamed) and tokenize them on the fly "
+            "instead of holding the corpus: same split rule, each process reads its own shard (record index modulo "
+            "world size), resumable mid-epoch. Needs max_steps; validation/test are capped by max_eval_examples."
+        },
+    )
+    max_eval_examples: int = field(
+        default=1000,
+        metadata={
+            "help": "Streaming: at most this many validation and this many test examples are held (the first in "
+            "source order when sizes are fractions; counts above it are an error)."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r}: choose one of {', '.join(TASKS)}")
@@ -158,3 +198,21 @@ class DataConfig:
             )
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples={self.max_examples}: give a positive cap or None")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"overlong={self.overlong!r}: choose one of {', '.join(OVERLONG)}")
+        if self.max_context_tokens is not None and self.max_context_tokens < 4:
+            raise ValueError(f"max_context_tokens={self.max_context_tokens}: give at least 4 tokens, or None")
+        if self.max_eval_examples < 1:
+            raise ValueError(f"max_eval_examples={self.max_eval_examples} must be at least 1")
+        if self.streaming:
+            if self.max_examples is not None:
+                raise ValueError(
+                    "max_examples needs the whole corpus in memory; with streaming=true bound the run with max_steps"
+                )
+            for name in ("validation_size", "test_size"):
+                v = getattr(self, name)
+                if v >= 1 and v > self.max_eval_examples:
+                    raise ValueError(
+                        f"{name}={int(v)} is above max_eval_examples={self.max_eval_examples}: with streaming=true "
+                        "the evaluation splits are held in memory; lower it or raise max_eval_examples"
+                    )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from seqcpo.data.config import DataConfig, DataError
-from seqcpo.data.examples import build_examples
+from seqcpo.data.examples import build_examples, describe_counts
 from seqcpo.data.sources import read_records
 from seqcpo.types import Example
 
@@ -45,16 +45,17 @@ class Splits:
         return f"Splits(train={len(self.train)}, validation={len(self.validation)}, test={len(self.test)})"
 
 
-def load_splits(cfg: DataConfig, tokenizer: Any) -> Splits:
+def load_splits(cfg: DataConfig, tokenizer: Any, context_tokens: int | None = None) -> Splits:
     """Read ``cfg.dataset``, build (prefix, continuation) examples with ``tokenizer``, split them.
 
     Every ``Example.meta`` holds ``id``, ``prompt`` (the prefix as text), ``reference`` (the gold
     continuation as text, without EOS), ``category`` (or None) and ``source`` (the dataset name);
     continuation examples add ``window``; instruction examples add ``instruction``, ``context``,
-    ``prefix_truncated`` and ``continuation_truncated``.
+    ``prefix_truncated`` and ``continuation_truncated``. ``context_tokens`` (the model's context) bounds
+    every example by :func:`seqcpo.data.examples.context_limits`.
     """
     records, source = read_records(cfg)
-    groups, stats = build_examples(records, cfg, tokenizer, source)
+    groups, stats = build_examples(records, cfg, tokenizer, source, context_tokens=context_tokens)
     ids = [g[0].meta["id"] for g in groups]
     assignment = assign_splits(ids, cfg.validation_size, cfg.test_size, cfg.split_seed, where=source)
     by_split: dict[str, list[list[Example]]] = {name: [] for name in SPLITS}
@@ -70,12 +71,7 @@ def load_splits(cfg: DataConfig, tokenizer: Any) -> Splits:
         stats=dict(stats, source=source),
     )
     splits.stats.update(train=len(splits.train), validation=len(splits.validation), test=len(splits.test))
-    notes = []
-    if stats.get("skipped_short"):
-        need = cfg.prefix_tokens + cfg.continuation_tokens
-        notes.append(f"{stats['skipped_short']} documents shorter than {need} tokens skipped")
-    if stats.get("skipped_bad"):
-        notes.append(f"{stats['skipped_bad']} malformed records skipped")
+    notes = describe_counts(stats, cfg)
     logger.info(
         "data %s (task %s): %d records -> %d examples%s; train %d, validation %d, test %d",
         source,
@@ -102,9 +98,8 @@ def assign_splits(
     """The split name ("train", "validation" or "test") of each id; see the module docstring for the rule."""
     n = len(record_ids)
     keys = [split_key(seed, str(i)) for i in record_ids]
-    if validation_size < 1 and test_size < 1:  # fractions (or 0): each record on its own
-        lo, hi = float(validation_size), float(validation_size) + float(test_size)
-        out = ["validation" if u < lo else "test" if u < hi else "train" for u in keys]
+    if uses_fractions(validation_size, test_size):  # each record on its own
+        out = [fraction_split(u, validation_size, test_size) for u in keys]
     else:
         n_val, n_test = _count(validation_size, n), _count(test_size, n)
         if n_val + n_test >= n:
@@ -121,6 +116,17 @@ def assign_splits(
             f"{where}: no record left for training with {n} usable records; lower validation_size/test_size"
         )
     return out
+
+
+def uses_fractions(validation_size: float, test_size: float) -> bool:
+    """True when both sizes are fractions (or 0): a record's split then follows from its own key alone."""
+    return validation_size < 1 and test_size < 1
+
+
+def fraction_split(u: float, validation_size: float, test_size: float) -> str:
+    """The split of key ``u`` under fraction sizes: validation [0, v), test [v, v + t), train the rest."""
+    lo, hi = float(validation_size), float(validation_size) + float(test_size)
+    return "validation" if u < lo else "test" if u < hi else "train"
 
 
 def export_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from seqcpo.data import load_splits
+from seqcpo.data import load_splits, model_context_tokens
 from seqcpo.models import apply_lora, load_model, load_tokenizer, resolve_model_path
 from seqcpo.training.checkpoints import prepare_output_dir, resolve_resume, run_identity, write_complete_marker
 from seqcpo.training.config import SeqCPOConfig, save_config
@@ -49,8 +49,19 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     if resume is None:
         _warn_foreign_checkpoints(cfg.output_dir, identity)
     set_seed(cfg.seed)
+    if cfg.streaming:
+        from seqcpo.data.streaming import check_streaming_args
+
+        check_streaming_args(cfg.max_steps)  # before loading the model: a missing max_steps fails at once
     path, tokenizer, model = _load(cfg)
-    splits = load_splits(cfg.data_config(), tokenizer)
+    context = model_context_tokens(getattr(model, "config", None))
+    if cfg.streaming:
+        from seqcpo.data.streaming import load_streaming
+
+        splits = load_streaming(cfg.data_config(), tokenizer, context_tokens=context,
+                                need_validation=cfg.eval_strategy != "no")
+    else:
+        splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
     offline, offline_meta = None, None
     if cfg.negatives_path and cfg.uses_negatives:
         from seqcpo.training.offline import read_offline_negatives
@@ -62,16 +73,25 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     eval_ds = None
     if cfg.eval_strategy != "no" and splits.validation:
         eval_ds = ExampleDataset(splits.validation, None)
+    if cfg.streaming:
+        from seqcpo.data.streaming import StreamPositionCallback
+
+        cfg.ignore_data_skip = True  # the stream restarts at its stored position: the Trainer must not replay
+        train_ds = splits.train(tokenizer, cfg.process_index, cfg.world_size, offline)
+    else:
+        train_ds = ExampleDataset(splits.train, offline)
     trainer = SeqCPOTrainer(
         model,
         cfg,
-        train_dataset=ExampleDataset(splits.train, offline),
+        train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         offline_meta=offline_meta,
         callbacks=callbacks,
     )
     trainer.run_identity = identity
+    if cfg.streaming:
+        trainer.add_callback(StreamPositionCallback(train_ds))
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
         save_config(cfg, config_path)
@@ -113,7 +133,11 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
         "seconds": round(time.time() - t0, 1),
-        "examples": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+        "examples": {
+            "train": None if cfg.streaming else len(splits.train),  # a stream has no length
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+        },
         "model_path": path,
         "trainer": trainer,
     }
@@ -156,7 +180,7 @@ def make_negatives(cfg: SeqCPOConfig, out_dir: str, shard_size: int = 256) -> di
     set_seed(cfg.seed)
     _, tokenizer, model = _load(cfg)
     model.requires_grad_(False)
-    splits = load_splits(cfg.data_config(), tokenizer)
+    splits = load_splits(cfg.data_config(), tokenizer, context_tokens=model_context_tokens(model.config))
     with torch.no_grad():
         manifest = make_offline_negatives(cfg, splits.train, model, tokenizer, out_dir, shard_size=shard_size)
     return {"out_dir": out_dir, "examples": len(splits.train), "shards": manifest["num_shards"]}

@@ -179,6 +179,15 @@ class SeqCPOTrainer(Trainer):
         self._window[0] += torch.where(seen, total / count.clamp(min=1), torch.zeros_like(total))
         self._window[1] += seen.double()
 
+    def get_train_dataloader(self):
+        # a streamed corpus (seqcpo.data.streaming) is already this process's shard, read in this process (its
+        # stored position must stay visible to the checkpoint callback): accelerate must not shard or dispatch it
+        if getattr(self.train_dataset, "is_process_shard", False):
+            from torch.utils.data import DataLoader
+
+            return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator)
+        return super().get_train_dataloader()
+
     def _mn_source(self) -> str | None:
         """Which model's gold-branch pass MN negatives are drawn from: "reference", "policy" or None (MN, if
         any, runs its own forward pass)."""
