@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from seqcpo.data import DataError
     from seqcpo.ensemble import EnsembleError
+    from seqcpo.training.checkpoints import TrainingStopped
     from seqcpo.training.config import ConfigError
 
     try:
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, EnsembleError) as e:
         print(f"seqcpo: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # a run that cannot go on (non-finite loss, checkpoint write): not bad input
+        print(f"seqcpo: error: {e}", file=sys.stderr)
+        return 3
     except (ValueError, OSError, ImportError) as e:
         # bad input found deeper in (a model folder, a batch too small for its negatives, a bad negatives
         # folder): one line, unless SEQCPO_DEBUG asks for the traceback

@@ -311,7 +311,9 @@ def test_two_process_streaming_run_stores_both_positions_and_resumes(assets, tmp
               "-m", "seqcpo.cli", "train", "--dataset", assets["data"], "--task", "continuation", "--streaming",
               "true", "--model_name_or_path", assets["model"], "--prefix_tokens", "8", "--continuation_tokens", "8",
               "--per_device_train_batch_size", "2", "--negatives", "tn", "--num_negatives", "2", "--save_steps", "2", "--report_to", "none", "--use_cpu",
-              "true", "--output_dir", str(tmp_path / "ddp")]
+              "true", "--output_dir", str(tmp_path / "ddp"),
+              # the resume below extends the run to 3 steps: only a constant schedule allows that (checkpoints.py)
+              "--lr_scheduler_type", "constant"]
     for extra in (["--max_steps", "2"], ["--max_steps", "3", "--resume_from_checkpoint", str(tmp_path / "ddp" /
                                                                                            "checkpoint-2")]):
         proc = subprocess.run(launch + extra, capture_output=True, text=True, env=env, timeout=600)

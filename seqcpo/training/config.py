@@ -186,6 +186,15 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         default=1024, metadata={"help": "Tokens per chunk of the LM head + log-softmax.", "check": ">=1"}
     )
 
+    # ---- resume (seqcpo.training.checkpoints)
+    allow_config_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even from a checkpoint written under other decisive settings (learning rate, data, "
+            "objective, seed, ...); the differences are logged. Off: such a resume is refused, naming them."
+        },
+    )
+
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = "runs/seqcpo"
@@ -313,6 +322,19 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             else:
                 out[f.name] = str(v)
         return out
+
+    def __repr__(self) -> str:
+        # the generated dataclass repr would print hub_token; TrainingArguments' masks every *_token field
+        return TrainingArguments.__str__(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles (``training_args.bin`` in every checkpoint, copies) leave secrets out: a token is read from
+        the environment or the command line and lives in this process only."""
+        state = dict(self.__dict__)
+        for name in state:
+            if _is_secret(name) and state[name] is not None:
+                state[name] = None
+        return state
 
 
 # `--key value` of the command line; values stay strings until the field's type reads them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from transformers import set_seed
 
 from seqcpo.data import load_splits, model_context_tokens
 from seqcpo.models import apply_lora, load_model, load_tokenizer, resolve_model_path
+from seqcpo.training.checkpoints import prepare_output_dir, resolve_resume, run_identity, write_complete_marker
 from seqcpo.training.config import SeqCPOConfig, save_config
 
 logger = logging.getLogger("seqcpo")
@@ -30,19 +32,22 @@ def _load(cfg: SeqCPOConfig):
     return path, tokenizer, model
 
 
-def _resume_arg(value):
-    if value is None or value is False:
-        return None
-    if isinstance(value, str) and value.lower() in ("true", "latest", "auto", "yes"):
-        return True
-    return value
+def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train per ``cfg``; returns where everything went (output folder, final checkpoint, config, logs).
 
-
-def train(cfg: SeqCPOConfig) -> dict[str, Any]:
-    """Train per ``cfg``; returns where everything went (output folder, final checkpoint, config, logs)."""
+    Before anything is loaded: ``output_dir`` is checked writable, and a resume is resolved to a complete
+    checkpoint written by this run's settings (:mod:`seqcpo.training.checkpoints`). ``callbacks``: extra
+    ``transformers.TrainerCallback`` objects. Raises :class:`~seqcpo.training.checkpoints.NonFiniteError` when
+    the loss or the gradient norm stops being finite (the last good checkpoint stays; ``final/`` is not written).
+    """
     from seqcpo.training.trainer import ExampleDataset, SeqCPOTrainer
 
     t0 = time.time()
+    prepare_output_dir(cfg.output_dir)
+    identity = run_identity(cfg, cfg.world_size)
+    resume = resolve_resume(cfg, identity)
+    if resume is None:
+        _warn_foreign_checkpoints(cfg.output_dir, identity)
     set_seed(cfg.seed)
     if cfg.streaming:
         from seqcpo.data.streaming import check_streaming_args
@@ -82,22 +87,28 @@ def train(cfg: SeqCPOConfig) -> dict[str, Any]:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         offline_meta=offline_meta,
+        callbacks=callbacks,
     )
+    trainer.run_identity = identity
     if cfg.streaming:
         trainer.add_callback(StreamPositionCallback(train_ds))
-    os.makedirs(cfg.output_dir, exist_ok=True)
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
         save_config(cfg, config_path)
-    result = trainer.train(resume_from_checkpoint=_resume_arg(cfg.resume_from_checkpoint))
+    result = trainer.train(resume_from_checkpoint=resume)
     final_dir = os.path.join(cfg.output_dir, "final")
+    if trainer.is_world_process_zero() and os.path.isdir(final_dir):
+        shutil.rmtree(final_dir)  # an older final/ is replaced whole: its marker must not vouch for new files
+    trainer.accelerator.wait_for_everyone()
     if cfg.lora:
         _save_merged(trainer, final_dir, tokenizer)
     else:
         trainer.save_model(final_dir)
+    trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         from seqcpo.io import atomic_write_json
 
+        write_complete_marker(final_dir, trainer.state.global_step, identity)
         atomic_write_json(os.path.join(cfg.output_dir, "log_history.json"), trainer.state.log_history)
         atomic_write_json(
             os.path.join(cfg.output_dir, "run_info.json"),
@@ -132,6 +143,21 @@ def train(cfg: SeqCPOConfig) -> dict[str, Any]:
     }
 
 
+def _warn_foreign_checkpoints(output_dir: str, identity: dict) -> None:
+    """A fresh run into a folder holding another run's checkpoints: say so (they are left alone, not rotated)."""
+    from seqcpo.training.checkpoints import identity_key, list_checkpoints, read_marker
+
+    key = identity_key(identity)
+    foreign = [p for _, p in list_checkpoints(output_dir)
+               if (m := read_marker(p)) is None or m.get("identity_key") != key]
+    if foreign:
+        logger.warning(
+            "output_dir %s already holds %d checkpoint(s) of another run or torn ones (%s): this run starts afresh "
+            "and leaves them alone; a folder at a step this run saves is replaced",
+            output_dir, len(foreign), ", ".join(os.path.basename(p) for p in foreign[:5]),
+        )
+
+
 def _save_merged(trainer, final_dir: str, tokenizer) -> None:
     """LoRA: write the adapter merged into the base weights, so plain transformers loads the result."""
     from seqcpo.training.config import save_config
@@ -150,6 +176,7 @@ def make_negatives(cfg: SeqCPOConfig, out_dir: str, shard_size: int = 256) -> di
     """Fixed negatives + reference log-probs for the training split, into ``out_dir`` (resumable)."""
     from seqcpo.training.offline import make_offline_negatives
 
+    prepare_output_dir(out_dir, option="--out")
     set_seed(cfg.seed)
     _, tokenizer, model = _load(cfg)
     model.requires_grad_(False)

@@ -68,6 +68,7 @@ from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
 from seqcpo.seeding import example_generators
 from seqcpo.two_pass import gold_pass, negatives_pass, two_pass_supported
+from seqcpo.training.checkpoints import NonFiniteGuard, finite_logs, save_complete_checkpoint
 from seqcpo.training.config import SeqCPOConfig
 from seqcpo.types import CandidateBatch, Example, Negatives
 
@@ -152,6 +153,7 @@ class SeqCPOTrainer(Trainer):
                     options=args.negative_options(),
                 )
         self.mn_source = self._mn_source()
+        self.finite_guard = NonFiniteGuard()  # stops at a NaN/inf loss or gradient norm (checkpoints.py)
 
     def _logged_metric_names(self) -> list[str]:
         """The metrics this objective logs (the same on every process, so their sums can be all-reduced)."""
@@ -389,7 +391,21 @@ class SeqCPOTrainer(Trainer):
         for name, t, c in zip(self._metric_names, total.tolist(), count.tolist()):
             if c > 0:
                 logs[f"{prefix}{name}"] = round(t / c, 6)
-        super().log(logs, start_time)
+        super().log(finite_logs(logs), start_time)
+
+    # ---- run safety (seqcpo.training.checkpoints): finite steps, checkpoints marked complete
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.finite_guard.note_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.finite_guard.check(grad_norm, self)  # before the optimizer step: weights never turn NaN
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial):
+        save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
 
     # ---- saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
