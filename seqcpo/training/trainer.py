@@ -62,7 +62,7 @@ from seqcpo.batching import (  # noqa: F401  (ExampleDataset, collate_examples: 
     local_step_counts,
     target_tokens,
 )
-from seqcpo.logps import sequence_logps, unwrap_model
+from seqcpo.logps import choose_layout, sequence_logps, unwrap_model
 from seqcpo.losses import PREFERENCE_METRICS, cpo_loss_per_example, preference_metric_sums
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
@@ -71,6 +71,9 @@ from seqcpo.two_pass import gold_pass, negatives_pass, two_pass_supported
 from seqcpo.training.checkpoints import NonFiniteGuard, finite_logs, save_complete_checkpoint
 from seqcpo.training.config import SeqCPOConfig
 from seqcpo.types import CandidateBatch, Example, Negatives
+
+# the layouts `auto` may choose for the policy (seqcpo.logps.choose_layout)
+AGREED_LAYOUTS = ("shared", "packed", "two_pass")
 
 
 class SeqCPOTrainer(Trainer):
@@ -310,7 +313,8 @@ class SeqCPOTrainer(Trainer):
             sums["pss/mix_fraction"] = (round(frac * n_tokens), n_tokens)
         elif not cfg.uses_negatives:
             out = sequence_logps(
-                model, candidate_batch(examples, None), layout="shared" if self.layout == "two_pass" else self.layout,
+                model, candidate_batch(examples, None),
+                layout="shared" if self.layout == "two_pass" else self._agreed_layout(model, candidate_batch(examples, None)),
                 pad_token_id=self.pad_token_id,
                 chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
             )
@@ -366,9 +370,26 @@ class SeqCPOTrainer(Trainer):
     def _policy_logps(self, model, batch: CandidateBatch):
         cfg = self.cfg
         return sequence_logps(
-            model, batch, layout=self.layout, pad_token_id=self.pad_token_id, length_normalize=cfg.length_normalize,
-            chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
+            model, batch, layout=self._agreed_layout(model, batch), pad_token_id=self.pad_token_id,
+            length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size,
+            head_in_forward=self.head_in_forward,
         )
+
+    def _agreed_layout(self, model, batch: CandidateBatch) -> str:
+        """``logps_layout`` for this batch; with ``auto`` under several processes, one choice for all of them.
+
+        Every process must run the same layout: the two-pass layout calls the wrapped model twice and each DDP
+        forward is a collective (buffer broadcast, gradient hooks), so two processes choosing differently per batch
+        wait on each other forever. A layout every process chose is kept; otherwise "shared" (same numbers)."""
+        if self.layout != "auto":
+            return self.layout
+        choice = choose_layout(model, batch, head_in_forward=self.head_in_forward)
+        if self.accelerator.num_processes == 1:
+            return choice
+        votes = torch.zeros(len(AGREED_LAYOUTS), dtype=torch.float32, device=self.accelerator.device)
+        votes[AGREED_LAYOUTS.index(choice)] = 1.0
+        votes = self.accelerator.reduce(votes, reduction="sum")
+        return choice if int(votes[AGREED_LAYOUTS.index(choice)].item()) == self.accelerator.num_processes else "shared"
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
