@@ -5,6 +5,7 @@ negatives.)"""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,8 +15,16 @@ from conftest import make_tiny_llama, make_toy_tokenizer
 
 
 def _run(cmd, env):
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=int(os.environ.get("SEQCPO_DDP_TEST_TIMEOUT", "600")))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a new process group, so that a hang kills the launcher's workers too, not only the launcher
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=int(os.environ.get("SEQCPO_DDP_TEST_TIMEOUT", "600")))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out (a hang between processes?): {cmd}\n{out[-2000:]}{err[-2000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
     return proc
 
 
