@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from seqcpo.io import atomic_write_json
+from seqcpo.io import atomic_output, atomic_write_json
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import FrozenCopyReference
 from seqcpo.types import Example
@@ -108,16 +108,8 @@ def _write_shard(path: str, rows: list[dict]) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=_schema())
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         pq.write_table(table, tmp, row_group_size=256)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _shard_ids(path: str) -> list[str] | None:
