@@ -41,7 +41,7 @@ import torch
 
 from seqcpo.decoding import DecodingConfig
 from seqcpo.logps import cache_kwarg, output_cache
-from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.negatives.base import NegativesBuilder, check_k
 from seqcpo.sampling import filter_logits, model_device, sample_rows, seeded_model_rng
 from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.padding import pad_batch
@@ -249,8 +249,7 @@ class AutoregressiveNegatives:
         ranked: bool = False,
     ) -> Negatives:
         """K negatives per example; ``generator``: one per example, or one for the call."""
-        if k < 1:
-            raise ValueError(f"an: k must be >= 1, got {k}")
+        check_k("an", k)
         self.decoding.check_k(k)
         golds = [list(ex.continuation_ids) for ex in examples]
         prefixes = [list(ex.prefix_ids) for ex in examples]

@@ -48,6 +48,12 @@ def uses_gold_logits(generator) -> bool:
     return bool(getattr(generator, "uses_gold_logits", False))
 
 
+def check_k(name: str, k: int) -> None:
+    """The one check that a generator was asked for K >= 1 negatives per example (``name``: the generator)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"{name}: k must be an integer >= 1, got {k!r}")
+
+
 class NegativesBuilder:
     """Collects each example's K negatives in turn and builds :class:`Negatives`.
 

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.negatives.similarity import rouge_l_f
-from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.negatives.base import NegativesBuilder, check_k
 from seqcpo.seeding import Generators, fork, per_example_generators
 from seqcpo.types import Example, Negatives
 
@@ -58,8 +58,7 @@ class BatchNegatives:
     ) -> Negatives:
         """K negatives per example from the batch's other golds; ``generator``: one per example, or one for the
         call."""
-        if k < 1:
-            raise ValueError(f"bn: k must be >= 1, got {k}")
+        check_k("bn", k)
         golds = [list(ex.continuation_ids) for ex in examples]
         distinct: list[list[int]] = []
         for g in golds:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.negatives.base import NegativesBuilder, check_k
 from seqcpo.sampling import (  # noqa: F401  (inverse_cdf_sample: importable from here as before)
     inverse_cdf_sample,
     model_device,
@@ -67,8 +67,7 @@ def mean_field_negatives_from_logits(
     Returns:
         ``Negatives`` with ``ids[b][i]`` of length T_b (same length as the gold).
     """
-    if k < 1:
-        raise ValueError(f"mn: k must be >= 1, got {k}")
+    check_k("mn", k)
     if len(golds) != len(logits):
         raise ValueError(f"mn: got {len(golds)} golds but {len(logits)} logits tensors")
     cs = [float(c)] * k if isinstance(c, (int, float)) else [float(x) for x in c]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from seqcpo.negatives.autoregressive import AutoregressiveNegatives, DecodingConfig
-from seqcpo.negatives.base import NegativeGenerator
+from seqcpo.negatives.base import NegativeGenerator, check_k
 from seqcpo.negatives.batch import BatchNegatives
 from seqcpo.negatives.mean_field import MeanFieldNegatives
 from seqcpo.negatives.mixture import MixtureNegatives
@@ -100,8 +100,7 @@ def check_options(opts: dict[str, Any]) -> None:
 
 def parse_spec(spec: str, k: int) -> list[tuple[str, int]]:
     """``"tn:2,bn:2"`` -> ``[("tn", 2), ("bn", 2)]``; a single name without a count gets all K."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_k("negatives", k)
     items = [item.strip() for item in spec.strip().lower().split(",")]
     if not spec.strip() or any(not item for item in items):
         raise ValueError(f"empty generator in negatives spec {spec!r}; expected e.g. 'an' or 'an:2,tn:2'")

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from seqcpo.negatives.base import NegativesBuilder
+from seqcpo.negatives.base import NegativesBuilder, check_k
 from seqcpo.seeding import Generators, per_example_generators
 from seqcpo.types import Example, Negatives
 
@@ -66,8 +66,7 @@ class TruncationNegatives:
         ranked: bool = False,
     ) -> Negatives:
         """K negatives per example; ``generator``: one per example, or one for the call."""
-        if k < 1:
-            raise ValueError(f"tn: k must be >= 1, got {k}")
+        check_k("tn", k)
         eos = self.eos_token_id
         out = NegativesBuilder(self.name, ranked)
         for ex, g in zip(examples, per_example_generators(generator, len(examples))):
