@@ -287,3 +287,94 @@ def test_a_grid_judge_that_cannot_load_fails_before_training(assets, tmp_path):
     with pytest.raises(GridError, match=r"eval.judge: --judge-model .*no-such-judge: not a loadable checkpoint"):
         run_grid(grid)
     assert not (tmp_path / "out" / "arms").exists()
+
+
+def _claims_grid(assets, tmp_path):
+    grid = {
+        "name": "tiny-claims",
+        "out_dir": str(tmp_path / "out"),
+        "base": {
+            "model_name_or_path": assets["model"], "dataset": assets["data"], "task": "instruction",
+            "prompt_template": "plain", "validation_size": 0, "test_size": 8, "max_steps": 3,
+            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
+            "report_to": "none", "use_cpu": True, "disable_tqdm": True, "dataloader_num_workers": 0,
+        },
+        "arms": {
+            "mle": {"objective": "mle", "seeds": [0, 1]},
+            "cpo": {"objective": "cpo", "negatives": "tn:1,bn:1", "num_negatives": 2, "seeds": [0, 1]},
+            "anr": {"objective": "cpo_ranked", "negatives": "an", "num_negatives": 2, "offline_negatives": True,
+                    "an_max_new_tokens": 4, "seed": 0},
+        },
+        "ensembles": [{"from": "mle", "to": "cpo", "alphas": [0.5]}],
+        "eval": {"num_examples": 8, "decoding": ["greedy", "sample:temperature=1.0,top_p=0.95"],
+                 "max_new_tokens": 6, "batch_size": 8, "judge": "none", "mauve": "minilm"},
+        "paired": {"resamples": 200, "mauve_resamples": 3},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text("# seqcpo reproduce grid.yaml\n" + yaml.safe_dump(grid, sort_keys=False))
+    return str(path)
+
+
+def test_grid_claims_seeds_fixed_negatives_separation_and_resume(assets, tmp_path, monkeypatch, fake_minilm):
+    """The resolved grid's machinery end to end on a tiny model: seeds expand into arms, an arm's fixed negatives
+    are made once as a stage, every arm gets paired intervals against MLE per decoding (claims table), seed
+    spread, the separation column and curves, compute per stage; a rerun redoes nothing."""
+    from seqcpo.training import run as training_run
+
+    grid = _claims_grid(assets, tmp_path)
+    g = load_grid(grid)
+    assert [a.name for a in g.arms] == ["mle", "mle.s1", "cpo", "cpo.s1", "anr", "mle~cpo@0.5"]
+    assert g.arm("cpo.s1").overrides["seed"] == 1 and g.arm("cpo.s1").seed_group == "cpo"
+    assert g.arm("anr").overrides["negatives_path"] == str(tmp_path / "out" / "negatives" / "anr")
+    report = Path(run_grid(grid))
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    text = report.read_text()
+
+    # fixed negatives: a stage of their own, made before training, its cost in the compute table
+    assert (out / "negatives/anr/manifest.json").is_file() and (out / "negatives/anr/done.json").is_file()
+    compute = results["grid"]["compute"]
+    assert compute["anr"]["negatives_seconds"] >= 0 and compute["mle"]["negatives_seconds"] is None
+    assert compute["cpo.s1"]["train_steps"] == 3 and compute["cpo.s1"]["seed"] == 1
+
+    # per-item scores: one per test item, the means they average to
+    run = next(r for r in results["runs"] if r["label"] == "cpo" and r["decoding"] == "greedy")
+    assert len(run["per_item"]["id"]) == 8 and len(run["per_item"]["similarity"]) == 8
+    assert np.isclose(np.mean(run["per_item"]["rouge_l"]), run["rouge_l"])
+
+    # paired differences against MLE: every other arm, both decodings, every metric with an ordered interval
+    paired = results["grid"]["paired"]
+    assert set(paired) == {"mle.s1", "cpo", "cpo.s1", "anr", "mle~cpo@0.5"}
+    for arm, by_dec in paired.items():
+        assert set(by_dec) == {"greedy", "sample_t1.0_p0.95"} or len(by_dec) == 2
+        for dec, diffs in by_dec.items():
+            assert {"rep_3", "rep_4", "rouge_l", "similarity", "distinct_2", "mauve"} <= set(diffs)
+            for d in diffs.values():
+                assert d["low"] <= d["high"] and d["n"] == 8
+                assert np.isclose(d["difference"], d["a"] - d["b"])
+    assert "## Claims: every difference against `mle` with its interval" in text
+    section = text.split("## Claims")[1].split("\n## ")[0]
+    claims = [ln for ln in section.splitlines() if ln.startswith("| cpo | ")]
+    assert len(claims) == 2 * 6  # two decodings x six metrics
+    assert claims and all(ln.endswith("| significant at 95% |") or ln.endswith("| not resolved |") for ln in claims)
+    assert any("MAUVE vs gold (set, resampled)" in ln for ln in claims)
+
+    # seed spread for both seeded arms; separation column and curves
+    spread = results["grid"]["seed_spread"]
+    assert set(spread) == {"mle", "cpo"} and spread["cpo"]["greedy"]["rouge_l"]["n"] == 2
+    assert "## Seed spread" in text and "| cpo (cpo, cpo.s1) |" in text
+    training = results["grid"]["training"]
+    assert {"cpo", "cpo.s1", "anr"} <= set(training) and "mle" not in training  # MLE has no pairwise signal
+    assert [s for s, _ in training["cpo"]["curves"]["rewards/accuracies"]] == [1, 2, 3]
+    assert "separated at step" in text and "## When the negatives stopped teaching" in text
+    assert "separation.png" in results["plots"] and (out / "separation.png").stat().st_size > 1000
+
+    # a rerun redoes no stage (negatives, training, generation, evaluation, paired bootstrap)
+    def no_training(cfg, *a, **k):
+        raise AssertionError("a finished stage was redone")
+
+    monkeypatch.setattr(training_run, "train", no_training)
+    monkeypatch.setattr(training_run, "make_negatives", no_training)
+    before = _mtimes(out)
+    run_grid(grid)
+    assert _mtimes(out) == before and any(k.startswith("arms/cpo/paired") for k in before)

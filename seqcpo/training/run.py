@@ -40,6 +40,7 @@ def _resume_arg(value):
 
 def train(cfg: SeqCPOConfig) -> dict[str, Any]:
     """Train per ``cfg``; returns where everything went (output folder, final checkpoint, config, logs)."""
+    from seqcpo.training.separation import SeparationMonitor
     from seqcpo.training.trainer import ExampleDataset, SeqCPOTrainer
 
     t0 = time.time()
@@ -65,6 +66,7 @@ def train(cfg: SeqCPOConfig) -> dict[str, Any]:
         processing_class=tokenizer,
         offline_meta=offline_meta,
     )
+    trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
     os.makedirs(cfg.output_dir, exist_ok=True)
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
