@@ -775,10 +775,12 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
     """
     grid = load_grid(grid_path)
     names = [a.name for a in grid.arms]
-    unknown = [n for n in only or () if n not in names and n not in {e.name for e in grid.ensembles}]
+    groups = {e.name for e in grid.ensembles} | {a.seed_group for a in grid.arms if a.seed_group}
+    unknown = [n for n in only or () if n not in names and n not in groups]
     if unknown:
         raise GridError(f"--only: {', '.join(unknown)} not in the grid (arms: {', '.join(names)})")
-    selected = {a.name for a in grid.arms if not only or a.name in only or a.ensemble in only}
+    selected = {a.name for a in grid.arms
+                if not only or a.name in only or a.ensemble in only or a.seed_group in only}
     runner = _Runner(grid, selected)
     command = " ".join(shlex.quote(c) for c in ["seqcpo", "reproduce", str(grid_path), *(["--only", *only] if only else [])])
     if dry_run:
@@ -790,20 +792,32 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
         raise GridError(f"{grid.path}: eval.judge: {e}") from None
     grid.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # 1-2. train and generate, arm by arm (an ensemble after both its endpoints)
+
+    def evaluate_when_ready(arm: Arm) -> None:
+        """Evaluate now (and rewrite the report: a long grid has a current one) once the baseline, which the
+        arm meets head to head, is evaluated; otherwise the last loop below does it."""
+        base = runner._baseline_for(arm)
+        if base is None or read_done(runner.arm_dir(base) / "evaluate") is not None:
+            runner.evaluate(arm)
+            write_grid_report(runner, command)
+
+    # 1-3. negatives (where fixed), train, generate and evaluate, arm by arm (an ensemble after both endpoints)
     for arm in grid.arms:
         if arm.kind != "ensemble" and arm.name in selected:
             runner.train(arm)
             runner.generate(arm)
+            evaluate_when_ready(arm)
     for ens in grid.ensembles:
         arms = [a for a in grid.arms if a.ensemble == ens.name and a.name in selected]
         if arms:
             runner.interpolate(ens)
             for arm in arms:
                 runner.generate(arm)
-    # 3. evaluate, the baseline first (the others meet it head to head)
+                evaluate_when_ready(arm)
+    # the rest, the baseline first (the others meet it head to head); finished evaluations are skipped
     for arm in sorted((a for a in grid.arms if a.name in selected), key=lambda a: a.name != grid.eval.baseline):
         runner.evaluate(arm)
+    # 4. paired bootstrap against the baseline (cached per arm) and the report
     path = write_grid_report(runner, command)
     logger.info("grid %s: done in %.0f s; report %s", grid.name, time.perf_counter() - t0, path)
     return path

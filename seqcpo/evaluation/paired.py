@@ -148,7 +148,9 @@ def _distinct_statistic(texts: Sequence[str], n: int) -> Callable[[np.ndarray], 
     return stat
 
 
-def _mauve_statistic(gold: np.ndarray, gen: np.ndarray, seed: int) -> Callable[[np.ndarray], float]:
+def _mauve_statistic(gold: np.ndarray, gen: np.ndarray) -> Callable[[np.ndarray], float]:
+    """MAUVE of the picked items (gold and model resampled together), with MAUVE's own default seed so the
+    full-set value is the one the report's table shows."""
     import logging
 
     from seqcpo.evaluation.metrics import mauve_score
@@ -158,7 +160,7 @@ def _mauve_statistic(gold: np.ndarray, gen: np.ndarray, seed: int) -> Callable[[
     def stat(idx: np.ndarray) -> float:
         level, quiet.level = quiet.level, logging.ERROR  # the small-sample warning once per set, not per resample
         try:
-            return mauve_score(gold[idx], gen[idx], seed=seed).score
+            return mauve_score(gold[idx], gen[idx]).score
         finally:
             quiet.setLevel(level)
 
@@ -199,6 +201,6 @@ def compare_to_baseline(a: dict, b: dict, resamples: int = DEFAULT_RESAMPLES, ma
         gold = np.asarray(a["gold_features"])[ia]
         fa, fb = np.asarray(a["features"])[ia], np.asarray(b["features"])[ib]
         out["mauve"] = paired_statistic_difference(
-            _mauve_statistic(gold, fa, seed), _mauve_statistic(gold, fb, seed), len(pairs), mauve_resamples, seed,
+            _mauve_statistic(gold, fa), _mauve_statistic(gold, fb), len(pairs), mauve_resamples, seed,
             confidence).as_dict()
     return out

@@ -221,10 +221,10 @@ def _arms_table(results: dict) -> list[str]:
         lines.append(
             f"| {_cell(r['label'])} | {_cell(c['summary'])} | `{r['decoding']}` | {fmt_win_rate(wr)} | "
             f"{wr['n'] if wr else '-'} | {fmt_win_rate(hw)} | {hw['n'] if hw else '-'} | {_fmt_mauve(r.get('mauve'))} | "
-            f"{_fmt(r.get('rouge_l'))} | {_fmt(r.get('rep_3'))} | {sep} | {_fmt(c.get('negatives_seconds'))} | "
+            f"{_fmt(r.get('rouge_l'))} | {_fmt(r.get('rep_3'))} | {sep} | {_fmt(c.get('negatives_seconds'), 1)} | "
             f"{train_s if train_s is not None else '-'} | "
             f"{c['train_steps'] if c['train_steps'] is not None else '-'} | {gen_s} | "
-            f"{_fmt(c.get('evaluate_seconds'))} |")
+            f"{_fmt(c.get('evaluate_seconds'), 1)} |")
     lines += ["", "Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items; the local judge is "
               "weak (see above), the claims below do not rest on it. MAUVE marked (!) "
               "comes from too few samples to discriminate. train s includes model loading; ensemble arms cost an "
