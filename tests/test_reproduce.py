@@ -320,13 +320,23 @@ def test_grid_claims_seeds_fixed_negatives_separation_and_resume(assets, tmp_pat
     are made once as a stage, every arm gets paired intervals against MLE per decoding (claims table), seed
     spread, the separation column and curves, compute per stage; a rerun redoes nothing."""
     from seqcpo.training import run as training_run
+    from seqcpo.training.separation import SeparationMonitor
 
+    real_train, monitors = training_run.train, []
+
+    def train(cfg):  # every training run carries the separation monitor
+        result = real_train(cfg)
+        monitors.append(any(isinstance(c, SeparationMonitor) for c in result["trainer"].callback_handler.callbacks))
+        return result
+
+    monkeypatch.setattr(training_run, "train", train)
     grid = _claims_grid(assets, tmp_path)
     g = load_grid(grid)
     assert [a.name for a in g.arms] == ["mle", "mle.s1", "cpo", "cpo.s1", "anr", "mle~cpo@0.5"]
     assert g.arm("cpo.s1").overrides["seed"] == 1 and g.arm("cpo.s1").seed_group == "cpo"
     assert g.arm("anr").overrides["negatives_path"] == str(tmp_path / "out" / "negatives" / "anr")
     report = Path(run_grid(grid))
+    assert monitors == [True] * 5
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     text = report.read_text()
@@ -382,3 +392,34 @@ def test_grid_claims_seeds_fixed_negatives_separation_and_resume(assets, tmp_pat
     before = _mtimes(out)
     run_grid(grid)
     assert _mtimes(out) == before and any(k.startswith("arms/cpo/paired") for k in before)
+
+
+def test_seeds_judge_arms_paired_and_offline_negatives_are_checked(assets, tmp_path):
+    path = _claims_grid(assets, tmp_path)
+    raw = yaml.safe_load(open(path))
+    for change, match in [
+        (lambda r: r["arms"]["mle"].update(seeds=[0, 0]), r"arms.mle.seeds: give distinct training seeds"),
+        (lambda r: r["arms"]["mle"].update(seed=3), r"arms.mle.seeds: .*sets no 'seed' of its own"),
+        (lambda r: r["arms"]["mle"].update(seeds=["x"]), r"arms.mle: field 'seeds\[0\]': 'x' is not valid"),
+        (lambda r: r.update(judge_arms=["cpo", "nope"]), r"judge_arms: nope not arms of the grid"),
+        (lambda r: r.update(paired={"resamples": 0}), r"paired: resamples >= 1"),
+        (lambda r: r.update(paired={"resample": 5}), r"unknown key 'resample'.*'resamples'"),
+        (lambda r: r["arms"]["mle"].update(offline_negatives=True), r"offline_negatives: objective mle uses no"),
+        (lambda r: r["arms"]["anr"].update(negatives_path="x"), r"arms.anr: offline_negatives makes negatives_path"),
+    ]:
+        bad = yaml.safe_load(yaml.safe_dump(raw))
+        change(bad)
+        Path(path).write_text(yaml.safe_dump(bad))
+        with pytest.raises(GridError, match=match):
+            load_grid(path)
+    Path(path).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match="--only: nope not in the grid"):
+        run_grid(path, only=["nope"], dry_run=True)
+    run_grid(path, only=["cpo"], dry_run=True)   # a seeds group selects all its seeds
+
+
+def test_only_a_seeds_group_selects_every_seed(assets, tmp_path, capsys):
+    path = _claims_grid(assets, tmp_path)
+    run_grid(path, only=["cpo"], dry_run=True)
+    plan = capsys.readouterr().out
+    assert "   cpo " in plan and "   cpo.s1 " in plan and " - mle.s1 " in plan and "negatives todo" in plan

@@ -204,8 +204,8 @@ def per_item_scores(rows: Sequence[dict], text_features: TextFeatures | None = N
     None when it has no n-gram); ``rouge_l`` (F against its gold); with ``text_features`` ``similarity``
     (cosine of the all-MiniLM-L6-v2 embeddings of generation and gold).
 
-    >>> per_item_scores([{"id": 7, "reference": "a b c", "generation": "a b a b a"}])["rep_3"]
-    [0.3333333333333333]
+    >>> [round(x, 4) for x in per_item_scores([{"id": 7, "reference": "a b c", "generation": "a b a b a"}])["rep_3"]]
+    [0.3333]
     """
     from seqcpo.evaluation import metrics
 
