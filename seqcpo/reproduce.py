@@ -66,8 +66,6 @@ from seqcpo.training.config import load_config
 logger = logging.getLogger("seqcpo")
 
 GRID_KEYS = ("name", "out_dir", "base", "arms", "ensembles", "eval", "judge_arms", "paired")
-# arm keys the grid reads itself (not SeqCPOConfig fields)
-ARM_KEYS = ("train", "seeds", "offline_negatives")
 PAIRED_KEYS = {"resamples": 1000, "mauve_resamples": 200, "seed": 0, "confidence": 0.95}
 # bump when the evaluate stage writes something new (per-item scores, features): old stages are redone
 EVALUATE_VERSION = 2
