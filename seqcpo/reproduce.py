@@ -546,17 +546,31 @@ class _Runner:
 
     # ---- stage 4: paired differences against the baseline (bootstrap; MAUVE resampling costs minutes)
     def paired_fp(self, arm: Arm, base: Arm) -> str:
-        return fingerprint([self.evaluate_fp(arm), self.evaluate_fp(base), self.grid.paired])
+        return fingerprint([self.evaluate_fp(arm), self.evaluate_fp(base), self.grid.paired, "by_decoding"])
 
-    def paired(self, arm: Arm) -> dict | None:
-        """``{decoding: {metric: PairedDifference dict}}`` of ``arm`` minus the baseline, cached in
-        ``arms/NAME/paired/``; None for the baseline itself or while either side is not evaluated."""
-        from seqcpo.evaluation.paired import compare_to_baseline
-
+    def paired_baseline(self, arm: Arm) -> Arm | None:
+        """The arm ``arm`` is paired with: the baseline, or, when both are ``seeds:`` arms, the baseline's arm
+        of the same training seed (cpo.s1 against mle.s1), so each seed's difference is one replicate."""
         b = self.grid.eval.baseline
         if b is None or b == arm.name:
             return None
         base = self.grid.arm(b)
+        if arm.seed_group and base.seed_group and arm.seed_group != base.seed_group:
+            same = [a for a in self.grid.arms if a.seed_group == base.seed_group
+                    and a.overrides.get("seed") == arm.overrides.get("seed")]
+            if same:
+                return same[0]
+        return base
+
+    def paired(self, arm: Arm) -> dict | None:
+        """``{"vs": arm, decoding: {metric: PairedDifference dict}}`` of ``arm`` minus its
+        :meth:`paired_baseline`, cached in ``arms/NAME/paired/``; None for the baseline itself or while either
+        side is not evaluated."""
+        from seqcpo.evaluation.paired import compare_to_baseline
+
+        base = self.paired_baseline(arm)
+        if base is None:
+            return None
         if read_done(self.arm_dir(arm) / "evaluate") is None or read_done(self.arm_dir(base) / "evaluate") is None:
             return None
         folder, fp = self.arm_dir(arm) / "paired", self.paired_fp(arm, base)
@@ -567,9 +581,10 @@ class _Runner:
         t0 = time.perf_counter()
         sides = {x.name: self._scored(x) for x in (arm, base)}
         p = self.grid.paired
-        out = {dec: compare_to_baseline(sides[arm.name][dec], sides[base.name][dec], p["resamples"],
-                                        p["mauve_resamples"], p["seed"], p["confidence"])
-               for dec in sides[arm.name] if dec in sides[base.name]}
+        out = {"vs": base.name, "by_decoding": {
+            dec: compare_to_baseline(sides[arm.name][dec], sides[base.name][dec], p["resamples"],
+                                     p["mauve_resamples"], p["seed"], p["confidence"])
+            for dec in sides[arm.name] if dec in sides[base.name]}}
         atomic_write_json(folder / "paired.json", out)
         write_done(folder, "paired", fp, {"seconds": round(time.perf_counter() - t0, 1)})
         return out
@@ -697,6 +712,7 @@ def write_grid_report(runner: _Runner, command: str) -> str:
                  "compute": {a.name: runner.compute(a) for a in grid.arms if a.name in parts},
                  "not_evaluated": missing, "paired": paired, "paired_settings": grid.paired,
                  "seed_spread": _seed_spreads(grid, parts),
+                 "seed_spread_of_difference": _difference_spreads(grid, paired),
                  "training": {a.name: c for a in grid.arms if (c := runner.training_curves(a)) is not None}},
     }
     write_report(results, runner.out)
@@ -718,6 +734,26 @@ def _seed_spreads(grid: Grid, parts: dict[str, dict]) -> dict[str, dict]:
             out.setdefault(group, {})[dec] = {
                 m: {**seed_spread([(r.get(m) or {}).get("score") if m == "mauve" else r.get(m) for r in rs]),
                     "arms": [r["label"] for r in rs]} for m in SPREAD_METRICS}
+    return out
+
+
+def _difference_spreads(grid: Grid, paired: dict[str, dict]) -> dict[str, dict]:
+    """``{group: {"vs": baseline group, decoding: {metric: seed_spread}}}``: the paired difference of each
+    seed of a ``seeds:`` arm against the baseline's arm of the same seed, spread over the seed pairs."""
+    from seqcpo.evaluation.paired import seed_spread
+
+    base = grid.arm(grid.eval.baseline) if grid.eval.baseline else None
+    out: dict[str, dict] = {}
+    if base is None or not base.seed_group:
+        return out
+    for group in dict.fromkeys(a.seed_group for a in grid.arms if a.seed_group and a.seed_group != base.seed_group):
+        ps = [(a.name, paired[a.name]) for a in grid.arms if a.seed_group == group and a.name in paired]
+        ps = [(n, p) for n, p in ps if grid.arm(p["vs"]).seed_group == base.seed_group]
+        decs = dict.fromkeys(d for _, p in ps for d in p["by_decoding"])
+        for dec in decs:
+            rows = [p["by_decoding"][dec] for _, p in ps if dec in p["by_decoding"]]
+            out.setdefault(group, {"vs": base.seed_group, "pairs": [f"{n} - {p['vs']}" for n, p in ps]})[dec] = {
+                m: seed_spread([r[m]["difference"] for r in rows if m in r]) for m in SPREAD_METRICS}
     return out
 
 

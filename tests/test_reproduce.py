@@ -357,18 +357,23 @@ def test_grid_claims_seeds_fixed_negatives_separation_and_resume(assets, tmp_pat
     # paired differences against MLE: every other arm, both decodings, every metric with an ordered interval
     paired = results["grid"]["paired"]
     assert set(paired) == {"mle.s1", "cpo", "cpo.s1", "anr", "mle~cpo@0.5"}
-    for arm, by_dec in paired.items():
+    # a seeded arm is paired with the baseline's arm of the same seed; the others with the baseline
+    assert {a: p["vs"] for a, p in paired.items()} == {"mle.s1": "mle", "cpo": "mle", "cpo.s1": "mle.s1",
+                                                       "anr": "mle", "mle~cpo@0.5": "mle"}
+    for arm, p in paired.items():
+        by_dec = p["by_decoding"]
         assert set(by_dec) == {r["decoding"] for r in results["runs"]} and len(by_dec) == 2
         for dec, diffs in by_dec.items():
             assert {"rep_3", "rep_4", "rouge_l", "similarity", "distinct_2", "mauve"} <= set(diffs)
             for d in diffs.values():
                 assert d["low"] <= d["high"] and d["n"] == 8
                 assert np.isclose(d["difference"], d["a"] - d["b"])
-    assert np.isclose(paired["cpo"]["greedy"]["mauve"]["b"], mle_run["mauve"]["score"])
-    assert np.isclose(paired["cpo"]["greedy"]["rouge_l"]["a"], run["rouge_l"])
+    assert np.isclose(paired["cpo"]["by_decoding"]["greedy"]["mauve"]["b"], mle_run["mauve"]["score"])
+    assert np.isclose(paired["cpo"]["by_decoding"]["greedy"]["rouge_l"]["a"], run["rouge_l"])
     assert "## Claims: every difference against `mle` with its interval" in text
     section = text.split("## Claims")[1].split("\n## ")[0]
-    claims = [ln for ln in section.splitlines() if ln.startswith("| cpo | ")]
+    claims = [ln for ln in section.splitlines() if ln.startswith("| cpo | mle | ")]
+    assert sum(ln.startswith("| cpo.s1 | mle.s1 | ") for ln in section.splitlines()) == 2 * 6
     assert len(claims) == 2 * 6  # two decodings x six metrics
     assert claims and all(ln.endswith("| significant at 95% |") or ln.endswith("| not resolved |") for ln in claims)
     assert any("MAUVE vs gold (set, resampled)" in ln for ln in claims)
@@ -377,6 +382,12 @@ def test_grid_claims_seeds_fixed_negatives_separation_and_resume(assets, tmp_pat
     spread = results["grid"]["seed_spread"]
     assert set(spread) == {"mle", "cpo"} and spread["cpo"]["greedy"]["rouge_l"]["n"] == 2
     assert "## Seed spread" in text and "| cpo (cpo, cpo.s1) |" in text
+    # the headline difference replicated over seed pairs (cpo - mle, cpo.s1 - mle.s1)
+    diff = results["grid"]["seed_spread_of_difference"]["cpo"]
+    assert diff["pairs"] == ["cpo - mle", "cpo.s1 - mle.s1"] and diff["greedy"]["rep_3"]["n"] == 2
+    by = {a: paired[a]["by_decoding"]["greedy"]["rep_3"]["difference"] for a in ("cpo", "cpo.s1")}
+    assert np.isclose(diff["greedy"]["rep_3"]["mean"], (by["cpo"] + by["cpo.s1"]) / 2)
+    assert "| cpo - mle per seed pair (cpo - mle, cpo.s1 - mle.s1) |" in text
     training = results["grid"]["training"]
     assert {"cpo", "cpo.s1", "anr"} <= set(training) and "mle" not in training  # MLE has no pairwise signal
     assert [s for s, _ in training["cpo"]["curves"]["rewards/accuracies"]] == [1, 2, 3]

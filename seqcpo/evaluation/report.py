@@ -140,20 +140,21 @@ def _claims_table(results: dict) -> list[str]:
     lines = ["## Claims: every difference against " + f"`{base}` with its interval", "",
              f"Paired bootstrap over the same test items (both models continued the same prefixes): "
              f"{ps.get('resamples', '?')} resamples, {ps.get('mauve_resamples', '?')} for MAUVE; difference = arm "
-             f"minus {base}; **significant at {100 * ps.get('confidence', 0.95):g}%** when the interval excludes "
+             f"minus `vs` ({base}, or for a seeded arm {base}'s arm of the same training seed); **significant at {100 * ps.get('confidence', 0.95):g}%** when the interval excludes "
              "0, else **not resolved**. Per-text repetition and per-item ROUGE-L / similarity are paired item by "
              "item; distinct-n and MAUVE are recomputed on each resample.", "",
-             f"| arm | decoding | metric | arm | {base} | difference [95% CI] | n | claim |",
-             "|---|---|---|---|---|---|---|---|"]
-    for arm, by_dec in paired.items():
-        for dec, diffs in by_dec.items():
+             "| arm | vs | decoding | metric | arm | vs | difference [95% CI] | n | claim |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, p in paired.items():
+        for dec, diffs in p["by_decoding"].items():
             for key, name, reading in CLAIM_METRICS:
                 d = diffs.get(key)
                 if d is None:
                     continue
                 verdict = ("significant at 95%" if d["significant"] else "not resolved") if \
                     abs(d["confidence"] - 0.95) < 1e-9 else ("significant" if d["significant"] else "not resolved")
-                lines.append(f"| {_cell(arm)} | `{dec}` | {name} ({reading}) | {_fmt(d['a'])} | {_fmt(d['b'])} | "
+                lines.append(f"| {_cell(arm)} | {_cell(p['vs'])} | `{dec}` | {name} ({reading}) | {_fmt(d['a'])} | "
+                             f"{_fmt(d['b'])} | "
                              f"{fmt_difference(d)} | {d['n']} | {verdict} |")
     return lines + [""]
 
@@ -163,6 +164,7 @@ def _seed_table(results: dict) -> list[str]:
     if not spreads:
         return []
     keys = [k for k, _, _ in CLAIM_METRICS]
+    diffs = (results.get("grid") or {}).get("seed_spread_of_difference") or {}
     lines = ["## Seed spread", "", "Mean and sample standard deviation over training seeds (the arms listed); "
              "a difference smaller than the seeds' spread is not a property of the method.", "",
              "| arm (seeds) | decoding | n | " + " | ".join(f"{k} mean ± sd" for k in keys) + " |",
@@ -173,6 +175,14 @@ def _seed_table(results: dict) -> list[str]:
             cells = [f"{_fmt(m[k]['mean'])} ± {_fmt(m[k]['std'])}" if m.get(k, {}).get("n") else "-" for k in keys]
             lines.append(f"| {_cell(group)} ({', '.join(first['arms'])}) | `{dec}` | {first['n']} | "
                          + " | ".join(cells) + " |")
+    for group, d in diffs.items():
+        for dec, m in d.items():
+            if dec in ("vs", "pairs"):
+                continue
+            n = max((v.get("n") or 0) for v in m.values())
+            cells = [f"{m[k]['mean']:+.3f} ± {_fmt(m[k]['std'])}" if m.get(k, {}).get("n") else "-" for k in keys]
+            lines.append(f"| {_cell(group)} - {_cell(d['vs'])} per seed pair ({', '.join(d['pairs'])}) | `{dec}` | "
+                         f"{n} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
