@@ -7,8 +7,9 @@ A grid file::
     base: {model_name_or_path: smollm2-135m, dataset: wiki, max_steps: 20, ...}   # SeqCPOConfig fields for all arms
     arms:                              # name -> SeqCPOConfig overrides, in the order they run
       base: {train: false}             # no training: evaluate model_name_or_path as it is
-      mle: {objective: mle}
+      mle: {objective: mle, seeds: [0, 1, 2]}                 # arms mle (seed 0), mle.s1, mle.s2
       cpo_tnr: {objective: cpo_ranked, negatives: tn}
+      cpo_anr: {objective: cpo_ranked, negatives: an, offline_negatives: true}   # `seqcpo negatives` first
     ensembles:                         # optional weight-space ensembles of two trained arms
       - {from: mle, to: cpo_tnr, alphas: [0, 0.5, 1]}       # arms "mle~cpo_tnr@0", "@0.5", "@1"
     eval:                              # EvalConfig fields (seqcpo.evaluation.config), all optional
@@ -17,17 +18,23 @@ A grid file::
       decoding: [greedy]               # specs of seqcpo.evaluation.parse_decoding
       judge: {backend: local, model: smollm2-135m, debias: true, tie_margin: 0.0}   # every JudgeConfig field
       mauve: minilm                    # minilm | none
-      baseline: mle                    # the arm every other arm meets head to head
+      baseline: mle                    # the arm every other arm meets head to head and is paired with
+    judge_arms: [cpo_tnr]              # optional: only these arms (and the baseline) meet the judge
+    paired: {resamples: 1000, mauve_resamples: 200, seed: 0, confidence: 0.95}   # bootstrap against baseline
 
 Layout of ``out_dir`` (every stage ends by writing its ``done.json`` atomically; a stage whose ``done.json``
 exists and whose inputs have not changed is skipped, so an interrupted grid resumes where it stopped)::
 
+    negatives/NAME/            fixed negatives of an ``offline_negatives`` arm (``seqcpo negatives``) + done.json
     arms/NAME/                 training output_dir (final/, log_history.json, checkpoints) + done.json
     arms/NAME/generate/        generations.jsonl, gold_ppl.json, done.json
-    arms/NAME/evaluate/        results.json (runs + head-to-head), judgments.jsonl, done.json
+    arms/NAME/evaluate/        results.json (runs with per-item scores, head-to-head), judgments.jsonl,
+                               features.npz (MiniLM features of gold and generations), done.json
+    arms/NAME/paired/          paired.json: every paired difference against the baseline + done.json
     ensembles/FROM~TO/         alpha-*/ checkpoints + done.json
     judge_cache/               verdicts, shared by all arms
-    report.md, results.json    the table; winrate.png, mauve.png, alpha_sweep.png
+    report.md, results.json    arms, claims (paired differences), seed spread, separation; winrate.png,
+                               mauve.png, alpha_sweep.png, separation.png (rewritten after every evaluated arm)
 
 Inputs of each stage are fingerprinted (the arm's merged config; the generation and scoring fields of the
 eval config). A changed training config is an error (delete ``arms/NAME`` to retrain); changed generation or
@@ -58,7 +65,10 @@ from seqcpo.training.config import load_config
 
 logger = logging.getLogger("seqcpo")
 
-GRID_KEYS = ("name", "out_dir", "base", "arms", "ensembles", "eval")
+GRID_KEYS = ("name", "out_dir", "base", "arms", "ensembles", "eval", "judge_arms", "paired")
+PAIRED_KEYS = {"resamples": 1000, "mauve_resamples": 200, "seed": 0, "confidence": 0.95}
+# bump when the evaluate stage writes something new (per-item scores, features): old stages are redone
+EVALUATE_VERSION = 2
 # EvalConfig fields a grid sets itself (from its arms), and its own defaults for two others
 GRID_SETS_EVAL = ("models", "labels", "alphas", "head_to_head", "out", "data_config")
 GRID_EVAL_DEFAULTS = {"baseline": "mle", "progress": False}
@@ -84,6 +94,8 @@ class Arm:
     overrides: dict[str, Any]
     ensemble: str | None = None
     alpha: float | None = None
+    seed_group: str | None = None  # the arm as written in the grid file, when ``seeds:`` expanded it
+    offline_negatives: bool = False  # negatives made once before training (`seqcpo negatives`), then fixed
 
 
 @dataclasses.dataclass
@@ -103,6 +115,8 @@ class Grid:
     arms: list[Arm]
     ensembles: list[Ensemble]
     eval: EvalConfig
+    judge_arms: list[str] | None = None  # None: the judge scores every arm
+    paired: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(PAIRED_KEYS))
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -123,6 +137,12 @@ def _mapping(where: str, value, what: str) -> dict:
 def ensemble_arm_name(ensemble: str, alpha: float) -> str:
     """``mle~cpo_tnr@0.5``."""
     return f"{ensemble}@{alpha:g}"
+
+
+def seed_arm_name(name: str, seed: int, first: bool) -> str:
+    """The arm of one training seed: the first listed seed keeps the plain name (what ``baseline`` and
+    ensembles refer to), the others are ``NAME.sSEED``."""
+    return name if first else f"{name}.s{seed}"
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -147,25 +167,55 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 if bad:
                     raise GridError(f"{where}: arms.{name}: {key} is set by the grid (out_dir/arms/NAME; names "
                                     "use letters, digits and _ . + ~ -)")
-            trained = coerce("train", over.pop("train", True), bool, f"{where}: arms.{name}")
-            merged = {**base, **over}
-            try:  # check the fields now, not hours later (mixed precision is checked on the machine that trains)
-                load_config(None, {**merged, **_HOST_FLAGS, "output_dir": str(out_dir / "arms" / name)},
-                            where=f"arms.{name}")
-            except ConfigError as e:
-                raise GridError(f"{where}: arm {name!r}: {e}") from None
-            arms.append(Arm(name, "train" if trained else "model", merged))
+            w = f"{where}: arms.{name}"
+            trained = coerce("train", over.pop("train", True), bool, w)
+            offline = coerce("offline_negatives", over.pop("offline_negatives", False), bool, w)
+            seeds = over.pop("seeds", None)
+            if seeds is not None:
+                seeds = coerce("seeds", seeds, list[int], w)
+                if not seeds or len(set(seeds)) != len(seeds) or "seed" in over or not trained:
+                    raise GridError(f"{w}.seeds: give distinct training seeds (a list of integers) to a trained arm "
+                                    "that sets no 'seed' of its own")
+            if offline and "negatives_path" in {**base, **over}:
+                raise GridError(f"{w}: offline_negatives makes negatives_path (out_dir/negatives/NAME); drop one")
+            for i, sd in enumerate(seeds or [None]):
+                arm_name = name if sd is None else seed_arm_name(name, sd, i == 0)
+                merged = {**base, **over, **({} if sd is None else {"seed": sd})}
+                if offline:
+                    merged["negatives_path"] = str(out_dir / "negatives" / arm_name)
+                try:  # check the fields now, not hours later (mixed precision is checked on the machine that trains)
+                    cfg = load_config(None, {**merged, **_HOST_FLAGS, "output_dir": str(out_dir / "arms" / arm_name)},
+                                      where=f"arms.{name}")
+                except ConfigError as e:
+                    raise GridError(f"{where}: arm {arm_name!r}: {e}") from None
+                if offline and not cfg.uses_negatives:
+                    raise GridError(f"{w}.offline_negatives: objective {cfg.objective} uses no negatives")
+                arms.append(Arm(arm_name, "train" if trained else "model", merged,
+                                seed_group=None if sd is None else name, offline_negatives=offline))
         ensembles = _ensembles(where, raw.get("ensembles") or [], arms)
         names = [a.name for a in arms]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise GridError(f"{where}: arm names must be unique; repeated: {', '.join(dup)}")
         ev = _eval_config(where, _mapping(f"{where}: eval", raw.get("eval"), "EvalConfig fields"), names)
+        judge_arms = raw.get("judge_arms")
+        if judge_arms is not None:
+            judge_arms = coerce("judge_arms", judge_arms, list[str], where)
+            bad = [n for n in judge_arms if n not in names]
+            if bad:
+                raise GridError(f"{where}: judge_arms: {', '.join(bad)} not arms of the grid ({', '.join(names)})")
+        paired = _mapping(f"{where}: paired", raw.get("paired"), "bootstrap settings")
+        _unknown(f"{where}: paired", paired, tuple(PAIRED_KEYS))
+        paired = {k: coerce(k, paired.get(k, d), type(d), f"{where}: paired") for k, d in PAIRED_KEYS.items()}
+        if paired["resamples"] < 1 or paired["mauve_resamples"] < 0 or not 0 < paired["confidence"] < 1:
+            raise GridError(f"{where}: paired: resamples >= 1, mauve_resamples >= 0 (0 = no MAUVE interval), "
+                            f"confidence in (0, 1); got {paired}")
     except GridError:
         raise
     except ConfigError as e:
         raise GridError(str(e)) from None
-    return Grid(where, str(raw.get("name") or Path(where).stem), out_dir, base, arms, ensembles, ev)
+    return Grid(where, str(raw.get("name") or Path(where).stem), out_dir, base, arms, ensembles, ev, judge_arms,
+                paired)
 
 
 def _ensembles(where: str, specs, arms: list[Arm]) -> list[Ensemble]:
@@ -272,7 +322,29 @@ class _Runner:
             ens = self._ensemble(arm)
             return fingerprint(["ensemble", self.train_fp(self.grid.arm(ens.from_arm)),
                                 self.train_fp(self.grid.arm(ens.to_arm)), arm.alpha])
-        return fingerprint([arm.kind, arm.overrides])
+        return fingerprint([arm.kind, arm.overrides] + (["offline_negatives"] if arm.offline_negatives else []))
+
+    def negatives_dir(self, arm: Arm) -> Path:
+        return self.out / "negatives" / arm.name
+
+    def negatives(self, arm: Arm) -> dict | None:
+        """Stage 0 of an ``offline_negatives`` arm: ``seqcpo negatives`` with the arm's own config, once
+        (the folder resumes by itself; its settings must match the arm's, which the trainer checks)."""
+        if not arm.offline_negatives:
+            return None
+        folder, fp = self.negatives_dir(arm), self.train_fp(arm)
+        done = read_done(folder)
+        if done is not None and done["fingerprint"] == fp:
+            logger.info("grid: %s: negatives made already, skipped", arm.name)
+            return done
+        from seqcpo.training import run as training_run
+
+        logger.info("grid: %s: making fixed negatives into %s", arm.name, folder)
+        cfg = load_config(None, {**arm.overrides, "output_dir": str(self.arm_dir(arm))}, where=f"arms.{arm.name}")
+        t0 = time.perf_counter()
+        made = training_run.make_negatives(cfg, str(folder))
+        return write_done(folder, "negatives", fp, {"seconds": round(time.perf_counter() - t0, 1),
+                                                    "examples": made["examples"], "shards": made["shards"]})
 
     def ensemble_fp(self, ens: Ensemble) -> str:
         return fingerprint([self.train_fp(self.grid.arm(ens.from_arm)), self.train_fp(self.grid.arm(ens.to_arm)),
@@ -304,6 +376,7 @@ class _Runner:
                               {"checkpoint": ckpt, "steps": 0, "seconds": 0.0, "train_loss": None, "trained": False})
         from seqcpo.training import run as training_run
 
+        self.negatives(arm)
         overrides = {**arm.overrides, "output_dir": str(folder)}
         if any(folder.glob("checkpoint-*")) and "resume_from_checkpoint" not in overrides:
             overrides["resume_from_checkpoint"] = "auto"  # an interrupted run: resume it (afresh if all are torn)
@@ -419,16 +492,23 @@ class _Runner:
         base = self._baseline_for(arm)
         base_gen = read_done(self.arm_dir(base) / "generate") if base is not None else None
         return fingerprint([self.generate_fp(arm), self.grid.eval.scoring_key(),
-                            base_gen["fingerprint"] if base_gen else None])
+                            base_gen["fingerprint"] if base_gen else None, self.judged(arm), EVALUATE_VERSION])
+
+    def judged(self, arm: Arm) -> bool:
+        """Whether the judge scores this arm (``judge_arms``; the baseline too, so head-to-heads pair)."""
+        if self.grid.eval.judge.backend == "none":
+            return False
+        ja = self.grid.judge_arms
+        return ja is None or arm.name in ja or arm.name == self.grid.eval.baseline
 
     def _baseline_for(self, arm: Arm) -> Arm | None:
         b = self.grid.eval.baseline
-        if b is None or b == arm.name or self.grid.eval.judge.backend == "none":
+        if b is None or b == arm.name or not self.judged(arm):
             return None
         return self.grid.arm(b)
 
     def evaluate(self, arm: Arm) -> dict:
-        from seqcpo.evaluation.evaluate import evaluate_model, rows_by_decoding
+        from seqcpo.evaluation.evaluate import TextFeatures, evaluate_model, rows_by_decoding
 
         folder, fp = self.arm_dir(arm) / "evaluate", self.evaluate_fp(arm)
         done = read_done(folder)
@@ -450,25 +530,138 @@ class _Runner:
         elif base is not None:
             logger.warning("grid: %s: baseline %s has no generations yet; head-to-head left for a rerun",
                            arm.name, base.name)
+        features = TextFeatures(progress=self.grid.eval.progress) if self.grid.eval.mauve == "minilm" else None
         part, judgments = evaluate_model(
             arm.name, rows, [c for c in _decoding_configs(self.grid.eval, 1) if c.name in rows],
-            json.loads((gen_folder / "gold_ppl.json").read_text("utf-8")), self.judge(), self.grid.eval,
-            alpha=arm.alpha, baseline=baseline)
+            json.loads((gen_folder / "gold_ppl.json").read_text("utf-8")), self.judge() if self.judged(arm) else None,
+            self.grid.eval, alpha=arm.alpha, baseline=baseline, text_features=features)
+        if features is not None:  # the MiniLM features of each item, for the paired MAUVE bootstrap
+            _save_features(folder / "features.npz", {
+                f"{dec}/{side}": features([r[key] for r in rs])
+                for dec, rs in rows.items() for side, key in (("gold", "reference"), ("model", "generation"))})
         atomic_write_json(folder / "results.json", part)
         atomic_write_jsonl(folder / "judgments.jsonl", judgments)
         return write_done(folder, "evaluate", fp, {"seconds": round(time.perf_counter() - t0, 1),
                                                    "judged_items": len(judgments)})
 
+    # ---- stage 4: paired differences against the baseline (bootstrap; MAUVE resampling costs minutes)
+    def paired_fp(self, arm: Arm, base: Arm) -> str:
+        return fingerprint([self.evaluate_fp(arm), self.evaluate_fp(base), self.grid.paired, "by_decoding"])
+
+    def paired_baseline(self, arm: Arm) -> Arm | None:
+        """The arm ``arm`` is paired with: the baseline, or, when both are ``seeds:`` arms, the baseline's arm
+        of the same training seed (cpo.s1 against mle.s1), so each seed's difference is one replicate."""
+        b = self.grid.eval.baseline
+        if b is None or b == arm.name:
+            return None
+        base = self.grid.arm(b)
+        if arm.seed_group and base.seed_group and arm.seed_group != base.seed_group:
+            same = [a for a in self.grid.arms if a.seed_group == base.seed_group
+                    and a.overrides.get("seed") == arm.overrides.get("seed")]
+            if same:
+                return same[0]
+        return base
+
+    def paired(self, arm: Arm) -> dict | None:
+        """``{"vs": arm, decoding: {metric: PairedDifference dict}}`` of ``arm`` minus its
+        :meth:`paired_baseline`, cached in ``arms/NAME/paired/``; None for the baseline itself or while either
+        side is not evaluated."""
+        from seqcpo.evaluation.paired import compare_to_baseline
+
+        base = self.paired_baseline(arm)
+        if base is None:
+            return None
+        if read_done(self.arm_dir(arm) / "evaluate") is None or read_done(self.arm_dir(base) / "evaluate") is None:
+            return None
+        folder, fp = self.arm_dir(arm) / "paired", self.paired_fp(arm, base)
+        done = read_done(folder)
+        if done is not None and done["fingerprint"] == fp:
+            return json.loads((folder / "paired.json").read_text("utf-8"))
+        logger.info("grid: %s: paired bootstrap against %s", arm.name, base.name)
+        t0 = time.perf_counter()
+        sides = {x.name: self._scored(x) for x in (arm, base)}
+        p = self.grid.paired
+        out = {"vs": base.name, "by_decoding": {
+            dec: compare_to_baseline(sides[arm.name][dec], sides[base.name][dec], p["resamples"],
+                                     p["mauve_resamples"], p["seed"], p["confidence"])
+            for dec in sides[arm.name] if dec in sides[base.name]}}
+        atomic_write_json(folder / "paired.json", out)
+        write_done(folder, "paired", fp, {"seconds": round(time.perf_counter() - t0, 1)})
+        return out
+
+    def _scored(self, arm: Arm) -> dict[str, dict]:
+        """Per decoding: the arm's per-item scores, texts and (MAUVE) features, rows in per-item order."""
+        from seqcpo.evaluation.evaluate import rows_by_decoding
+
+        ev = self.arm_dir(arm) / "evaluate"
+        runs = json.loads((ev / "results.json").read_text("utf-8"))["runs"]
+        rows = rows_by_decoding(self.arm_dir(arm) / "generate" / "generations.jsonl")
+        feats = _load_features(ev / "features.npz")
+        out = {}
+        for r in runs:
+            if "per_item" not in r:
+                raise GridError(f"{ev / 'results.json'}: no per-item scores (made by an older seqcpo); delete "
+                                f"{ev} to score {arm.name!r} again")
+            dec = r["decoding"]
+            out[dec] = {"per_item": r["per_item"], "texts": [x["generation"] for x in rows[dec]],
+                        "gold_features": feats.get(f"{dec}/gold"), "features": feats.get(f"{dec}/model")}
+        return out
+
     def compute(self, arm: Arm) -> dict:
         """What the arm is and what each of its stages cost (the report's arms table)."""
         tr = self.train_done(arm) or {}
         gen = read_done(self.arm_dir(arm) / "generate") or {}
+        neg = read_done(self.negatives_dir(arm)) or {} if arm.offline_negatives else {}
         ens = arm.kind == "ensemble"
         return {"kind": arm.kind, "summary": _arm_summary(arm), "checkpoint": self.checkpoint(arm),
                 "train_seconds": None if ens else tr.get("seconds"), "train_steps": None if ens else tr.get("steps"),
+                "negatives_seconds": neg.get("seconds"),
                 "ensemble_seconds": tr.get("seconds") if ens else None, "generate_seconds": gen.get("seconds"),
                 "generations_copied_from": gen.get("reused_from"), "generated_tokens": gen.get("generated_tokens"),
-                "evaluate_seconds": (read_done(self.arm_dir(arm) / "evaluate") or {}).get("seconds")}
+                "evaluate_seconds": (read_done(self.arm_dir(arm) / "evaluate") or {}).get("seconds"),
+                "paired_seconds": (read_done(self.arm_dir(arm) / "paired") or {}).get("seconds"),
+                "seed_group": arm.seed_group, "seed": arm.overrides.get("seed", 42) if arm.seed_group else None}
+
+    def training_curves(self, arm: Arm) -> dict | None:
+        """The arm's logged pairwise signal over steps and when its negatives became separated
+        (:func:`seqcpo.training.separation.separation_onset`); None without a log or without negatives."""
+        from seqcpo.training.separation import separation_onset
+
+        if arm.kind != "train":
+            return None
+        try:
+            history = json.loads((self.arm_dir(arm) / "log_history.json").read_text("utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        curves = {k: [(int(r["step"]), float(r[k])) for r in history if isinstance(r.get(k), (int, float))]
+                  for k in CURVE_KEYS}
+        if not any(curves.values()):
+            return None
+        return {"curves": curves, **separation_onset(history).as_dict()}
+
+
+CURVE_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/gold_top1")
+
+
+def _save_features(path: Path, arrays: dict) -> None:
+    import io
+
+    import numpy as np
+
+    from seqcpo.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_features(path: Path) -> dict:
+    import numpy as np
+
+    if not path.is_file():
+        return {}
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _arm_summary(arm: Arm) -> str:
@@ -477,7 +670,13 @@ def _arm_summary(arm: Arm) -> str:
         return "no training" if arm.kind == "model" else f"weight-space ensemble, alpha {arm.alpha:g}"
     obj = o.get("objective", "cpo")
     if obj in ("cpo", "cpo_ranked", "dpo"):
-        return f"{obj}, negatives {o.get('negatives', 'tn:2,bn:2')}, K={o.get('num_negatives', 4)}"
+        how = ", fixed (made once)" if arm.offline_negatives else ""
+        if o.get("negatives_model") == "policy":
+            how = f", from the policy (refresh every {o.get('negatives_refresh_steps', 1)})"
+        seed = f", seed {o['seed']}" if arm.seed_group else ""
+        return f"{obj}, negatives {o.get('negatives', 'tn:2,bn:2')}, K={o.get('num_negatives', 4)}{how}{seed}"
+    if arm.seed_group:
+        return f"{obj}, seed {o.get('seed')}"
     if obj == "pss":
         return f"pss, p_gold {o.get('pss_p_gold', 0.5)}, passes {o.get('pss_passes', 1)}"
     return obj
@@ -498,6 +697,7 @@ def write_grid_report(runner: _Runner, command: str) -> str:
         for k, v in (part.get("judge_stats") or {}).items():
             judge_stats[k] = judge_stats.get(k, 0) + v
     first = next((a for a in grid.arms if a.name in parts), grid.arms[0])
+    paired = {a.name: p for a in grid.arms if a.name in parts and (p := runner.paired(a)) is not None}
     ev = grid.eval
     results = {
         "title": f"Grid `{grid.name}`", "command": command, "seqcpo_version": seqcpo.__version__,
@@ -510,10 +710,51 @@ def write_grid_report(runner: _Runner, command: str) -> str:
                  "base": grid.base, "arms": {a.name: {"kind": a.kind, "overrides": a.overrides} for a in grid.arms},
                  "ensembles": [dataclasses.asdict(e) for e in grid.ensembles], "eval": dataclasses.asdict(ev),
                  "compute": {a.name: runner.compute(a) for a in grid.arms if a.name in parts},
-                 "not_evaluated": missing},
+                 "not_evaluated": missing, "paired": paired, "paired_settings": grid.paired,
+                 "seed_spread": _seed_spreads(grid, parts),
+                 "seed_spread_of_difference": _difference_spreads(grid, paired),
+                 "training": {a.name: c for a in grid.arms if (c := runner.training_curves(a)) is not None}},
     }
     write_report(results, runner.out)
     return str(runner.out / "report.md")
+
+
+SPREAD_METRICS = ("rep_3", "rep_4", "distinct_2", "rouge_l", "similarity", "mauve")
+
+
+def _seed_spreads(grid: Grid, parts: dict[str, dict]) -> dict[str, dict]:
+    """``{group: {decoding: {metric: seed_spread}}}`` over the evaluated seeds of each ``seeds:`` arm."""
+    from seqcpo.evaluation.paired import seed_spread
+
+    out: dict[str, dict] = {}
+    for group in dict.fromkeys(a.seed_group for a in grid.arms if a.seed_group):
+        runs = [r for a in grid.arms if a.seed_group == group and a.name in parts for r in parts[a.name]["runs"]]
+        for dec in dict.fromkeys(r["decoding"] for r in runs):
+            rs = [r for r in runs if r["decoding"] == dec]
+            out.setdefault(group, {})[dec] = {
+                m: {**seed_spread([(r.get(m) or {}).get("score") if m == "mauve" else r.get(m) for r in rs]),
+                    "arms": [r["label"] for r in rs]} for m in SPREAD_METRICS}
+    return out
+
+
+def _difference_spreads(grid: Grid, paired: dict[str, dict]) -> dict[str, dict]:
+    """``{group: {"vs": baseline group, decoding: {metric: seed_spread}}}``: the paired difference of each
+    seed of a ``seeds:`` arm against the baseline's arm of the same seed, spread over the seed pairs."""
+    from seqcpo.evaluation.paired import seed_spread
+
+    base = grid.arm(grid.eval.baseline) if grid.eval.baseline else None
+    out: dict[str, dict] = {}
+    if base is None or not base.seed_group:
+        return out
+    for group in dict.fromkeys(a.seed_group for a in grid.arms if a.seed_group and a.seed_group != base.seed_group):
+        ps = [(a.name, paired[a.name]) for a in grid.arms if a.seed_group == group and a.name in paired]
+        ps = [(n, p) for n, p in ps if grid.arm(p["vs"]).seed_group == base.seed_group]
+        decs = dict.fromkeys(d for _, p in ps for d in p["by_decoding"])
+        for dec in decs:
+            rows = [p["by_decoding"][dec] for _, p in ps if dec in p["by_decoding"]]
+            out.setdefault(group, {"vs": base.seed_group, "pairs": [f"{n} - {p['vs']}" for n, p in ps]})[dec] = {
+                m: seed_spread([r[m]["difference"] for r in rows if m in r]) for m in SPREAD_METRICS}
+    return out
 
 
 # ----------------------------------------------------------------------------- the order of stages
@@ -528,7 +769,8 @@ def _status(runner: _Runner, arm: Arm) -> str:
         tr = "done" if runner.train_done(arm) is not None else "todo"
     except GridError:
         tr = "CONFLICT"
-    return (f"train {tr}, generate {state(runner.generate_fp, runner.arm_dir(arm) / 'generate')}, "
+    neg = f"negatives {state(runner.train_fp, runner.negatives_dir(arm))}, " if arm.offline_negatives else ""
+    return (f"{neg}train {tr}, generate {state(runner.generate_fp, runner.arm_dir(arm) / 'generate')}, "
             f"evaluate {state(runner.evaluate_fp, runner.arm_dir(arm) / 'evaluate')}")
 
 
@@ -550,6 +792,11 @@ def _plan(runner: _Runner, command: str) -> str:
     lines.append(f"eval: {ev.split} split, {ev.num_examples or 'all'} examples, decoding {', '.join(ev.decoding)}, "
                  f"judge {ev.judge.backend}{' ' + ev.judge.model if ev.judge.model else ''}, MAUVE {ev.mauve}, "
                  f"baseline {ev.baseline}")
+    if g.judge_arms is not None:
+        lines.append(f"judged arms: {', '.join(g.judge_arms)} (and the baseline)")
+    p = g.paired
+    lines.append(f"paired bootstrap against {ev.baseline}: {p['resamples']} resamples ({p['mauve_resamples']} for "
+                 f"MAUVE), {100 * p['confidence']:g}% intervals")
     if runner.selected != {a.name for a in g.arms}:
         lines.append("('-' = not selected by --only)")
     return "\n".join(lines)
@@ -569,10 +816,12 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
     """
     grid = load_grid(grid_path)
     names = [a.name for a in grid.arms]
-    unknown = [n for n in only or () if n not in names and n not in {e.name for e in grid.ensembles}]
+    groups = {e.name for e in grid.ensembles} | {a.seed_group for a in grid.arms if a.seed_group}
+    unknown = [n for n in only or () if n not in names and n not in groups]
     if unknown:
         raise GridError(f"--only: {', '.join(unknown)} not in the grid (arms: {', '.join(names)})")
-    selected = {a.name for a in grid.arms if not only or a.name in only or a.ensemble in only}
+    selected = {a.name for a in grid.arms
+                if not only or a.name in only or a.ensemble in only or a.seed_group in only}
     runner = _Runner(grid, selected)
     command = " ".join(shlex.quote(c) for c in ["seqcpo", "reproduce", str(grid_path), *(["--only", *only] if only else [])])
     if dry_run:
@@ -584,20 +833,32 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
         raise GridError(f"{grid.path}: eval.judge: {e}") from None
     grid.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # 1-2. train and generate, arm by arm (an ensemble after both its endpoints)
+
+    def evaluate_when_ready(arm: Arm) -> None:
+        """Evaluate now (and rewrite the report: a long grid has a current one) once the baseline, which the
+        arm meets head to head, is evaluated; otherwise the last loop below does it."""
+        base = runner._baseline_for(arm)
+        if base is None or read_done(runner.arm_dir(base) / "evaluate") is not None:
+            runner.evaluate(arm)
+            write_grid_report(runner, command)
+
+    # 1-3. negatives (where fixed), train, generate and evaluate, arm by arm (an ensemble after both endpoints)
     for arm in grid.arms:
         if arm.kind != "ensemble" and arm.name in selected:
             runner.train(arm)
             runner.generate(arm)
+            evaluate_when_ready(arm)
     for ens in grid.ensembles:
         arms = [a for a in grid.arms if a.ensemble == ens.name and a.name in selected]
         if arms:
             runner.interpolate(ens)
             for arm in arms:
                 runner.generate(arm)
-    # 3. evaluate, the baseline first (the others meet it head to head)
+                evaluate_when_ready(arm)
+    # the rest, the baseline first (the others meet it head to head); finished evaluations are skipped
     for arm in sorted((a for a in grid.arms if a.name in selected), key=lambda a: a.name != grid.eval.baseline):
         runner.evaluate(arm)
+    # 4. paired bootstrap against the baseline (cached per arm) and the report
     path = write_grid_report(runner, command)
     logger.info("grid %s: done in %.0f s; report %s", grid.name, time.perf_counter() - t0, path)
     return path

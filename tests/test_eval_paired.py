@@ -63,3 +63,42 @@ def test_seed_spread():
     s = seed_spread([0.2, 0.4, float("nan"), None])
     assert s["n"] == 2 and s["mean"] == pytest.approx(0.3) and s["std"] == pytest.approx(0.1414213562, rel=1e-6)
     assert seed_spread([])["mean"] is None
+
+
+def _side(ids, rep3, texts, sims=None):
+    per_item = {"id": ids, "rep_3": rep3, "rep_4": [None] * len(ids), "rouge_l": [0.5] * len(ids)}
+    if sims is not None:
+        per_item["similarity"] = sims
+    return {"per_item": per_item, "texts": texts, "gold_features": None, "features": None}
+
+
+def test_compare_to_baseline_pairs_items_by_id_and_skips_missing_scores():
+    from seqcpo.evaluation.paired import compare_to_baseline
+
+    # b lists the same items in another order and one item a lacks; every shared item is 0.1 lower in a
+    a = _side(["x", "y", "z"], [0.2, 0.4, None], ["a b", "c d", "e f"], sims=[0.9, 0.8, 0.7])
+    b = _side(["z", "w", "y", "x"], [0.9, 0.0, 0.5, 0.3], ["e f", "g h", "c c", "a a"], sims=[0.7, 0.0, 0.8, 0.9])
+    out = compare_to_baseline(a, b, resamples=300)
+    rep = out["rep_3"]   # z has no 3-gram in a (None): dropped from both sides; x and y remain
+    assert (rep["n"], rep["a"], rep["b"]) == (2, pytest.approx(0.3), pytest.approx(0.4))
+    assert rep["low"] == rep["high"] == pytest.approx(-0.1) and rep["significant"]
+    assert out["similarity"]["difference"] == 0.0 and not out["similarity"]["significant"]
+    assert "rep_4" not in out and out["rouge_l"]["difference"] == 0.0   # all-None metric left out
+    # distinct-1 over the shared items x, y, z: a has 6 distinct of 6 words, b 4 of 6 ("a a", "c c", "e f")
+    d1 = out["distinct_1"]
+    assert (d1["a"], d1["b"], d1["n"]) == (1.0, pytest.approx(4 / 6), 3) and "mauve" not in out
+    with pytest.raises(ValueError, match="share no item ids"):
+        compare_to_baseline(a, _side(["q"], [0.1], ["q"]), resamples=10)
+
+
+def test_fast_distinct_statistic_equals_distinct_n_on_every_resample():
+    from seqcpo.evaluation.metrics import distinct_n
+    from seqcpo.evaluation.paired import _distinct_statistic
+
+    rng = np.random.default_rng(3)
+    vocab = ["the", "cat", "sat", "on", "mat", ".", "a", "dog"]
+    texts = [" ".join(rng.choice(vocab, size=rng.integers(0, 12))) for _ in range(30)]
+    for n in (1, 2, 3):
+        fast = _distinct_statistic(texts, n)
+        for idx in bootstrap_indices(30, 20, seed=n):
+            assert fast(idx) == pytest.approx(distinct_n([texts[i] for i in idx], n))

@@ -287,3 +287,150 @@ def test_a_grid_judge_that_cannot_load_fails_before_training(assets, tmp_path):
     with pytest.raises(GridError, match=r"eval.judge: --judge-model .*no-such-judge: not a loadable checkpoint"):
         run_grid(grid)
     assert not (tmp_path / "out" / "arms").exists()
+
+
+def _claims_grid(assets, tmp_path):
+    grid = {
+        "name": "tiny-claims",
+        "out_dir": str(tmp_path / "out"),
+        "base": {
+            "model_name_or_path": assets["model"], "dataset": assets["data"], "task": "instruction",
+            "prompt_template": "plain", "validation_size": 0, "test_size": 8, "max_steps": 3,
+            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
+            "report_to": "none", "use_cpu": True, "disable_tqdm": True, "dataloader_num_workers": 0,
+        },
+        "arms": {
+            "mle": {"objective": "mle", "seeds": [0, 1]},
+            "cpo": {"objective": "cpo", "negatives": "tn:1,bn:1", "num_negatives": 2, "seeds": [0, 1]},
+            "anr": {"objective": "cpo_ranked", "negatives": "an", "num_negatives": 2, "offline_negatives": True,
+                    "an_max_new_tokens": 4, "seed": 0},
+        },
+        "ensembles": [{"from": "mle", "to": "cpo", "alphas": [0.5]}],
+        "eval": {"num_examples": 8, "decoding": ["greedy", "sample:temperature=1.0,top_p=0.95"],
+                 "max_new_tokens": 6, "batch_size": 8, "judge": "none", "mauve": "minilm"},
+        "paired": {"resamples": 200, "mauve_resamples": 3},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text("# seqcpo reproduce grid.yaml\n" + yaml.safe_dump(grid, sort_keys=False))
+    return str(path)
+
+
+def test_grid_claims_seeds_fixed_negatives_separation_and_resume(assets, tmp_path, monkeypatch, fake_minilm):
+    """The resolved grid's machinery end to end on a tiny model: seeds expand into arms, an arm's fixed negatives
+    are made once as a stage, every arm gets paired intervals against MLE per decoding (claims table), seed
+    spread, the separation column and curves, compute per stage; a rerun redoes nothing."""
+    from seqcpo.training import run as training_run
+    from seqcpo.training.separation import SeparationMonitor
+
+    real_train, monitors = training_run.train, []
+
+    def train(cfg):  # every training run carries the separation monitor
+        result = real_train(cfg)
+        monitors.append(any(isinstance(c, SeparationMonitor) for c in result["trainer"].callback_handler.callbacks))
+        return result
+
+    monkeypatch.setattr(training_run, "train", train)
+    grid = _claims_grid(assets, tmp_path)
+    g = load_grid(grid)
+    assert [a.name for a in g.arms] == ["mle", "mle.s1", "cpo", "cpo.s1", "anr", "mle~cpo@0.5"]
+    assert g.arm("cpo.s1").overrides["seed"] == 1 and g.arm("cpo.s1").seed_group == "cpo"
+    assert g.arm("anr").overrides["negatives_path"] == str(tmp_path / "out" / "negatives" / "anr")
+    report = Path(run_grid(grid))
+    assert monitors == [True] * 5
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    text = report.read_text()
+
+    # fixed negatives: a stage of their own, made before training, its cost in the compute table
+    assert (out / "negatives/anr/manifest.json").is_file() and (out / "negatives/anr/done.json").is_file()
+    compute = results["grid"]["compute"]
+    assert compute["anr"]["negatives_seconds"] >= 0 and compute["mle"]["negatives_seconds"] is None
+    assert compute["cpo.s1"]["train_steps"] == 3 and compute["cpo.s1"]["seed"] == 1
+
+    # per-item scores: one per test item, the means they average to
+    run = next(r for r in results["runs"] if r["label"] == "cpo" and r["decoding"] == "greedy")
+    assert len(run["per_item"]["id"]) == 8 and len(run["per_item"]["similarity"]) == 8
+    assert np.isclose(np.mean(run["per_item"]["rouge_l"]), run["rouge_l"])
+    # the paired MAUVE of the full set is the MAUVE the runs table shows
+    mle_run = next(r for r in results["runs"] if r["label"] == "mle" and r["decoding"] == "greedy")
+
+    # paired differences against MLE: every other arm, both decodings, every metric with an ordered interval
+    paired = results["grid"]["paired"]
+    assert set(paired) == {"mle.s1", "cpo", "cpo.s1", "anr", "mle~cpo@0.5"}
+    # a seeded arm is paired with the baseline's arm of the same seed; the others with the baseline
+    assert {a: p["vs"] for a, p in paired.items()} == {"mle.s1": "mle", "cpo": "mle", "cpo.s1": "mle.s1",
+                                                       "anr": "mle", "mle~cpo@0.5": "mle"}
+    for arm, p in paired.items():
+        by_dec = p["by_decoding"]
+        assert set(by_dec) == {r["decoding"] for r in results["runs"]} and len(by_dec) == 2
+        for dec, diffs in by_dec.items():
+            assert {"rep_3", "rep_4", "rouge_l", "similarity", "distinct_2", "mauve"} <= set(diffs)
+            for d in diffs.values():
+                assert d["low"] <= d["high"] and d["n"] == 8
+                assert np.isclose(d["difference"], d["a"] - d["b"])
+    assert np.isclose(paired["cpo"]["by_decoding"]["greedy"]["mauve"]["b"], mle_run["mauve"]["score"])
+    assert np.isclose(paired["cpo"]["by_decoding"]["greedy"]["rouge_l"]["a"], run["rouge_l"])
+    assert "## Claims: every difference against `mle` with its interval" in text
+    section = text.split("## Claims")[1].split("\n## ")[0]
+    claims = [ln for ln in section.splitlines() if ln.startswith("| cpo | mle | ")]
+    assert sum(ln.startswith("| cpo.s1 | mle.s1 | ") for ln in section.splitlines()) == 2 * 6
+    assert len(claims) == 2 * 6  # two decodings x six metrics
+    assert claims and all(ln.endswith("| significant at 95% |") or ln.endswith("| not resolved |") for ln in claims)
+    assert any("MAUVE vs gold (set, resampled)" in ln for ln in claims)
+
+    # seed spread for both seeded arms; separation column and curves
+    spread = results["grid"]["seed_spread"]
+    assert set(spread) == {"mle", "cpo"} and spread["cpo"]["greedy"]["rouge_l"]["n"] == 2
+    assert "## Seed spread" in text and "| cpo (cpo, cpo.s1) |" in text
+    # the headline difference replicated over seed pairs (cpo - mle, cpo.s1 - mle.s1)
+    diff = results["grid"]["seed_spread_of_difference"]["cpo"]
+    assert diff["pairs"] == ["cpo - mle", "cpo.s1 - mle.s1"] and diff["greedy"]["rep_3"]["n"] == 2
+    by = {a: paired[a]["by_decoding"]["greedy"]["rep_3"]["difference"] for a in ("cpo", "cpo.s1")}
+    assert np.isclose(diff["greedy"]["rep_3"]["mean"], (by["cpo"] + by["cpo.s1"]) / 2)
+    assert "| cpo - mle per seed pair (cpo - mle, cpo.s1 - mle.s1) |" in text
+    training = results["grid"]["training"]
+    assert {"cpo", "cpo.s1", "anr"} <= set(training) and "mle" not in training  # MLE has no pairwise signal
+    assert [s for s, _ in training["cpo"]["curves"]["rewards/accuracies"]] == [1, 2, 3]
+    assert "separated at step" in text and "## When the negatives stopped teaching" in text
+    assert "separation.png" in results["plots"] and (out / "separation.png").stat().st_size > 1000
+
+    # a rerun redoes no stage (negatives, training, generation, evaluation, paired bootstrap)
+    def no_training(cfg, *a, **k):
+        raise AssertionError("a finished stage was redone")
+
+    monkeypatch.setattr(training_run, "train", no_training)
+    monkeypatch.setattr(training_run, "make_negatives", no_training)
+    before = _mtimes(out)
+    run_grid(grid)
+    assert _mtimes(out) == before and any(k.startswith("arms/cpo/paired") for k in before)
+
+
+def test_seeds_judge_arms_paired_and_offline_negatives_are_checked(assets, tmp_path):
+    path = _claims_grid(assets, tmp_path)
+    raw = yaml.safe_load(open(path))
+    for change, match in [
+        (lambda r: r["arms"]["mle"].update(seeds=[0, 0]), r"arms.mle.seeds: give distinct training seeds"),
+        (lambda r: r["arms"]["mle"].update(seed=3), r"arms.mle.seeds: .*sets no 'seed' of its own"),
+        (lambda r: r["arms"]["mle"].update(seeds=["x"]), r"arms.mle: field 'seeds\[0\]': 'x' is not valid"),
+        (lambda r: r.update(judge_arms=["cpo", "nope"]), r"judge_arms: nope not arms of the grid"),
+        (lambda r: r.update(paired={"resamples": 0}), r"paired: resamples >= 1"),
+        (lambda r: r.update(paired={"resample": 5}), r"unknown key 'resample'.*'resamples'"),
+        (lambda r: r["arms"]["mle"].update(offline_negatives=True), r"offline_negatives: objective mle uses no"),
+        (lambda r: r["arms"]["anr"].update(negatives_path="x"), r"arms.anr: offline_negatives makes negatives_path"),
+    ]:
+        bad = yaml.safe_load(yaml.safe_dump(raw))
+        change(bad)
+        Path(path).write_text(yaml.safe_dump(bad))
+        with pytest.raises(GridError, match=match):
+            load_grid(path)
+    Path(path).write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match="--only: nope not in the grid"):
+        run_grid(path, only=["nope"], dry_run=True)
+    run_grid(path, only=["cpo"], dry_run=True)   # a seeds group selects all its seeds
+
+
+def test_only_a_seeds_group_selects_every_seed(assets, tmp_path, capsys):
+    path = _claims_grid(assets, tmp_path)
+    run_grid(path, only=["cpo"], dry_run=True)
+    plan = capsys.readouterr().out
+    assert "   cpo " in plan and "   cpo.s1 " in plan and " - mle.s1 " in plan and "negatives todo" in plan

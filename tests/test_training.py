@@ -143,6 +143,11 @@ def test_checkpoint_reloads_with_plain_transformers(assets, tmp_path):
     cfg_dump = open(os.path.join(tmp_path / "run", "seqcpo_config.yaml")).read()
     assert "beta: 1.0" in cfg_dump and "hub_token" not in cfg_dump
     assert "max_prefix_tokens: 256" in cfg_dump and "an_max_new_tokens" in cfg_dump  # counts are not secrets
+    from seqcpo.training.separation import separation_onset
+
+    info = json.load(open(tmp_path / "run" / "run_info.json"))
+    history = json.load(open(tmp_path / "run" / "log_history.json"))
+    assert "separated_at_step" in info and info["separated_at_step"] == separation_onset(history).step
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
     ids = tok("### Instruction:\nDescribe the river", return_tensors="pt").input_ids

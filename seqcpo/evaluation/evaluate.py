@@ -188,10 +188,40 @@ def score_model(label: str, model_path: str | None, alpha: float | None, rows: d
         for n in (1, 2, 3):
             run[f"distinct_{n}"] = metrics.distinct_n(gens, n)
         run["rep_4"] = metrics.repeated_ngram_rate(gens, 4)
+        run["rep_3"] = metrics.repeated_ngram_rate(gens, 3)
+        run["per_item"] = per_item_scores(rs, text_features if cfg.mauve == "minilm" else None)
+        sims = [x for x in run["per_item"].get("similarity") or [] if x is not None]
+        run["similarity"] = sum(sims) / len(sims) if sims else None
         run.update(generation_summary(rs))
         run["gold_ppl"] = ppl
         runs.append(run)
     return runs, judgments
+
+
+def per_item_scores(rows: Sequence[dict], text_features: TextFeatures | None = None) -> dict[str, list]:
+    """Scores of each generation on its own, in row order, so two models can be paired item by item
+    (:mod:`seqcpo.evaluation.paired`): ``id``; ``rep_3`` / ``rep_4`` (the text's own repeated n-gram rate,
+    None when it has no n-gram); ``rouge_l`` (F against its gold); with ``text_features`` ``similarity``
+    (cosine of the all-MiniLM-L6-v2 embeddings of generation and gold).
+
+    >>> [round(x, 4) for x in per_item_scores([{"id": 7, "reference": "a b c", "generation": "a b a b a"}])["rep_3"]]
+    [0.3333]
+    """
+    from seqcpo.evaluation import metrics
+
+    gens, refs = [r["generation"] for r in rows], [r["reference"] for r in rows]
+    out: dict[str, list] = {"id": [str(r["id"]) for r in rows]}
+    for n in (3, 4):
+        out[f"rep_{n}"] = [metrics.repeated_ngram_rate([g], n) if len(metrics.words(g)) >= n else None for g in gens]
+    out["rouge_l"] = [metrics.rouge_l([g], [r]) for g, r in zip(gens, refs)]
+    if text_features is not None and rows:
+        import numpy as np
+
+        g, r = text_features(gens), text_features(refs)  # (N, D) each
+        norm = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
+        cos = (g * r).sum(axis=1) / np.where(norm > 0, norm, 1.0)
+        out["similarity"] = [float(x) for x in cos]
+    return out
 
 
 def compare(judge, a: str, b: str, rows_a: dict[str, list[dict]], rows_b: dict[str, list[dict]], cfg: EvalConfig,

@@ -126,3 +126,81 @@ def seed_spread(values: Sequence[float]) -> dict:
         return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
     std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
     return {"n": len(v), "mean": float(np.mean(v)), "std": round(std, 12), "min": min(v), "max": max(v)}
+
+
+# ----------------------------------------------------------------------------- one model against a baseline
+
+PER_ITEM_METRICS = ("rep_3", "rep_4", "rouge_l", "similarity")
+DISTINCT_NS = (1, 2, 3)
+
+
+def _distinct_statistic(texts: Sequence[str], n: int) -> Callable[[np.ndarray], float]:
+    """distinct-n of the items picked by an index array, each text's n-grams counted once up front."""
+    from seqcpo.evaluation.metrics import _ngrams, words
+
+    grams = [_ngrams(words(t), n) for t in texts]
+    uniq, counts = [set(g) for g in grams], np.array([len(g) for g in grams])
+
+    def stat(idx: np.ndarray) -> float:
+        total = int(counts[idx].sum())
+        return len(set().union(*(uniq[i] for i in idx))) / total if total else 0.0
+
+    return stat
+
+
+def _mauve_statistic(gold: np.ndarray, gen: np.ndarray) -> Callable[[np.ndarray], float]:
+    """MAUVE of the picked items (gold and model resampled together), with MAUVE's own default seed so the
+    full-set value is the one the report's table shows."""
+    import logging
+
+    from seqcpo.evaluation.metrics import mauve_score
+
+    quiet = logging.getLogger("seqcpo.evaluation.metrics")
+
+    def stat(idx: np.ndarray) -> float:
+        level, quiet.level = quiet.level, logging.ERROR  # the small-sample warning once per set, not per resample
+        try:
+            return mauve_score(gold[idx], gen[idx]).score
+        finally:
+            quiet.setLevel(level)
+
+    return stat
+
+
+def compare_to_baseline(a: dict, b: dict, resamples: int = DEFAULT_RESAMPLES, mauve_resamples: int = 200,
+                        seed: int = 0, confidence: float = 0.95) -> dict[str, dict]:
+    """Every paired difference of model A against baseline B on one decoding, over the items both have.
+
+    ``a`` / ``b``: ``{"per_item": {"id": [...], metric: [...]}, "texts": [...], "gold_features": (N, D) |
+    None, "features": (N, D) | None}``, rows in ``per_item["id"]`` order (``seqcpo.evaluation.evaluate.
+    per_item_scores``). Per-item metrics (:data:`PER_ITEM_METRICS`) take :func:`paired_mean_difference`;
+    distinct-n and MAUVE (gold and both models' features resampled together; ``mauve_resamples``, 0 = off,
+    since each MAUVE call costs ~0.2 s) take :func:`paired_statistic_difference`.
+
+    Returns ``{metric: PairedDifference.as_dict()}``; metrics either side lacks are left out.
+    """
+    ids_b = {i: k for k, i in enumerate(b["per_item"]["id"])}
+    pairs = [(k, ids_b[i]) for k, i in enumerate(a["per_item"]["id"]) if i in ids_b]
+    if not pairs:
+        raise ValueError("the two models share no item ids: nothing to pair")
+    ia, ib = (np.array(x) for x in zip(*pairs))
+    out: dict[str, dict] = {}
+    for m in PER_ITEM_METRICS:
+        xa, xb = a["per_item"].get(m), b["per_item"].get(m)
+        if xa is None or xb is None:
+            continue
+        fa = np.array([np.nan if v is None else v for v in xa], dtype=np.float64)[ia]
+        fb = np.array([np.nan if v is None else v for v in xb], dtype=np.float64)[ib]
+        if (~(np.isnan(fa) | np.isnan(fb))).any():
+            out[m] = paired_mean_difference(fa, fb, resamples, seed, confidence).as_dict()
+    ta, tb = [a["texts"][k] for k in ia], [b["texts"][k] for k in ib]
+    for n in DISTINCT_NS:
+        out[f"distinct_{n}"] = paired_statistic_difference(
+            _distinct_statistic(ta, n), _distinct_statistic(tb, n), len(pairs), resamples, seed, confidence).as_dict()
+    if mauve_resamples and a.get("features") is not None and b.get("features") is not None:
+        gold = np.asarray(a["gold_features"])[ia]
+        fa, fb = np.asarray(a["features"])[ia], np.asarray(b["features"])[ib]
+        out["mauve"] = paired_statistic_difference(
+            _mauve_statistic(gold, fa), _mauve_statistic(gold, fb), len(pairs), mauve_resamples, seed,
+            confidence).as_dict()
+    return out

@@ -27,6 +27,16 @@ from seqcpo.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-e
 PLOT_WINRATE = "winrate.png"
 PLOT_MAUVE = "mauve.png"
 PLOT_ALPHA = "alpha_sweep.png"
+PLOT_SEPARATION = "separation.png"
+# the paired metrics of a grid's claims table, in order, with how each is read
+CLAIM_METRICS = (
+    ("rep_3", "3-gram repetition (per text)", "lower repeats less"),
+    ("rep_4", "4-gram repetition (per text)", "lower repeats less"),
+    ("distinct_2", "distinct-2 (set)", "higher is more diverse"),
+    ("rouge_l", "ROUGE-L to gold (per item)", "higher is closer"),
+    ("similarity", "MiniLM cosine to gold (per item)", "higher is closer"),
+    ("mauve", "MAUVE vs gold (set, resampled)", "higher is closer"),
+)
 
 
 def judge_label(judge: dict | None) -> str:
@@ -113,13 +123,101 @@ def _header(results: dict, judge: str) -> list[str]:
     return lines + [""]
 
 
+def fmt_difference(d: dict | None, digits: int = 3) -> str:
+    """``"-0.044 [-0.068, -0.022]"``: a paired bootstrap difference (:mod:`seqcpo.evaluation.paired`)."""
+    if not d:
+        return "-"
+    return f"{d['difference']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+
+
+def _claims_table(results: dict) -> list[str]:
+    """Every arm minus the baseline, per decoding and metric, with its paired 95% interval and a verdict."""
+    grid = results["grid"]
+    paired, base = grid.get("paired") or {}, grid["eval"].get("baseline")
+    if not paired:
+        return []
+    ps = grid.get("paired_settings") or {}
+    lines = ["## Claims: every difference against " + f"`{base}` with its interval", "",
+             f"Paired bootstrap over the same test items (both models continued the same prefixes): "
+             f"{ps.get('resamples', '?')} resamples, {ps.get('mauve_resamples', '?')} for MAUVE; difference = arm "
+             f"minus `vs` ({base}, or for a seeded arm {base}'s arm of the same training seed); **significant at {100 * ps.get('confidence', 0.95):g}%** when the interval excludes "
+             "0, else **not resolved**. Per-text repetition and per-item ROUGE-L / similarity are paired item by "
+             "item; distinct-n and MAUVE are recomputed on each resample.", "",
+             "| arm | vs | decoding | metric | arm | vs | difference [95% CI] | n | claim |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, p in paired.items():
+        for dec, diffs in p["by_decoding"].items():
+            for key, name, reading in CLAIM_METRICS:
+                d = diffs.get(key)
+                if d is None:
+                    continue
+                verdict = ("significant at 95%" if d["significant"] else "not resolved") if \
+                    abs(d["confidence"] - 0.95) < 1e-9 else ("significant" if d["significant"] else "not resolved")
+                lines.append(f"| {_cell(arm)} | {_cell(p['vs'])} | `{dec}` | {name} ({reading}) | {_fmt(d['a'])} | "
+                             f"{_fmt(d['b'])} | "
+                             f"{fmt_difference(d)} | {d['n']} | {verdict} |")
+    return lines + [""]
+
+
+def _seed_table(results: dict) -> list[str]:
+    spreads = (results.get("grid") or {}).get("seed_spread") or {}
+    if not spreads:
+        return []
+    keys = [k for k, _, _ in CLAIM_METRICS]
+    diffs = (results.get("grid") or {}).get("seed_spread_of_difference") or {}
+    lines = ["## Seed spread", "", "Mean and sample standard deviation over training seeds (the arms listed); "
+             "a difference smaller than the seeds' spread is not a property of the method.", "",
+             "| arm (seeds) | decoding | n | " + " | ".join(f"{k} mean ± sd" for k in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for group, by_dec in spreads.items():
+        for dec, m in by_dec.items():
+            first = next(iter(m.values()))
+            cells = [f"{_fmt(m[k]['mean'])} ± {_fmt(m[k]['std'])}" if m.get(k, {}).get("n") else "-" for k in keys]
+            lines.append(f"| {_cell(group)} ({', '.join(first['arms'])}) | `{dec}` | {first['n']} | "
+                         + " | ".join(cells) + " |")
+    for group, d in diffs.items():
+        for dec, m in d.items():
+            if dec in ("vs", "pairs"):
+                continue
+            n = max((v.get("n") or 0) for v in m.values())
+            cells = [f"{m[k]['mean']:+.3f} ± {_fmt(m[k]['std'])}" if m.get(k, {}).get("n") else "-" for k in keys]
+            lines.append(f"| {_cell(group)} - {_cell(d['vs'])} per seed pair ({', '.join(d['pairs'])}) | `{dec}` | "
+                         f"{n} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _separation_table(results: dict) -> list[str]:
+    training = (results.get("grid") or {}).get("training") or {}
+    rows = [(a, t) for a, t in training.items() if t["curves"].get("rewards/accuracies")]
+    if not rows:
+        return []
+    t0 = rows[0][1]
+    lines = ["## When the negatives stopped teaching", "",
+             f"Separated at step = first step of the earliest {t0['window']} consecutive logged steps with "
+             f"`rewards/accuracies` >= {t0['threshold']:g} (every negative ranked below the gold); from there the "
+             f"CPO term only widens margins. Curves: {PLOT_SEPARATION}.", "",
+             "| arm | separated at step | last accuracy | last margin | last gold top-1 | logged steps |",
+             "|---|---|---|---|---|---|"]
+    for arm, t in rows:
+        c = t["curves"]
+
+        def last(k):
+            return c[k][-1][1] if c.get(k) else None
+        lines.append(f"| {_cell(arm)} | {t['separated_at_step'] if t['separated_at_step'] is not None else 'never'} "
+                     f"| {_fmt(last('rewards/accuracies'))} | {_fmt(last('rewards/margins'))} | "
+                     f"{_fmt(last('rewards/gold_top1'))} | {len(c['rewards/accuracies'])} |")
+    return lines + [""]
+
+
 def _arms_table(results: dict) -> list[str]:
     """A grid's one-row-per-arm summary: what each arm is, its headline numbers and what it cost."""
     grid = results["grid"]
     baseline = grid["eval"].get("baseline")
-    lines = ["## Arms", "", "| arm | what | decoding | win vs gold % [95% CI] | n | vs "
-             f"{baseline or '-'} % [95% CI] | n | MAUVE (n gold/model) | ROUGE-L | train s | steps | gen s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    training = grid.get("training") or {}
+    lines = ["## Arms", "", "| arm | what | decoding | win vs gold % [95% CI] (weak judge) | n | vs "
+             f"{baseline or '-'} % [95% CI] | n | MAUVE (n gold/model) | ROUGE-L | rep-3 | separated at step | "
+             "negatives s | train s | steps | gen s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     h2h_by = {(h["a"], h["decoding"]): h["win_rate"] for h in results.get("head_to_head") or []}
     for r in results.get("runs", []):
         c = grid["compute"][r["label"]]
@@ -127,12 +225,18 @@ def _arms_table(results: dict) -> list[str]:
         hw = h2h_by.get((r["label"], r["decoding"]))
         train_s = c["train_seconds"] if c["kind"] != "ensemble" else f"({c['ensemble_seconds']} interp.)"
         gen_s = c["generate_seconds"] if not c["generations_copied_from"] else f"(= {c['generations_copied_from']})"
+        sep = training.get(r["label"])
+        sep = "-" if sep is None or not sep["curves"].get("rewards/accuracies") else (
+            sep["separated_at_step"] if sep["separated_at_step"] is not None else "never")
         lines.append(
             f"| {_cell(r['label'])} | {_cell(c['summary'])} | `{r['decoding']}` | {fmt_win_rate(wr)} | "
             f"{wr['n'] if wr else '-'} | {fmt_win_rate(hw)} | {hw['n'] if hw else '-'} | {_fmt_mauve(r.get('mauve'))} | "
-            f"{_fmt(r.get('rouge_l'))} | {train_s if train_s is not None else '-'} | "
-            f"{c['train_steps'] if c['train_steps'] is not None else '-'} | {gen_s} |")
-    lines += ["", "Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items. MAUVE marked (!) "
+            f"{_fmt(r.get('rouge_l'))} | {_fmt(r.get('rep_3'))} | {sep} | {_fmt(c.get('negatives_seconds'), 1)} | "
+            f"{train_s if train_s is not None else '-'} | "
+            f"{c['train_steps'] if c['train_steps'] is not None else '-'} | {gen_s} | "
+            f"{_fmt(c.get('evaluate_seconds'), 1)} |")
+    lines += ["", "Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items; the local judge is "
+              "weak (see above), the claims below do not rest on it. MAUVE marked (!) "
               "comes from too few samples to discriminate. train s includes model loading; ensemble arms cost an "
               "interpolation on top of their two endpoints' training; alpha 0 and 1 are bit for bit their endpoints, "
               "so their generations are copied (gen s \"(= arm)\").", ""]
@@ -144,7 +248,7 @@ def render_markdown(results: dict) -> str:
     judge = judge_label(results.get("judge"))
     lines = _header(results, judge)
     if results.get("grid"):
-        lines += _arms_table(results)
+        lines += _arms_table(results) + _claims_table(results) + _seed_table(results) + _separation_table(results)
 
     lines += ["## Models x decoding", "",
               "| model | alpha | decoding | win rate vs gold % [95% CI] | n | failed | judge | MAUVE (n gold/model) "
@@ -296,7 +400,39 @@ def write_plots(results: dict, out_dir: str | os.PathLike) -> list[str]:
         written.append(PLOT_MAUVE)
     if _alpha_plot(runs, judge, out_dir / PLOT_ALPHA):
         written.append(PLOT_ALPHA)
+    if _separation_plot((results.get("grid") or {}).get("training") or {}, out_dir / PLOT_SEPARATION):
+        written.append(PLOT_SEPARATION)
     return written
+
+
+def _separation_plot(training: dict, path: Path) -> bool:
+    """``rewards/accuracies``, ``rewards/margins`` and ``rewards/gold_top1`` over steps, one line per arm,
+    a dotted line where the arm's negatives became separated."""
+    keys = ("rewards/accuracies", "rewards/margins", "rewards/gold_top1")
+    arms = {a: t for a, t in training.items() if any(t["curves"].get(k) for k in keys)}
+    if not arms:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, (arm, t) in enumerate(arms.items()):
+            pts = t["curves"].get(key) or []
+            if not pts:
+                continue
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=arm, lw=1.2)
+            if t.get("separated_at_step") is not None and key == "rewards/accuracies":
+                ax.axvline(t["separated_at_step"], color=line.get_color(), ls=":", lw=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(key, fontsize=9)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("pairwise signal per arm (dotted: negatives separated)", fontsize=9)
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
 
 
 def write_report(results: dict, out_dir: str | os.PathLike) -> dict:

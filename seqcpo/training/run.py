@@ -40,6 +40,7 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     ``transformers.TrainerCallback`` objects. Raises :class:`~seqcpo.training.checkpoints.NonFiniteError` when
     the loss or the gradient norm stops being finite (the last good checkpoint stays; ``final/`` is not written).
     """
+    from seqcpo.training.separation import SeparationMonitor, separation_onset
     from seqcpo.training.trainer import ExampleDataset, SeqCPOTrainer
 
     t0 = time.time()
@@ -92,6 +93,7 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     trainer.run_identity = identity
     if cfg.streaming:
         trainer.add_callback(StreamPositionCallback(train_ds))
+    trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
         save_config(cfg, config_path)
@@ -119,6 +121,8 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
                 "train_loss": result.training_loss,
                 "seconds": round(time.time() - t0, 1),
                 "model_path": path,
+                # the step from which every negative was separated (None: never; seqcpo.training.separation)
+                "separated_at_step": separation_onset(trainer.state.log_history).step,
             },
         )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
