@@ -167,6 +167,10 @@ def test_resume_auto_takes_this_runs_newest_checkpoint_or_starts_afresh(assets, 
         c = _train(_cfg(assets, out, learning_rate=2e-3, max_steps=1, resume_from_checkpoint="auto"))
     assert "starting afresh" in caplog.text and c["steps"] == 1
     assert read_marker(str(out / "checkpoint-4"))["identity"]["config"]["learning_rate"] == 5e-3  # left alone
+    # C's checkpoint-1 did not delete B's: B's was moved aside, kept whole (complete marker and all)
+    assert read_marker(str(out / "checkpoint-1"))["identity"]["config"]["learning_rate"] == 2e-3
+    aside = [p for p in out.iterdir() if p.name.startswith("other-run-") and p.name.endswith("-checkpoint-1")]
+    assert len(aside) == 1 and read_marker(str(aside[0]))["identity"]["config"]["learning_rate"] == 1e-3
 
 
 # ---------------------------------------------------------------- completeness

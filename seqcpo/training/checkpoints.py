@@ -415,11 +415,20 @@ def save_complete_checkpoint(trainer, save_checkpoint, model, trial) -> None:
     run_dir = trainer._get_output_dir(trial=trial)
     folder = os.path.join(run_dir, f"checkpoint-{trainer.state.global_step}")
     if args.should_save and os.path.isdir(folder):
-        # a folder of this step from a torn write or another run: replaced whole, never mixed with the new files
-        marker = os.path.join(folder, COMPLETE_MARKER)
-        if os.path.exists(marker):
-            os.remove(marker)
-        shutil.rmtree(folder, ignore_errors=True)
+        other = read_marker(folder)
+        if other is not None and other.get("identity_key") != identity_key(trainer_identity(trainer)):
+            # another run's complete checkpoint at this step (resume "auto" started afresh beside it): kept, moved
+            # aside under a name no resume or rotation reads, never deleted
+            aside = os.path.join(run_dir, f"other-run-{str(other.get('identity_key'))[:12]}-{os.path.basename(folder)}")
+            logger.warning("%s was written by another run (other settings): moved to %s", folder, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+        else:
+            # a torn folder of this step, or this run's own: replaced whole, never mixed with the new files
+            marker = os.path.join(folder, COMPLETE_MARKER)
+            if os.path.exists(marker):
+                os.remove(marker)
+            shutil.rmtree(folder, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     limit = args.save_total_limit
     args.save_total_limit = None
