@@ -271,11 +271,12 @@ def test_head_to_head_has_a_paired_interval_in_results_and_report(tmp_path):
         vs_gold += j
     [h2h], _ = compare(judge, "A", "B", a, b, cfg, vs_gold=vs_gold)
     p = h2h["paired_vs_gold"]
-    assert p["n"] == 4 and p["diff"] == pytest.approx(0.5)
-    assert (p["ci_low"], p["ci_high"]) == pytest.approx((0.5 - 1.959964 * (1 / 3) ** 0.5 / 2,
-                                                         0.5 + 1.959964 * (1 / 3) ** 0.5 / 2), abs=1e-5)
+    # per-item differences 0, 1, 1, 0: a resample's mean is k/4 with k ~ Binomial(4, 1/2), and P(k = 0) = 1/16
+    # exceeds 2.5%, so the 95% percentile interval is [0, 1] exactly (a normal interval would pass 1)
+    assert p["n"] == 4 and p["difference"] == pytest.approx(0.5)
+    assert (p["low"], p["high"]) == (0.0, 1.0)
     report = render_markdown({"runs": runs, "head_to_head": [h2h], "judge": judge.describe()})
-    assert "paired diff vs gold" in report and "+50.0 [-6.6, +106.6]" in report
+    assert "paired diff vs gold" in report and "+50.0 [+0.0, +100.0]" in report
 
 
 def test_a_local_judge_that_cannot_load_fails_before_generation(setup, monkeypatch):

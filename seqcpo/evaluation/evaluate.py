@@ -246,7 +246,7 @@ def compare(judge, a: str, b: str, rows_a: dict[str, list[dict]], rows_b: dict[s
         paired = paired_difference(outcomes[a], outcomes[b]) if outcomes[a] and outcomes[b] else None
         h2h.append({"a": a, "b": b, "decoding": dec, "win_rate": summarize(items).to_dict(),
                     "by_category": {k: v.to_dict() for k, v in summarize_by_category(items).items()},
-                    "paired_vs_gold": paired.to_dict() if paired is not None else None})
+                    "paired_vs_gold": paired})
         judgments += [dict(i.to_dict(), kind="head_to_head", model=a, opponent=b, decoding=dec) for i in items]
     return h2h, judgments
 

@@ -8,7 +8,7 @@ The results dict (written verbatim to ``results.json``)::
                "win_rate_by_category": {category: WinRate}, "mauve": MauveResult | None, "rouge_l",
                "distinct_1", "distinct_2", "distinct_3", "rep_4", "mean_tokens", "gold_ppl": {...} | None}],
      "head_to_head": [{"a", "b", "decoding", "win_rate": WinRate, "by_category": {...},
-                       "paired_vs_gold": PairedDifference | None}],
+                       "paired_vs_gold": paired difference dict | None}],
      optional: "title", "command" (how to regenerate), "mauve" (the features setting),
      "grid": {"file", "out_dir", "eval", "compute": {arm: {...}}, "not_evaluated": [...]} (a grid's report)}
 
@@ -69,11 +69,11 @@ def fmt_win_rate(wr: dict | None) -> str:
 
 def fmt_paired(p: dict | None) -> str:
     """``"+12.5 [-3.1, +28.1]"``: a paired difference of win rates and its interval in points."""
-    if not p or p.get("diff") is None:
+    if not p or p.get("difference") is None:
         return "-"
-    if p.get("ci_low") is None:
-        return f"{100 * p['diff']:+.1f}"
-    return f"{100 * p['diff']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
+    if p.get("low") is None:
+        return f"{100 * p['difference']:+.1f}"
+    return f"{100 * p['difference']:+.1f} [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}]"
 
 
 def _fmt_mauve(mv: dict | None) -> str:

@@ -145,50 +145,30 @@ def summarize(items: Sequence[ItemResult]) -> WinRate:
     return WinRate(wins, losses, ties, failed, n, rate, low, high)
 
 
-@dataclass
-class PairedDifference:
-    """Paired difference of two models' win rates against the gold, over the items both were judged on.
-
-    ``diff`` = mean over items of ``score_a - score_b`` (score: win 1, tie 0.5, loss 0), with a 95% interval
-    ``diff +- z * sd / sqrt(n)`` (sd: the sample standard deviation of the per-item differences). Pairing
-    removes the items' shared difficulty, so it is narrower than two independent Wilson intervals would allow.
-    """
-
-    n: int
-    diff: float | None
-    ci_low: float | None
-    ci_high: float | None
-    ci_method: str = "paired-difference95"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 _SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 
 def paired_difference(outcomes_a: dict[str, str | None], outcomes_b: dict[str, str | None],
-                      z: float = Z_95) -> PairedDifference:
-    """Paired interval of ``rate_a - rate_b`` from per-item outcomes against the gold (``{item id: outcome}``);
-    items failed for either model are left out.
+                      resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Paired difference ``rate_a - rate_b`` of two models' win rates against the gold, per item (``{item id:
+    outcome}``; score win 1, tie 0.5, loss 0; items failed for either model are left out), with its 95% paired
+    bootstrap interval (:func:`seqcpo.evaluation.paired.paired_mean_difference`, which always stays within
+    [-1, 1]). None without a common item; no interval from a single item.
 
     >>> d = paired_difference({"1": "win", "2": "win", "3": "tie"}, {"1": "loss", "2": "win", "3": "loss"})
-    >>> d.n, round(d.diff, 4)  # differences 1, 0, 0.5: mean 0.5, sd 0.5
-    (3, 0.5)
-    >>> round(d.ci_low, 4), round(d.ci_high, 4)  # 0.5 -+ 1.96 * 0.5 / sqrt(3)
-    (-0.0658, 1.0658)
+    >>> d["n"], d["difference"], d["low"] >= -1.0 and d["high"] <= 1.0   # differences 1, 0, 0.5
+    (3, 0.5, True)
     """
-    diffs = [_SCORE[outcomes_a[k]] - _SCORE[outcomes_b[k]] for k in outcomes_a
-             if outcomes_a[k] in _SCORE and outcomes_b.get(k) in _SCORE]
-    n = len(diffs)
-    if n == 0:
-        return PairedDifference(0, None, None, None)
-    mean = sum(diffs) / n
-    if n == 1:
-        return PairedDifference(1, mean, None, None)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = z * sd / math.sqrt(n)
-    return PairedDifference(n, mean, mean - half, mean + half)
+    from seqcpo.evaluation.paired import paired_mean_difference
+
+    common = [k for k in outcomes_a if outcomes_a[k] in _SCORE and outcomes_b.get(k) in _SCORE]
+    if not common:
+        return None
+    a = [_SCORE[outcomes_a[k]] for k in common]
+    b = [_SCORE[outcomes_b[k]] for k in common]
+    if len(common) == 1:
+        return {"n": 1, "difference": a[0] - b[0], "low": None, "high": None}
+    return paired_mean_difference(a, b, resamples=resamples, seed=seed).as_dict()
 
 
 def summarize_by_category(items: Sequence[ItemResult]) -> dict[str, WinRate]:
