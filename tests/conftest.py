@@ -117,3 +117,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def free_port() -> str:
+    """A loopback port no process holds right now, for a test's process group (fixed ports collide when two test
+    runs share a machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+

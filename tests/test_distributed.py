@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import make_tiny_llama, make_toy_tokenizer
+from conftest import make_tiny_llama, make_toy_tokenizer, free_port
 
 
 def _run(cmd, env):
@@ -53,7 +53,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     _run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
          "-m", "seqcpo.cli"] + common + ["--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
         env,
     )
@@ -73,7 +73,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # MN drawn from the policy's own gold pass: two forwards of the DDP-wrapped model before one backward
     _run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
          "-m", "seqcpo.cli", "train", "--config", str(cfg), "--negatives", "mn", "--negatives_model", "policy",
          "--max_steps", "2", "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "policy_mn")],
         env,
@@ -97,7 +97,7 @@ def test_two_processes_agree_on_the_auto_layout(tmp_path):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     _run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
          "-m", "seqcpo.cli", "train", "--model_name_or_path", str(tmp_path / "model"),
          "--dataset", str(tmp_path / "data.jsonl"), "--task", "instruction", "--prompt_template", "plain",
          "--validation_size", "2", "--test_size", "2", "--per_device_train_batch_size", "2",

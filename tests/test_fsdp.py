@@ -14,18 +14,11 @@ import sys
 import pytest
 import torch
 
+from conftest import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
-
-
-def _free_port() -> str:
-    """A port no other test run on this machine holds right now (fixed ports collide across parallel runs)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _run(cmd):
@@ -38,7 +31,7 @@ def test_fully_shard_step_on_cpu_equals_one_process(tmp_path):
     from conftest import make_tiny_llama
 
     worker = os.path.join(HERE, "fsdp2_cpu_worker.py")
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
           worker, str(tmp_path / "two.pt")])
     _run([sys.executable, worker, str(tmp_path / "one.pt")])
     two = torch.load(tmp_path / "two.pt")
@@ -54,7 +47,7 @@ def test_fully_shard_step_on_cpu_equals_one_process(tmp_path):
 def test_accelerate_fsdp_on_cpu_is_plain_multi_cpu():
     """The limitation that keeps ``seqcpo train`` off FSDP on CPU (see the module docstring)."""
     env = {**ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_USE_CPU": "true", "RANK": "0",
-           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
     code = ("from accelerate import Accelerator; import torch.distributed as d; "
             "print(Accelerator(cpu=True).distributed_type); d.destroy_process_group()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import make_tiny_llama, make_toy_tokenizer
+from conftest import make_tiny_llama, make_toy_tokenizer, free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
@@ -38,14 +38,6 @@ def setup(tmp_path_factory):
     )
     return {"root": root, "cfg": str(cfg)}
 
-
-def _free_port() -> str:
-    """A port no other test run on this machine holds right now (fixed ports collide across parallel runs)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _config(setup, **over):
@@ -86,7 +78,7 @@ def test_two_processes_make_the_rows_of_one(setup):
     make_negatives(_config(setup), str(root / "one"), shard_size=3)  # one process: this one
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(),
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
           "-m", "seqcpo.cli", "negatives", "--config", setup["cfg"], "--out", str(root / "two"), "--shard-size", "3"])
     man1, one = _rows(root / "one")
     man2, two = _rows(root / "two")

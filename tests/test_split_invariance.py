@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_EOS, TINY_PAD, make_tiny_llama
+from conftest import TINY_EOS, TINY_PAD, make_tiny_llama, free_port
 from seqcpo.negatives import build_negative_generator
 from seqcpo.seeding import example_generators, example_seed
 from seqcpo.types import Example
@@ -41,11 +41,6 @@ def model_dir(tmp_path_factory):
     make_tiny_llama().save_pretrained(path)
     return str(path)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _assert_same_step(name, got, ref, where):
@@ -80,7 +75,7 @@ def test_one_step_is_the_same_for_2_processes_x_2(model_dir, batch_4x1, tmp_path
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     proc = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "--dynamo_backend", "no", "--main_process_port", free_port(),
          os.path.join(ROOT, "tests", "split_step.py"), model_dir, str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,
     )

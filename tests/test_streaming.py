@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import make_tiny_gpt2, make_tiny_llama, make_toy_tokenizer
+from conftest import make_tiny_gpt2, make_tiny_llama, make_toy_tokenizer, free_port
 from seqcpo.data import DataConfig, DataError, load_splits
 from seqcpo.data.streaming import StreamingExamples, load_streaming
 
@@ -307,7 +307,7 @@ def test_two_process_streaming_run_stores_both_positions_and_resumes(assets, tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
               "-m", "seqcpo.cli", "train", "--dataset", assets["data"], "--task", "continuation", "--streaming",
               "true", "--model_name_or_path", assets["model"], "--prefix_tokens", "8", "--continuation_tokens", "8",
               "--per_device_train_batch_size", "2", "--negatives", "tn", "--num_negatives", "2", "--save_steps", "2", "--report_to", "none", "--use_cpu",

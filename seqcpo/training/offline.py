@@ -14,8 +14,9 @@ Columns: ``id`` (string), ``prefix_ids`` and ``gold_ids`` (list<int32>), ``negat
 float64, gold first). ``datasets.load_dataset("parquet", data_files=...)`` reads the shards.
 
 Many processes (``accelerate launch -m seqcpo.cli negatives ...``): shard ``s`` is made by rank
-``s % world_size``; a shard's seed depends only on ``(seed, s)``, so the rows are the same for any number of
-processes. With AN on vLLM each process runs its own engine on its own GPU. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
+``s % world_size``; every example draws from its own generator (``seqcpo.seeding.example_generators(seed, id,
+epoch 0)``), so the rows are the same for any number of processes and any shard size (BN excepted: it draws
+from the batch, which is why batch and shard size are in the plan). With AN on vLLM each process runs its own engine on its own GPU. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
 ``<plan>`` is the fingerprint of everything that decides the content (model, data and its example tokens,
 generators, K, seed, batch and shard size, dtype): a resumed run with another shard size or batch size
 re-plans (old shards are deleted), one with other model/data/generator settings is refused. Rank 0 marks the
