@@ -52,6 +52,25 @@ def next_token_kl(model_p, model_q, prefixes, negatives) -> tuple[float, float, 
     return total / max(n, 1), worst, n
 
 
+class _BatchedGenerate:
+    """The baseline: one ``model.generate(num_return_sequences=K)`` call over every prefix at once (the prefixes
+    have one length, so no padding), sampling at temperature 1 with EOS suppressed. seqcpo's ``hf`` backend
+    samples one prefix per call (per-example seeds), so it is timed beside this, not as the baseline."""
+
+    def __init__(self, model, new_tokens: int, pad: int):
+        self.model, self.new_tokens, self.pad = model, new_tokens, pad
+
+    @torch.no_grad()
+    def _decode(self, prefixes, k, generator):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        ids = torch.tensor(prefixes)  # (B, P)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                  top_k=0, top_p=1.0, num_return_sequences=k, max_new_tokens=self.new_tokens,
+                                  min_new_tokens=self.new_tokens, pad_token_id=self.pad)
+        new = out[:, ids.shape[1]:].tolist()  # (B*k, new)
+        return [new[b * k:(b + 1) * k] for b in range(len(prefixes))]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -86,7 +105,8 @@ def main(argv=None) -> dict:
     make = lambda m, be: AutoregressiveNegatives(m, DecodingConfig(strategy="sample", temperature=1.0), eos_token_id=-1,  # noqa: E731
                                                  pad_token_id=pad, max_new_tokens=args.new_tokens, backend=be,
                                                  batch_size=args.prefixes)
-    gens = {"fp32 hf (generate)": make(model, "hf"), "bf16 hf": make(bf16, "hf"),
+    gens = {"fp32 hf (generate)": _BatchedGenerate(model, args.new_tokens, pad), "fp32 hf backend": make(model, "hf"),
+            "bf16 hf": make(bf16, "hf"),
             "bf16 shared_prefill": make(bf16, "shared_prefill"), "fp32 shared_prefill": make(model, "shared_prefill")}
     times = {n: [] for n in gens}
     cpu = {n: [] for n in gens}  # process CPU seconds: the figure that survives a shared machine
