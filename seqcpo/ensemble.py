@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.io import atomic_write_json, atomic_write_text
+from seqcpo.models import CHECKPOINT_SIDE_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +41,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ENSEMBLE_FILE = "seqcpo_ensemble.json"
 # Files copied from A besides the weights: the config and everything a tokenizer may need.
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+COPIED_FILES = CHECKPOINT_SIDE_FILES
 # Config keys that may differ between two checkpoints of one architecture without harm.
 _BENIGN_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
 

@@ -37,6 +37,22 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+# Everything in a checkpoint folder besides the weights that decides what it generates: config and tokenizer.
+CHECKPOINT_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -90,16 +106,7 @@ def resolve_model_path(name_or_path: str) -> str:
                 return converted_bin_checkpoint(hub[0], source=hub[1])
         return name
     target = os.path.join(cache_dir(), "models", key)
-    if _is_checkpoint(target):
-        return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with _conversion_lock(target) as locked:
-        if _is_checkpoint(target):  # another process converted it while we waited
-            return target
-        if locked:
-            _remove_stale_temps(target)
-        _convert_embedded(key, EMBEDDED_MODELS[key], target)
-    return target
+    return _convert_once(target, lambda: _convert_embedded(key, EMBEDDED_MODELS[key], target))
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -448,15 +455,21 @@ def converted_bin_checkpoint(folder: str, source: Optional[str] = None) -> str:
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     label = "".join(c if c.isalnum() or c in "-_." else "-" for c in os.path.basename(source.split("@")[0].rstrip("/")))
     target = os.path.join(cache_dir(), "models", f"bin-{label or 'model'}-{key}")
+    return _convert_once(target, lambda: _convert_bin(folder, files, target, ident))
+
+
+def _convert_once(target: str, convert) -> str:
+    """``target`` once ``convert()`` has written it, by this process or another: concurrent callers wait on one
+    lock, and the temp folder of a killed conversion is removed by the next."""
     if _is_checkpoint(target):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with _conversion_lock(target) as locked:
-        if _is_checkpoint(target):  # converted by another process while we waited
+        if _is_checkpoint(target):  # another process converted it while we waited
             return target
         if locked:
             _remove_stale_temps(target)
-        _convert_bin(folder, files, target, ident)
+        convert()
     return target
 
 

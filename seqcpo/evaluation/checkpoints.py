@@ -22,24 +22,12 @@ from pathlib import Path
 
 import torch
 
+from seqcpo.models import CHECKPOINT_SIDE_FILES
+
 logger = logging.getLogger(__name__)
 
 # Small files read in full: everything besides the weights that changes what a checkpoint generates.
-IDENTITY_FILES = (
-    "config.json",
-    "generation_config.json",
-    "adapter_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+IDENTITY_FILES = (*CHECKPOINT_SIDE_FILES, "adapter_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".gguf")
 NOT_WEIGHTS = ("training_args.bin",)  # training state, not the model
 _BLOCK = 4096

@@ -312,9 +312,9 @@ class SeqCPOTrainer(Trainer):
             sums["loss/mle"] = (nll.item(), n_tokens)
             sums["pss/mix_fraction"] = (round(frac * n_tokens), n_tokens)
         elif not cfg.uses_negatives:
+            golds = candidate_batch(examples, None)
             out = sequence_logps(
-                model, candidate_batch(examples, None),
-                layout="shared" if self.layout == "two_pass" else self._agreed_layout(model, candidate_batch(examples, None)),
+                model, golds, layout="shared" if self.layout == "two_pass" else self._agreed_layout(model, golds),
                 pad_token_id=self.pad_token_id,
                 chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
             )
