@@ -1,7 +1,7 @@
 """From dataset items to batches: the collated lists, the candidate batch of gold + negatives, and what one
 optimizer step holds.
 
-Data flows one way (STYLE.md): an item ``{"prefix_ids", "continuation_ids", "id"[, "offline"][, "epoch"]}``
+Data flows one way (README, "Development"): an item ``{"prefix_ids", "continuation_ids", "id"[, "offline"][, "epoch"]}``
 -> :func:`collate_examples` (python lists) -> :func:`candidate_batch` (gold + negatives,
 :class:`~seqcpo.types.CandidateBatch`) -> log-probs -> loss. :class:`StepCounts` is what the trainer divides by
 so that a step does not depend on how its examples were split into micro-batches and processes.

@@ -1,5 +1,5 @@
 """One decoding configuration for every place that continues a prefix: the AN negatives
-(:mod:`seqcpo.negatives.autoregressive`, PAPER.md "Negatives", row AN) and evaluation's generations
+(:mod:`seqcpo.negatives.autoregressive`, docs/method.md "Negatives", row AN) and evaluation's generations
 (:mod:`seqcpo.evaluation.generate`, specs such as ``sample:t=0.7,p=0.9`` parsed by ``parse_decoding``).
 
 Named ``DecodingConfig``: ``transformers.GenerationConfig`` is another class (built from this one by

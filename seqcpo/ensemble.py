@@ -1,4 +1,4 @@
-"""Weight-space ensembles of two checkpoints (PAPER.md, "Weight-space ensembles"; WiSE-FT, Wortsman et al. 2022).
+"""Weight-space ensembles of two checkpoints (docs/method.md, "Weight-space ensembles"; WiSE-FT, Wortsman et al. 2022).
 
 For each alpha::
 
@@ -150,7 +150,7 @@ def _model_card(alpha: float, a: str, b: str) -> str:
         f"# Weight-space ensemble, alpha = {alpha:g}",
         "",
         f"`theta = (1 - {alpha:g}) * theta_A + {alpha:g} * theta_B`, made by `seqcpo ensemble` (WiSE-FT style, "
-        "PAPER.md \"Weight-space ensembles\"), computed in float32 and saved in A's dtype.",
+        "docs/method.md \"Weight-space ensembles\"), computed in float32 and saved in A's dtype.",
         "",
         f"- A (alpha = 0): `{a}`",
         f"- B (alpha = 1): `{b}`",

@@ -1,4 +1,4 @@
-"""Sequence log-probabilities ``logp(y_i | x)`` of K+1 continuations per prefix (PAPER.md, "The objective").
+"""Sequence log-probabilities ``logp(y_i | x)`` of K+1 continuations per prefix (docs/method.md, "The objective").
 
 These layouts compute the same numbers:
 

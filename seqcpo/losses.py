@@ -1,6 +1,6 @@
-"""The objectives of PAPER.md, as small pure functions on log-probabilities.
+"""The objectives of docs/method.md, as small pure functions on log-probabilities.
 
-Notation (PAPER.md, "The objective"): for an example with gold continuation ``y_0`` and negatives
+Notation (docs/method.md, "The objective"): for an example with gold continuation ``y_0`` and negatives
 ``y_1 .. y_K``, ``logp(y|x)`` is the summed continuation log-probability and the implicit reward is
 
     s_i = beta * (logp_policy(y_i|x) - logp_ref(y_i|x))
@@ -75,7 +75,7 @@ def cpo_loss(
     ranked: bool = False,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Contrastive Preference Optimization loss, batch mean (PAPER.md, "The objective").
+    """Contrastive Preference Optimization loss, batch mean (docs/method.md, "The objective").
 
     Args:
         policy_logps: (B, K+1) summed continuation log-probs under the policy; column 0 is the gold
@@ -101,7 +101,7 @@ def dpo_loss(
 ) -> torch.Tensor:
     """DPO loss ``-log sigmoid(s_chosen - s_rejected)``, batch mean; all inputs of shape (B,).
 
-    Equals ``cpo_loss`` with K = 1 (PAPER.md: "With K = 1 this is exactly the DPO loss").
+    Equals ``cpo_loss`` with K = 1 (docs/method.md: "With K = 1 this is exactly the DPO loss").
     """
     chosen = beta * (policy_chosen_logps.float() - ref_chosen_logps.float().detach())
     rejected = beta * (policy_rejected_logps.float() - ref_rejected_logps.float().detach())

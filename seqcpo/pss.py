@@ -1,4 +1,4 @@
-"""PSS, parallel scheduled sampling: the exposure-bias baseline of PAPER.md ("Baselines").
+"""PSS, parallel scheduled sampling: the exposure-bias baseline of docs/method.md ("Baselines").
 
 Reference: Duckworth, Neelakantan, Goodrich, Kaiser, Bengio, "Parallel Scheduled Sampling", 2019
 (arXiv 1906.04331). Scheduled sampling (Bengio et al. 2015) feeds the model its own tokens during training,
@@ -12,7 +12,7 @@ but one token at a time; the parallel version gets all of them from one teacher-
 4. a last forward pass over the final mixed input, with gradient, is scored by token-mean cross-entropy
    against the **gold** continuation tokens (the targets never change, only the inputs do).
 
-How we depart from / fill in the paper (PAPER.md leaves these open):
+How we depart from / fill in the paper (docs/method.md leaves these open):
 
 - ``passes`` counts mixing rounds, so a step runs ``passes`` no-grad forwards plus one forward with grad;
   ``passes = 1`` (the default) is Duckworth et al.'s two-pass setting. Each round draws a fresh mask.

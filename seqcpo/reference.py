@@ -1,6 +1,6 @@
-"""Reference-model strategies: where ``logp_ref(y_i|x)`` of PAPER.md comes from.
+"""Reference-model strategies: where ``logp_ref(y_i|x)`` of docs/method.md comes from.
 
-The reference is the model at the start of CPO training, frozen (PAPER.md, our default). Three ways to
+The reference is the model at the start of CPO training, frozen (docs/method.md, our default). Three ways to
 have it:
 
 - ``frozen_copy`` (:class:`FrozenCopyReference`): a copy of the starting model, in eval mode, with no

@@ -1,6 +1,6 @@
 """One seed per example: where every random draw of training comes from.
 
-A run's result must not depend on how it was split or interrupted (issue 11). Every random part of a step
+A run's result must not depend on how it was split or interrupted. Every random part of a step
 (TN cut points, MN replacements, AN samples, PSS mixing) therefore draws from a ``torch.Generator`` of its own
 example, seeded by
 

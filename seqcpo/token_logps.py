@@ -2,7 +2,7 @@
 
 :func:`token_logps_from_hidden` runs the LM head and the log-softmax on the hidden states that predict
 continuation tokens only, in chunks (no (rows x length x vocabulary) float32 tensor is ever built);
-:func:`sum_token_logps` adds the token log-probs of each candidate into ``logp(y_i | x)`` (PAPER.md, "The
+:func:`sum_token_logps` adds the token log-probs of each candidate into ``logp(y_i | x)`` (docs/method.md, "The
 objective"), as a :class:`SequenceLogps`.
 """
 

@@ -7,7 +7,7 @@ that what a negative shares with the gold is not run again:
 1. **gold pass**: rows ``[x | y_0 | pad]`` under the plain causal mask (the model's fastest kernel), keeping
    the KV cache. It gives the gold's log-probs (the MLE term and column 0 of the CPO term) and, on request,
    the full-vocabulary logits that predict each gold token: exactly what MN negatives are drawn from
-   (PAPER.md, "Negatives", row MN: "one teacher-forced forward pass over x + y_0"). MN therefore costs no
+   (docs/method.md, "Negatives", row MN: "one teacher-forced forward pass over x + y_0"). MN therefore costs no
    forward pass of its own when the model that makes it is the model being scored (the live reference by
    default, or the policy with ``negatives_model: policy``).
 2. **negatives pass**: a negative that agrees with the gold on its first m tokens (a truncation negative

@@ -1,6 +1,6 @@
 """Plain data types that flow through seqcpo.
 
-Data flows one way (see STYLE.md): raw records -> :class:`Example` (prefix, continuation token ids)
+Data flows one way (README, "Development"): raw records -> :class:`Example` (prefix, continuation token ids)
 -> :class:`Negatives` (K synthetic continuations per example) -> :class:`CandidateBatch`
 (gold + negatives, ready for :func:`seqcpo.logps.sequence_logps`) -> log-probs -> loss.
 """
@@ -15,7 +15,7 @@ from typing import Any
 class Example:
     """One (prefix, continuation) pair as token ids.
 
-    ``prefix_ids`` is ``x`` and ``continuation_ids`` the gold ``y_0`` of PAPER.md. ``meta`` carries
+    ``prefix_ids`` is ``x`` and ``continuation_ids`` the gold ``y_0`` of docs/method.md. ``meta`` carries
     anything the data source knows (id, category, title) and is never used by the algorithm.
     """
 

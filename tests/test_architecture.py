@@ -1,4 +1,4 @@
-"""Import rules (STYLE.md): the algorithm core imports no trainer, CLI or evaluation code; evaluation imports no
+"""Import rules (README, "Development"): the algorithm core imports no trainer, CLI or evaluation code; evaluation imports no
 training code; no two seqcpo modules import each other, directly or around a loop.
 
 The core is every module of the package that is not an upper floor, so a new module is checked without being

@@ -1,4 +1,4 @@
-"""AN, autoregressive negatives (PAPER.md, "Negatives", row AN): decoding backends against
+"""AN, autoregressive negatives (docs/method.md, "Negatives", row AN): decoding backends against
 ``model.generate``, seeding, EOS and length handling, ranking, and the dropped rule. Tiny models, offline."""
 
 from __future__ import annotations

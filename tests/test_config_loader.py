@@ -115,7 +115,7 @@ def test_parse_cli_overrides_keeps_strings():
         parse_cli_overrides(["stray"])
 
 
-# ----------------------------------------------------------------------------- ranges (issue 12)
+# ----------------------------------------------------------------------------- ranges
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -1,4 +1,4 @@
-"""Fault injection for evaluation (issue 12): each test names the defect it catches in the code before this
+"""Fault injection for evaluation: each test names the defect it catches in the code before this
 change (commit c01417a), where it failed.
 
 Classes: transient network faults from the judge; caches keyed by all that decides their content (verdicts by

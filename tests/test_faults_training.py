@@ -1,4 +1,4 @@
-"""Fault injection on the training side (issue 12): a run resumed under other settings, checkpoints torn by a
+"""Fault injection on the training side: a run resumed under other settings, checkpoints torn by a
 kill, a loss or gradient that stops being finite, and an output folder that cannot be written.
 
 Each test failed on the code as it was before ``seqcpo.training.checkpoints`` (commit c01417a): resume loaded

@@ -1,4 +1,4 @@
-"""Hand-derived values of the objectives (PAPER.md, "The objective").
+"""Hand-derived values of the objectives (docs/method.md, "The objective").
 
 Notation: s_i = beta * (policy_i - ref_i). In every case below the policy/ref values are chosen so that
 the s_i are logs of small integers, making the expected losses closed-form:

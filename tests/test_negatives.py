@@ -1,4 +1,4 @@
-"""Negative generators (PAPER.md, "Negatives"): TN, BN, MN, mixtures, the registry and ROUGE-L.
+"""Negative generators (docs/method.md, "Negatives"): TN, BN, MN, mixtures, the registry and ROUGE-L.
 
 AN's decoding is tested in test_autoregressive.py; here AN only joins the contract checks shared by all
 generators. Everything runs offline on tiny random-init models in seconds.

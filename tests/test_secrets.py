@@ -1,4 +1,4 @@
-"""No token or key reaches a file a training run writes (issue 12, defect 5).
+"""No token or key reaches a file a training run writes.
 
 A tiny run gets canary secrets on the command line (``--hub_token``) and in the environment (HF_TOKEN and
 ``*_API_KEY``), logs to TensorBoard and saves a checkpoint every step; then every file under ``output_dir`` is

@@ -1,4 +1,4 @@
-"""A run's step does not depend on how it was split (issue 11): one SGD step on four examples of 2 to 60
+"""A run's step does not depend on how it was split: one SGD step on four examples of 2 to 60
 response tokens gives the same parameter update, the same logged metrics and the same negatives as batch 4 x
 accumulation 1, batch 2 x accumulation 2, and 2 processes (gloo DDP) x batch 2, for MLE, PSS, DPO (TN) and CPO
 (TN + MN); an example's negatives are the same across batch size, accumulation, world size, epochs seen and

@@ -38,7 +38,7 @@ class DataConfig:
     With ``streaming=True`` records are read lazily and tokenized on the fly, with the same split rule:
     see :mod:`seqcpo.data.streaming`. Examples that do not fit the model's context follow the rule of
     :func:`seqcpo.data.examples.context_limits` (cut or skipped, and counted in the log).
-    See :func:`seqcpo.data.load_splits` for the full pipeline and PAPER.md "Tasks" for the two settings.
+    See :func:`seqcpo.data.load_splits` for the full pipeline and docs/method.md "Tasks" for the two settings.
     """
 
     # -- source

@@ -1,4 +1,4 @@
-"""Records -> :class:`Example` (prefix ids, continuation ids) for the two tasks of PAPER.md.
+"""Records -> :class:`Example` (prefix ids, continuation ids) for the two tasks of docs/method.md.
 
 - ``continuation`` (Wikidump setting): tokenize each document, cut non-overlapping windows of
   ``prefix_tokens`` + ``continuation_tokens``; the prefix is ``x``, the continuation ``y_0``. No EOS:

@@ -3,7 +3,7 @@
 - :func:`load_checkpoint` / :func:`load_tokenizer_only`: a saved folder, an embedded name or a Hub id, through
   :mod:`seqcpo.models` (safetensors only), in eval mode on the requested device.
 - :func:`checkpoint_identity`: a SHA-256 that changes when the model changes, so that generations written for
-  one checkpoint are never reused for another that happens to carry the same label or path (issue 12, #4).
+  one checkpoint are never reused for another that happens to carry the same label or path.
   It reads the small files that decide the model's behaviour in full (``config.json``,
   ``generation_config.json``, the tokenizer files, a LoRA ``adapter_config.json``) and, of each weight file,
   its name, size, safetensors header and 64 blocks of 4 KiB spread evenly over it (a file up to 1 MiB is read

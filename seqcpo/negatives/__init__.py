@@ -1,4 +1,4 @@
-"""Negative generators for CPO (PAPER.md, "Negatives": AN, BN, MN, TN and their mixtures).
+"""Negative generators for CPO (docs/method.md, "Negatives": AN, BN, MN, TN and their mixtures).
 
 Every generator follows :class:`NegativeGenerator`: ``gen(examples, k, generator, ranked=False)``
 returns :class:`seqcpo.types.Negatives` with exactly K negatives per example, all randomness drawn

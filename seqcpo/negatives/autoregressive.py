@@ -1,6 +1,6 @@
-"""AN, autoregressive negatives (PAPER.md, "Negatives" table, row AN; ranked variant ANR).
+"""AN, autoregressive negatives (docs/method.md, "Negatives" table, row AN; ranked variant ANR).
 
-Construction: continue the prefix ``x`` with a model (PAPER.md default: the reference model) under a
+Construction: continue the prefix ``x`` with a model (docs/method.md default: the reference model) under a
 :class:`DecodingConfig` (greedy, temperature / top-k / top-p sampling, beam search). A negative stops
 at EOS (the EOS is kept in it) or after ``max_new_tokens`` tokens.
 
@@ -15,7 +15,7 @@ Backends:
         for a model whose weights do not change (the reference); needs the ``vllm`` package.
 
 Ranked (ANR), ``rank_by``:
-    "rouge" (PAPER.md default): ``score = rouge_l_f(negative, gold)``, higher = better.
+    "rouge" (docs/method.md default): ``score = rouge_l_f(negative, gold)``, higher = better.
     "temperature": negative i is sampled at ``decoding.temperatures[i]``; lower = better,
         ``score = -temperature``.
 
@@ -70,7 +70,7 @@ class AutoregressiveNegatives:
     """AN: continuations of the prefix decoded from a model.
 
     Args:
-        model: a transformers causal LM (PAPER.md default: the reference model).
+        model: a transformers causal LM (docs/method.md default: the reference model).
         decoding: the :class:`DecodingConfig`.
         eos_token_id / pad_token_id: the model's EOS and pad ids.
         max_new_tokens: the longest negative.

@@ -1,8 +1,8 @@
-"""The protocol every negative generator follows (PAPER.md, "Negatives").
+"""The protocol every negative generator follows (docs/method.md, "Negatives").
 
 A generator takes gold examples and seeded ``torch.Generator`` objects, one per example (or one for the whole
 call), and returns :class:`seqcpo.types.Negatives`: K token-id continuations per example, a validity flag per
-negative, and (when ``ranked``) a score per negative, higher = better, by the rule of PAPER.md's table for that
+negative, and (when ``ranked``) a score per negative, higher = better, by the rule of docs/method.md's table for that
 generator.
 
 Example b's draws come from ``generator[b]`` only (:mod:`seqcpo.seeding`), so its negatives do not depend on the

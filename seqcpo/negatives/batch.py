@@ -1,4 +1,4 @@
-"""BN, batch negatives (PAPER.md, "Negatives" table, row BN; ranked variant BNR).
+"""BN, batch negatives (docs/method.md, "Negatives" table, row BN; ranked variant BNR).
 
 Construction: the negatives of example b are the gold continuations of other examples in the same
 batch, drawn at random without replacement among the *distinct* golds that differ from b's gold (two

@@ -1,10 +1,10 @@
-"""MN, mean-field negatives (PAPER.md, "Negatives" table, row MN; ranked variant MNR).
+"""MN, mean-field negatives (docs/method.md, "Negatives" table, row MN; ranked variant MNR).
 
 Construction: one teacher-forced forward pass over ``x + y_0``; the logits at position
 ``len(x) + t - 1`` predict gold token ``t``. For each of the K negatives, every continuation position
 independently is replaced with probability ``c`` by the model's prediction for it: a sample from
-``softmax(logits / temperature)`` when ``sample`` (PAPER.md default, temperature 1), else the argmax.
-PAPER.md default ``c = 0.15``.
+``softmax(logits / temperature)`` when ``sample`` (docs/method.md default, temperature 1), else the argmax.
+docs/method.md default ``c = 0.15``.
 
 Ranked (MNR): the K negatives are drawn at K values of ``c`` spread linearly over ``c_range``
 (default [0.05, 0.5]) in increasing order; a smaller ``c`` is better, ``score = -c``.
@@ -50,7 +50,7 @@ def mean_field_negatives_from_logits(
     ranked: bool = False,
     source: str = "mn",
 ) -> Negatives:
-    """Mean-field negatives from teacher-forced logits (PAPER.md, "Negatives", row MN).
+    """Mean-field negatives from teacher-forced logits (docs/method.md, "Negatives", row MN).
 
     Args:
         golds: B gold continuations ``y_0`` (token-id lists, length T_b).
@@ -145,7 +145,7 @@ class MeanFieldNegatives:
     """MN: the gold with a random fraction ``c`` of its tokens replaced by the model's predictions.
 
     Args:
-        model: a causal LM (PAPER.md default: the reference model); its train/eval mode is left as is,
+        model: a causal LM (docs/method.md default: the reference model); its train/eval mode is left as is,
             and any dropout in its (batched) pass is seeded by :func:`seqcpo.seeding.joint_seed` of the examples'
             generators, which does not advance them.
         c: the replacement probability (unranked).

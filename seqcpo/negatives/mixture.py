@@ -1,11 +1,11 @@
-"""Mixtures of negative generators in one batch (PAPER.md, "Negatives": "Mixtures of generators in one
+"""Mixtures of negative generators in one batch (docs/method.md, "Negatives": "Mixtures of generators in one
 batch are allowed").
 
 Each generator makes its share of the K negatives per example; the shares are concatenated in the
 order listed, so column ``i`` always comes from the same generator (``sources`` says which).
 
 Ranked: the groups keep the order listed (list the generators best first, e.g. "an:2,tn:2"), each
-group is ranked by its own rule (PAPER.md table), and each group's scores are shifted, per example, so
+group is ranked by its own rule (docs/method.md table), and each group's scores are shifted, per example, so
 that every score of a group lies above every score of the groups after it: a row's scores stay
 non-increasing across group boundaries, and differences within a group are unchanged.
 

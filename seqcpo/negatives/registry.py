@@ -1,4 +1,4 @@
-"""Build a negative generator from a short spec string (PAPER.md, "Negatives").
+"""Build a negative generator from a short spec string (docs/method.md, "Negatives").
 
 Spec grammar: one name, ``"tn" | "bn" | "mn" | "an"`` (all K negatives from it; ``"an:4"`` with the
 count equal to K is accepted too), or a mixture ``"an:2,tn:2"`` whose counts sum to K, listed best
@@ -144,7 +144,7 @@ def build_negative_generator(
     Args:
         spec: "tn", "bn", "mn", "an", or a mixture "an:2,tn:2" (counts sum to K, best first).
         k: negatives per example.
-        model: the model AN and MN run (PAPER.md default: the reference model); required for them.
+        model: the model AN and MN run (docs/method.md default: the reference model); required for them.
         eos_token_id, pad_token_id: the tokenizer's EOS and pad ids.
         options: optional overrides, all keys optional; the keys, defaults and ranges are :data:`OPTIONS`
             (an_backend "auto" means shared_prefill here). Unknown keys raise ValueError listing the valid ones.
@@ -164,7 +164,7 @@ def build_negative_generator(
 
     def build(name: str, count: int) -> NegativeGenerator:
         if name in ("mn", "an") and model is None:
-            raise ValueError(f"negative generator {name!r} runs a model: pass model=... (PAPER.md default: the reference model)")
+            raise ValueError(f"negative generator {name!r} runs a model: pass model=... (docs/method.md default: the reference model)")
         if name == "tn":
             return TruncationNegatives(eos_token_id, min_keep=o["tn_min_keep"], max_tries=o["max_tries"])
         if name == "bn":

@@ -1,4 +1,4 @@
-"""Token-level similarity used to rank negatives (PAPER.md, "Negatives": ANR and BNR rank by ROUGE-L F).
+"""Token-level similarity used to rank negatives (docs/method.md, "Negatives": ANR and BNR rank by ROUGE-L F).
 
 ROUGE-L F1 on token ids, our own implementation (no ``rouge-score`` dependency, no tokenisation step):
 

@@ -1,7 +1,7 @@
-"""TN, truncation negatives (PAPER.md, "Negatives" table, row TN; ranked variant TNR).
+"""TN, truncation negatives (docs/method.md, "Negatives" table, row TN; ranked variant TNR).
 
 Construction: strip a trailing EOS from the gold ``y_0`` if it has one, keep ``body[:j]`` and append EOS.
-The cut ``j`` is uniform over ``min_keep .. len(body) - 1`` (PAPER.md default: ``min_keep = 1``), so a
+The cut ``j`` is uniform over ``min_keep .. len(body) - 1`` (docs/method.md default: ``min_keep = 1``), so a
 negative is always a strict prefix of the gold's text that claims to end early. The K cuts of one
 example are distinct while enough positions exist; once every position is used, the remaining cuts are
 drawn with replacement.

@@ -3,7 +3,7 @@
 vLLM holds its own copy of the weights, loaded once from the model's folder or Hub id, and decodes with
 paged attention, continuous batching and CUDA graphs: the fastest way we know to make autoregressive
 negatives on a GPU. Because it holds a copy, it can only make negatives with a model whose weights do not
-change: the reference (the starting model; PAPER.md default), never the policy being trained. It is never
+change: the reference (the starting model; docs/method.md default), never the policy being trained. It is never
 required: without ``vllm`` the ``shared_prefill`` backend runs, and the tests exercise this module against a
 stand-in for vLLM's interface (tests/test_vllm_backend.py); it is not run on a real vLLM in CI (no GPU).
 

@@ -3,7 +3,7 @@
 It extends ``transformers.TrainingArguments`` (so every Trainer option works: ``learning_rate``,
 ``per_device_train_batch_size``, ``report_to``, ``gradient_checkpointing``, ...) and
 :class:`seqcpo.data.DataConfig` (where examples come from), and adds the model, objective, negative and
-reference options of PAPER.md. Named ``SeqCPOConfig``, not ``CPOConfig``: TRL's ``CPOConfig`` is a
+reference options of docs/method.md. Named ``SeqCPOConfig``, not ``CPOConfig``: TRL's ``CPOConfig`` is a
 different method (Contrastive Preference Optimization of Xu et al. 2024, for human-labelled pairs).
 """
 
@@ -88,7 +88,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         default="auto", metadata={"help": 'Comma-separated module names, or "auto" for the attention projections.'}
     )
 
-    # ---- objective (PAPER.md, "The objective")
+    # ---- objective (docs/method.md, "The objective")
     objective: str = field(
         default="cpo",
         metadata={"help": "mle | cpo (softmax over K+1) | cpo_ranked (Plackett-Luce) | dpo (K = 1) | pss."},
@@ -107,7 +107,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     )
     num_negatives: int = field(default=4, metadata={"help": "K, negatives per example (dpo forces 1).", "check": ">=1"})
 
-    # ---- negatives (PAPER.md, "Negatives")
+    # ---- negatives (docs/method.md, "Negatives")
     negatives: str = field(
         default="tn:2,bn:2",
         metadata={
@@ -150,7 +150,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     an_rank_by: str = negative_option("an_rank_by")
     an_temperatures: Optional[list[float]] = negative_option("an_temperatures")
 
-    # ---- reference (PAPER.md: the frozen starting model)
+    # ---- reference (docs/method.md: the frozen starting model)
     reference: str = field(default="auto", metadata={"help": "auto | frozen_copy | precomputed | adapter_disabled."})
     reference_dtype: Optional[str] = field(
         default=None,
@@ -160,7 +160,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         },
     )
 
-    # ---- PSS baseline (PAPER.md, "Baselines")
+    # ---- PSS baseline (docs/method.md, "Baselines")
     pss_p_gold: float = field(
         default=0.5, metadata={"help": "PSS: probability of keeping each gold token.", "check": "[0,1]"}
     )
@@ -227,7 +227,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         if self.negatives_model not in NEGATIVE_MODELS:
             bad("negatives_model", f"choose one of {', '.join(NEGATIVE_MODELS)}")
         if self.objective == "dpo" and self.num_negatives != 1:
-            # DPO is CPO with one negative (PAPER.md); say so rather than silently changing K
+            # DPO is CPO with one negative (docs/method.md); say so rather than silently changing K
             bad("num_negatives", "objective dpo uses exactly one negative: set num_negatives: 1")
         if self.logps_layout not in ("auto", "shared", "packed", "two_pass", "naive"):
             bad("logps_layout", "choose auto, shared, packed, two_pass or naive")

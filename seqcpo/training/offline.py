@@ -1,6 +1,6 @@
 """Fixed negatives made once, before training (``seqcpo negatives``), with their reference log-probs.
 
-A fixed negative's reference log-prob never changes (PAPER.md), so it is computed here once and training
+A fixed negative's reference log-prob never changes (docs/method.md), so it is computed here once and training
 needs no reference model at all (reference ``precomputed``).
 
 Folder layout::

@@ -1,6 +1,6 @@
 """A thin ``transformers.Trainer`` that composes the core: negatives -> log-probs -> loss.
 
-Per training step (PAPER.md, "The objective"):
+Per training step (docs/method.md, "The objective"):
 
 1. the batch's gold examples get K negatives: read from a fixed offline set (``negatives_path``) or made now
    by the configured generators, each example's draws seeded by (seed, example id, epoch) (:mod:`seqcpo.seeding`),
@@ -13,7 +13,7 @@ Per training step (PAPER.md, "The objective"):
 4. ``L = mle_weight * L_mle(gold) + lambda * L_cpo`` (or MLE / DPO / PSS alone), with the metrics of
    :func:`seqcpo.losses.preference_metrics` logged beside it.
 
-Split-invariant steps (issue 11). One optimizer step's loss is the same function of its examples however they
+Split-invariant steps. One optimizer step's loss is the same function of its examples however they
 are split into micro-batches (``gradient_accumulation_steps``) and processes:
 
 - the MLE and PSS terms are the SUM of the gold tokens' losses divided by the number of gold target tokens in
@@ -217,7 +217,7 @@ class SeqCPOTrainer(Trainer):
             return self.reference.model
         if isinstance(self.reference, AdapterDisabledReference):
             peft_model = self.reference.model
-            # the adapter-off policy is the starting model (PAPER.md: negatives from the reference)
+            # the adapter-off policy is the starting model (docs/method.md: negatives from the reference)
             return _ModelView(lambda: peft_model, peft_model.disable_adapter)
         return unwrap_model(self.model)
 
