@@ -37,6 +37,9 @@ def _is_secret(name: str) -> bool:
     return name.endswith("_token") or name == "token" or any(w in name for w in _SECRET_WORDS)
 
 
+QUALITY_SPLITS = ("validation", "test")
+
+
 def negative_option(key: str):
     """The config field of negatives option ``key``: default, help and range from its one declaration
     (:data:`seqcpo.negatives.registry.OPTIONS`)."""
@@ -186,6 +189,28 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         default=1024, metadata={"help": "Tokens per chunk of the LM head + log-softmax.", "check": ">=1"}
     )
 
+    # ---- generation quality while training (seqcpo.training.quality)
+    quality_examples: int = field(
+        default=32,
+        metadata={
+            "help": "With eval_steps set: every eval_steps the policy continues the first N prefixes of quality_split "
+            "(greedy) and quality/* metrics (ROUGE-L, MiniLM similarity, repetition, distinct-2; MAUVE from 100 "
+            "items) are logged; 0 turns it off.",
+            "check": ">=0",
+        },
+    )
+    quality_split: str = field(
+        default="validation", metadata={"help": "Held-out split the quality slice is taken from: validation | test."}
+    )
+    quality_embeddings: bool = field(
+        default=True, metadata={"help": "Add the MiniLM embedding similarity (and MAUVE) to the quality metrics."}
+    )
+    quality_samples: int = field(
+        default=3,
+        metadata={"help": "Continuations written beside their gold to quality_samples.jsonl per evaluation.",
+                  "check": ">=0"},
+    )
+
     # ---- resume (seqcpo.training.checkpoints)
     allow_config_change: bool = field(
         default=False,
@@ -224,6 +249,8 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             bad("reference_dtype", "choose float32, bfloat16 or float16 (or leave it unset)")
         if self.reference not in REFERENCES:
             bad("reference", f"choose one of {', '.join(REFERENCES)}")
+        if self.quality_split not in QUALITY_SPLITS:
+            bad("quality_split", f"choose one of {', '.join(QUALITY_SPLITS)}")
         if self.negatives_model not in NEGATIVE_MODELS:
             bad("negatives_model", f"choose one of {', '.join(NEGATIVE_MODELS)}")
         if self.objective == "dpo" and self.num_negatives != 1:
