@@ -500,3 +500,39 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
              for p in (out / "arms" / "cpo" / "final").glob("*.safetensors")}
     assert again == digest  # deterministic on CPU: the same weights
     assert (out / "arms" / "mle~cpo@0.5" / "generate" / "done.json").is_file()
+
+
+def test_controls_and_quality_curves_reach_the_report(assets, tmp_path, fake_minilm):
+    """A shuffle control gets its source's continuations on other items; a temperature control samples the
+    source's weights hot under each decoding's name; both are paired with their source and the report says which
+    metrics they could move; arms trained with eval_steps get quality-over-steps curves and quality.png."""
+    grid = _grid(assets, tmp_path, judge="none")
+    raw = yaml.safe_load(open(grid))
+    raw["base"].update(eval_steps=1, quality_examples=2, quality_embeddings=False)
+    raw["controls"] = [{"name": "base.shuffled", "of": "base", "kind": "shuffle"},
+                       {"of": "base", "kind": "temperature", "temperature": 3.0}]
+    Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_grid(grid)
+    out = tmp_path / "out"
+    gen = lambda name: {r["id"]: r for r in map(json.loads, open(out / "arms" / name / "generate" / "generations.jsonl"))}
+    base, shuffled, hot = gen("base"), gen("base.shuffled"), gen("base.temperature")
+    assert set(shuffled) == set(base) and len(base) == 4
+    ids = sorted(base)
+    for k, i in enumerate(ids):  # each item holds the next item's continuation
+        assert shuffled[i]["generation"] == base[ids[(k + 1) % len(ids)]]["generation"]
+    assert {r["decoding"] for r in hot.values()} == {"greedy"}
+    results = json.loads((out / "results.json").read_text())
+    controls = results["grid"]["controls"]
+    assert set(controls) == {"base.shuffled", "base.temperature"}
+    assert results["grid"]["paired"]["base.shuffled"]["vs"] == "base"
+    assert all("clearly_worse" in d for d in controls["base.shuffled"]["greedy"].values())
+    assert set(results["grid"]["informative"]["greedy"]) >= {"rouge_l", "distinct_2"}
+    text = (out / "report.md").read_text()
+    assert "Can each metric tell a worse model here?" in text and "| base.shuffled (vs base) |" in text
+    training = results["grid"]["training"]
+    assert [s for s, _ in training["mle"]["quality"]["quality/rouge_l"]] == [0, 1, 2]
+    assert "## Quality over training steps" in text and (out / "quality.png").is_file()
+    with pytest.raises(GridError, match=r"controls\[0\]\.of: 'nope' is not an arm"):
+        raw["controls"] = [{"of": "nope", "kind": "shuffle"}]
+        Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
+        load_grid(grid)
