@@ -41,7 +41,8 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     the loss or the gradient norm stops being finite (the last good checkpoint stays; ``final/`` is not written).
     """
     from seqcpo.training.separation import SeparationMonitor, separation_onset
-    from seqcpo.training.trainer import ExampleDataset, SeqCPOTrainer
+    from seqcpo.batching import ExampleDataset
+    from seqcpo.training.trainer import SeqCPOTrainer
 
     t0 = time.time()
     prepare_output_dir(cfg.output_dir)
