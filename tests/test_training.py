@@ -326,8 +326,8 @@ def _raw_records(task: str) -> list[dict]:
     return [{"body": " ".join(words[(i + j) % 10] for j in range(40))} for i in range(6)]
 
 
-@pytest.mark.parametrize("task", ["instruction", "continuation"])
-def test_trl_path_trains_on_a_datasets_dataset_of_raw_records(assets, tmp_path, task):
+@pytest.mark.parametrize("task,iterable", [("instruction", False), ("continuation", False), ("instruction", True)])
+def test_trl_path_trains_on_a_datasets_dataset_of_raw_records(assets, tmp_path, task, iterable):
     """SeqCPOTrainer(model=..., args=SeqCPOConfig(...), train_dataset=datasets.Dataset, processing_class=tok):
     the raw records become the examples seqcpo's own pipeline makes, and training moves every parameter."""
     import datasets
@@ -347,8 +347,9 @@ def test_trl_path_trains_on_a_datasets_dataset_of_raw_records(assets, tmp_path, 
         objective="cpo", num_negatives=2, negatives="tn:1,bn:1", beta=1.0, report_to="none", use_cpu=True,
         save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0, **data)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = SeqCPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(records),
-                            processing_class=tok)
+    dataset = datasets.Dataset.from_list(records)
+    trainer = SeqCPOTrainer(model=model, args=args, processing_class=tok,
+                            train_dataset=dataset.to_iterable_dataset() if iterable else dataset)
 
     # the same examples as seqcpo train's pipeline, in order
     cfg = DataConfig(**{k: getattr(args, k) for k in DataConfig.__dataclass_fields__})
@@ -408,3 +409,41 @@ def test_dry_run_prints_the_plan_of_a_gpu_config_without_training(assets, tmp_pa
     if not torch.cuda.is_available():
         assert "device check skipped" in text
     assert not out_dir.exists()
+
+
+def test_model_card_names_the_upstream_hub_model_and_links_no_missing_page(assets, tmp_path):
+    from seqcpo.training.model_card import base_model_id, write_model_card
+
+    assert base_model_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's upstream
+    assert base_model_id("openlm-research/open_llama_3b") == "openlm-research/open_llama_3b"
+    assert base_model_id(str(tmp_path / "no-such-folder")) is None and base_model_id("a/b/c") is None
+    # a local folder: the Hub id in its config.json, else nothing; a seqcpo checkpoint: its own starting model
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    (downloaded / "config.json").write_text(json.dumps({"_name_or_path": "gpt2-org/gpt2-xl"}))
+    assert base_model_id(str(downloaded)) == "gpt2-org/gpt2-xl"
+    assert base_model_id(assets["model"]) is None  # saved from a random init: no Hub id
+    ckpt = tmp_path / "run" / "final"
+    ckpt.mkdir(parents=True)
+    (ckpt / "seqcpo_config.yaml").write_text(f"model_name_or_path: {downloaded}\n")
+    assert base_model_id(str(ckpt)) == "gpt2-org/gpt2-xl"
+
+    for start, line in ((str(ckpt), "base_model: gpt2-org/gpt2-xl"), (assets["model"], None)):
+        card = open(write_model_card(str(tmp_path), _cfg(assets, tmp_path, model_name_or_path=start))).read()
+        assert "pypi.org" not in card and "](http" not in card
+        assert (line in card.splitlines()) if line else "base_model" not in card
+
+
+def test_report_to_a_missing_tracker_is_refused_in_one_line_naming_the_extra(assets, tmp_path, capsys):
+    import importlib.util
+
+    from seqcpo.cli import main
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=r"report_to='wandb'.*pip install 'seqcpo\[wandb\]'"):
+        _cfg(assets, tmp_path, report_to="wandb")
+    rc = main(["train", "--model_name_or_path", assets["model"], "--output_dir", str(tmp_path / "w"),
+               "--report_to", "wandb"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "seqcpo[wandb]" in err

@@ -6,13 +6,15 @@ records are in any format ``seqcpo train`` reads (a ``text`` field for ``task: c
 ``*_field`` options), and become (prefix, continuation) examples by the same code as ``seqcpo train``
 (:func:`seqcpo.data.examples.record_examples`, docs/method.md "Tasks"), through ``Dataset.map`` (batched,
 cached by ``datasets`` under the dataset's fingerprint and the function's hash, which covers the tokenizer and
-the data settings; lazy on an ``IterableDataset``). Items already tokenized (``prefix_ids``,
-``continuation_ids``, ``id``) pass through unchanged.
+the data settings; lazy on an ``IterableDataset``, whose rows are split over the processes). Items already
+tokenized (``prefix_ids``, ``continuation_ids``, ``id``) pass through unchanged.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from seqcpo.data.config import DataConfig
 from seqcpo.data.examples import model_context_tokens, record_examples
@@ -43,8 +45,28 @@ def example_items(dataset, cfg, tokenizer, model, name: str = "train_dataset"):
                          "train with `seqcpo train`, or pass ExampleDataset(examples, rows)")
     context = model_context_tokens(getattr(unwrap_model(model), "config", None))
     to_items = RecordsToItems(cfg.data_config(), tokenizer, context, name)
-    kwargs = {"desc": f"{name}: records -> examples"} if _is_map_style(dataset) else {}
-    return dataset.map(to_items, batched=True, with_indices=True, remove_columns=list(columns), **kwargs)
+    if _is_map_style(dataset):
+        return dataset.map(to_items, batched=True, with_indices=True, remove_columns=list(columns),
+                           desc=f"{name}: records -> examples")
+    from datasets.distributed import split_dataset_by_node
+
+    items = dataset.map(to_items, batched=True, with_indices=True, remove_columns=list(columns))
+    return ProcessShard(split_dataset_by_node(items, rank=cfg.process_index, world_size=cfg.world_size))
+
+
+class ProcessShard(torch.utils.data.IterableDataset):
+    """This process's share of an ``IterableDataset`` of items, read in this process: the trainer hands it to a
+    plain DataLoader (``is_process_shard``), as a streamed corpus, since accelerate's dispatching of iterable
+    datasets needs tensor batches and ours are :class:`~seqcpo.types.Example` lists."""
+
+    is_process_shard = True
+
+    def __init__(self, items):
+        super().__init__()
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
 
 
 class RecordsToItems:
