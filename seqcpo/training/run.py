@@ -42,7 +42,8 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     """
     from seqcpo.training.quality import attach_quality, wants_quality
     from seqcpo.training.separation import SeparationMonitor, separation_onset
-    from seqcpo.training.trainer import ExampleDataset, SeqCPOTrainer
+    from seqcpo.batching import ExampleDataset
+    from seqcpo.training.trainer import SeqCPOTrainer
 
     t0 = time.time()
     prepare_output_dir(cfg.output_dir)
