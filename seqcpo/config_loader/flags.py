@@ -127,7 +127,7 @@ def add_field_flags(parser, cls, fields=None, prefix: str = "", path: str = "", 
     parser or an argument group). Returns ``{dest: field path}`` for :func:`flag_sources`.
 
     ``prefix``: put before every flag name (``judge-`` gives ``--judge-model``); ``path``: before every field
-    path (``judge.``); ``names``: ``{field: (flag name, ...)}`` in place of the default name; ``special``:
+    path (``judge.``); ``names``: ``{field: (flag name, ...)}`` in place of the prefixed field name; ``special``:
     ``{field: argparse kwargs}`` for a field that needs another shape (``nargs=2, action="append"``);
     ``hidden``: ``{old flag: field}`` accepted spellings left out of the help. A bool field gets ``--x [BOOL]``
     and ``--no-x``; a list field takes several values (numbers also ``a,b``); others one value.
@@ -139,7 +139,7 @@ def add_field_flags(parser, cls, fields=None, prefix: str = "", path: str = "", 
     for f in dataclasses.fields(cls):
         if not f.init or (fields is not None and f.name not in fields):
             continue
-        flags = ["--" + (prefix + n).replace("_", "-") for n in names.get(f.name, (f.name,))]
+        flags = ["--" + n.replace("_", "-") for n in names.get(f.name, (prefix + f.name,))]
         dest = flags[0][2:].replace("-", "_")
         mapping[dest] = path + f.name
         tp = _base_type(hints.get(f.name, str))
