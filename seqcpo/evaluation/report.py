@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from seqcpo.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported for the CLI)
+from seqcpo.io import atomic_write_bytes, atomic_write_text, redact  # noqa: F401  (re-exported for the CLI)
 
 PLOT_WINRATE = "winrate.png"
 PLOT_MAUVE = "mauve.png"
@@ -438,10 +438,11 @@ def _separation_plot(training: dict, path: Path) -> bool:
 def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
     """Write plots, ``results.json``, ``report.md`` and (when the results carry ``judgments``)
     ``judgments.jsonl`` into ``out_dir``; the one report writer of ``seqcpo eval`` and ``seqcpo reproduce``.
-    Returns the results with ``plots`` (and without ``judgments``)."""
+    Every secret is redacted first (:func:`seqcpo.io.redact`: secret fields, URL credentials, the values of
+    secret environment variables). Returns the results with ``plots`` (and without ``judgments``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = dict(results)
+    results = redact(dict(results))
     judgments = results.pop("judgments", None)
     if judgments:
         atomic_write_text(out_dir / "judgments.jsonl",
