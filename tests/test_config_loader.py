@@ -278,3 +278,28 @@ def test_one_flag_style_and_bad_flags_exit_2_in_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("seqcpo: error: ") and len(err.strip().splitlines()) == 1, (argv, err)
+    # a bad value: the same kind of line, naming the flag, from every command
+    out = str(tmp_path / "o")
+    for argv, needle in [(["eval", "--models", "m", "--out", out, "--num_examples", "-1"], "--num-examples"),
+                         (["generate", "--models", "m", "--out", out, "--split", "dev"], "--split"),
+                         (["eval", "--models", "m", "--out", out, "--alphas", "0,x"], "--alphas"),
+                         (["ensemble", "--from", "a", "--to", "b", "--alphas", "0", "nan", "--out", out], "--alphas"),
+                         (["negatives", "--out", out, "--shard_size", "0"], "--shard-size"),
+                         (["train", "--max_steps", "x", "--output_dir", out], "max_steps")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("seqcpo: error: ")]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (argv, err)
+
+
+def test_train_help_lists_the_fields_grouped_and_points_to_the_reference(capsys):
+    """Defect: ``seqcpo train --help`` listed only ``--config`` and did not point to docs/CONFIG.md."""
+    from seqcpo.cli import main
+
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "docs/CONFIG.md" in text
+    groups = ["data (DataConfig):", "model, objective, negatives, reference, speed:", "transformers TrainingArguments"]
+    assert all(g in text for g in groups)
+    assert text.index("--validation-size") < text.index("--beta") < text.index("learning_rate")
+    assert "reward scale beta" in text.lower() and "--no-lora" in text

@@ -237,14 +237,21 @@ def run_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m seqcpo.evaluation.cli eval ...``)."""
+    """Stand-alone entry point (``python -m seqcpo.evaluation.cli eval ...``); exit status 2 and one line for bad
+    input, as ``seqcpo`` itself."""
     from seqcpo.config_loader import FlagParser
 
     parser = FlagParser(prog="seqcpo")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
