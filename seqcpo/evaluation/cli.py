@@ -79,7 +79,7 @@ def _add_common_args(p) -> tuple[dict, dict]:
                    "flags win")
     flags = add_field_flags(p.add_argument_group("models"), EvalConfig, fields=_MODELS + ("out", "progress"))
     flags.update(add_field_flags(p.add_argument_group("decoding"), EvalConfig, fields=_DECODING))
-    g = p.add_argument_group("data (from the first model's seqcpo_config.yaml, then --data-config, then these "
+    g = p.add_argument_group("data (from a model's seqcpo_config.yaml, then --data-config, then these "
                              "flags)")
     flags.update(add_field_flags(g, EvalConfig, fields=_DATA_CHOICE))
     return flags, add_field_flags(g, DataConfig)
@@ -119,7 +119,7 @@ def eval_config_from_args(args) -> EvalConfig:
 
 
 def data_config_from_args(args, cfg: EvalConfig | None = None):
-    """The DataConfig of an evaluation: the first model's training data settings (unless
+    """The DataConfig of an evaluation: the training data settings of the first model that has them (unless
     ``checkpoint_data`` is false), then ``--data-config``, then the data flags (:func:`resolve_data`)."""
     return example_source(args, cfg).cfg
 

@@ -85,8 +85,8 @@ class EvalConfig:
         "help": "YAML with DataConfig fields (under 'data:', or at the top level of a training config such as "
                 "configs/demo.yaml, whose other fields are left out); over the checkpoint's own data settings."})
     checkpoint_data: bool = field(default=True, metadata={
-        "help": "Start from the data settings of the first model's seqcpo_config.yaml (the split it was trained "
-                "with); false: from the DataConfig defaults."})
+        "help": "Start from the data settings in the seqcpo_config.yaml of the first model that has one "
+                "(its training split settings); false: from the DataConfig defaults."})
     allow_train_overlap: bool = field(default=False, metadata={
         "help": "Score items that are in a model's training split anyway (flagged in the report) instead of "
                 "refusing them."})

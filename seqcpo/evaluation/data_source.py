@@ -1,7 +1,7 @@
 """Which examples evaluation scores: the split a checkpoint was trained with, and never, silently, its training data.
 
 - :func:`resolve_data`: the :class:`seqcpo.data.DataConfig` of an evaluation, from (later wins) the DataConfig
-  defaults, the data settings of the first model's ``seqcpo_config.yaml`` (the resolved config training saved
+  defaults, the data settings in the ``seqcpo_config.yaml`` of the first model that has one (the resolved config training saved
   beside the weights: dataset, task, validation_size, test_size, split_seed, max_examples, windows...), a
   ``--data-config`` file (its ``data:`` mapping, or the data fields of a training config such as
   ``configs/demo.yaml``) and the data flags.
