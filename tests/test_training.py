@@ -447,3 +447,50 @@ def test_report_to_a_missing_tracker_is_refused_in_one_line_naming_the_extra(ass
                "--report_to", "wandb"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "seqcpo[wandb]" in err
+
+
+def test_the_scoring_step_reuses_the_gold_pass_by_one_rule_and_makes_the_same_numbers():
+    """mn_source: the reference's gold pass feeds MN when the layout may run two passes and the reference is a
+    model; score_examples then gives the same negatives and reference log-probs as MN's own pass."""
+    from conftest import TINY_EOS, TINY_PAD, make_tiny_llama
+
+    from seqcpo.negatives import build_negative_generator
+    from seqcpo.reference import FrozenCopyReference, PrecomputedReference
+    from seqcpo.seeding import example_generators
+    from seqcpo.training.scoring import mn_source, score_examples
+    from seqcpo.types import Example
+
+    model = make_tiny_llama(3).eval()
+    mn = build_negative_generator([("tn", 1), ("mn", 1)], 2, model=model, eos_token_id=TINY_EOS, pad_token_id=TINY_PAD)
+    tn = build_negative_generator("tn", 1, eos_token_id=TINY_EOS, pad_token_id=TINY_PAD)
+    ref = FrozenCopyReference(model, copy_model=False, layout="shared", pad_token_id=TINY_PAD)
+    assert mn_source(mn, layout="auto", reference=ref) == "reference"
+    assert mn_source(mn, layout="two_pass", reference=ref) == "reference"
+    assert mn_source(mn, layout="shared", reference=ref) is None  # a one-pass layout forced
+    assert mn_source(tn, layout="auto", reference=ref) is None  # nothing draws from gold logits
+    assert mn_source(mn, layout="auto", reference=PrecomputedReference()) is None  # no reference model
+    assert mn_source(mn, layout="auto", reference=ref, head_in_forward=True) is None  # FSDP / ZeRO-3
+    assert mn_source(mn, layout="auto", negatives_model="policy", policy_two_pass=True) == "policy"
+    assert mn_source(mn, layout="auto", negatives_model="policy", policy_two_pass=False) is None
+
+    g = torch.Generator().manual_seed(5)
+    examples = [Example(torch.randint(3, 96, (4 + i,), generator=g).tolist(),
+                        torch.randint(3, 96, (6,), generator=g).tolist() + [TINY_EOS], {"id": f"e{i}"}) for i in range(3)]
+
+    def make(exs, gold_logits=None):
+        rngs = example_generators(0, [e.meta["id"] for e in exs], 0, "negatives")
+        return mn(exs, 2, rngs, **({"gold_logits": gold_logits} if gold_logits is not None else {}))
+
+    with torch.no_grad():
+        fused = score_examples(examples, make, ref, source="reference")
+        alone = score_examples(examples, make, ref, source=None)
+    assert fused.negatives.ids == alone.negatives.ids
+    assert fused.batch.candidate_ids == alone.batch.candidate_ids
+    torch.testing.assert_close(fused.ref_logps, alone.ref_logps, rtol=1e-4, atol=1e-4)
+    assert fused.ref_logps.shape == (3, 3) and fused.policy is None
+    # fixed rows read from disk: their negatives and stored reference log-probs, no generator called
+    rows = [{"negatives": n, "valid": v, "scores": None, "sources": s, "ref_logps": r.tolist()} for n, v, s, r in
+            zip(alone.negatives.ids, alone.negatives.valid, alone.negatives.sources, alone.ref_logps)]
+    fixed = score_examples(examples, None, PrecomputedReference(), offline_rows=rows)
+    assert fixed.batch.candidate_ids == alone.batch.candidate_ids
+    torch.testing.assert_close(fixed.ref_logps, alone.ref_logps)

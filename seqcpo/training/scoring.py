@@ -2,7 +2,7 @@
 
 Called by the trainer at every step and by ``seqcpo negatives`` (:mod:`seqcpo.training.offline`) for every
 chunk of a shard, so both make the same negatives with the same reference log-probs (docs/method.md,
-"Negatives" and "The reference").
+"Negatives", and "The objective" for the frozen reference).
 
 MN negatives are drawn from the logits of a teacher-forced pass over ``x + y_0`` (docs/method.md, "Negatives",
 row MN). When the model that makes them is scored in two passes (:mod:`seqcpo.two_pass`), its gold-branch pass
