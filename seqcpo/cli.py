@@ -28,10 +28,11 @@ def _config(args, extra: list[str]):
 
 
 def cmd_train(args, extra) -> int:
+    from seqcpo.training.config import parse_overrides
     from seqcpo.training.run import train
 
     cfg = _config(args, extra)
-    out = train(cfg)
+    out = train(cfg, output_dir_option="--output_dir" if "output_dir" in parse_overrides(extra) else "output_dir")
     out.pop("trainer", None)
     if int(os.environ.get("RANK", "0")) == 0:
         print("\nseqcpo train finished:")

@@ -403,7 +403,8 @@ class StreamPositionCallback(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"positions": self.positions}}
 
     def _consumed(self, args, state) -> int:
-        return state.global_step * args.gradient_accumulation_steps * state.train_batch_size
+        # this run's batch (a resumed state holds the checkpoint's train_batch_size, not this run's)
+        return state.global_step * args.gradient_accumulation_steps * args.train_batch_size
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
@@ -420,11 +421,8 @@ class StreamPositionCallback(TrainerCallback, ExportableState):
         pos = positions[self.dataset.process_index]
         expected = self._consumed(args, state)
         if pos["examples"] != expected:
-            raise DataError(
-                f"the checkpoint's stream position counts {pos['examples']} examples, but step {state.global_step} "
-                f"with this batch size and accumulation consumed {expected}: resume with the same "
-                "per_device_train_batch_size and gradient_accumulation_steps"
-            )
+            raise DataError(_count_mismatch(state.global_step, pos["examples"], expected,
+                                            args.gradient_accumulation_steps, args.train_batch_size))
         self.dataset.resume(pos)
         self.positions = positions
 
@@ -449,3 +447,44 @@ class StreamPositionCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.dataset.log_counts("training done")
+
+
+def _count_mismatch(step: int, stored: int, expected: int, accumulation: int, batch: int) -> str:
+    return (
+        f"the checkpoint's stream stopped after {stored} examples per process at step {step}, but this run's "
+        f"settings read {expected} per process by step {step} ({step} steps x gradient_accumulation_steps "
+        f"{accumulation} x per_device_train_batch_size {batch}): resume with the batch settings the checkpoint was "
+        "written with"
+    )
+
+
+def check_stream_resume(checkpoint: str, cfg) -> None:
+    """Before anything is loaded: a streaming resume from ``checkpoint`` needs its stream positions, the same
+    number of processes and the same examples per process and step. One-line :class:`DataError` otherwise (the
+    same checks run again when training starts, on the stored state)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{checkpoint}/trainer_state.json: unreadable ({e}); resume from another checkpoint") from None
+    stored = (state.get("stateful_callbacks") or {}).get(StreamPositionCallback.__name__)
+    positions = (stored or {}).get("attributes", {}).get("positions") if isinstance(stored, dict) else None
+    step = int(state.get("global_step") or 0)
+    if not positions:
+        raise DataError(
+            f"{checkpoint} (step {step}) holds no stream position (was it written by a run without streaming?); "
+            "resume it with streaming=false, or start a new output_dir"
+        )
+    if len(positions) != cfg.world_size:
+        raise DataError(
+            f"{checkpoint}: its stream was read by {len(positions)} process(es), this run has {cfg.world_size}: "
+            "streaming resumes need the same number of processes (each reads its own shard); launch "
+            f"{len(positions)} process(es), or start a new output_dir"
+        )
+    expected = step * cfg.gradient_accumulation_steps * cfg.train_batch_size
+    got = positions[min(cfg.process_index, len(positions) - 1)].get("examples")
+    if got != expected:
+        raise DataError(_count_mismatch(step, got, expected, cfg.gradient_accumulation_steps, cfg.train_batch_size))
