@@ -62,14 +62,14 @@ def _check_flags(values: dict, types: dict) -> dict:
 
 def cmd_negatives(args, extra) -> int:
     from seqcpo.config_loader import check_output_dir
-    from seqcpo.training.run import make_negatives
+    from seqcpo.training.run import make_negatives, next_train_command
 
     args.shard_size = _check_flags({"--shard-size": args.shard_size}, {"--shard-size": (int, ">=1")})["--shard-size"]
     check_output_dir(args.out, "--out")
     cfg = _config(args, extra)
     out = make_negatives(cfg, args.out, shard_size=args.shard_size)
     print(json.dumps(out, indent=2))
-    print(f"Train on them with: seqcpo train --config {args.config or 'FILE.yaml'} --negatives_path {args.out}")
+    print(f"Train on them with: {next_train_command(args.config, extra, args.out)}")
     return 0
 
 

@@ -96,7 +96,7 @@ def test_two_processes_make_the_rows_of_one(setup):
 
 
 def test_kill_then_resume_with_another_shard_size_is_complete_and_correct(setup):
-    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.offline_reader import read_offline_negatives
     from seqcpo.training.run import make_negatives
 
     root = setup["root"]
@@ -159,7 +159,7 @@ def test_kill_then_resume_with_another_shard_size_is_complete_and_correct(setup)
 def test_training_reads_rows_by_id_and_names_a_fix_that_works(setup):
     from seqcpo.data import load_splits
     from seqcpo.models import load_tokenizer
-    from seqcpo.training.offline import OfflineNegatives, read_offline_negatives
+    from seqcpo.training.offline_reader import OfflineNegatives, read_offline_negatives
     from seqcpo.training.run import make_negatives, train
     from seqcpo.types import Example
 

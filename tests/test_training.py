@@ -159,7 +159,7 @@ def test_checkpoint_reloads_with_plain_transformers(assets, tmp_path):
 
 
 def test_offline_negatives_resume_and_train_with_precomputed_reference(assets, tmp_path):
-    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.offline_reader import read_offline_negatives
     from seqcpo.training.run import make_negatives, train
 
     cfg = _cfg(assets, tmp_path, negatives="tn:1,mn:1")

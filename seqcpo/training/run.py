@@ -83,7 +83,7 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None, output_dir_option: s
         splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
     offline, offline_meta = None, None
     if cfg.negatives_path and cfg.uses_negatives:
-        from seqcpo.training.offline import read_offline_negatives
+        from seqcpo.training.offline_reader import read_offline_negatives
 
         offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg, splits.train)
     if cfg.lora:
@@ -234,3 +234,22 @@ def make_negatives(cfg: SeqCPOConfig, out_dir: str, shard_size: int = 256) -> di
     with torch.no_grad():
         manifest = make_offline_negatives(cfg, splits.train, model, tokenizer, out_dir, shard_size=shard_size)
     return {"out_dir": out_dir, "examples": len(splits.train), "shards": manifest["num_shards"]}
+
+
+def next_train_command(config: str | None, overrides: list[str], out_dir: str) -> str:
+    """The ``seqcpo train`` command that trains on the negatives ``seqcpo negatives`` just made: the same config
+    and every ``--key value`` override it was run with (so the folder's settings match), plus ``--negatives_path``."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in overrides:
+        if skip:
+            skip = False
+            continue
+        key = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if arg.startswith("-") and key == "negatives_path":
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    parts = ["seqcpo", "train", *(["--config", config] if config else []), *kept, "--negatives_path", out_dir]
+    return shlex.join(parts)
