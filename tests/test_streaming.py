@@ -499,7 +499,7 @@ def test_a_refused_streaming_resume_counts_examples_right_and_is_one_line(assets
     from types import SimpleNamespace
 
     from seqcpo.cli import main
-    from seqcpo.data.streaming import check_stream_resume
+    from seqcpo.data.stream_resume import check_stream_resume
     from seqcpo.training.run import train
 
     out = tmp_path / "s"

@@ -48,70 +48,19 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None, output_dir_option: s
     ``transformers.TrainerCallback`` objects. Raises :class:`~seqcpo.training.checkpoints.NonFiniteError` when
     the loss or the gradient norm stops being finite (the last good checkpoint stays; ``final/`` is not written).
     """
-    from seqcpo.training.separation import SeparationMonitor, separation_onset
-    from seqcpo.training.trainer import ExampleDataset, SeqCPOTrainer
+    from seqcpo.training.separation import separation_onset
 
     t0 = time.time()
-    prepare_output_dir(cfg.output_dir, output_dir_option)
-    if cfg.streaming:
-        from seqcpo.data.streaming import check_streaming_args
-
-        check_streaming_args(cfg.max_steps)  # before loading the model: a missing max_steps fails at once
-    identity = run_identity(cfg, cfg.world_size)
-    resume = resolve_resume(cfg, identity)
-    if resume is None:
-        _warn_foreign_checkpoints(cfg.output_dir, identity)
-    elif (done := finished_step(cfg, resume)) is not None:
-        from seqcpo.training.finished import finish_without_training
-
-        out = finish_without_training(cfg, resume, done, identity)
-        _end_process_group()
-        return out
-    elif cfg.streaming:
-        from seqcpo.data.streaming import check_stream_resume
-
-        check_stream_resume(resume, cfg)  # another number of processes or batch: refused before any loading
+    identity, resume, finished = _before_loading(cfg, output_dir_option)
+    if finished is not None:
+        return finished
     set_seed(cfg.seed)
     path, tokenizer, model = _load(cfg)
-    context = model_context_tokens(getattr(model, "config", None))
-    if cfg.streaming:
-        from seqcpo.data.streaming import load_streaming
-
-        splits = load_streaming(cfg.data_config(), tokenizer, context_tokens=context,
-                                need_validation=cfg.eval_strategy != "no")
-    else:
-        splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
-    offline, offline_meta = None, None
-    if cfg.negatives_path and cfg.uses_negatives:
-        from seqcpo.training.offline_reader import read_offline_negatives
-
-        offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg, splits.train)
+    splits, train_ds, eval_ds, offline_meta = _datasets(cfg, tokenizer, model)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)
-    eval_ds = None
-    if cfg.eval_strategy != "no" and splits.validation:
-        eval_ds = ExampleDataset(splits.validation, None)
-    if cfg.streaming:
-        from seqcpo.data.streaming import StreamPositionCallback
-
-        cfg.ignore_data_skip = True  # the stream restarts at its stored position: the Trainer must not replay
-        train_ds = splits.train(tokenizer, cfg.process_index, cfg.world_size, offline)
-    else:
-        train_ds = ExampleDataset(splits.train, offline)
-    trainer = SeqCPOTrainer(
-        model,
-        cfg,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        offline_meta=offline_meta,
-        callbacks=callbacks,
-    )
-    trainer.run_identity = identity
-    if cfg.streaming:
-        trainer.add_callback(StreamPositionCallback(train_ds))
-    trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
+    trainer = _trainer(cfg, model, tokenizer, train_ds, eval_ds, offline_meta, callbacks, identity)
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
         save_config(cfg, config_path)
@@ -149,6 +98,74 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None, output_dir_option: s
         "model_path": path,
         "trainer": trainer,
     }
+
+
+def _before_loading(cfg: SeqCPOConfig, output_dir_option: str):
+    """``(identity, checkpoint to resume from or None, the result of a run already finished or None)``, checked
+    before any model or data is loaded: the output folder, streaming's needs, the resume and its stream."""
+    prepare_output_dir(cfg.output_dir, output_dir_option)
+    if cfg.streaming:
+        from seqcpo.data.streaming import check_streaming_args
+
+        check_streaming_args(cfg.max_steps)  # before loading the model: a missing max_steps fails at once
+    identity = run_identity(cfg, cfg.world_size)
+    resume = resolve_resume(cfg, identity)
+    if resume is None:
+        _warn_foreign_checkpoints(cfg.output_dir, identity)
+    elif (done := finished_step(cfg, resume)) is not None:
+        from seqcpo.training.finished import finish_without_training
+
+        out = finish_without_training(cfg, resume, done, identity)
+        _end_process_group()
+        return identity, resume, out
+    elif cfg.streaming:
+        from seqcpo.data.stream_resume import check_stream_resume
+
+        check_stream_resume(resume, cfg)  # another number of processes or batch: refused before any loading
+    return identity, resume, None
+
+
+def _datasets(cfg: SeqCPOConfig, tokenizer, model):
+    """``(splits, training dataset or stream, evaluation dataset or None, negatives manifest or None)``."""
+    from seqcpo.training.trainer import ExampleDataset
+
+    context = model_context_tokens(getattr(model, "config", None))
+    if cfg.streaming:
+        from seqcpo.data.streaming import load_streaming
+
+        splits = load_streaming(cfg.data_config(), tokenizer, context_tokens=context,
+                                need_validation=cfg.eval_strategy != "no")
+    else:
+        splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
+    offline, offline_meta = None, None
+    if cfg.negatives_path and cfg.uses_negatives:
+        from seqcpo.training.offline_reader import read_offline_negatives
+
+        offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg, splits.train)
+    eval_ds = None
+    if cfg.eval_strategy != "no" and splits.validation:
+        eval_ds = ExampleDataset(splits.validation, None)
+    if cfg.streaming:
+        cfg.ignore_data_skip = True  # the stream restarts at its stored position: the Trainer must not replay
+        train_ds = splits.train(tokenizer, cfg.process_index, cfg.world_size, offline)
+    else:
+        train_ds = ExampleDataset(splits.train, offline)
+    return splits, train_ds, eval_ds, offline_meta
+
+
+def _trainer(cfg, model, tokenizer, train_ds, eval_ds, offline_meta, callbacks, identity):
+    from seqcpo.training.separation import SeparationMonitor
+    from seqcpo.training.trainer import SeqCPOTrainer
+
+    trainer = SeqCPOTrainer(model, cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                            offline_meta=offline_meta, callbacks=callbacks)
+    trainer.run_identity = identity
+    if cfg.streaming:
+        from seqcpo.data.stream_resume import StreamPositionCallback
+
+        trainer.add_callback(StreamPositionCallback(train_ds))
+    trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
+    return trainer
 
 
 def _example_counts(cfg, splits) -> dict[str, Any]:

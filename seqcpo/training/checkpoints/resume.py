@@ -129,6 +129,9 @@ def _check_identity(cfg, path: str, marker: dict, identity: dict[str, Any]) -> N
     same = _matching(os.path.dirname(os.path.abspath(path)), identity)
     hint = (f"resume from {same[-1]} (written under this run's settings)" if same
             else "resume with the checkpoint's settings")
+    if int(marker.get("version") or 1) < 2 and all(name.startswith(("data (", "model (")) for name, _, _ in diffs):
+        hint = ("it was written by an older seqcpo, which fingerprinted content differently: if the data and model "
+                f"did not change, set allow_config_change: true; else {hint}")
     raise ConfigError(
         f"resume_from_checkpoint: {path} was written by a run with other settings ({changes}); {hint}, "
         "use another output_dir, or set allow_config_change: true to resume anyway"
