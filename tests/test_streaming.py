@@ -521,3 +521,29 @@ def test_a_refused_streaming_resume_counts_examples_right_and_is_one_line(assets
     assert "Traceback" not in err
     assert ("the checkpoint's stream stopped after 8 examples per process at step 2, but this run's settings read "
             "16 per process by step 2 (2 steps x gradient_accumulation_steps 2 x per_device_train_batch_size 4)") in last
+
+
+@pytest.mark.integration
+def test_a_two_process_resume_of_a_one_process_stream_is_one_line_per_process(assets, tmp_path):
+    """Defect: `accelerate launch` with 2 processes resuming a 1-process streaming checkpoint printed the clear
+    message and then a traceback (the refusal came from inside training, with the process group live)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    common = ["train", "--dataset", assets["data"], "--task", "continuation", "--streaming", "true",
+              "--model_name_or_path", assets["model"], "--prefix_tokens", "8", "--continuation_tokens", "8",
+              "--per_device_train_batch_size", "2", "--negatives", "tn", "--num_negatives", "2", "--save_steps", "2",
+              "--report_to", "none", "--use_cpu", "true", "--output_dir", str(tmp_path / "one"),
+              "--lr_scheduler_type", "constant"]
+    first = subprocess.run([sys.executable, "-m", "seqcpo.cli", *common, "--max_steps", "2",
+                            "--gradient_accumulation_steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+              "-m", "seqcpo.cli", *common, "--max_steps", "3", "--resume_from_checkpoint", "true"]
+    proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("seqcpo: error:")]
+    assert errors and all("read by 1 process(es), this run has 2" in e for e in errors), proc.stderr[-3000:]
+    child_traceback = proc.stderr.split("seqcpo: error:")[-1]
+    # what follows our line may only be the launcher's own report that a child exited with status 2
+    assert "seqcpo/" not in child_traceback and "DataError" not in child_traceback, proc.stderr[-3000:]
