@@ -146,7 +146,8 @@ def check_resumable(path: str, marker: dict) -> None:
 
     files = marker.get("files", {})
     missing = [f for f in STATE_FILES if f not in files]
-    if missing:
+    # FSDP and DeepSpeed keep optimizer state in folders of their own (optimizer_0/, global_step*/...optim_states)
+    if missing and (missing != ["optimizer.pt"] or not any("optim" in f for f in files)):
         raise ConfigError(
             f"resume_from_checkpoint: {path} holds no {' or '.join(missing)} (written with save_only_model: true, "
             "weights only): a resume needs the optimizer and scheduler state. Use it as a starting model "
