@@ -28,6 +28,7 @@ def _config(args, extra: list[str]):
 
 
 def cmd_train(args, extra) -> int:
+    from seqcpo.training.config import parse_overrides
     from seqcpo.training.run import train
 
     if args.dry_run:  # resolve config, model shape, data and first batch; print the plan (seqcpo.training.dry_run)
@@ -37,7 +38,7 @@ def cmd_train(args, extra) -> int:
         print(dry_run(args.config, parse_overrides(extra)))
         return 0
     cfg = _config(args, extra)
-    out = train(cfg)
+    out = train(cfg, output_dir_option="--output_dir" if "output_dir" in parse_overrides(extra) else "output_dir")
     out.pop("trainer", None)
     if int(os.environ.get("RANK", "0")) == 0:
         print("\nseqcpo train finished:")
@@ -67,14 +68,14 @@ def _check_flags(values: dict, types: dict) -> dict:
 
 def cmd_negatives(args, extra) -> int:
     from seqcpo.config_loader import check_output_dir
-    from seqcpo.training.run import make_negatives
+    from seqcpo.training.run import make_negatives, next_train_command
 
     args.shard_size = _check_flags({"--shard-size": args.shard_size}, {"--shard-size": (int, ">=1")})["--shard-size"]
     check_output_dir(args.out, "--out")
     cfg = _config(args, extra)
     out = make_negatives(cfg, args.out, shard_size=args.shard_size)
     print(json.dumps(out, indent=2))
-    print(f"Train on them with: seqcpo train --config {args.config or 'FILE.yaml'} --negatives_path {args.out}")
+    print(f"Train on them with: {next_train_command(args.config, extra, args.out)}")
     return 0
 
 

@@ -17,7 +17,9 @@ EXPECTED_CORE = {"types.py", "losses.py", "logps.py", "two_pass.py", "reference.
                  "prefix_shared.py", "packing.py", "negatives/base.py", "negatives/mean_field.py", "negatives/autoregressive.py",
                  "negatives/batch.py", "negatives/truncation.py", "negatives/mixture.py", "negatives/registry.py",
                  "config_loader/__init__.py", "config_loader/yaml_io.py", "config_loader/values.py",
-                 "config_loader/flags.py"}
+                 "config_loader/flags.py",
+                 "models/__init__.py", "models/loading.py", "models/files.py", "models/gguf.py", "models/pickled.py",
+                 "models/tokenizers.py", "models/digest.py"}
 FORBIDDEN = ("seqcpo.training", "seqcpo.cli", "seqcpo.evaluation", "seqcpo.reproduce", "seqcpo.grid", "seqcpo.demo",
              "transformers.Trainer")
 TRAINING = ("seqcpo.training", "seqcpo.losses", "seqcpo.negatives", "seqcpo.reproduce", "seqcpo.trainer")

@@ -56,7 +56,7 @@ def test_bin_folder_is_converted_once_and_reused(tmp_path, cache, monkeypatch):
     def no_second_conversion(*a, **k):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr(models, "_convert_bin", no_second_conversion)
+    monkeypatch.setattr(models.pickled, "_convert_bin", no_second_conversion)
     assert models.resolve_model_path(str(tmp_path / "llama")) == path
     # a changed source file is another checkpoint: converted anew, not the stale copy
     monkeypatch.undo()
@@ -129,8 +129,8 @@ def test_a_bin_only_model_trains_and_reuses_its_copy(tmp_path, cache, monkeypatc
         "".join(" ".join(words[(i * j + j) % len(words)] for j in range(12)) + ".\n\n" for i in range(16))
     )
     calls = []
-    convert = models._convert_bin
-    monkeypatch.setattr(models, "_convert_bin", lambda *a: (calls.append(a[0]), convert(*a)))
+    convert = models.pickled._convert_bin
+    monkeypatch.setattr(models.pickled, "_convert_bin", lambda *a: (calls.append(a[0]), convert(*a)))
 
     def run(out):
         cfg = load_config(None, {

@@ -207,3 +207,29 @@ def test_lora_checkpoint_folder_loads(tmp_path):
         expected = model(input_ids=x).logits
         loaded = load_model(str(tmp_path / "adapter")).eval()
         torch.testing.assert_close(loaded(input_ids=x).logits, expected)
+
+
+def test_model_digest_is_the_content_hashed_once_and_cached(tmp_path, monkeypatch):
+    """A model's identity is its weights' content: one same-size change anywhere is another model, a copy or a
+    touch is the same one, and each file is hashed once until it changes."""
+    import seqcpo.models.digest as digest
+
+    monkeypatch.setenv("SEQCPO_CACHE", str(tmp_path / "cache"))
+    make_tiny_llama(seed=1).save_pretrained(tmp_path / "m")
+    reads = []
+    real = digest.sha256_file
+    monkeypatch.setattr(digest, "sha256_file", lambda p: (reads.append(os.path.basename(p)), real(p))[1])
+    first = digest.model_digest(str(tmp_path / "m"))
+    assert len(first) == 32 and sorted(reads) == ["config.json", "generation_config.json", "model.safetensors"]
+    digest._MEMO.clear()  # a new process: the on-disk cache answers
+    reads.clear()
+    assert digest.model_digest(str(tmp_path / "m")) == first and reads == []
+    os.utime(tmp_path / "m" / "model.safetensors", ns=(5, 5))  # touched, not changed: re-read, same digest
+    assert digest.model_digest(str(tmp_path / "m")) == first and reads == ["model.safetensors"]
+    path = tmp_path / "m" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(5, 5))  # even with the modification time put back
+    assert digest.model_digest(str(tmp_path / "m")) != first
+    assert digest.model_digest("gpt2-xl") is None  # a Hub id: the Hub pins its revision

@@ -4,6 +4,7 @@ missing), and training that looks rows up by id without loading the folder."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_two_processes_make_the_rows_of_one(setup):
 
 
 def test_kill_then_resume_with_another_shard_size_is_complete_and_correct(setup):
-    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.offline_reader import read_offline_negatives
     from seqcpo.training.run import make_negatives
 
     root = setup["root"]
@@ -159,7 +160,7 @@ def test_kill_then_resume_with_another_shard_size_is_complete_and_correct(setup)
 def test_training_reads_rows_by_id_and_names_a_fix_that_works(setup):
     from seqcpo.data import load_splits
     from seqcpo.models import load_tokenizer
-    from seqcpo.training.offline import OfflineNegatives, read_offline_negatives
+    from seqcpo.training.offline_reader import OfflineNegatives, read_offline_negatives
     from seqcpo.training.run import make_negatives, train
     from seqcpo.types import Example
 
@@ -187,3 +188,111 @@ def test_training_reads_rows_by_id_and_names_a_fix_that_works(setup):
 
     out = train(_config(setup, negatives_path=str(root / "lookup"), output_dir=str(root / "trained")))
     assert out["trainer"].reference.name == "precomputed" and out["steps"] == 1
+
+
+def _flip_middle(path, n=16):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+        fh.seek(size // 2)
+        chunk = fh.read(n)
+        fh.seek(size // 2)
+        fh.write(bytes(255 - b for b in chunk))
+
+
+@pytest.mark.parametrize("damage", ["same_size", "truncated"])
+def test_a_damaged_shard_is_named_and_the_same_command_repairs_it(setup, damage):
+    """Defect: a truncated or corrupted shard in a complete folder ended in a traceback from the Parquet reader
+    (no shard named, no advice), and a shard corrupted at the same size was trusted by `seqcpo negatives`."""
+    from seqcpo.training.offline_reader import read_offline_negatives
+    from seqcpo.training.run import make_negatives
+
+    root = setup["root"]
+    out = root / f"damaged-{damage}"
+    cfg = _config(setup)
+    make_negatives(cfg, str(out), shard_size=8)
+    man, before = _rows(out)
+    shard = man["shards"][1]["file"]
+    if damage == "same_size":
+        _flip_middle(out / shard)
+    else:
+        with open(out / shard, "r+b") as fh:
+            fh.truncate(os.path.getsize(out / shard) // 2)
+    with pytest.raises(ValueError) as err:
+        read_offline_negatives(str(out), cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and f"shard {shard}" in msg, msg
+    assert "run the same `seqcpo negatives` command again: it checks every shard and remakes the damaged ones" in msg
+    make_negatives(cfg, str(out), shard_size=8)  # the same command
+    man2, after = _rows(out)
+    assert after == before and man2["shards"][1]["sha256"] == man["shards"][1]["sha256"]
+    read_offline_negatives(str(out), cfg)
+
+
+def test_negatives_of_a_model_folder_whose_weights_were_replaced_are_refused(setup, tmp_path):
+    """Defect: negatives made with a model folder were accepted after that folder's weights were replaced (the
+    old reference log-probs used; `seqcpo negatives` called the folder complete)."""
+    import shutil
+
+    from seqcpo.training.offline_reader import read_offline_negatives
+    from seqcpo.training.run import make_negatives
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(setup["root"] / "model", model_dir)
+    cfg = _config(setup, model_name_or_path=str(model_dir))
+    out = tmp_path / "neg"
+    make_negatives(cfg, str(out), shard_size=8)
+    read_offline_negatives(str(out), cfg)
+    other = make_tiny_llama(vocab_size=len(make_toy_tokenizer()), seed=7)
+    other.save_pretrained(model_dir)  # same folder, same file names and sizes, other weights
+    cfg = _config(setup, model_name_or_path=str(model_dir))
+    with pytest.raises(ValueError) as err:
+        read_offline_negatives(str(out), cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and re.search(r"model_digest: '[0-9a-f]{32}' in the folder, '[0-9a-f]{32}' now", msg), msg
+    assert "the model folder's weights were replaced since" in msg
+    with pytest.raises(ValueError, match=r"holds negatives made with other settings \(model_digest: '[0-9a-f]+' "
+                                         r"there, '[0-9a-f]+' now\)"):
+        make_negatives(cfg, str(out), shard_size=8)
+
+
+def test_a_mismatch_names_each_field_with_both_values_in_one_line(setup):
+    """Defect: training on a folder made with other data settings failed with a 1,490-character dump of two
+    config dictionaries instead of naming the field that differs."""
+    from seqcpo.training.offline_reader import read_offline_negatives
+    from seqcpo.training.run import make_negatives
+
+    out = setup["root"] / "mismatch"
+    make_negatives(_config(setup), str(out), shard_size=8)
+    with pytest.raises(ValueError) as err:
+        read_offline_negatives(str(out), _config(setup, validation_size=3, seed=5))
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 500, msg
+    assert "data.validation_size: 2.0 in the folder, 3.0 now; seed: 0 in the folder, 5 now" in msg, msg
+
+
+def test_negatives_cli_prints_a_next_command_with_its_overrides_and_counts_examples(setup, capsys):
+    """Defect: `seqcpo negatives` printed a next command that dropped the overrides it was run with (so that
+    command failed on the folder it had made), and its progress bar counted shards (0/1 for minutes)."""
+    import shlex
+
+    from seqcpo.cli import main
+
+    out = setup["root"] / "cli-next"
+    assert main(["negatives", "--config", setup["cfg"], "--out", str(out), "--shard-size", "100",
+                 "--seed", "3", "--num_negatives", "2"]) == 0
+    captured = capsys.readouterr()
+    line = [x for x in captured.out.splitlines() if x.startswith("Train on them with: ")][-1]
+    cmd = shlex.split(line.removeprefix("Train on them with: "))
+    assert cmd == ["seqcpo", "train", "--config", setup["cfg"], "--seed", "3", "--num_negatives", "2",
+                   "--negatives_path", str(out)]
+    n = len(_train_ids(setup))
+    assert f"{n}/{n}" in captured.err and "ex" in captured.err  # examples, not shards (one shard here)
+    # the printed command trains on the folder (its settings match)
+    assert main(cmd[1:] + ["--output_dir", str(setup["root"] / "cli-next-run")]) == 0
+
+
+def test_next_train_command_replaces_a_negatives_path_override():
+    from seqcpo.training.run import next_train_command
+
+    assert next_train_command(None, ["--negatives_path", "old", "--beta", "0.5", "--negatives-path=x"], "new dir") == (
+        "seqcpo train --beta 0.5 --negatives_path 'new dir'")

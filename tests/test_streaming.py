@@ -467,3 +467,83 @@ def test_resume_skips_whole_data_files_already_read(tmp_path, tok, monkeypatch):
     resumed.resume(pos)
     it2 = iter(resumed)
     assert [next(it2) for _ in range(len(full) - consumed)] == full[consumed:]
+
+
+# -- a finished streaming run, refused streaming resumes
+
+
+def test_a_finished_streaming_run_resumed_trains_nothing(assets, tmp_path, caplog):
+    """Defect: resuming a streaming run that reached max_steps (linear schedule) trained one more step, wrote
+    checkpoint-(max+1) and overwrote final/."""
+    import logging
+
+    from seqcpo.models.digest import sha256_file
+    from seqcpo.training.run import train
+
+    out = tmp_path / "done"
+    over = dict(max_steps=2, save_strategy="steps", save_steps=1, lr_scheduler_type="linear")
+    train(_train_cfg(assets, out, **over))
+    weights = sha256_file(str(out / "final" / "model.safetensors"))
+    with caplog.at_level(logging.INFO, logger="seqcpo"):
+        again = train(_train_cfg(assets, out, resume_from_checkpoint="true", **over))
+    assert again["steps"] == 2 and again["trainer"] is None
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
+    assert sha256_file(str(out / "final" / "model.safetensors")) == weights
+    assert sum("nothing to train" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_refused_streaming_resume_counts_examples_right_and_is_one_line(assets, tmp_path, capsys):
+    """Defects: a refused streaming resume said "consumed 40" for a checkpoint that had read 20 examples (it
+    mixed the checkpoint's batch size with this run's accumulation); a resume with another number of processes
+    printed its message and then a traceback (it was found inside training)."""
+    from types import SimpleNamespace
+
+    from seqcpo.cli import main
+    from seqcpo.data.stream_resume import check_stream_resume
+    from seqcpo.training.run import train
+
+    out = tmp_path / "s"
+    train(_train_cfg(assets, out, max_steps=2, save_strategy="steps", save_steps=2))
+    ckpt = str(out / "checkpoint-2")  # 2 steps x 4 examples
+    with pytest.raises(DataError, match="same number of processes") as err:
+        check_stream_resume(ckpt, SimpleNamespace(world_size=2, process_index=0, gradient_accumulation_steps=1,
+                                                  train_batch_size=4))
+    assert "read by 1 process(es), this run has 2" in str(err.value)
+    argv = ["train", "--model_name_or_path", assets["model"], "--dataset", assets["data"], "--task", "instruction",
+            "--prompt_template", "plain", "--streaming", "true", "--validation_size", "4", "--test_size", "4",
+            "--output_dir", str(out), "--max_steps", "3", "--lr_scheduler_type", "constant", "--report_to", "none",
+            "--use_cpu", "true", "--objective", "cpo", "--num_negatives", "2", "--negatives", "tn:1,bn:1",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--allow_config_change",
+            "true", "--resume_from_checkpoint", "true"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert ("the checkpoint's stream stopped after 8 examples per process at step 2, but this run's settings read "
+            "16 per process by step 2 (2 steps x gradient_accumulation_steps 2 x per_device_train_batch_size 4)") in last
+
+
+@pytest.mark.integration
+def test_a_two_process_resume_of_a_one_process_stream_is_one_line_per_process(assets, tmp_path):
+    """Defect: `accelerate launch` with 2 processes resuming a 1-process streaming checkpoint printed the clear
+    message and then a traceback (the refusal came from inside training, with the process group live)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    common = ["train", "--dataset", assets["data"], "--task", "continuation", "--streaming", "true",
+              "--model_name_or_path", assets["model"], "--prefix_tokens", "8", "--continuation_tokens", "8",
+              "--per_device_train_batch_size", "2", "--negatives", "tn", "--num_negatives", "2", "--save_steps", "2",
+              "--report_to", "none", "--use_cpu", "true", "--output_dir", str(tmp_path / "one"),
+              "--lr_scheduler_type", "constant"]
+    first = subprocess.run([sys.executable, "-m", "seqcpo.cli", *common, "--max_steps", "2",
+                            "--gradient_accumulation_steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+              "-m", "seqcpo.cli", *common, "--max_steps", "3", "--resume_from_checkpoint", "true"]
+    proc = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("seqcpo: error:")]
+    assert errors and all("read by 1 process(es), this run has 2" in e for e in errors), proc.stderr[-3000:]
+    child_traceback = proc.stderr.split("seqcpo: error:")[-1]
+    # what follows our line may only be the launcher's own report that a child exited with status 2
+    assert "seqcpo/" not in child_traceback and "DataError" not in child_traceback, proc.stderr[-3000:]

@@ -159,7 +159,7 @@ def test_checkpoint_reloads_with_plain_transformers(assets, tmp_path):
 
 
 def test_offline_negatives_resume_and_train_with_precomputed_reference(assets, tmp_path):
-    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.offline_reader import read_offline_negatives
     from seqcpo.training.run import make_negatives, train
 
     cfg = _cfg(assets, tmp_path, negatives="tn:1,mn:1")
@@ -187,7 +187,7 @@ def test_offline_negatives_resume_and_train_with_precomputed_reference(assets, t
     assert out["trainer"].reference.name == "precomputed"
     assert out["steps"] == 2
     # a training run whose data settings differ from the folder's: refused, its reference log-probs would not match
-    with pytest.raises(ValueError, match="another data"):
+    with pytest.raises(ValueError, match=r"\(data.max_prefix_tokens: 256 in the folder, 64 now\)"):
         read_offline_negatives(out_dir, _cfg(assets, tmp_path, negatives="tn:1,mn:1", max_prefix_tokens=64))
     # other settings: refused, not overwritten
     with pytest.raises(ValueError, match="other settings"):

@@ -178,7 +178,7 @@ def test_two_pass_refuses_gradient_checkpointing(assets, tmp_path):  # noqa: F81
 
 
 def test_offline_mn_negatives_are_the_same_fused_or_not(assets, tmp_path):  # noqa: F811
-    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.offline_reader import read_offline_negatives
     from seqcpo.training.run import make_negatives
 
     rows = {}

@@ -20,7 +20,7 @@ The data flow is the in-memory one (:func:`seqcpo.data.load_splits`), one read b
    that skips a record takes its next one, and the step's records differ slightly between world sizes.
 3. **Epochs**: the stream never ends; after the last record the next pass starts (``epoch`` + 1), so every
    process yields batches in lockstep and ``max_steps`` ends the run (it is required).
-4. **Resume without replay**: :class:`StreamPositionCallback` stores, in the checkpoint's ``trainer_state.json``,
+4. **Resume without replay**: :class:`seqcpo.data.stream_resume.StreamPositionCallback` stores, in the checkpoint's ``trainer_state.json``,
    each process's position after the examples its optimizer steps consumed (pass, record index, window). A
    resumed run starts reading at that record: the position carries the ``datasets`` reader state of the record's
    read batch, so whole data files (shards) before it are not read again, and the records before it in its file
@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from torch.utils.data import IterableDataset
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
 from seqcpo.data.config import DataConfig, DataError
 from seqcpo.data.examples import describe_counts, record_examples
@@ -377,75 +375,3 @@ class StreamingExamples(IterableDataset):
             when, self.process_index, c.get("records_read", 0), c.get("examples", 0),
             f" ({'; '.join(notes)})" if notes else "",
         )
-
-
-#: The training stream of this process, for a callback the Trainer rebuilds from its stored state.
-_ACTIVE_STREAM: Optional["StreamingExamples"] = None
-
-
-class StreamPositionCallback(TrainerCallback, ExportableState):
-    """Stores every process's stream position in the checkpoint (``trainer_state.json``, under
-    ``stateful_callbacks``) and puts a resumed stream back there, so a resumed run reads on where the
-    interrupted one stopped, with no replay. Examples consumed per process at step s:
-    s * gradient_accumulation_steps * per-device batch size (the stream never ends a pass early)."""
-
-    def __init__(self, dataset: StreamingExamples | None = None):
-        global _ACTIVE_STREAM
-        if dataset is None:  # rebuilt by the Trainer (restore_callback_states_from_checkpoint): this process's stream
-            if _ACTIVE_STREAM is None:
-                raise DataError("StreamPositionCallback needs the training stream (StreamingExamples)")
-            dataset = _ACTIVE_STREAM
-        _ACTIVE_STREAM = dataset
-        self.dataset = dataset
-        self.positions: list[dict] | None = None
-
-    def state(self) -> dict:
-        return {"args": {}, "attributes": {"positions": self.positions}}
-
-    def _consumed(self, args, state) -> int:
-        return state.global_step * args.gradient_accumulation_steps * state.train_batch_size
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:
-            return
-        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
-        positions = (stored or {}).get("attributes", {}).get("positions") if isinstance(stored, dict) else None
-        if not positions:
-            raise DataError(
-                f"the checkpoint at step {state.global_step} holds no stream position (was it written by a run "
-                "without streaming?); resume it with streaming=false, or start a new output_dir"
-            )
-        if len(positions) != self.dataset.world_size:
-            self.dataset.resume({"world_size": len(positions)})  # raises: another number of processes
-        pos = positions[self.dataset.process_index]
-        expected = self._consumed(args, state)
-        if pos["examples"] != expected:
-            raise DataError(
-                f"the checkpoint's stream position counts {pos['examples']} examples, but step {state.global_step} "
-                f"with this batch size and accumulation consumed {expected}: resume with the same "
-                "per_device_train_batch_size and gradient_accumulation_steps"
-            )
-        self.dataset.resume(pos)
-        self.positions = positions
-
-    def _capture(self, args, state, control):
-        if not control.should_save:
-            return
-        pos = self.dataset.position(self._consumed(args, state))
-        import torch.distributed as dist
-
-        if self.dataset.world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, pos)
-            self.positions = gathered
-        else:
-            self.positions = [pos]
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._capture(args, state, control)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._capture(args, state, control)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.dataset.log_counts("training done")

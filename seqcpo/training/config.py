@@ -399,6 +399,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     One loader for every command (:func:`seqcpo.config_loader.load_dataclass`): unknown keys and wrong
     types fail with the file and field named (and a close match suggested).
     """
+    if overrides and overrides.get("output_dir") is not None:  # named by its origin, not blamed on the YAML file
+        check_output_dir(str(overrides["output_dir"]), "--output_dir" if where == "command line" else f"{where}: output_dir")
     return load_dataclass(SeqCPOConfig, path, overrides, where=where)
 
 

@@ -5,7 +5,8 @@ needs no reference model at all (reference ``precomputed``).
 
 Folder layout::
 
-    manifest.json                         settings, fingerprint, shard plan; ``complete`` and the shard list last
+    manifest.json                         settings, fingerprint, shard plan; ``complete`` and the shard list
+                                          (each shard's rows and sha256) last
     shard-<plan>-00000-of-00003.parquet   one row per example (columns below), ``shard_size`` rows per shard
     ...
 
@@ -20,7 +21,10 @@ from the batch, which is why batch and shard size are in the plan). With AN on v
 ``<plan>`` is the fingerprint of everything that decides the content (model, data and its example tokens,
 generators, K, seed, batch and shard size, dtype): a resumed run with another shard size or batch size
 re-plans (old shards are deleted), one with other model/data/generator settings is refused. Rank 0 marks the
-folder complete only after every shard of the plan exists and holds exactly its examples' ids.
+folder complete only after every shard of the plan exists and holds exactly its examples' ids. The settings
+hold the content digest of the model's weights (``model_digest``), so a folder made before the model folder's
+weights were replaced is refused. A shard that no longer has its recorded sha256 is remade by the same command.
+Training reads a folder through :mod:`seqcpo.training.offline_reader`.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from seqcpo.io import atomic_output, atomic_write_json
+from seqcpo.models.digest import sha256_file
 from seqcpo.negatives import build_negative_generator
 from seqcpo.reference import FrozenCopyReference
 from seqcpo.types import Example
@@ -66,6 +70,7 @@ def offline_settings(cfg, num_examples: int, shard_size: int | None = None, dige
     return {
         "format": FORMAT_VERSION,
         "model": cfg.model_name_or_path,
+        "model_digest": _model_digest(cfg.model_name_or_path),  # its weights' content: a replaced folder is refused
         "model_dtype": cfg.model_dtype,
         "data": {k: v for k, v in vars(data).items()},
         "examples_digest": digest,
@@ -79,6 +84,32 @@ def offline_settings(cfg, num_examples: int, shard_size: int | None = None, dige
         "length_normalize": cfg.length_normalize,
         "num_examples": num_examples,
     }
+
+
+def _model_digest(name_or_path: str) -> str | None:
+    from seqcpo.models import model_digest
+
+    return model_digest(name_or_path)
+
+
+def settings_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``[(field, old value, new value)]`` for every leaf where two settings dicts differ (nested keys dotted)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += settings_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], old_label: str, new_label: str) -> str:
+    """One line: ``field: a in the folder, b now; ...`` (long values shortened)."""
+    def show(v):
+        text = repr(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return "; ".join(f"{name}: {show(a)} {old_label}, {show(b)} {new_label}" for name, a, b in diffs)
 
 
 def shard_name(plan: str, s: int, n_shards: int) -> str:
@@ -151,8 +182,9 @@ def _plan_decision(old: dict | None, settings: dict[str, Any], out_dir: str) -> 
     differ = sorted(k for k in set(settings) | set(old_settings) if settings.get(k) != old_settings.get(k))
     if all(k in PLAN_KEYS for k in differ):
         return "replan"
+    diffs = [d for d in settings_differences(old_settings, settings) if d[0].split(".")[0] not in PLAN_KEYS]
     raise ValueError(
-        f"{out_dir} holds negatives made with other settings ({', '.join(differ)} differ from this run's); "
+        f"{out_dir} holds negatives made with other settings ({describe_differences(diffs, 'there', 'now')}); "
         "choose a new --out folder or delete this one"
     )
 
@@ -188,7 +220,8 @@ def make_offline_negatives(
     decision = _plan_decision(old, settings, out_dir)
     # a finished folder is returned as is only while every shard still holds its rows (checked by every rank
     # from the files, so all ranks agree); a deleted or damaged shard is remade below
-    if decision == "same" and old.get("complete") and _shards_hold(examples, out_dir, names, shard_size):
+    recorded = _recorded_sha(old) if decision == "same" else {}
+    if decision == "same" and old.get("complete") and _shards_hold(examples, out_dir, names, shard_size, recorded):
         state.wait_for_everyone()
         return _finish(old, owned_group)
     state.wait_for_everyone()
@@ -211,10 +244,9 @@ def make_offline_negatives(
     model.eval()
     score = _chunk_scorer(cfg, model, tokenizer)
     mine = list(range(rank, n_shards, world))
-    todo = [s for s in mine if _shard_ids(os.path.join(out_dir, names[s])) != _expected_ids(examples, s, shard_size)]
-    # progress in examples (a shard may take many minutes), on the main process
-    total = sum(len(_expected_ids(examples, s, shard_size)) for s in todo)
-    bar = tqdm(total=total, desc=f"negatives (rank {rank}, examples)", disable=not progress or not state.is_main_process)
+    todo = [s for s in mine if not _shard_ok(out_dir, names[s], _expected_ids(examples, s, shard_size), recorded)]
+    bar = tqdm(total=sum(len(_expected_ids(examples, s, shard_size)) for s in todo), unit="ex",
+               desc=f"negatives: examples (rank {rank})", disable=not progress or not state.is_main_process)
     bs = cfg.per_device_train_batch_size
     for s in todo:
         shard = examples[s * shard_size : (s + 1) * shard_size]
@@ -308,8 +340,23 @@ def _expected_ids(examples: Sequence[Example], s: int, shard_size: int) -> list[
     return [str(ex.meta.get("id")) for ex in examples[s * shard_size : (s + 1) * shard_size]]
 
 
-def _shards_hold(examples, out_dir: str, names: list[str], shard_size: int) -> bool:
-    return all(_shard_ids(os.path.join(out_dir, n)) == _expected_ids(examples, s, shard_size) for s, n in enumerate(names))
+def _recorded_sha(manifest: dict | None) -> dict[str, str]:
+    """``{shard file: sha256}`` a finished folder's manifest recorded (empty for an older or unfinished one)."""
+    shards = (manifest or {}).get("shards") or []
+    return {x["file"]: x["sha256"] for x in shards if isinstance(x, dict) and x.get("sha256") and x.get("file")}
+
+
+def _shard_ok(out_dir: str, name: str, want_ids: list[str], recorded: dict[str, str]) -> bool:
+    """A shard holds exactly ``want_ids`` and, when its manifest recorded one, still has that sha256 (a shard
+    corrupted in place is remade, not trusted)."""
+    path = os.path.join(out_dir, name)
+    if name in recorded and (not os.path.isfile(path) or sha256_file(path) != recorded[name]):
+        return False
+    return _shard_ids(path) == want_ids
+
+
+def _shards_hold(examples, out_dir: str, names: list[str], shard_size: int, recorded: dict[str, str]) -> bool:
+    return all(_shard_ok(out_dir, n, _expected_ids(examples, s, shard_size), recorded) for s, n in enumerate(names))
 
 
 def _verified_manifest(manifest: dict, examples, out_dir: str, names: list[str], shard_size: int) -> dict:
@@ -324,7 +371,7 @@ def _verified_manifest(manifest: dict, examples, out_dir: str, names: list[str],
                 f"{out_dir}/{name}: {state}; not marking the folder complete. Run the same `seqcpo negatives` "
                 "command again: it remakes the missing shards"
             )
-        shards.append({"file": name, "rows": len(got)})
+        shards.append({"file": name, "rows": len(got), "sha256": sha256_file(os.path.join(out_dir, name))})
     total = sum(x["rows"] for x in shards)
     if total != len(examples):
         raise RuntimeError(f"{out_dir}: {total} rows in shards but {len(examples)} examples; not marking it complete")
@@ -337,132 +384,3 @@ def _finish(manifest: dict, owned_group: bool) -> dict:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return manifest
-
-
-class OfflineNegatives(Mapping):
-    """Read-only ``{example id: row}`` over a finished negatives folder, without loading it into Python.
-
-    The shards are read once through ``datasets`` into a memory-mapped Arrow table (cached under the seqcpo
-    cache); an id index of 16 bytes per row (a sorted 64-bit hash of the id and its row) finds a row.
-    A row is a dict with the Parquet columns (``negatives``, ``valid``, ``scores``, ``sources``, ``ref_logps``,
-    ``prefix_ids``, ``gold_ids``, ``id``).
-    """
-
-    def __init__(self, path: str, manifest: dict):
-        import datasets
-        import numpy as np
-
-        from seqcpo.models import cache_dir
-
-        files = [os.path.join(path, s["file"]) for s in manifest["shards"]]
-        self.path = path
-        self.table = datasets.load_dataset(
-            "parquet", data_files=files, split="train", cache_dir=os.path.join(cache_dir(), "datasets")
-        )
-        ids = self.table.data.column("id")
-        # chunk by chunk: never a Python list of every id
-        hashes = np.fromiter(
-            (_id_hash(str(x)) for chunk in ids.chunks for x in chunk.to_pylist()), dtype=np.uint64, count=len(ids)
-        )
-        order = np.argsort(hashes, kind="stable")
-        self._hashes = hashes[order]
-        self._rows = order.astype(np.int64)
-
-    def _row(self, key: str) -> int | None:
-        import numpy as np
-
-        h = np.uint64(_id_hash(str(key)))
-        i = int(np.searchsorted(self._hashes, h, side="left"))
-        col = self.table.data.column("id")
-        while i < len(self._hashes) and self._hashes[i] == h:
-            r = int(self._rows[i])
-            if col[r].as_py() == str(key):
-                return r
-            i += 1
-        return None
-
-    def __contains__(self, key: object) -> bool:
-        return self._row(str(key)) is not None
-
-    def __getitem__(self, key: str) -> dict[str, Any]:
-        r = self._row(str(key))
-        if r is None:
-            raise KeyError(key)
-        return self.table[r]
-
-    def __iter__(self) -> Iterator[str]:
-        return (str(x) for chunk in self.table.data.column("id").chunks for x in chunk.to_pylist())
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-
-def _id_hash(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
-def read_offline_negatives(
-    path: str, cfg, examples: Sequence[Example] | None = None
-) -> tuple[OfflineNegatives, dict[str, Any]]:
-    """Open a finished negatives folder for training, checking it fits the training config.
-
-    With ``examples`` (the training split), also checks that every example has a row and that the rows were
-    made from these examples' tokens. Returns ``(rows by id, manifest)``.
-    """
-    manifest = _read_manifest(path)
-    if manifest is None:
-        raise ValueError(f"negatives_path {path}: no manifest.json; make the folder with `seqcpo negatives`")
-    st = manifest.get("settings", {})
-    if st.get("format") != FORMAT_VERSION:
-        raise ValueError(
-            f"negatives_path {path}: made by an older seqcpo (format {st.get('format')}, JSONL shards); re-make it "
-            "into a new folder with `seqcpo negatives --out NEW_DIR`"
-        )
-    if not manifest.get("complete"):
-        raise ValueError(
-            f"negatives_path {path}: incomplete; run the same `seqcpo negatives` command again to finish it (it "
-            "resumes)"
-        )
-    if st["k"] != cfg.num_negatives:
-        raise ValueError(f"negatives_path {path} has K = {st['k']} negatives per example but num_negatives = {cfg.num_negatives}")
-    if cfg.ranked and not st["ranked"]:
-        raise ValueError(
-            f"negatives_path {path} was made unranked; objective cpo_ranked needs ranked negatives: re-make them "
-            "with --objective cpo_ranked"
-        )
-    if st.get("length_normalize") != cfg.length_normalize and cfg.reference in ("auto", "precomputed"):
-        raise ValueError(
-            f"negatives_path {path}: its reference log-probs were computed with length_normalize="
-            f"{st.get('length_normalize')}; set the same, or use reference frozen_copy"
-        )
-    expected = offline_settings(cfg, st.get("num_examples", 0))
-    # model_dtype is not compared: reference log-probs made at another precision still describe this model
-    for key in ("model", "data", "negatives", "options", "seed"):
-        if json.loads(json.dumps(expected[key])) != st.get(key):
-            raise ValueError(
-                f"negatives_path {path} was made with another {key} ({st.get(key)!r}) than this run's "
-                f"({expected[key]!r}); its reference log-probs would not match. Make a folder for this config: "
-                f"seqcpo negatives --config FILE.yaml --out NEW_DIR (same overrides as this run)"
-            )
-    for shard in manifest.get("shards", []):
-        if not os.path.isfile(os.path.join(path, shard["file"])):
-            raise ValueError(
-                f"negatives_path {path}: {shard['file']} is missing; run the same `seqcpo negatives` command again "
-                "(it checks every shard and remakes the missing ones)"
-            )
-    rows = OfflineNegatives(path, manifest)
-    if examples is not None:
-        missing = [str(ex.meta.get("id")) for ex in examples if str(ex.meta.get("id")) not in rows]
-        if missing:
-            raise ValueError(
-                f"negatives_path {path} has no row for {len(missing)} of {len(examples)} training examples (first: id "
-                f"{missing[0]}): it was made from other examples. Make a folder for this run's data: seqcpo "
-                "negatives --config FILE.yaml --out NEW_DIR (same data settings and overrides as this run)"
-            )
-        if st.get("examples_digest") is not None and examples_digest(examples) != st["examples_digest"]:
-            raise ValueError(
-                f"negatives_path {path} was made from other token ids for these examples (data file or tokenizer "
-                "changed?); its reference log-probs would not match. Make a folder for this run: seqcpo negatives "
-                "--config FILE.yaml --out NEW_DIR"
-            )
-    return rows, manifest

@@ -13,7 +13,13 @@ from transformers import set_seed
 
 from seqcpo.data import load_splits, model_context_tokens
 from seqcpo.models import apply_lora, load_model, load_tokenizer, resolve_model_path
-from seqcpo.training.checkpoints import prepare_output_dir, resolve_resume, run_identity, write_complete_marker
+from seqcpo.training.checkpoints import (
+    finished_step,
+    prepare_output_dir,
+    resolve_resume,
+    run_identity,
+    write_complete_marker,
+)
 from seqcpo.training.config import SeqCPOConfig, save_config
 
 logger = logging.getLogger("seqcpo")
@@ -32,72 +38,30 @@ def _load(cfg: SeqCPOConfig):
     return path, tokenizer, model
 
 
-def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
+def train(cfg: SeqCPOConfig, callbacks: list | None = None, output_dir_option: str = "output_dir") -> dict[str, Any]:
     """Train per ``cfg``; returns where everything went (output folder, final checkpoint, config, logs).
 
-    Before anything is loaded: ``output_dir`` is checked writable, and a resume is resolved to a complete
-    checkpoint written by this run's settings (:mod:`seqcpo.training.checkpoints`). ``callbacks``: extra
+    Before anything is loaded: ``output_dir`` is checked writable (an error names ``output_dir_option``: the
+    setting, or ``--output_dir`` when the value came from the command line), and a resume is resolved to a
+    complete, intact checkpoint written by this run's settings (:mod:`seqcpo.training.checkpoints`). A resume of
+    a run that already reached its length trains nothing (:mod:`seqcpo.training.finished`). ``callbacks``: extra
     ``transformers.TrainerCallback`` objects. Raises :class:`~seqcpo.training.checkpoints.NonFiniteError` when
     the loss or the gradient norm stops being finite (the last good checkpoint stays; ``final/`` is not written).
     """
     from seqcpo.training.quality import attach_quality, wants_quality
-    from seqcpo.training.separation import SeparationMonitor, separation_onset
-    from seqcpo.batching import ExampleDataset
-    from seqcpo.training.trainer import SeqCPOTrainer
+    from seqcpo.training.separation import separation_onset
 
     t0 = time.time()
-    prepare_output_dir(cfg.output_dir)
-    identity = run_identity(cfg, cfg.world_size)
-    resume = resolve_resume(cfg, identity)
-    if resume is None:
-        _warn_foreign_checkpoints(cfg.output_dir, identity)
+    identity, resume, finished = _before_loading(cfg, output_dir_option)
+    if finished is not None:
+        return finished
     set_seed(cfg.seed)
-    if cfg.streaming:
-        from seqcpo.data.streaming import check_streaming_args
-
-        check_streaming_args(cfg.max_steps)  # before loading the model: a missing max_steps fails at once
     path, tokenizer, model = _load(cfg)
-    context = model_context_tokens(getattr(model, "config", None))
-    if cfg.streaming:
-        from seqcpo.data.streaming import load_streaming
-
-        quality = wants_quality(cfg)
-        splits = load_streaming(cfg.data_config(), tokenizer, context_tokens=context,
-                                need_validation=cfg.eval_strategy != "no" or (quality and cfg.quality_split == "validation"),
-                                need_test=quality and cfg.quality_split == "test")
-    else:
-        splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
-    offline, offline_meta = None, None
-    if cfg.negatives_path and cfg.uses_negatives:
-        from seqcpo.training.offline import read_offline_negatives
-
-        offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg, splits.train)
+    splits, train_ds, eval_ds, offline_meta = _datasets(cfg, tokenizer, model)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)
-    eval_ds = None
-    if cfg.eval_strategy != "no" and splits.validation:
-        eval_ds = ExampleDataset(splits.validation, None)
-    if cfg.streaming:
-        from seqcpo.data.streaming import StreamPositionCallback
-
-        cfg.ignore_data_skip = True  # the stream restarts at its stored position: the Trainer must not replay
-        train_ds = splits.train(tokenizer, cfg.process_index, cfg.world_size, offline)
-    else:
-        train_ds = ExampleDataset(splits.train, offline)
-    trainer = SeqCPOTrainer(
-        model,
-        cfg,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        offline_meta=offline_meta,
-        callbacks=callbacks,
-    )
-    trainer.run_identity = identity
-    if cfg.streaming:
-        trainer.add_callback(StreamPositionCallback(train_ds))
-    trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
+    trainer = _trainer(cfg, model, tokenizer, train_ds, eval_ds, offline_meta, callbacks, identity)
     if wants_quality(cfg):  # quality/* metrics every eval_steps (seqcpo.training.quality)
         attach_quality(trainer, cfg, {"validation": splits.validation, "test": splits.test})
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
@@ -105,18 +69,10 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
         save_config(cfg, config_path)
     result = trainer.train(resume_from_checkpoint=resume)
     final_dir = os.path.join(cfg.output_dir, "final")
-    if trainer.is_world_process_zero() and os.path.isdir(final_dir):
-        shutil.rmtree(final_dir)  # an older final/ is replaced whole: its marker must not vouch for new files
-    trainer.accelerator.wait_for_everyone()
-    if cfg.lora:
-        _save_merged(trainer, final_dir, tokenizer)
-    else:
-        trainer.save_model(final_dir)
-    trainer.accelerator.wait_for_everyone()
+    _write_final(trainer, final_dir, tokenizer, identity)
     if trainer.is_world_process_zero():
         from seqcpo.io import atomic_write_json
 
-        write_complete_marker(final_dir, trainer.state.global_step, identity)
         atomic_write_json(os.path.join(cfg.output_dir, "log_history.json"), trainer.state.log_history)
         atomic_write_json(
             os.path.join(cfg.output_dir, "run_info.json"),
@@ -129,12 +85,10 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
                 "model_path": path,
                 # the step from which every negative was separated (None: never; seqcpo.training.separation)
                 "separated_at_step": separation_onset(trainer.state.log_history).step,
+                "examples": _example_counts(cfg, splits),
             },
         )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # end the process group cleanly: a rank leaving with live gloo threads aborts at interpreter exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    _end_process_group()
     return {
         "output_dir": cfg.output_dir,
         "final_checkpoint": final_dir,
@@ -143,14 +97,96 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
         "seconds": round(time.time() - t0, 1),
-        "examples": {
-            "train": None if cfg.streaming else len(splits.train),  # a stream has no length
-            "validation": len(splits.validation),
-            "test": len(splits.test),
-        },
+        "examples": _example_counts(cfg, splits),
         "model_path": path,
         "trainer": trainer,
     }
+
+
+def _before_loading(cfg: SeqCPOConfig, output_dir_option: str):
+    """``(identity, checkpoint to resume from or None, the result of a run already finished or None)``, checked
+    before any model or data is loaded: the output folder, streaming's needs, the resume and its stream."""
+    prepare_output_dir(cfg.output_dir, output_dir_option)
+    if cfg.streaming:
+        from seqcpo.data.streaming import check_streaming_args
+
+        check_streaming_args(cfg.max_steps)  # before loading the model: a missing max_steps fails at once
+    identity = run_identity(cfg, cfg.world_size)
+    resume = resolve_resume(cfg, identity)
+    if resume is None:
+        _warn_foreign_checkpoints(cfg.output_dir, identity)
+    elif (done := finished_step(cfg, resume)) is not None:
+        from seqcpo.training.finished import finish_without_training
+
+        out = finish_without_training(cfg, resume, done, identity)
+        _end_process_group()
+        return identity, resume, out
+    elif cfg.streaming:
+        from seqcpo.data.stream_resume import check_stream_resume
+
+        check_stream_resume(resume, cfg)  # another number of processes or batch: refused before any loading
+    return identity, resume, None
+
+
+def _datasets(cfg: SeqCPOConfig, tokenizer, model):
+    """``(splits, training dataset or stream, evaluation dataset or None, negatives manifest or None)``."""
+    from seqcpo.batching import ExampleDataset
+    from seqcpo.training.quality import wants_quality
+
+    context = model_context_tokens(getattr(model, "config", None))
+    if cfg.streaming:
+        from seqcpo.data.streaming import load_streaming
+
+        quality = wants_quality(cfg)  # the quality slice's split is held too
+        splits = load_streaming(cfg.data_config(), tokenizer, context_tokens=context,
+                                need_validation=cfg.eval_strategy != "no" or (quality and cfg.quality_split == "validation"),
+                                need_test=quality and cfg.quality_split == "test")
+    else:
+        splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
+    offline, offline_meta = None, None
+    if cfg.negatives_path and cfg.uses_negatives:
+        from seqcpo.training.offline_reader import read_offline_negatives
+
+        offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg, splits.train)
+    eval_ds = None
+    if cfg.eval_strategy != "no" and splits.validation:
+        eval_ds = ExampleDataset(splits.validation, None)
+    if cfg.streaming:
+        cfg.ignore_data_skip = True  # the stream restarts at its stored position: the Trainer must not replay
+        train_ds = splits.train(tokenizer, cfg.process_index, cfg.world_size, offline)
+    else:
+        train_ds = ExampleDataset(splits.train, offline)
+    return splits, train_ds, eval_ds, offline_meta
+
+
+def _trainer(cfg, model, tokenizer, train_ds, eval_ds, offline_meta, callbacks, identity):
+    from seqcpo.training.separation import SeparationMonitor
+    from seqcpo.training.trainer import SeqCPOTrainer
+
+    trainer = SeqCPOTrainer(model, cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                            offline_meta=offline_meta, callbacks=callbacks)
+    trainer.run_identity = identity
+    if cfg.streaming:
+        from seqcpo.data.stream_resume import StreamPositionCallback
+
+        trainer.add_callback(StreamPositionCallback(train_ds))
+    trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
+    return trainer
+
+
+def _example_counts(cfg, splits) -> dict[str, Any]:
+    return {
+        "train": None if cfg.streaming else len(splits.train),  # a stream has no length
+        "validation": len(splits.validation),
+        "test": len(splits.test),
+    }
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # end the process group cleanly: a rank leaving with live gloo threads aborts at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _warn_foreign_checkpoints(output_dir: str, identity: dict) -> None:
@@ -166,6 +202,33 @@ def _warn_foreign_checkpoints(output_dir: str, identity: dict) -> None:
             "and leaves them alone; a folder at a step this run saves is replaced",
             output_dir, len(foreign), ", ".join(os.path.basename(p) for p in foreign[:5]),
         )
+
+
+def _write_final(trainer, final_dir: str, tokenizer, identity: dict) -> None:
+    """``final/`` from the trained model, replacing an older one whole, marked complete; a failed write (a full
+    disk) is one line that says how to write it from the last checkpoint."""
+    from seqcpo.training.checkpoints import CheckpointWriteError, newest_complete
+    from seqcpo.training.checkpoints.saving import write_errors
+
+    try:
+        if trainer.is_world_process_zero() and os.path.isdir(final_dir):
+            shutil.rmtree(final_dir)  # an older final/ is replaced whole: its marker must not vouch for new files
+        trainer.accelerator.wait_for_everyone()
+        if trainer.cfg.lora:
+            _save_merged(trainer, final_dir, tokenizer)
+        else:
+            trainer.save_model(final_dir)
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            write_complete_marker(final_dir, trainer.state.global_step, identity)
+    except write_errors() as e:
+        last, _ = newest_complete(trainer.args.output_dir)
+        why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointWriteError(
+            f"output_dir={trainer.args.output_dir!r}: writing final/ failed ({why}); "
+            + (f"free space and run the same command with --resume_from_checkpoint true: it writes final/ from {last}"
+               if last else "no checkpoint was kept (save_strategy)")
+        ) from e
 
 
 def _save_merged(trainer, final_dir: str, tokenizer) -> None:
@@ -194,3 +257,22 @@ def make_negatives(cfg: SeqCPOConfig, out_dir: str, shard_size: int = 256) -> di
     with torch.no_grad():
         manifest = make_offline_negatives(cfg, splits.train, model, tokenizer, out_dir, shard_size=shard_size)
     return {"out_dir": out_dir, "examples": len(splits.train), "shards": manifest["num_shards"]}
+
+
+def next_train_command(config: str | None, overrides: list[str], out_dir: str) -> str:
+    """The ``seqcpo train`` command that trains on the negatives ``seqcpo negatives`` just made: the same config
+    and every ``--key value`` override it was run with (so the folder's settings match), plus ``--negatives_path``."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in overrides:
+        if skip:
+            skip = False
+            continue
+        key = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if arg.startswith("-") and key == "negatives_path":
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    parts = ["seqcpo", "train", *(["--config", config] if config else []), *kept, "--negatives_path", out_dir]
+    return shlex.join(parts)

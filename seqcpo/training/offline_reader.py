@@ -1,0 +1,207 @@
+"""Reading a finished negatives folder for training (``negatives_path``): checked, then looked up by example id.
+
+Before a run trusts a folder made by ``seqcpo negatives`` (:mod:`seqcpo.training.offline`), it checks that the
+folder is finished, fits this run (K, ranking, length normalization; the same model by name and by the content
+digest of its weights, the same data, generators, options and seed: differing fields named with both values), and
+is intact (every shard present, with the sha256 its manifest recorded, readable as Parquet with its rows). A
+damaged shard is named with the command that repairs it (the same ``seqcpo negatives`` command remakes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence
+
+from seqcpo.models.digest import sha256_file
+from seqcpo.training.offline import (
+    FORMAT_VERSION,
+    _read_manifest,
+    describe_differences,
+    examples_digest,
+    offline_settings,
+    settings_differences,
+)
+from seqcpo.types import Example
+
+logger = logging.getLogger("seqcpo.training.offline")
+
+
+class OfflineNegatives(Mapping):
+    """Read-only ``{example id: row}`` over a finished negatives folder, without loading it into Python.
+
+    The shards are read once through ``datasets`` into a memory-mapped Arrow table (cached under the seqcpo
+    cache); an id index of 16 bytes per row (a sorted 64-bit hash of the id and its row) finds a row.
+    A row is a dict with the Parquet columns (``negatives``, ``valid``, ``scores``, ``sources``, ``ref_logps``,
+    ``prefix_ids``, ``gold_ids``, ``id``).
+    """
+
+    def __init__(self, path: str, manifest: dict):
+        import datasets
+        import numpy as np
+
+        from seqcpo.models import cache_dir
+
+        files = [os.path.join(path, s["file"]) for s in manifest["shards"]]
+        self.path = path
+        self.table = datasets.load_dataset(
+            "parquet", data_files=files, split="train", cache_dir=os.path.join(cache_dir(), "datasets")
+        )
+        ids = self.table.data.column("id")
+        # chunk by chunk: never a Python list of every id
+        hashes = np.fromiter(
+            (_id_hash(str(x)) for chunk in ids.chunks for x in chunk.to_pylist()), dtype=np.uint64, count=len(ids)
+        )
+        order = np.argsort(hashes, kind="stable")
+        self._hashes = hashes[order]
+        self._rows = order.astype(np.int64)
+
+    def _row(self, key: str) -> int | None:
+        import numpy as np
+
+        h = np.uint64(_id_hash(str(key)))
+        i = int(np.searchsorted(self._hashes, h, side="left"))
+        col = self.table.data.column("id")
+        while i < len(self._hashes) and self._hashes[i] == h:
+            r = int(self._rows[i])
+            if col[r].as_py() == str(key):
+                return r
+            i += 1
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return self._row(str(key)) is not None
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        r = self._row(str(key))
+        if r is None:
+            raise KeyError(key)
+        return self.table[r]
+
+    def __iter__(self) -> Iterator[str]:
+        return (str(x) for chunk in self.table.data.column("id").chunks for x in chunk.to_pylist())
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+def _id_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def read_offline_negatives(
+    path: str, cfg, examples: Sequence[Example] | None = None
+) -> tuple[OfflineNegatives, dict[str, Any]]:
+    """Open a finished negatives folder for training, checking it fits the training config and is intact.
+
+    Checks, each a one-line ``ValueError`` that says what to run: the folder is finished and of this format; its
+    K, ranking and length normalization fit; its model (name and weights' content digest), data, generators and
+    seed are this run's (the differing fields named with both values); every shard exists, still has the sha256
+    its manifest recorded and reads as Parquet with its rows. With ``examples`` (the training split), also that
+    every example has a row made from these examples' tokens. Returns ``(rows by id, manifest)``.
+    """
+    manifest = _read_manifest(path)
+    _check_finished(path, manifest)
+    st = manifest.get("settings", {})
+    _check_fits(path, st, cfg)
+    _check_shards(path, manifest)
+    rows = OfflineNegatives(path, manifest)
+    if examples is not None:
+        _check_rows(path, rows, st, examples)
+    return rows, manifest
+
+
+_REMAKE = ("Make a folder for this config: seqcpo negatives --config FILE.yaml --out NEW_DIR (same overrides as this "
+           "run)")
+_REPAIR = "run the same `seqcpo negatives` command again: it checks every shard and remakes the damaged ones"
+
+
+def _check_finished(path: str, manifest: dict | None) -> None:
+    if manifest is None:
+        raise ValueError(f"negatives_path {path}: no manifest.json; make the folder with `seqcpo negatives`")
+    st = manifest.get("settings", {})
+    if st.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"negatives_path {path}: made by an older seqcpo (format {st.get('format')}, JSONL shards); re-make it "
+            "into a new folder with `seqcpo negatives --out NEW_DIR`"
+        )
+    if not manifest.get("complete"):
+        raise ValueError(
+            f"negatives_path {path}: incomplete; run the same `seqcpo negatives` command again to finish it (it "
+            "resumes)"
+        )
+
+
+def _check_fits(path: str, st: dict, cfg) -> None:
+    """The folder's settings fit this run's: K, ranking, length normalization, and the same model (name and
+    content), data, generators, options and seed."""
+    if st["k"] != cfg.num_negatives:
+        raise ValueError(f"negatives_path {path} has K = {st['k']} negatives per example but num_negatives = {cfg.num_negatives}")
+    if cfg.ranked and not st["ranked"]:
+        raise ValueError(
+            f"negatives_path {path} was made unranked; objective cpo_ranked needs ranked negatives: re-make them "
+            "with --objective cpo_ranked"
+        )
+    if st.get("length_normalize") != cfg.length_normalize and cfg.reference in ("auto", "precomputed"):
+        raise ValueError(
+            f"negatives_path {path}: its reference log-probs were computed with length_normalize="
+            f"{st.get('length_normalize')}; set the same, or use reference frozen_copy"
+        )
+    expected = offline_settings(cfg, st.get("num_examples", 0))
+    # model_dtype is not compared: reference log-probs made at another precision still describe this model
+    keys = ["model", "data", "negatives", "options", "seed"]
+    if "model_digest" in st:
+        keys.insert(1, "model_digest")
+    else:
+        logger.warning("negatives_path %s was made by a seqcpo that recorded no digest of the model's weights: "
+                       "that they are the weights this run starts from cannot be checked", path)
+    diffs = settings_differences({k: st.get(k) for k in keys}, {k: expected[k] for k in keys})
+    if diffs:
+        replaced = any(name == "model_digest" for name, _, _ in diffs) and not any(
+            name == "model" for name, _, _ in diffs)
+        raise ValueError(
+            f"negatives_path {path} was made with other settings than this run's "
+            f"({describe_differences(diffs, 'in the folder', 'now')})"
+            + ("; the model folder's weights were replaced since" if replaced else "")
+            + f": its reference log-probs would not match. {_REMAKE}"
+        )
+
+
+def _check_shards(path: str, manifest: dict) -> None:
+    """Every shard the manifest lists exists, has its recorded sha256 and reads as Parquet with its rows."""
+    import pyarrow.parquet as pq
+
+    for shard in manifest.get("shards", []):
+        full = os.path.join(path, shard["file"])
+        if not os.path.isfile(full):
+            raise ValueError(f"negatives_path {path}: shard {shard['file']} is missing; {_REPAIR}")
+        if shard.get("sha256") and sha256_file(full) != shard["sha256"]:
+            raise ValueError(f"negatives_path {path}: shard {shard['file']} changed since it was written (its sha256 "
+                             f"differs from the manifest's: corrupted or truncated); {_REPAIR}")
+        try:
+            rows = pq.ParquetFile(full).metadata.num_rows
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"negatives_path {path}: shard {shard['file']} is not readable Parquet ({first}); "
+                             f"{_REPAIR}") from None
+        if shard.get("rows") is not None and rows != shard["rows"]:
+            raise ValueError(f"negatives_path {path}: shard {shard['file']} holds {rows} rows, the manifest "
+                             f"{shard['rows']}; {_REPAIR}")
+
+
+def _check_rows(path: str, rows: OfflineNegatives, st: dict, examples: Sequence[Example]) -> None:
+    missing = [str(ex.meta.get("id")) for ex in examples if str(ex.meta.get("id")) not in rows]
+    if missing:
+        raise ValueError(
+            f"negatives_path {path} has no row for {len(missing)} of {len(examples)} training examples (first: id "
+            f"{missing[0]}): it was made from other examples. Make a folder for this run's data: seqcpo "
+            "negatives --config FILE.yaml --out NEW_DIR (same data settings and overrides as this run)"
+        )
+    if st.get("examples_digest") is not None and examples_digest(examples) != st["examples_digest"]:
+        raise ValueError(
+            f"negatives_path {path} was made from other token ids for these examples (data file or tokenizer "
+            "changed?); its reference log-probs would not match. Make a folder for this run: seqcpo negatives "
+            "--config FILE.yaml --out NEW_DIR"
+        )
