@@ -536,3 +536,47 @@ def test_controls_and_quality_curves_reach_the_report(assets, tmp_path, fake_min
         raw["controls"] = [{"of": "nope", "kind": "shuffle"}]
         Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
         load_grid(grid)
+
+
+def _late_fingerprints(grid_path):
+    """evaluate and paired fingerprints, with the baseline's generate stage finished (its fingerprint enters the
+    evaluate fingerprint of a judged arm)."""
+    from seqcpo.io import atomic_write_json
+    from seqcpo.reproduce import _Runner
+
+    grid = load_grid(grid_path)
+    runner = _Runner(grid, {a.name for a in grid.arms})
+    base = grid.arm(grid.eval.baseline)
+    atomic_write_json(runner.arm_dir(base) / "generate" / "done.json",
+                      {"stage": "generate", "fingerprint": runner.generate_fp(base)})
+    out = {}
+    for a in grid.arms:
+        b = runner.paired_baseline(a)
+        out[a.name] = (runner.train_fp(a), runner.generate_fp(a), runner.evaluate_fp(a),
+                       None if b is None else runner.paired_fp(a, b))
+    return out
+
+
+# train, generate, evaluate, paired (None: the baseline is paired with nobody)
+FROZEN_LATE = {
+    "base": ("6241b9f1e9cc66d8", "12cf2298a5ed3019", "f3d0403a6db0f38d", "256996fa54c35031"),
+    "mle": ("b390149b05d22fca", "beeb17a9f82489fe", "658cca0182999585", None),
+    "cpo": ("4921206c7913a1d1", "7ef54326de043f8a", "cbe2101687e80cb6", "004a28800c09d154"),
+    "mle~cpo@0": ("be444e1a04eacbd7", "2643ea6cde92141e", "2d06d36e5df9fcb5", "ae432141b4e88889"),
+    "mle~cpo@0.5": ("6c332a42cd06f488", "1c999a982854cd6c", "656ba3000c914b91", "7fd6fe0e28a790b9"),
+    "base.shuffle": ("94ade7a3bb8ed561", "2d335055e1979344", "604bb99d47862070", "34e75178ed3e95a0"),
+    "mle.temperature": ("bcfd1cc8af531ccc", "1628811079dccc9d", "d56dd00c92556c63", "3ec1ad1531612daf"),
+}
+
+
+def test_grid_evaluate_and_paired_fingerprints_are_frozen(tmp_path):
+    """The train, generate, evaluate and paired fingerprints of a fixed tiny grid with controls (judged by a local
+    model, so the baseline's generations enter them) are those of the code the resolving grid started with."""
+    assets = {"model": "/models/tiny", "data": "/data/train.jsonl"}  # paths are hashed, never opened
+    grid = _grid(assets, tmp_path, judge={"backend": "local", "model": "/models/judge"}, mauve="minilm")
+    raw = yaml.safe_load(open(grid))
+    raw["judge_arms"] = ["cpo"]
+    raw["paired"] = {"resamples": 50, "seed": 1}
+    raw["controls"] = [{"of": "base", "kind": "shuffle"}, {"of": "mle", "kind": "temperature", "temperature": 3.0}]
+    Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert _late_fingerprints(grid) == FROZEN_LATE
