@@ -88,7 +88,7 @@ def cmd_ensemble(args, extra) -> int:
 
 
 def cmd_reproduce(args, extra) -> int:
-    from seqcpo.reproduce import run_grid
+    from seqcpo.grid import run_grid
 
     if extra:
         raise SystemExit(f"seqcpo reproduce: unknown arguments {' '.join(extra)}")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import make_tiny_llama, make_toy_tokenizer
-from seqcpo.reproduce import GridError, load_grid, run_grid
+from seqcpo.grid import GridError, load_grid, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,18 +240,18 @@ def test_a_grid_sets_every_judge_option(assets, tmp_path):
     grid = _grid(assets, tmp_path, judge=every, order="random", order_seed=3)
     g = load_grid(grid)
     assert dataclasses.asdict(g.eval.judge) == every and (g.eval.order, g.eval.order_seed) == ("random", 3)
-    from seqcpo.reproduce import _Runner
+    from seqcpo.grid.state import GridRun
 
-    judge = _Runner(g, set()).judge()
+    judge = GridRun(g, set()).judge()
     assert (judge.max_concurrency, judge.max_retries, judge.timeout, judge.max_tokens) == (3, 2, 7.5, None)
     assert judge.api_key_env == "MY_KEY" and judge.host == "127.0.0.1:9" and str(judge.cache.path).startswith(every["cache"])
 
     local = dict(backend="local", model=assets["model"], debias=False, tie_margin=0.25, note="n")
     g = load_grid(_grid(assets, tmp_path, judge=local))
-    judge = _Runner(g, set()).judge()
+    judge = GridRun(g, set()).judge()
     assert (judge.debias, judge.tie_margin) == (False, 0.25) and g.eval.judge.uses_log_odds is False
     # the judge options enter the evaluation fingerprint: changing one redoes the evaluation
-    r1 = _Runner(g, set()).grid.eval.scoring_key()
+    r1 = GridRun(g, set()).grid.eval.scoring_key()
     g2 = load_grid(_grid(assets, tmp_path, judge={**local, "tie_margin": 0.5}))
     assert g2.eval.scoring_key() != r1
     for bad, match in [({"tie_margin": -1}, r"tie_margin': -1.0 must be >= 0"),
@@ -437,10 +437,10 @@ def test_only_a_seeds_group_selects_every_seed(assets, tmp_path, capsys):
 
 
 def _fingerprints(grid_path):
-    from seqcpo.reproduce import _Runner
+    from seqcpo.grid.state import GridRun
 
     grid = load_grid(grid_path)
-    runner = _Runner(grid, {a.name for a in grid.arms})
+    runner = GridRun(grid, {a.name for a in grid.arms})
     return {a.name: (runner.train_fp(a), runner.generate_fp(a), runner.evaluate_fp(a)) for a in grid.arms}
 
 
@@ -542,10 +542,10 @@ def _late_fingerprints(grid_path):
     """evaluate and paired fingerprints, with the baseline's generate stage finished (its fingerprint enters the
     evaluate fingerprint of a judged arm)."""
     from seqcpo.io import atomic_write_json
-    from seqcpo.reproduce import _Runner
+    from seqcpo.grid.state import GridRun
 
     grid = load_grid(grid_path)
-    runner = _Runner(grid, {a.name for a in grid.arms})
+    runner = GridRun(grid, {a.name for a in grid.arms})
     base = grid.arm(grid.eval.baseline)
     atomic_write_json(runner.arm_dir(base) / "generate" / "done.json",
                       {"stage": "generate", "fingerprint": runner.generate_fp(base)})
