@@ -580,3 +580,45 @@ def test_grid_evaluate_and_paired_fingerprints_are_frozen(tmp_path):
     raw["controls"] = [{"of": "base", "kind": "shuffle"}, {"of": "mle", "kind": "temperature", "temperature": 3.0}]
     Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
     assert _late_fingerprints(grid) == FROZEN_LATE
+
+
+def test_cached_stage_skips_a_current_stage_and_redoes_a_changed_one(tmp_path):
+    from seqcpo.grid.cache import cached_stage, read_done, write_done
+
+    made = []
+
+    def make(fp):
+        def run():
+            made.append(fp)
+            return write_done(tmp_path, "s", fp, {"n": len(made)})
+        return run
+
+    assert cached_stage(tmp_path, "a", make("a"))["n"] == 1  # nothing there: made
+    assert cached_stage(tmp_path, "a", make("a"))["n"] == 1 and made == ["a"]  # current: skipped
+    assert cached_stage(tmp_path, "b", make("b"))["n"] == 2  # inputs changed: made again
+    assert cached_stage(tmp_path, "b", make("b"), complete=lambda f: (f / "out.txt").is_file())["n"] == 3
+    assert cached_stage(tmp_path, "b", make("b"), force=True)["n"] == 4 and made == ["a", "b", "b", "b"]
+    assert set(read_done(tmp_path)) == {"stage", "fingerprint", "finished_utc", "n"}
+
+
+def test_arm_summaries_read_the_built_config(tmp_path):
+    """The report's one-line summaries take each value (defaults included) from the arm's SeqCPOConfig."""
+    from seqcpo.grid.report import arm_summary
+
+    assets = {"model": "/models/tiny", "data": "/data/train.jsonl"}
+    path = _grid(assets, tmp_path, judge="none")
+    raw = yaml.safe_load(open(path))
+    raw["arms"].update(dpo={"objective": "dpo", "num_negatives": 1, "negatives": "tn"},
+                       dflt={"objective": "cpo"}, pss={"objective": "pss"},
+                       pol={"objective": "cpo", "negatives": "an", "negatives_model": "policy"})
+    raw["arms"]["mle"]["seeds"] = [3, 4]
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
+    g = load_grid(path)
+    assert g.arm("dflt").config.num_negatives == 4 and g.arm("mle.s4").config.seed == 4
+    summary = {a.name: arm_summary(a) for a in g.arms}
+    assert summary["dflt"] == "cpo, negatives tn:2,bn:2, K=4"
+    assert summary["dpo"] == "dpo, negatives tn, K=1"
+    assert summary["pss"] == "pss, p_gold 0.5, passes 1"
+    assert summary["pol"] == "cpo, negatives an, K=4, from the policy (refresh every 1)"
+    assert summary["mle.s4"] == "mle, seed 4" and summary["base"] == "no training"
+    assert summary["mle~cpo@0.5"] == "weight-space ensemble, alpha 0.5"

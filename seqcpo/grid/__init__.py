@@ -13,6 +13,8 @@ A grid file::
       cpo_anr: {objective: cpo_ranked, negatives: an, offline_negatives: true}   # `seqcpo negatives` first
     ensembles:                         # optional weight-space ensembles of two trained arms
       - {from: mle, to: cpo_tnr, alphas: [0, 0.5, 1]}       # arms "mle~cpo_tnr@0", "@0.5", "@1"
+    controls:                          # optional degraded copies, paired with their source (seqcpo.grid.controls)
+      - {of: base, kind: shuffle}                            # arm "base.shuffle"
     eval:                              # EvalConfig fields (seqcpo.evaluation.config), all optional
       split: test
       num_examples: 64
