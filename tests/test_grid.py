@@ -622,3 +622,21 @@ def test_arm_summaries_read_the_built_config(tmp_path):
     assert summary["pol"] == "cpo, negatives an, K=4, from the policy (refresh every 1)"
     assert summary["mle.s4"] == "mle, seed 4" and summary["base"] == "no training"
     assert summary["mle~cpo@0.5"] == "weight-space ensemble, alpha 0.5"
+
+
+def test_bad_controls_name_the_entry_and_the_key(tmp_path):
+    assets = {"model": "/models/tiny", "data": "/data/train.jsonl"}
+    path = _grid(assets, tmp_path, judge="none")
+    raw = yaml.safe_load(open(path))
+    for controls, match in [
+        ([{"of": "base", "kind": "hot"}], r"controls\[0\]: field 'kind': 'hot' is not one of shuffle, temperature"),
+        ([{"of": "base", "kind": "temperature", "temperature": 0}], r"controls\[0\]: field 'temperature': 0.0 must be > 0"),
+        ([{"of": "base"}], r"controls\[0\]\.kind: choose one of shuffle, temperature"),
+        ([{"of": "base", "kind": "shuffle", "temp": 1}], r"controls\[0\]: unknown field 'temp'"),
+        ([{"of": "base", "kind": "shuffle", "name": "mle"}], r"controls\[0\]\.name: 'mle' is already an arm"),
+        ([{"of": "base", "kind": "shuffle"}] * 2, r"controls: names must be unique"),
+    ]:
+        Path(path).write_text(yaml.safe_dump({**raw, "controls": controls}, sort_keys=False))
+        with pytest.raises(GridError, match=match) as e:
+            load_grid(path)
+        assert str(e.value).startswith(path) and "\n" not in str(e.value)
