@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 grid=${1:?usage: scripts/run_grid.sh GRID.yaml [seqcpo reproduce options]}
 shift
 py=${PYTHON:-.venv/bin/python}
-out=$("$py" -c 'import sys; from seqcpo.reproduce import load_grid; print(load_grid(sys.argv[1]).out_dir)' "$grid") || exit 2
+out=$("$py" -c 'import sys; from seqcpo.grid import load_grid; print(load_grid(sys.argv[1]).out_dir)' "$grid") || exit 2
 mkdir -p "$out"
 
 commit() {

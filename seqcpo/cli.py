@@ -93,7 +93,7 @@ def cmd_ensemble(args, extra) -> int:
 
 
 def cmd_reproduce(args, extra) -> int:
-    from seqcpo.reproduce import run_grid
+    from seqcpo.grid import run_grid
 
     out = run_grid(args.grid, only=args.only, dry_run=args.dry_run)
     print(out)

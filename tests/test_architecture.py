@@ -1,5 +1,6 @@
 """Import rules (README, "Development"): the algorithm core imports no trainer, CLI or evaluation code; evaluation imports no
-training code; no two seqcpo modules import each other, directly or around a loop.
+training code; the grid reaches training only through its entry points (run, config, separation), never the trainer;
+no two seqcpo modules import each other, directly or around a loop; the grid's modules stay small.
 
 The core is every module of the package that is not an upper floor, so a new module is checked without being
 listed here; ``EXPECTED_CORE`` names the ones that must be found (a renamed or lost module fails the test).
@@ -11,7 +12,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "seqcpo"
 # the upper floors: the trainer, the CLIs, evaluation, the demo/grid scripts, and data loading (it may hook into the
 # Trainer's callbacks); everything else is held to the rule
-UPPER = ("training/", "evaluation/", "data/", "grid/", "cli.py", "reproduce.py", "demo.py", "__init__.py")
+UPPER = ("training/", "evaluation/", "data/", "grid/", "cli.py", "demo.py", "__init__.py")
 EXPECTED_CORE = {"types.py", "losses.py", "logps.py", "two_pass.py", "reference.py", "io.py", "pss.py", "padding.py",
                  "sampling.py", "seeding.py", "batching.py", "decoding.py", "hf_model.py", "token_logps.py",
                  "prefix_shared.py", "packing.py", "negatives/base.py", "negatives/mean_field.py", "negatives/autoregressive.py",
@@ -20,9 +21,12 @@ EXPECTED_CORE = {"types.py", "losses.py", "logps.py", "two_pass.py", "reference.
                  "config_loader/flags.py",
                  "models/__init__.py", "models/loading.py", "models/files.py", "models/gguf.py", "models/pickled.py",
                  "models/tokenizers.py", "models/digest.py"}
-FORBIDDEN = ("seqcpo.training", "seqcpo.cli", "seqcpo.evaluation", "seqcpo.reproduce", "seqcpo.grid", "seqcpo.demo",
-             "transformers.Trainer")
-TRAINING = ("seqcpo.training", "seqcpo.losses", "seqcpo.negatives", "seqcpo.reproduce", "seqcpo.trainer")
+FORBIDDEN = ("seqcpo.training", "seqcpo.cli", "seqcpo.evaluation", "seqcpo.grid", "seqcpo.demo", "transformers.Trainer")
+TRAINING = ("seqcpo.training", "seqcpo.losses", "seqcpo.negatives", "seqcpo.grid", "seqcpo.trainer")
+# what seqcpo/grid/ may import of the training package (its entry points); the trainer, the CLI and the demo never
+GRID_TRAINING_ENTRIES = ("seqcpo.training.run", "seqcpo.training.config", "seqcpo.training.separation")
+GRID_FORBIDDEN = ("seqcpo.cli", "seqcpo.demo", "transformers.Trainer", "transformers.trainer")
+GRID_MAX_MODULE_LINES, MAX_FUNCTION_LINES = 300, 80
 # cycles allowed for now: none
 PENDING_CYCLES: set[frozenset] = set()
 
@@ -134,7 +138,7 @@ NEGATIVES_FLOOR = {"seqcpo.types", "seqcpo.seeding", "seqcpo.padding", "seqcpo.s
 TRAINER_PARTS = ("training/scoring.py", "training/step_metrics.py", "training/policy_layout.py",
                  "training/negatives_model.py", "training/records.py")
 ABOVE_TRAINER_PARTS = ("seqcpo.training.trainer", "seqcpo.training.run", "seqcpo.cli", "seqcpo.evaluation",
-                       "seqcpo.reproduce", "transformers.Trainer")
+                       "seqcpo.grid", "transformers.Trainer")
 
 
 def _floor_breaches(graph: dict[str, set[str]], package: str, floor: set[str]) -> list[tuple[str, str]]:
@@ -165,3 +169,43 @@ def test_trainer_parts_import_nothing_above_them():
         assert (PKG / rel).is_file(), f"seqcpo/{rel} not found"
         for name in _imports(PKG / rel):
             assert not name.startswith(ABOVE_TRAINER_PARTS), f"seqcpo/{rel} imports {name}"
+
+
+def _grid_violations(imports: dict[str, list[str]]) -> list[str]:
+    """``"file imports name"`` for each import of a grid module (``{file: names}``) that breaks the grid's rule."""
+    out = []
+    for rel, names in imports.items():
+        for name in names:
+            training = name.startswith("seqcpo.training.") and not name.startswith(GRID_TRAINING_ENTRIES)
+            if training or name.startswith(GRID_FORBIDDEN):
+                out.append(f"seqcpo/{rel} imports {name}")
+    return out
+
+
+def _long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``"name (N lines)"`` for each function (or method) of ``source`` longer than ``limit`` lines."""
+    nodes = (n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+    return [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in nodes if n.end_lineno - n.lineno + 1 > limit]
+
+
+def test_grid_rule_and_size_checks_can_fail():
+    bad = {"grid/x.py": ["seqcpo.training.trainer", "seqcpo.training.run", "seqcpo.training", "seqcpo.cli"]}
+    assert _grid_violations(bad) == ["seqcpo/grid/x.py imports seqcpo.training.trainer",
+                                     "seqcpo/grid/x.py imports seqcpo.cli"]
+    long_source = "def f():\n" + "    x = 1\n" * 80 + "def g():\n    pass\n"
+    assert _long_functions(long_source) == ["f (81 lines)"]
+
+
+def test_grid_reaches_training_only_through_its_entry_points():
+    files = sorted((PKG / "grid").glob("*.py"))
+    assert {"spec.py", "cache.py", "run.py", "train.py"} <= {p.name for p in files}  # the rule sees the package
+    imports = {_rel(p): list(_imports(p)) for p in files}
+    assert "seqcpo.training.run" in imports["grid/train.py"]  # and the imports it checks
+    assert not _grid_violations(imports)
+
+
+def test_grid_modules_and_functions_stay_small():
+    for path in sorted((PKG / "grid").glob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= GRID_MAX_MODULE_LINES, f"seqcpo/{_rel(path)}: over {GRID_MAX_MODULE_LINES} lines"
+        assert not _long_functions(text), f"seqcpo/{_rel(path)}: {_long_functions(text)}"

@@ -27,16 +27,20 @@ WORSE_DIRECTION = {"rouge_l": -1, "similarity": -1, "mauve": -1, "rep_3": +1, "r
 
 @dataclasses.dataclass(frozen=True)
 class ControlSpec:
-    """One ``controls:`` entry of a grid file."""
+    """One ``controls:`` entry of a grid file (read by :func:`seqcpo.config_loader.resolve`: the kinds and the
+    temperature's range are the fields' metadata)."""
 
     name: str
     of: str
-    kind: str
-    temperature: float = 2.0
+    kind: str = dataclasses.field(metadata={"allowed": CONTROL_KINDS})
+    temperature: float = dataclasses.field(default=2.0, metadata={"check": ">0"})
 
 
 def parse_controls(where: str, specs: Any, arm_names: Sequence[str]) -> list[ControlSpec]:
-    """The ``controls:`` list, checked (names, kinds, the source arm, the temperature)."""
+    """The ``controls:`` list, checked (names, kinds, the source arm, the temperature); a bad entry raises a
+    one-line ValueError (:class:`~seqcpo.config_loader.ConfigError`) naming the file and the key."""
+    from seqcpo.config_loader import resolve
+
     if specs is None:
         return []
     if not isinstance(specs, list):
@@ -46,21 +50,15 @@ def parse_controls(where: str, specs: Any, arm_names: Sequence[str]) -> list[Con
         w = f"{where}: controls[{i}]"
         if not isinstance(spec, dict):
             raise ValueError(f"{w}: expected a mapping with name, of, kind")
-        unknown = sorted(set(spec) - {"name", "of", "kind", "temperature"})
-        if unknown:
-            raise ValueError(f"{w}: unknown key {unknown[0]!r}; allowed: name, of, kind, temperature")
-        kind = spec.get("kind")
-        if kind not in CONTROL_KINDS:
-            raise ValueError(f"{w}.kind: choose one of {', '.join(CONTROL_KINDS)}, got {kind!r}")
-        if spec.get("of") not in arm_names:
-            raise ValueError(f"{w}.of: {spec.get('of')!r} is not an arm ({', '.join(arm_names)})")
-        temperature = spec.get("temperature", 2.0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"{w}.temperature: a number > 0, got {temperature!r}")
-        name = str(spec.get("name") or f"{spec['of']}.{kind}")
-        if name in arm_names:
-            raise ValueError(f"{w}.name: {name!r} is already an arm")
-        out.append(ControlSpec(name, str(spec["of"]), kind, float(temperature)))
+        values = resolve(ControlSpec, [(w, spec)])
+        if "kind" not in values:
+            raise ValueError(f"{w}.kind: choose one of {', '.join(CONTROL_KINDS)}")
+        if values.get("of") not in arm_names:
+            raise ValueError(f"{w}.of: {values.get('of')!r} is not an arm ({', '.join(arm_names)})")
+        values.setdefault("name", f"{values['of']}.{values['kind']}")
+        if values["name"] in arm_names:
+            raise ValueError(f"{w}.name: {values['name']!r} is already an arm")
+        out.append(ControlSpec(**values))
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: controls: names must be unique, got {', '.join(names)}")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import make_tiny_llama, make_toy_tokenizer
-from seqcpo.reproduce import GridError, load_grid, run_grid
+from seqcpo.grid import GridError, load_grid, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,18 +240,18 @@ def test_a_grid_sets_every_judge_option(assets, tmp_path):
     grid = _grid(assets, tmp_path, judge=every, order="random", order_seed=3)
     g = load_grid(grid)
     assert dataclasses.asdict(g.eval.judge) == every and (g.eval.order, g.eval.order_seed) == ("random", 3)
-    from seqcpo.reproduce import _Runner
+    from seqcpo.grid.state import GridRun
 
-    judge = _Runner(g, set()).judge()
+    judge = GridRun(g, set()).judge()
     assert (judge.max_concurrency, judge.max_retries, judge.timeout, judge.max_tokens) == (3, 2, 7.5, None)
     assert judge.api_key_env == "MY_KEY" and judge.host == "127.0.0.1:9" and str(judge.cache.path).startswith(every["cache"])
 
     local = dict(backend="local", model=assets["model"], debias=False, tie_margin=0.25, note="n")
     g = load_grid(_grid(assets, tmp_path, judge=local))
-    judge = _Runner(g, set()).judge()
+    judge = GridRun(g, set()).judge()
     assert (judge.debias, judge.tie_margin) == (False, 0.25) and g.eval.judge.uses_log_odds is False
     # the judge options enter the evaluation fingerprint: changing one redoes the evaluation
-    r1 = _Runner(g, set()).grid.eval.scoring_key()
+    r1 = GridRun(g, set()).grid.eval.scoring_key()
     g2 = load_grid(_grid(assets, tmp_path, judge={**local, "tie_margin": 0.5}))
     assert g2.eval.scoring_key() != r1
     for bad, match in [({"tie_margin": -1}, r"tie_margin': -1.0 must be >= 0"),
@@ -437,10 +437,10 @@ def test_only_a_seeds_group_selects_every_seed(assets, tmp_path, capsys):
 
 
 def _fingerprints(grid_path):
-    from seqcpo.reproduce import _Runner
+    from seqcpo.grid.state import GridRun
 
     grid = load_grid(grid_path)
-    runner = _Runner(grid, {a.name for a in grid.arms})
+    runner = GridRun(grid, {a.name for a in grid.arms})
     return {a.name: (runner.train_fp(a), runner.generate_fp(a), runner.evaluate_fp(a)) for a in grid.arms}
 
 
@@ -536,3 +536,107 @@ def test_controls_and_quality_curves_reach_the_report(assets, tmp_path, fake_min
         raw["controls"] = [{"of": "nope", "kind": "shuffle"}]
         Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
         load_grid(grid)
+
+
+def _late_fingerprints(grid_path):
+    """evaluate and paired fingerprints, with the baseline's generate stage finished (its fingerprint enters the
+    evaluate fingerprint of a judged arm)."""
+    from seqcpo.io import atomic_write_json
+    from seqcpo.grid.state import GridRun
+
+    grid = load_grid(grid_path)
+    runner = GridRun(grid, {a.name for a in grid.arms})
+    base = grid.arm(grid.eval.baseline)
+    atomic_write_json(runner.arm_dir(base) / "generate" / "done.json",
+                      {"stage": "generate", "fingerprint": runner.generate_fp(base)})
+    out = {}
+    for a in grid.arms:
+        b = runner.paired_baseline(a)
+        out[a.name] = (runner.train_fp(a), runner.generate_fp(a), runner.evaluate_fp(a),
+                       None if b is None else runner.paired_fp(a, b))
+    return out
+
+
+# train, generate, evaluate, paired (None: the baseline is paired with nobody)
+FROZEN_LATE = {
+    "base": ("6241b9f1e9cc66d8", "12cf2298a5ed3019", "f3d0403a6db0f38d", "256996fa54c35031"),
+    "mle": ("b390149b05d22fca", "beeb17a9f82489fe", "658cca0182999585", None),
+    "cpo": ("4921206c7913a1d1", "7ef54326de043f8a", "cbe2101687e80cb6", "004a28800c09d154"),
+    "mle~cpo@0": ("be444e1a04eacbd7", "2643ea6cde92141e", "2d06d36e5df9fcb5", "ae432141b4e88889"),
+    "mle~cpo@0.5": ("6c332a42cd06f488", "1c999a982854cd6c", "656ba3000c914b91", "7fd6fe0e28a790b9"),
+    "base.shuffle": ("94ade7a3bb8ed561", "2d335055e1979344", "604bb99d47862070", "34e75178ed3e95a0"),
+    "mle.temperature": ("bcfd1cc8af531ccc", "1628811079dccc9d", "d56dd00c92556c63", "3ec1ad1531612daf"),
+}
+
+
+def test_grid_evaluate_and_paired_fingerprints_are_frozen(tmp_path):
+    """The train, generate, evaluate and paired fingerprints of a fixed tiny grid with controls (judged by a local
+    model, so the baseline's generations enter them) are those of the code the resolving grid started with."""
+    assets = {"model": "/models/tiny", "data": "/data/train.jsonl"}  # paths are hashed, never opened
+    grid = _grid(assets, tmp_path, judge={"backend": "local", "model": "/models/judge"}, mauve="minilm")
+    raw = yaml.safe_load(open(grid))
+    raw["judge_arms"] = ["cpo"]
+    raw["paired"] = {"resamples": 50, "seed": 1}
+    raw["controls"] = [{"of": "base", "kind": "shuffle"}, {"of": "mle", "kind": "temperature", "temperature": 3.0}]
+    Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert _late_fingerprints(grid) == FROZEN_LATE
+
+
+def test_cached_stage_skips_a_current_stage_and_redoes_a_changed_one(tmp_path):
+    from seqcpo.grid.cache import cached_stage, read_done, write_done
+
+    made = []
+
+    def make(fp):
+        def run():
+            made.append(fp)
+            return write_done(tmp_path, "s", fp, {"n": len(made)})
+        return run
+
+    assert cached_stage(tmp_path, "a", make("a"))["n"] == 1  # nothing there: made
+    assert cached_stage(tmp_path, "a", make("a"))["n"] == 1 and made == ["a"]  # current: skipped
+    assert cached_stage(tmp_path, "b", make("b"))["n"] == 2  # inputs changed: made again
+    assert cached_stage(tmp_path, "b", make("b"), complete=lambda f: (f / "out.txt").is_file())["n"] == 3
+    assert cached_stage(tmp_path, "b", make("b"), force=True)["n"] == 4 and made == ["a", "b", "b", "b"]
+    assert set(read_done(tmp_path)) == {"stage", "fingerprint", "finished_utc", "n"}
+
+
+def test_arm_summaries_read_the_built_config(tmp_path):
+    """The report's one-line summaries take each value (defaults included) from the arm's SeqCPOConfig."""
+    from seqcpo.grid.report import arm_summary
+
+    assets = {"model": "/models/tiny", "data": "/data/train.jsonl"}
+    path = _grid(assets, tmp_path, judge="none")
+    raw = yaml.safe_load(open(path))
+    raw["arms"].update(dpo={"objective": "dpo", "num_negatives": 1, "negatives": "tn"},
+                       dflt={"objective": "cpo"}, pss={"objective": "pss"},
+                       pol={"objective": "cpo", "negatives": "an", "negatives_model": "policy"})
+    raw["arms"]["mle"]["seeds"] = [3, 4]
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
+    g = load_grid(path)
+    assert g.arm("dflt").config.num_negatives == 4 and g.arm("mle.s4").config.seed == 4
+    summary = {a.name: arm_summary(a) for a in g.arms}
+    assert summary["dflt"] == "cpo, negatives tn:2,bn:2, K=4"
+    assert summary["dpo"] == "dpo, negatives tn, K=1"
+    assert summary["pss"] == "pss, p_gold 0.5, passes 1"
+    assert summary["pol"] == "cpo, negatives an, K=4, from the policy (refresh every 1)"
+    assert summary["mle.s4"] == "mle, seed 4" and summary["base"] == "no training"
+    assert summary["mle~cpo@0.5"] == "weight-space ensemble, alpha 0.5"
+
+
+def test_bad_controls_name_the_entry_and_the_key(tmp_path):
+    assets = {"model": "/models/tiny", "data": "/data/train.jsonl"}
+    path = _grid(assets, tmp_path, judge="none")
+    raw = yaml.safe_load(open(path))
+    for controls, match in [
+        ([{"of": "base", "kind": "hot"}], r"controls\[0\]: field 'kind': 'hot' is not one of shuffle, temperature"),
+        ([{"of": "base", "kind": "temperature", "temperature": 0}], r"controls\[0\]: field 'temperature': 0.0 must be > 0"),
+        ([{"of": "base"}], r"controls\[0\]\.kind: choose one of shuffle, temperature"),
+        ([{"of": "base", "kind": "shuffle", "temp": 1}], r"controls\[0\]: unknown field 'temp'"),
+        ([{"of": "base", "kind": "shuffle", "name": "mle"}], r"controls\[0\]\.name: 'mle' is already an arm"),
+        ([{"of": "base", "kind": "shuffle"}] * 2, r"controls: names must be unique"),
+    ]:
+        Path(path).write_text(yaml.safe_dump({**raw, "controls": controls}, sort_keys=False))
+        with pytest.raises(GridError, match=match) as e:
+            load_grid(path)
+        assert str(e.value).startswith(path) and "\n" not in str(e.value)
