@@ -38,27 +38,53 @@ class ExampleDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         ex = self.examples[i]
         item = {"prefix_ids": ex.prefix_ids, "continuation_ids": ex.continuation_ids, "id": str(ex.meta.get("id", i))}
+        item.update(preference_fields(ex))
         if self.offline is not None:
             item["offline"] = self.offline[item["id"]]
         return item
+
+
+def preference_fields(ex: Example) -> dict[str, Any]:
+    """The item keys of a preference example's own data (``rejected_ids``, ``scores``); {} for other examples."""
+    out: dict[str, Any] = {}
+    if ex.rejected_ids is not None:
+        out["rejected_ids"] = ex.rejected_ids
+    if ex.scores is not None:
+        out["scores"] = ex.scores
+    return out
+
+
+def batch_examples(inputs: dict[str, Any]) -> list[Example]:
+    """A collated batch back as :class:`Example` objects (id in ``meta``, the preference data when present)."""
+    rejected = inputs.get("rejected_ids") or [None] * len(inputs["ids"])
+    scores = inputs.get("scores") or [None] * len(inputs["ids"])
+    return [
+        Example(prefix_ids=p, continuation_ids=c, meta={"id": i}, rejected_ids=r, scores=s)
+        for p, c, i, r, s in zip(inputs["prefix_ids"], inputs["continuation_ids"], inputs["ids"], rejected, scores)
+    ]
 
 
 def collate_examples(features: list[dict[str, Any]]) -> dict[str, Any]:
     """Lists of items -> one batch dict of python lists (token ids stay lists until the layout is built).
 
     An item may carry the ``epoch`` it was drawn in (a streaming dataset does); the trainer seeds the
-    example's draws with it (:mod:`seqcpo.seeding`), else with the trainer's own epoch.
+    example's draws with it (:mod:`seqcpo.seeding`), else with the trainer's own epoch. Preference items carry
+    ``rejected_ids`` (and ``scores``), collated only when some item has them (:func:`batch_examples`).
 
     >>> collate_examples([{"prefix_ids": [1, 2], "continuation_ids": [3], "id": "a"}])
     {'prefix_ids': [[1, 2]], 'continuation_ids': [[3]], 'ids': ['a'], 'offline': None, 'epochs': None}
     """
-    return {
+    batch = {
         "prefix_ids": [f["prefix_ids"] for f in features],
         "continuation_ids": [f["continuation_ids"] for f in features],
         "ids": [f["id"] for f in features],
         "offline": [f["offline"] for f in features] if "offline" in features[0] else None,
         "epochs": [int(f["epoch"]) for f in features] if "epoch" in features[0] else None,
     }
+    for key in ("rejected_ids", "scores"):
+        if any(key in f for f in features):
+            batch[key] = [f.get(key) for f in features]
+    return batch
 
 
 def _negatives_from_offline(rows: list[dict]) -> tuple[Negatives, torch.Tensor | None]:
@@ -87,6 +113,7 @@ def candidate_batch(examples: list[Example], negatives: Negatives | None, ref_lo
         candidate_ids=[[e.continuation_ids] + list(n) for e, n in zip(examples, negatives.ids)],
         candidate_mask=[[True] + list(v) for v in negatives.valid],
         ref_logps=ref_logps,
+        sources=negatives.sources,
     )
 
 

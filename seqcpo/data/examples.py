@@ -5,6 +5,8 @@
   the document goes on. Documents shorter than one window are skipped and counted.
 - ``instruction`` (Dolly setting): render instruction (+ context) with a prompt template; the
   continuation is the response tokens followed by EOS, so the loss covers the response only.
+- ``preference`` (chosen / rejected answers, ranked lists): :mod:`seqcpo.data.preference`; chosen
+  automatically when ``task`` is left at its default and the records have preference fields.
 
 Both tasks tokenize text with ``add_special_tokens=False`` and put in front of each prefix the special
 tokens the tokenizer itself would put in front of a plain string (a BOS for Llama tokenizers, nothing
@@ -44,7 +46,7 @@ def build_examples(
                 f"{source}: no usable examples: {stats['skipped_bad']} of {len(records)} records are malformed "
                 "and were skipped (skip_bad_records=True), the rest gave no example"
             )
-        if cfg.task == "continuation":
+        if effective_task(cfg, records) == "continuation":
             need = cfg.prefix_tokens + cfg.continuation_tokens
             raise DataError(
                 f"{source}: no usable examples: all {len(records)} documents are shorter than prefix_tokens + "
@@ -65,9 +67,27 @@ def record_examples(
     """(record, its examples) for every usable record, in order, and the counts; never raises for "nothing
     usable" (the streaming reader calls it on one read batch at a time). ``decode=False`` leaves out the
     ``prompt``/``reference`` texts of continuation windows (training does not read them)."""
-    if cfg.task == "continuation":
+    task = effective_task(cfg, records)
+    if task == "preference":
+        from seqcpo.data.preference import preference_pairs
+
+        return preference_pairs(records, cfg, tokenizer, source, context_tokens)
+    if task == "continuation":
         return _continuation_pairs(records, cfg, tokenizer, source, context_tokens, decode)
     return _instruction_pairs(records, cfg, tokenizer, source, context_tokens)
+
+
+def effective_task(cfg: DataConfig, records: list[Record]) -> str:
+    """``cfg.task``, or "preference" when it is left at the default "continuation" and the first record has
+    preference fields (``chosen`` or ``completions``) and no ``text_field``: ``--dataset prefs.jsonl`` is
+    enough for a preference file."""
+    if cfg.task == "continuation" and records:
+        from seqcpo.data.preference import is_preference_record
+
+        fields = records[0].fields
+        if is_preference_record(fields) and cfg.text_field not in fields:
+            return "preference"
+    return cfg.task
 
 
 def context_limits(cfg: DataConfig, tokenizer: Any, context_tokens: int | None = None) -> tuple[int, int]:

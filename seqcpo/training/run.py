@@ -94,6 +94,10 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     if cfg.streaming:
         trainer.add_callback(StreamPositionCallback(train_ds))
     trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
+    if cfg.uses_negatives:  # says in the log when the gold's own log-prob falls while the margins grow
+        from seqcpo.training.gold_watch import GoldLikelihoodMonitor
+
+        trainer.add_callback(GoldLikelihoodMonitor(cfg.gold_logp_window, cfg.gold_logp_max_drop))
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
         save_config(cfg, config_path)

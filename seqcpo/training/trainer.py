@@ -57,14 +57,16 @@ from seqcpo.batching import (  # noqa: F401  (ExampleDataset, collate_examples: 
     ExampleDataset,
     StepCounts,
     _negatives_from_offline,
+    batch_examples,
     candidate_batch,
     collate_examples,
     local_step_counts,
     target_tokens,
 )
 from seqcpo.logps import choose_layout, sequence_logps, unwrap_model
-from seqcpo.losses import PREFERENCE_METRICS, cpo_loss_per_example, preference_metric_sums
+from seqcpo.losses import LIST_OBJECTIVES, PREFERENCE_METRICS, preference_loss_per_example, preference_metric_sums
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
+from seqcpo.negatives.data import candidate_labels
 from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
 from seqcpo.seeding import example_generators
 from seqcpo.two_pass import gold_pass, negatives_pass, two_pass_supported
@@ -125,7 +127,7 @@ class SeqCPOTrainer(Trainer):
         logps_options = dict(
             layout=self.layout,
             pad_token_id=self.pad_token_id,
-            length_normalize=args.length_normalize,
+            length_normalize=args.normalized_logps,
             chunk_size=args.logits_chunk_size,
         )
         if args.uses_negatives:
@@ -286,10 +288,7 @@ class SeqCPOTrainer(Trainer):
         mode = "train" if model.training else "eval"
         training = mode == "train"
         epochs = inputs.get("epochs")
-        examples = [
-            Example(prefix_ids=p, continuation_ids=c, meta={"id": i})
-            for p, c, i in zip(inputs["prefix_ids"], inputs["continuation_ids"], inputs["ids"])
-        ]
+        examples = batch_examples(inputs)
         n_tokens = sum(target_tokens(e.prefix_ids, e.continuation_ids) for e in examples)
         if isinstance(num_items_in_batch, StepCounts):
             # DDP/FSDP/DeepSpeed average the processes' gradients: scale back to a sum over processes
@@ -326,7 +325,7 @@ class SeqCPOTrainer(Trainer):
             ref = ref.to(out.logps.device)
             mask = torch.tensor(batch.candidate_mask, dtype=torch.bool, device=out.logps.device)
             nll = -out.summed[:, 0].float().sum()
-            cpo = cpo_loss_per_example(out.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
+            cpo = self._preference_term(out.logps, ref, mask, batch, examples).sum()
             loss = (cfg.mle_weight * nll / tokens_norm + cfg.cpo_lambda * cpo / examples_norm) * scale
             sums.update(preference_metric_sums(out.logps.detach(), ref, cfg.beta, mask=mask))
             sums["loss/mle"] = (nll.item(), n_tokens)
@@ -361,17 +360,30 @@ class SeqCPOTrainer(Trainer):
             # the policy's own gold-branch pass (with gradient) gives its gold log-probs and MN's logits
             gp = gold_pass(model, prefixes, golds, want_logits=True, **opts)
             negatives = self.make_negatives(examples, training, gold_logits=gp.gold_logits, epochs=epochs)
-            out = negatives_pass(model, gp, negatives.ids, length_normalize=cfg.length_normalize, **opts)
+            out = negatives_pass(model, gp, negatives.ids, length_normalize=cfg.normalized_logps, **opts)
             batch = candidate_batch(examples, negatives)
             return batch, out, self.reference.logps(batch)
         batch = candidate_batch(examples, self.make_negatives(examples, training, epochs=epochs))
         return batch, self._policy_logps(model, batch), self.reference.logps(batch)
 
+    def _preference_term(self, logps, ref, mask, batch: CandidateBatch, examples: list[Example]) -> torch.Tensor:
+        """The objective's per-example preference loss (B,); the list losses get their labels / targets from the
+        column order, the negatives' sources and the data's scores (:func:`seqcpo.negatives.data.candidate_labels`)."""
+        cfg = self.cfg
+        labels = targets = None
+        if cfg.objective in LIST_OBJECTIVES:
+            sources = batch.sources or [["synthetic"] * (batch.num_candidates - 1) for _ in examples]
+            lab, tgt = candidate_labels(examples, sources, cfg.ranked)
+            labels = torch.tensor(lab, dtype=torch.float32, device=logps.device)
+            targets = torch.tensor(tgt, dtype=torch.float32, device=logps.device)
+        return preference_loss_per_example(cfg.objective, logps, ref, cfg.beta, mask=mask, labels=labels,
+                                           targets=targets, margin=cfg.target_margin, alpha=cfg.infonca_alpha)
+
     def _policy_logps(self, model, batch: CandidateBatch):
         cfg = self.cfg
         return sequence_logps(
             model, batch, layout=self._agreed_layout(model, batch), pad_token_id=self.pad_token_id,
-            length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size,
+            length_normalize=cfg.normalized_logps, chunk_size=cfg.logits_chunk_size,
             head_in_forward=self.head_in_forward,
         )
 
