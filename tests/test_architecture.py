@@ -15,7 +15,8 @@ UPPER = ("training/", "evaluation/", "data/", "cli.py", "reproduce.py", "demo.py
 EXPECTED_CORE = {"types.py", "losses.py", "logps.py", "two_pass.py", "reference.py", "io.py", "pss.py", "padding.py",
                  "sampling.py", "seeding.py", "batching.py", "decoding.py", "hf_model.py", "token_logps.py",
                  "prefix_shared.py", "packing.py", "negatives/base.py", "negatives/mean_field.py", "negatives/autoregressive.py",
-                 "negatives/batch.py", "negatives/truncation.py", "negatives/mixture.py", "negatives/registry.py"}
+                 "negatives/batch.py", "negatives/truncation.py", "negatives/mixture.py", "negatives/registry.py",
+                 "negatives/data.py"}
 FORBIDDEN = ("seqcpo.training", "seqcpo.cli", "seqcpo.evaluation", "seqcpo.reproduce", "seqcpo.demo", "transformers.Trainer")
 TRAINING = ("seqcpo.training", "seqcpo.losses", "seqcpo.negatives", "seqcpo.reproduce", "seqcpo.trainer")
 # cycles allowed for now: none

@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
+from seqcpo.data.records import _extract, _tokenize, leading_special_ids  # noqa: F401  (leading_special_ids: public here)
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -335,19 +336,6 @@ def render_prompt(instruction: str, context: str, tokenizer: Any, template: str 
     return PLAIN_TEMPLATE_NO_CONTEXT.format(instruction=instruction)
 
 
-def leading_special_ids(tokenizer: Any) -> list[int]:
-    """Special tokens the tokenizer puts before a plain string (e.g. Llama's BOS); [] for GPT-2/SmolLM2."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for start in range(len(with_special) - len(plain) + 1):
-        if with_special[start : start + len(plain)] == plain:
-            return list(with_special[:start])
-    return []
-
-
-# -- helpers
-
-
 def _template_mode(template: str, tokenizer: Any) -> str:
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has_chat:
@@ -360,26 +348,6 @@ def _template_mode(template: str, tokenizer: Any) -> str:
     if template not in ("chat", "plain"):
         raise ValueError(f"prompt_template={template!r}: choose auto, plain or chat")
     return template
-
-
-def _extract(records: list[Record], cfg: DataConfig, fields: Any) -> tuple[list[Record], list[tuple], int]:
-    """Apply ``fields(record)`` to every record; a malformed record raises, or is skipped and counted when
-    ``cfg.skip_bad_records``. Returns (kept records, their field tuples, number skipped)."""
-    kept, values, problems = [], [], []
-    for r in records:
-        try:
-            values.append(fields(r))
-        except DataError as e:
-            if not cfg.skip_bad_records:
-                raise
-            problems.append(str(e))
-            continue
-        kept.append(r)
-    if problems:
-        shown = "; ".join(problems[:3])
-        logger.warning("skipped %d malformed records (skip_bad_records=True): %s%s", len(problems), shown,
-                       "; ..." if len(problems) > 3 else "")
-    return kept, values, len(problems)
 
 
 def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_empty: bool = False) -> str:
@@ -404,9 +372,3 @@ def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_em
     if required and not value and not allow_empty:
         raise DataError(f'{record.where}: field "{name}" is empty')
     return value
-
-
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]

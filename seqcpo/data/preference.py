@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
+from seqcpo.data.records import _extract, _tokenize, leading_special_ids
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -118,8 +119,6 @@ def parse_row(record: Record) -> PreferenceRow:
 def preference_pairs(records: list[Record], cfg: DataConfig, tokenizer: Any, source: str,
                      context_tokens: int | None = None) -> tuple[list[tuple[Record, list[Example]]], dict[str, int]]:
     """(record, [its example]) for every usable row, in order, and the counts (like the other tasks' builders)."""
-    from seqcpo.data.examples import _extract, _tokenize, leading_special_ids
-
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; task=preference ends every answer with EOS")
@@ -168,7 +167,7 @@ def preference_pairs(records: list[Record], cfg: DataConfig, tokenizer: Any, sou
                      scores=[float(s) for s in row.scores] if row.scores is not None else None)
         pairs.append((rec, [ex]))
     stats = {
-        "records": total, "skipped_bad": bad, "examples": len(pairs), "continuation_truncated": cut,
+        "task": "preference", "records": total, "skipped_bad": bad, "examples": len(pairs), "continuation_truncated": cut,
         "skipped_long": skipped_long, "rejected_answers": rejected,
         "max_prefix_tokens": None, "max_continuation_tokens": cfg.max_continuation_tokens,
     }
