@@ -134,3 +134,24 @@ def test_gradients_are_finite_and_list_losses_need_their_inputs():
         preference_loss_per_example("nca", POL, REF, 1.0, labels=LABELS)
     with pytest.raises(ValueError, match="gold"):
         infonca_loss_per_example(POL, REF, 1.0, torch.tensor([[NEG_INF, 0.0, 0.0]]))
+
+
+def test_gold_likelihood_monitor_warns_once_and_logs_the_delta(caplog):
+    from types import SimpleNamespace
+
+    from seqcpo.training.gold_watch import GoldLikelihoodMonitor, gold_drop
+
+    mon = GoldLikelihoodMonitor(window=2, max_drop=5.0)
+    state = SimpleNamespace(log_history=[], global_step=0, is_world_process_zero=True)
+    values = [-50.0, -50.0, -53.0, -59.0, -70.0]
+    with caplog.at_level("WARNING", logger="seqcpo"):
+        for step, v in enumerate(values, start=1):
+            state.global_step = step
+            logs = {"loss": 1.0, "logps/chosen": v}
+            state.log_history.append(dict(logs, step=step))
+            mon.on_log(None, state, None, logs=logs)
+    # start = mean(-50, -50); windows: -50, -51.5, -56, -64.5
+    assert [h.get("logps/chosen_delta") for h in state.log_history] == [None, 0.0, -1.5, -6.0, -14.5]
+    warnings = [r for r in caplog.records if "gold's own log-probability is falling" in r.getMessage()]
+    assert len(warnings) == 1 and mon.reported == 4
+    assert gold_drop(state.log_history, 2, 5.0) == 4

@@ -169,7 +169,7 @@ def preference_pairs(records: list[Record], cfg: DataConfig, tokenizer: Any, sou
     stats = {
         "task": "preference", "records": total, "skipped_bad": bad, "examples": len(pairs), "continuation_truncated": cut,
         "skipped_long": skipped_long, "rejected_answers": rejected,
-        "max_prefix_tokens": None, "max_continuation_tokens": cfg.max_continuation_tokens,
+        "max_continuation_tokens": cfg.max_continuation_tokens,
     }
     return pairs, stats
 

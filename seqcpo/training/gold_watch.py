@@ -47,7 +47,7 @@ def deltas(values: Sequence[float], window: int) -> list[float | None]:
     None before ``window`` values exist.
 
     >>> deltas([0.0, -2.0, -4.0, -6.0], window=2)
-    [None, 0.0, -3.0, -5.0]
+    [None, 0.0, -2.0, -4.0]
     """
     out: list[float | None] = []
     for i in range(len(values)):
