@@ -55,8 +55,8 @@ def test_conversational_rows_go_through_the_chat_template_and_score_the_answer_o
     prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     assert prompt_text.endswith("<|assistant|>") and ex.meta["prompt"] == prompt_text
     assert ex.prefix_ids == _ids(tok, prompt_text)
-    assert ex.continuation_ids == _ids(tok, "Paris\n") + [2]  # the rest of prompt + answer, then EOS
-    assert [r[:-1] for r in ex.rejected_ids] == [_ids(tok, "Bread\n"), _ids(tok, "Fog\n")]
+    assert ex.continuation_ids == _ids(tok, "Paris\n")  # the rest of prompt + answer, as the template ends it
+    assert ex.rejected_ids == [_ids(tok, "Bread\n"), _ids(tok, "Fog\n")]
     # implicit prompt: the leading messages the conversations share
     implicit, _ = _one(tok, {"chosen": prompt + [{"role": "assistant", "content": "Paris"}],
                              "rejected": prompt + [{"role": "assistant", "content": "Bread"}]})

@@ -18,8 +18,9 @@ The formats (TRL's field names; a row's format is read from its fields, so one f
 
 Tokens: standard prompts are tokenized as they are (no template; the tokenizer's own leading special tokens, e.g.
 BOS, in front); conversational rows go through ``tokenizer.apply_chat_template``: the prefix is the prompt rendered
-with ``add_generation_prompt=True`` and each answer is the rest of ``prompt + answer`` rendered whole. Every answer
-ends with EOS, and the loss covers the answer tokens only (they are the continuation).
+with ``add_generation_prompt=True`` and each answer is the rest of ``prompt + answer`` rendered whole (ending as the
+template closes the turn, e.g. ``<|im_end|>``); standard answers end with EOS. The loss covers the answer tokens only
+(they are the continuation).
 
 Context: a prompt is never cut. It must leave room for one answer token and EOS in the context
 (``max_context_tokens``, else the model's), else the row is an error (or skipped with ``overlong: skip``).
@@ -149,7 +150,8 @@ def preference_pairs(records: list[Record], cfg: DataConfig, tokenizer: Any, sou
         empty = [i for i, a in enumerate(answers) if not a]
         if empty:
             raise DataError(f"{rec.where}: answer {empty[0]} (0 = the chosen one) tokenizes to nothing")
-        answers = [a if a[-1:] == [eos] else a + [eos] for a in answers]  # a chat turn may end in EOS already
+        if not chat:  # a chat answer ends as the template closes the turn (TRL adds no EOS there either)
+            answers = [a if a[-1:] == [eos] else a + [eos] for a in answers]
         over = any(len(a) > room for a in answers)
         if over and cfg.overlong == "skip":
             skipped_long += 1
