@@ -2,7 +2,7 @@
 optimizer step holds.
 
 Data flows one way (README, "Development"): an item ``{"prefix_ids", "continuation_ids", "id"[, "offline"][, "epoch"]}``
--> :func:`collate_examples` (python lists) -> :func:`candidate_batch` (gold + negatives,
+-> :func:`collate_examples` (:class:`~seqcpo.types.Example` objects) -> :func:`candidate_batch` (gold + negatives,
 :class:`~seqcpo.types.CandidateBatch`) -> log-probs -> loss. :class:`StepCounts` is what the trainer divides by
 so that a step does not depend on how its examples were split into micro-batches and processes.
 """
@@ -54,40 +54,31 @@ def preference_fields(ex: Example) -> dict[str, Any]:
     return out
 
 
-def batch_examples(inputs: dict[str, Any]) -> list[Example]:
-    """A collated batch back as :class:`Example` objects (id in ``meta``, the preference data when present)."""
-    rejected = inputs.get("rejected_ids") or [None] * len(inputs["ids"])
-    scores = inputs.get("scores") or [None] * len(inputs["ids"])
-    return [
-        Example(prefix_ids=p, continuation_ids=c, meta={"id": i}, rejected_ids=r, scores=s)
-        for p, c, i, r, s in zip(inputs["prefix_ids"], inputs["continuation_ids"], inputs["ids"], rejected, scores)
-    ]
-
-
 def collate_examples(features: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists of items -> one batch dict of python lists (token ids stay lists until the layout is built).
+    """Dataset items -> one batch: the :class:`~seqcpo.types.Example` of every item (token ids stay python
+    lists until a layout is built), their fixed negatives, and the epoch each was drawn in.
 
     An item may carry the ``epoch`` it was drawn in (a streaming dataset does); the trainer seeds the
     example's draws with it (:mod:`seqcpo.seeding`), else with the trainer's own epoch. Preference items carry
-    ``rejected_ids`` (and ``scores``), collated only when some item has them (:func:`batch_examples`).
+    ``rejected_ids`` (and ``scores``) into their :class:`~seqcpo.types.Example`.
 
     >>> collate_examples([{"prefix_ids": [1, 2], "continuation_ids": [3], "id": "a"}])
-    {'prefix_ids': [[1, 2]], 'continuation_ids': [[3]], 'ids': ['a'], 'offline': None, 'epochs': None}
+    {'examples': [Example(prefix_ids=[1, 2], continuation_ids=[3], meta={'id': 'a'})], 'offline': None, 'epochs': None}
     """
-    batch = {
-        "prefix_ids": [f["prefix_ids"] for f in features],
-        "continuation_ids": [f["continuation_ids"] for f in features],
-        "ids": [f["id"] for f in features],
+    return {
+        "examples": [
+            Example(prefix_ids=list(f["prefix_ids"]), continuation_ids=list(f["continuation_ids"]), meta={"id": str(f["id"])},
+                    rejected_ids=f.get("rejected_ids"), scores=f.get("scores"))
+            for f in features
+        ],
         "offline": [f["offline"] for f in features] if "offline" in features[0] else None,
         "epochs": [int(f["epoch"]) for f in features] if "epoch" in features[0] else None,
     }
-    for key in ("rejected_ids", "scores"):
-        if any(key in f for f in features):
-            batch[key] = [f.get(key) for f in features]
-    return batch
 
 
-def _negatives_from_offline(rows: list[dict]) -> tuple[Negatives, torch.Tensor | None]:
+def negatives_from_offline(rows: list[dict]) -> tuple[Negatives, torch.Tensor | None]:
+    """Rows of ``seqcpo negatives`` (:mod:`seqcpo.training.offline`) -> their :class:`Negatives` and the
+    (B, K+1) reference log-probs stored with them (None when they have none)."""
     neg = Negatives(
         ids=[r["negatives"] for r in rows],
         valid=[r["valid"] for r in rows],
@@ -147,7 +138,5 @@ class StepCounts:
 
 def local_step_counts(batches: Sequence[dict[str, Any]]) -> tuple[int, int]:
     """``(target tokens, examples)`` of one process's micro-batches (collated by :func:`collate_examples`)."""
-    tokens = sum(
-        target_tokens(p, c) for b in batches for p, c in zip(b["prefix_ids"], b["continuation_ids"])
-    )
-    return tokens, sum(len(b["ids"]) for b in batches)
+    examples = [e for b in batches for e in b["examples"]]
+    return sum(target_tokens(e.prefix_ids, e.continuation_ids) for e in examples), len(examples)

@@ -66,7 +66,8 @@ def test_dpo_with_data_negatives_equals_trl(tmp_path):
     ours.model.eval()
     with torch.no_grad():
         loss = ours.compute_loss(ours.model, collate_examples([ExampleDataset(examples)[i] for i in range(len(ROWS))]))
-    pooled = {k: s / c for k, (s, c) in ours._pool["eval"].items() if c}
+    _, (sums, counts) = ours.metrics.pooled("eval", "cpu")
+    pooled = {n: t / c for n, t, c in zip(ours.metrics.names, sums.tolist(), counts.tolist()) if c}
     assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                  "logps/rejected"):
