@@ -38,9 +38,20 @@ class ExampleDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         ex = self.examples[i]
         item = {"prefix_ids": ex.prefix_ids, "continuation_ids": ex.continuation_ids, "id": str(ex.meta.get("id", i))}
+        item.update(preference_fields(ex))
         if self.offline is not None:
             item["offline"] = self.offline[item["id"]]
         return item
+
+
+def preference_fields(ex: Example) -> dict[str, Any]:
+    """The item keys of a preference example's own data (``rejected_ids``, ``scores``); {} for other examples."""
+    out: dict[str, Any] = {}
+    if ex.rejected_ids is not None:
+        out["rejected_ids"] = ex.rejected_ids
+    if ex.scores is not None:
+        out["scores"] = ex.scores
+    return out
 
 
 def collate_examples(features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -48,14 +59,16 @@ def collate_examples(features: list[dict[str, Any]]) -> dict[str, Any]:
     lists until a layout is built), their fixed negatives, and the epoch each was drawn in.
 
     An item may carry the ``epoch`` it was drawn in (a streaming dataset does); the trainer seeds the
-    example's draws with it (:mod:`seqcpo.seeding`), else with the trainer's own epoch.
+    example's draws with it (:mod:`seqcpo.seeding`), else with the trainer's own epoch. Preference items carry
+    ``rejected_ids`` (and ``scores``) into their :class:`~seqcpo.types.Example`.
 
     >>> collate_examples([{"prefix_ids": [1, 2], "continuation_ids": [3], "id": "a"}])
     {'examples': [Example(prefix_ids=[1, 2], continuation_ids=[3], meta={'id': 'a'})], 'offline': None, 'epochs': None}
     """
     return {
         "examples": [
-            Example(prefix_ids=list(f["prefix_ids"]), continuation_ids=list(f["continuation_ids"]), meta={"id": str(f["id"])})
+            Example(prefix_ids=list(f["prefix_ids"]), continuation_ids=list(f["continuation_ids"]), meta={"id": str(f["id"])},
+                    rejected_ids=f.get("rejected_ids"), scores=f.get("scores"))
             for f in features
         ],
         "offline": [f["offline"] for f in features] if "offline" in features[0] else None,
@@ -91,6 +104,7 @@ def candidate_batch(examples: list[Example], negatives: Negatives | None, ref_lo
         candidate_ids=[[e.continuation_ids] + list(n) for e, n in zip(examples, negatives.ids)],
         candidate_mask=[[True] + list(v) for v in negatives.valid],
         ref_logps=ref_logps,
+        sources=negatives.sources,
     )
 
 

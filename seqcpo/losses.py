@@ -53,9 +53,10 @@ def cpo_loss_per_example(
     beta: float,
     ranked: bool = False,
     mask: torch.Tensor | None = None,
+    margin: float = 0.0,
 ) -> torch.Tensor:
-    """Per-example CPO loss, shape (B,). See :func:`cpo_loss`."""
-    s = _rewards(policy_logps, ref_logps, beta)  # (B, K+1)
+    """Per-example CPO loss, shape (B,). See :func:`cpo_loss`; ``margin`` is :func:`with_margin`'s gamma."""
+    s = with_margin(_rewards(policy_logps, ref_logps, beta), margin)  # (B, K+1)
     mask = _check_mask(mask, s.shape, s.device)
     s_masked = s.masked_fill(~mask, _NEG)
     if not ranked:
@@ -90,6 +91,18 @@ def cpo_loss(
         A float32 scalar. With K = 1 both forms equal :func:`dpo_loss`.
     """
     return cpo_loss_per_example(policy_logps, ref_logps, beta, ranked=ranked, mask=mask).mean()
+
+
+def with_margin(s: torch.Tensor, margin: float) -> torch.Tensor:
+    """The rewards with the target margin gamma taken off the gold: ``s_0 - gamma`` (SimPO's form,
+    docs/method.md, "Reference-free"): the gold must beat the negatives by gamma before the loss lets go. With
+    K = 1 and reference-free length-normalised log-probs, the CPO loss is then SimPO's
+    ``-log sigmoid(beta * (avg_logp(y_w) - avg_logp(y_l)) - gamma)``."""
+    if not margin:
+        return s
+    shift = torch.zeros_like(s)
+    shift[:, 0] = float(margin)
+    return s - shift
 
 
 def dpo_loss(
@@ -229,3 +242,163 @@ def preference_metrics(
     """
     return {k: (total / count if count else 0.0) for k, (total, count) in preference_metric_sums(
         policy_logps, ref_logps, beta, mask=mask).items()}
+
+
+# -- list losses over labelled candidates (preference data; docs/method.md, "Preference data")
+#
+# ``labels`` (B, K+1): higher = better, equal = tied (no preference between the two); built from the column order
+# and the data's scores by :func:`seqcpo.negatives.data.candidate_labels`. ``targets`` (B, K+1): the data's reward
+# of each candidate for the noise-contrastive losses, -inf (or any value <= -1e29) for no target mass.
+
+
+def _valid_pairs(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) bool: pair (i, j) counts when both columns are valid and ``labels_i > labels_j``."""
+    labels = labels.to(device=mask.device, dtype=torch.float32)
+    if labels.shape != mask.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the log-probs' shape {tuple(mask.shape)}")
+    both = mask[:, :, None] & mask[:, None, :]
+    return both & (labels[:, :, None] > labels[:, None, :])
+
+
+def bt_pairs_loss_per_example(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, labels: torch.Tensor,
+    mask: torch.Tensor | None = None, margin: float = 0.0,
+) -> torch.Tensor:
+    """All-pairs Bradley-Terry loss, shape (B,): the mean DPO loss over every ordered pair of the list,
+
+        L = -1/|P| * sum_{(i, j) in P} log sigmoid(s_i - s_j),   P = {(i, j): labels_i > labels_j, both valid}
+
+    (docs/method.md, "Preference data"). Tied candidates form no pair; an example without a pair gives 0. With
+    K = 1 (one pair) this is :func:`dpo_loss`.
+    """
+    s = with_margin(_rewards(policy_logps, ref_logps, beta), margin)
+    mask = _check_mask(mask, s.shape, s.device)
+    pairs = _valid_pairs(labels, mask)
+    diff = s[:, :, None] - s[:, None, :]
+    terms = torch.where(pairs, -F.logsigmoid(diff), torch.zeros_like(diff))
+    return terms.sum(dim=(1, 2)) / pairs.sum(dim=(1, 2)).clamp(min=1)
+
+
+def lipo_lambda_weights(s: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """LiPO-lambda's pair weights (B, N, N), without gradient:
+
+        Delta_ij = |G_i - G_j| * |1 / D(tau_i) - 1 / D(tau_j)|,  G_i = 2^psi_i - 1,  D(tau) = log2(1 + tau)
+
+    with ``psi_i`` the grade of candidate i (the number of valid candidates labelled below it) and ``tau_i`` its
+    1-based position when the valid candidates are sorted by reward ``s``, best first (ties: column order).
+    Zero where (i, j) is not a pair of :func:`_valid_pairs`.
+    """
+    s = s.detach().float()
+    pairs = _valid_pairs(labels, mask)
+    lab = labels.to(device=s.device, dtype=torch.float32)
+    below = mask[:, None, :] & (lab[:, :, None] > lab[:, None, :])
+    gain = torch.pow(2.0, below.sum(dim=2).float()) - 1.0  # (B, N)
+    order = torch.argsort(s.masked_fill(~mask, _NEG), dim=1, descending=True, stable=True)
+    tau = torch.empty_like(s)
+    tau.scatter_(1, order, torch.arange(1, s.shape[1] + 1, device=s.device, dtype=s.dtype).expand_as(s).contiguous())
+    inv_d = 1.0 / torch.log2(1.0 + tau)
+    delta = (gain[:, :, None] - gain[:, None, :]).abs() * (inv_d[:, :, None] - inv_d[:, None, :]).abs()
+    return torch.where(pairs, delta, torch.zeros_like(delta))
+
+
+def lipo_loss_per_example(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, labels: torch.Tensor,
+    mask: torch.Tensor | None = None, margin: float = 0.0,
+) -> torch.Tensor:
+    """LiPO-lambda listwise loss (Liu et al. 2024), shape (B,), the lambda weights normalised per example:
+
+        L = -sum_{(i, j) in P} Delta_ij * log sigmoid(s_i - s_j) / sum_{(i, j) in P} Delta_ij
+
+    with P and Delta of :func:`lipo_lambda_weights` (docs/method.md, "Preference data"). The normalisation keeps
+    the loss on DPO's scale for any K: with K = 1 (one pair) it is :func:`dpo_loss`. An example whose weights all
+    vanish gives 0.
+    """
+    s = with_margin(_rewards(policy_logps, ref_logps, beta), margin)
+    mask = _check_mask(mask, s.shape, s.device)
+    w = lipo_lambda_weights(s, labels, mask)
+    diff = s[:, :, None] - s[:, None, :]
+    total = (w * -F.logsigmoid(diff)).sum(dim=(1, 2))
+    norm = w.sum(dim=(1, 2))
+    return torch.where(norm > 0, total / norm.clamp(min=1e-30), torch.zeros_like(total))
+
+
+def _target_weights(targets: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """p = softmax(targets / alpha) over the valid candidates with a target (B, N); no gradient."""
+    if not alpha > 0:
+        raise ValueError(f"alpha={alpha} must be > 0")
+    t = targets.to(device=mask.device, dtype=torch.float32)
+    if t.shape != mask.shape:
+        raise ValueError(f"targets {tuple(t.shape)} must have the log-probs' shape {tuple(mask.shape)}")
+    live = mask & (t > -1.0e29)
+    if not bool(live[:, 0].all()):
+        raise ValueError("targets[:, 0] (the gold) must be finite")
+    return torch.softmax((t / alpha).masked_fill(~live, _NEG), dim=1)
+
+
+def infonca_loss_per_example(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, targets: torch.Tensor,
+    mask: torch.Tensor | None = None, alpha: float = 1.0, margin: float = 0.0,
+) -> torch.Tensor:
+    """InfoNCA (Chen et al. 2024), shape (B,): cross-entropy from the data's target distribution to the model's,
+
+        L = -sum_i p_i * [s_i - logsumexp_j s_j],   p = softmax(targets / alpha)
+
+    over the valid candidates (docs/method.md, "Preference data"). With one-hot targets on the gold (no scores)
+    this is :func:`cpo_loss` (softmax form), and with K = 1 :func:`dpo_loss`.
+    """
+    s = with_margin(_rewards(policy_logps, ref_logps, beta), margin)
+    mask = _check_mask(mask, s.shape, s.device)
+    p = _target_weights(targets, mask, alpha)
+    log_q = s - torch.logsumexp(s.masked_fill(~mask, _NEG), dim=1, keepdim=True)
+    return -torch.where(mask, p * log_q, torch.zeros_like(s)).sum(dim=1)
+
+
+def nca_loss_per_example(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, targets: torch.Tensor,
+    mask: torch.Tensor | None = None, alpha: float = 1.0, margin: float = 0.0,
+) -> torch.Tensor:
+    """NCA (Chen et al. 2024), shape (B,): each candidate's own reward is pushed towards its target share,
+
+        L = -sum_i p_i * log sigmoid(s_i) - 1/N * sum_i log sigmoid(-s_i),   p = softmax(targets / alpha)
+
+    over the N valid candidates (docs/method.md, "Preference data"). Unlike InfoNCA it does not reduce to DPO:
+    with K = 1 and one-hot targets it is TRL's "nca_pair" loss
+    ``-log sigmoid(s_w) - 1/2 log sigmoid(-s_w) - 1/2 log sigmoid(-s_l)``, which keeps the gold's own reward
+    (hence its likelihood) from falling.
+    """
+    s = with_margin(_rewards(policy_logps, ref_logps, beta), margin)
+    mask = _check_mask(mask, s.shape, s.device)
+    p = _target_weights(targets, mask, alpha)
+    n = mask.sum(dim=1).float()
+    pull = torch.where(mask, p * F.logsigmoid(s), torch.zeros_like(s)).sum(dim=1)
+    push = torch.where(mask, F.logsigmoid(-s), torch.zeros_like(s)).sum(dim=1) / n
+    return -(pull + push)
+
+
+#: objective name -> whether its loss reads labels / targets (the list losses above)
+LIST_OBJECTIVES = {"lipo": "labels", "bt_pairs": "labels", "infonca": "targets", "nca": "targets"}
+
+
+def preference_loss_per_example(
+    objective: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float,
+    mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+    margin: float = 0.0, alpha: float = 1.0,
+) -> torch.Tensor:
+    """The preference term of ``objective`` per example, shape (B,): ``cpo`` / ``dpo`` (softmax form),
+    ``cpo_ranked`` (Plackett-Luce over the column order), or a list loss (``lipo``, ``bt_pairs`` need ``labels``;
+    ``infonca``, ``nca`` need ``targets``)."""
+    if objective in ("cpo", "dpo", "cpo_ranked"):
+        return cpo_loss_per_example(policy_logps, ref_logps, beta, ranked=objective == "cpo_ranked", mask=mask,
+                                    margin=margin)
+    need = LIST_OBJECTIVES.get(objective)
+    if need is None:
+        raise ValueError(f"objective {objective!r} has no preference term")
+    given = labels if need == "labels" else targets
+    if given is None:
+        raise ValueError(f"objective {objective!r} needs {need}")
+    if objective == "lipo":
+        return lipo_loss_per_example(policy_logps, ref_logps, beta, labels, mask=mask, margin=margin)
+    if objective == "bt_pairs":
+        return bt_pairs_loss_per_example(policy_logps, ref_logps, beta, labels, mask=mask, margin=margin)
+    fn = infonca_loss_per_example if objective == "infonca" else nca_loss_per_example
+    return fn(policy_logps, ref_logps, beta, targets, mask=mask, alpha=alpha, margin=margin)

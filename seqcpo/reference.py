@@ -10,6 +10,9 @@ have it:
   A fixed negative's reference log-prob never changes, so this is exact.
 - ``adapter_disabled`` (:class:`AdapterDisabledReference`): for a LoRA policy (peft), the same model with its
   adapter switched off *is* the starting model; no second copy of the weights.
+- ``none`` (:class:`NoReference`): reference-free (SimPO's form, docs/method.md "Reference-free"): the log-ratio
+  is replaced by the policy's length-normalised log-prob, so the reference log-probs are zeros; no model, no
+  forward pass, no memory.
 
 :func:`build_reference` picks one and refuses combinations that cannot work.
 """
@@ -26,7 +29,7 @@ from seqcpo.logps import sequence_logps
 from seqcpo.two_pass import gold_pass, negatives_pass
 from seqcpo.types import CandidateBatch
 
-REFERENCE_STRATEGIES = ("auto", "frozen_copy", "precomputed", "adapter_disabled")
+REFERENCE_STRATEGIES = ("auto", "frozen_copy", "precomputed", "adapter_disabled", "none")
 
 
 @runtime_checkable
@@ -121,6 +124,15 @@ class PrecomputedReference:
         return ref if isinstance(ref, torch.Tensor) else torch.tensor(ref, dtype=torch.float32)
 
 
+class NoReference:
+    """Reference-free: (B, K+1) zeros, so ``s_i = beta * logp_policy(y_i|x)`` (length-normalised by the caller)."""
+
+    name = "none"
+
+    def logps(self, batch: CandidateBatch) -> torch.Tensor:
+        return torch.zeros((len(batch), batch.num_candidates), dtype=torch.float32)
+
+
 def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -186,6 +198,8 @@ def build_reference(
             strategy = "adapter_disabled"
         else:
             strategy = "frozen_copy"
+    if strategy == "none":
+        return NoReference()
     if strategy == "precomputed":
         if not negatives_offline:
             raise ValueError(

@@ -17,11 +17,20 @@ class Example:
 
     ``prefix_ids`` is ``x`` and ``continuation_ids`` the gold ``y_0`` of docs/method.md. ``meta`` carries
     anything the data source knows (id, category, title) and is never used by the algorithm.
+
+    Preference data (:mod:`seqcpo.data.preference`) adds the row's own negatives:
+
+    - ``rejected_ids``: the row's rejected answers as token-id lists (each ending in EOS), best first; the
+      ``data`` negative source (:mod:`seqcpo.negatives.data`) puts them in the first negative slots;
+    - ``scores``: the data's scores of gold + rejected (``1 + len(rejected_ids)`` floats, gold first, higher =
+      better), for a ranked list given with ``scores`` or ``ranks``; None when the data has no scores.
     """
 
     prefix_ids: list[int]
     continuation_ids: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    rejected_ids: list[list[int]] | None = None
+    scores: list[float] | None = None
 
 
 @dataclass
@@ -59,12 +68,15 @@ class CandidateBatch:
         candidate_ids: ``candidate_ids[b][i]``, i in 0..K, token-id lists; column 0 is the gold.
         candidate_mask: (B, K+1) bool nested lists; False marks a dropped negative (never the gold).
         ref_logps: optional (B, K+1) reference log-probs precomputed with the negatives.
+        sources: optional ``sources[b][k]``, the generator of negative k (:attr:`Negatives.sources`); the list
+            losses read which columns hold the data's own rejected answers from it.
     """
 
     prefix_ids: list[list[int]]
     candidate_ids: list[list[list[int]]]
     candidate_mask: list[list[bool]]
     ref_logps: Any = None  # torch.Tensor (B, K+1) when precomputed
+    sources: list[list[str]] | None = None
 
     @property
     def num_candidates(self) -> int:

@@ -428,7 +428,7 @@ def test_parse_spec():
     [
         ("tn:2,bn:1", 4, r"sum to 3, but k=4"),
         ("an:3", 4, r"sum to 3, but k=4"),
-        ("xn", 2, r"unknown negative generator 'xn'.*\('tn', 'bn', 'mn', 'an'\)"),
+        ("xn", 2, r"unknown negative generator 'xn'.*\('tn', 'bn', 'mn', 'an', 'data'\)"),
         ("tn,bn", 2, "needs a count for every generator"),
         ("tn:2,tn:2", 4, "appears twice"),
         ("tn:two", 2, "not an integer"),

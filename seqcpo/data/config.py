@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Optional
 
-TASKS = ("continuation", "instruction")
+TASKS = ("continuation", "instruction", "preference")
 PROMPT_TEMPLATES = ("auto", "plain", "chat")
 OVERLONG = ("cut", "skip")
 
@@ -62,7 +62,10 @@ class DataConfig:
         metadata={
             "help": '"continuation": token windows of plain text (prefix -> continuation, the Wikipedia '
             'late-pretraining setting); "instruction": instruction (+ context) in a prompt -> response + EOS '
-            "(the Dolly SFT setting)."
+            '(the Dolly SFT setting); "preference": TRL-style preference rows (prompt/chosen/rejected, several '
+            "rejected, or ranked completions with scores/ranks; standard or conversational), whose rejected answers "
+            'feed the "data" negatives (picked automatically when task is left at continuation and the records '
+            'have "chosen" or "completions").'
         },
     )
 

@@ -5,6 +5,8 @@
   the document goes on. Documents shorter than one window are skipped and counted.
 - ``instruction`` (Dolly setting): render instruction (+ context) with a prompt template; the
   continuation is the response tokens followed by EOS, so the loss covers the response only.
+- ``preference`` (chosen / rejected answers, ranked lists): :mod:`seqcpo.data.preference`; chosen
+  automatically when ``task`` is left at its default and the records have preference fields.
 
 Both tasks tokenize text with ``add_special_tokens=False`` and put in front of each prefix the special
 tokens the tokenizer itself would put in front of a plain string (a BOS for Llama tokenizers, nothing
@@ -17,6 +19,7 @@ import logging
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
+from seqcpo.data.records import _extract, _tokenize, leading_special_ids  # noqa: F401  (leading_special_ids: public here)
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -44,7 +47,7 @@ def build_examples(
                 f"{source}: no usable examples: {stats['skipped_bad']} of {len(records)} records are malformed "
                 "and were skipped (skip_bad_records=True), the rest gave no example"
             )
-        if cfg.task == "continuation":
+        if effective_task(cfg, records) == "continuation":
             need = cfg.prefix_tokens + cfg.continuation_tokens
             raise DataError(
                 f"{source}: no usable examples: all {len(records)} documents are shorter than prefix_tokens + "
@@ -65,9 +68,27 @@ def record_examples(
     """(record, its examples) for every usable record, in order, and the counts; never raises for "nothing
     usable" (the streaming reader calls it on one read batch at a time). ``decode=False`` leaves out the
     ``prompt``/``reference`` texts of continuation windows (training does not read them)."""
-    if cfg.task == "continuation":
+    task = effective_task(cfg, records)
+    if task == "preference":
+        from seqcpo.data.preference import preference_pairs
+
+        return preference_pairs(records, cfg, tokenizer, source, context_tokens)
+    if task == "continuation":
         return _continuation_pairs(records, cfg, tokenizer, source, context_tokens, decode)
     return _instruction_pairs(records, cfg, tokenizer, source, context_tokens)
+
+
+def effective_task(cfg: DataConfig, records: list[Record]) -> str:
+    """``cfg.task``, or "preference" when it is left at the default "continuation" and the first record has
+    preference fields (``chosen`` or ``completions``) and no ``text_field``: ``--dataset prefs.jsonl`` is
+    enough for a preference file."""
+    if cfg.task == "continuation" and records:
+        from seqcpo.data.preference import is_preference_record
+
+        fields = records[0].fields
+        if is_preference_record(fields) and cfg.text_field not in fields:
+            return "preference"
+    return cfg.task
 
 
 def context_limits(cfg: DataConfig, tokenizer: Any, context_tokens: int | None = None) -> tuple[int, int]:
@@ -315,19 +336,6 @@ def render_prompt(instruction: str, context: str, tokenizer: Any, template: str 
     return PLAIN_TEMPLATE_NO_CONTEXT.format(instruction=instruction)
 
 
-def leading_special_ids(tokenizer: Any) -> list[int]:
-    """Special tokens the tokenizer puts before a plain string (e.g. Llama's BOS); [] for GPT-2/SmolLM2."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for start in range(len(with_special) - len(plain) + 1):
-        if with_special[start : start + len(plain)] == plain:
-            return list(with_special[:start])
-    return []
-
-
-# -- helpers
-
-
 def _template_mode(template: str, tokenizer: Any) -> str:
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has_chat:
@@ -340,26 +348,6 @@ def _template_mode(template: str, tokenizer: Any) -> str:
     if template not in ("chat", "plain"):
         raise ValueError(f"prompt_template={template!r}: choose auto, plain or chat")
     return template
-
-
-def _extract(records: list[Record], cfg: DataConfig, fields: Any) -> tuple[list[Record], list[tuple], int]:
-    """Apply ``fields(record)`` to every record; a malformed record raises, or is skipped and counted when
-    ``cfg.skip_bad_records``. Returns (kept records, their field tuples, number skipped)."""
-    kept, values, problems = [], [], []
-    for r in records:
-        try:
-            values.append(fields(r))
-        except DataError as e:
-            if not cfg.skip_bad_records:
-                raise
-            problems.append(str(e))
-            continue
-        kept.append(r)
-    if problems:
-        shown = "; ".join(problems[:3])
-        logger.warning("skipped %d malformed records (skip_bad_records=True): %s%s", len(problems), shown,
-                       "; ..." if len(problems) > 3 else "")
-    return kept, values, len(problems)
 
 
 def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_empty: bool = False) -> str:
@@ -384,9 +372,3 @@ def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_em
     if required and not value and not allow_empty:
         raise DataError(f'{record.where}: field "{name}" is empty')
     return value
-
-
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -75,7 +75,7 @@ def load_splits(cfg: DataConfig, tokenizer: Any, context_tokens: int | None = No
     logger.info(
         "data %s (task %s): %d records -> %d examples%s; train %d, validation %d, test %d",
         source,
-        cfg.task,
+        stats.get("task", cfg.task),
         stats["records"],
         stats["examples"],
         f" ({'; '.join(notes)})" if notes else "",

@@ -323,6 +323,10 @@ class StreamingExamples(IterableDataset):
                                 "id": str(ex.meta["id"]),
                                 "epoch": epoch,
                             }
+                            if ex.rejected_ids is not None:  # preference rows: their own negatives
+                                item["rejected_ids"] = ex.rejected_ids
+                            if ex.scores is not None:
+                                item["scores"] = ex.scores
                             if self.offline is not None:
                                 if item["id"] not in self.offline:
                                     raise DataError(

@@ -1,8 +1,9 @@
 """Build a negative generator from a short spec string (docs/method.md, "Negatives").
 
-Spec grammar: one name, ``"tn" | "bn" | "mn" | "an"`` (all K negatives from it; ``"an:4"`` with the
+Spec grammar: one name, ``"tn" | "bn" | "mn" | "an" | "data"`` (all K negatives from it; ``"an:4"`` with the
 count equal to K is accepted too), or a mixture ``"an:2,tn:2"`` whose counts sum to K, listed best
-first for the ranked objective (see :mod:`seqcpo.negatives.mixture`).
+first for the ranked objective (see :mod:`seqcpo.negatives.mixture`). ``data`` is a preference row's own
+rejected answers (:mod:`seqcpo.negatives.data`): ``"data:1,tn:3"`` puts them first, synthetic ones after.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from seqcpo.negatives.mean_field import MeanFieldNegatives
 from seqcpo.negatives.mixture import MixtureNegatives
 from seqcpo.negatives.truncation import TruncationNegatives
 
-GENERATOR_NAMES = ("tn", "bn", "mn", "an")
+GENERATOR_NAMES = ("tn", "bn", "mn", "an", "data")
+#: the generators that make negatives (every name but "data", which reads them from the examples)
+SYNTHETIC_NAMES = ("tn", "bn", "mn", "an")
 
 BACKEND_CHOICES = ("auto", "shared_prefill", "hf", "vllm")
 
@@ -155,8 +158,8 @@ def build_negative_generator(
     """Build the generator named by ``spec`` that makes K negatives per example.
 
     Args:
-        spec: "tn", "bn", "mn", "an", or a mixture "an:2,tn:2" (counts sum to K, best first); or the parts
-            :func:`parse_spec` made of one, ``[("an", 2), ("tn", 2)]``.
+        spec: "tn", "bn", "mn", "an", "data", or a mixture "an:2,tn:2" / "data:1,tn:3" (counts sum to K, best
+            first); or the parts :func:`parse_spec` made of one, ``[("an", 2), ("tn", 2)]``.
         k: negatives per example.
         model: the model AN and MN run (docs/method.md default: the reference model); required for them.
         eos_token_id, pad_token_id: the tokenizer's EOS and pad ids.
@@ -207,5 +210,11 @@ def build_negative_generator(
             rank_by=o["an_rank_by"], max_tries=o["max_tries"], vllm=vllm,
         )
 
-    gens = [(build(name, count), count) for name, count in parts]
+    built = {name: build(name, count) for name, count in parts if name != "data"}
+    if "data" in dict(parts):
+        from seqcpo.negatives.data import DataNegatives
+
+        # a row short of rejected answers fills its data slots from the first synthetic generator listed
+        built["data"] = DataNegatives(fill=next(iter(built.values()), None))
+    gens = [(built[name], count) for name, count in parts]
     return gens[0][0] if len(gens) == 1 else MixtureNegatives(gens)

@@ -23,8 +23,12 @@ from seqcpo.data.config import DataConfig
 from seqcpo.negatives.registry import OPTIONS as NEGATIVE_OPTIONS
 from seqcpo.negatives.registry import parse_spec, resolve_an_backend
 
-OBJECTIVES = ("mle", "cpo", "cpo_ranked", "dpo", "pss")
-REFERENCES = ("auto", "frozen_copy", "precomputed", "adapter_disabled")
+OBJECTIVES = ("mle", "cpo", "cpo_ranked", "dpo", "pss", "lipo", "bt_pairs", "infonca", "nca")
+#: the objectives with a preference term over gold + K negatives (seqcpo.losses.preference_loss_per_example)
+PREFERENCE_OBJECTIVES = ("cpo", "cpo_ranked", "dpo", "lipo", "bt_pairs", "infonca", "nca")
+#: the objectives that read the negatives' column order as a ranking (negatives sorted best first)
+RANKED_OBJECTIVES = ("cpo_ranked", "lipo", "bt_pairs")
+REFERENCES = ("auto", "frozen_copy", "precomputed", "adapter_disabled", "none")
 NEGATIVE_MODELS = ("reference", "policy")
 
 # Fields never written to a config dump or report (secrets come from the environment only): names ending in
@@ -105,7 +109,20 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     # ---- objective (docs/method.md, "The objective")
     objective: str = field(
         default="cpo",
-        metadata={"help": "mle | cpo (softmax over K+1) | cpo_ranked (Plackett-Luce) | dpo (K = 1) | pss."},
+        metadata={"help": "mle | cpo (softmax over K+1) | cpo_ranked (Plackett-Luce) | dpo (K = 1) | pss | lipo "
+                  "(LiPO-lambda, listwise) | bt_pairs (Bradley-Terry over all ordered pairs) | infonca | nca (scored "
+                  "lists: targets from the data's scores). The list losses read ties from preference data's scores; "
+                  "see seqcpo.losses."},
+    )
+    target_margin: float = field(
+        default=0.0,
+        metadata={"help": "Target margin gamma taken off the gold's reward, s_0 - gamma (SimPO's form; with "
+                  "reference none and K = 1 the loss is SimPO's).", "check": ">=0"},
+    )
+    infonca_alpha: float = field(
+        default=1.0,
+        metadata={"help": "infonca / nca: temperature alpha of the target distribution softmax(scores / alpha).",
+                  "check": ">0"},
     )
     beta: float = field(
         default=0.1, metadata={"help": "Reward scale beta in s_i = beta*(logp_policy - logp_ref).", "check": ">0"}
@@ -165,13 +182,29 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     an_temperatures: Optional[list[float]] = negative_option("an_temperatures")
 
     # ---- reference (docs/method.md: the frozen starting model)
-    reference: str = field(default="auto", metadata={"help": "auto | frozen_copy | precomputed | adapter_disabled."})
+    reference: str = field(
+        default="auto",
+        metadata={"help": "auto | frozen_copy | precomputed | adapter_disabled | none. none: reference-free (SimPO's "
+                  "form): rewards are beta times the length-normalised policy log-probs, with target_margin; no "
+                  "reference forward and no reference weights in memory (AN/MN negatives then come from the policy)."},
+    )
     reference_dtype: Optional[str] = field(
         default=None,
         metadata={
             "help": "frozen_copy: keep the reference in this dtype (bfloat16 halves its memory and time; its "
             "log-probs are then approximate). None: the policy's dtype."
         },
+    )
+
+    # ---- the gold's own likelihood (seqcpo.training.gold_watch)
+    gold_logp_window: int = field(
+        default=5, metadata={"help": "Logged steps averaged for the gold log-prob warning (start and latest).",
+                             "check": ">=1"},
+    )
+    gold_logp_max_drop: float = field(
+        default=5.0,
+        metadata={"help": "Warn once when the mean logps/chosen of the latest gold_logp_window logged steps falls "
+                  "more than this many nats below its start (logps/chosen_delta is logged).", "check": ">0"},
     )
 
     # ---- PSS baseline (docs/method.md, "Baselines")
@@ -312,7 +345,7 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 
     @property
     def uses_negatives(self) -> bool:
-        return self.objective in ("cpo", "cpo_ranked", "dpo")
+        return self.objective in PREFERENCE_OBJECTIVES
 
     @property
     def negatives_parts(self) -> list[tuple[str, int]]:
@@ -327,7 +360,13 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 
     @property
     def ranked(self) -> bool:
-        return self.objective == "cpo_ranked"
+        return self.objective in RANKED_OBJECTIVES
+
+    @property
+    def normalized_logps(self) -> bool:
+        """Whether the preference term reads length-normalised log-probs (``length_normalize``, or always
+        reference-free)."""
+        return bool(self.length_normalize or self.reference == "none")
 
     def data_config(self) -> DataConfig:
         return DataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)})

@@ -64,9 +64,15 @@ def write_model_card(output_dir: str, cfg) -> str:
         "mle": "plain next-token (MLE) training",
         "cpo": "MLE plus Contrastive Preference Optimization (softmax over gold and K negatives)",
         "cpo_ranked": "MLE plus ranked Contrastive Preference Optimization (Plackett-Luce)",
-        "dpo": "MLE plus DPO against one synthetic negative",
+        "dpo": "MLE plus DPO against one negative",
         "pss": "parallel scheduled sampling",
+        "lipo": "MLE plus the LiPO-lambda listwise loss over gold and K negatives",
+        "bt_pairs": "MLE plus an all-pairs Bradley-Terry loss over gold and K negatives",
+        "infonca": "MLE plus InfoNCA over gold and K negatives (targets from the data's scores)",
+        "nca": "MLE plus NCA over gold and K negatives (targets from the data's scores)",
     }[cfg.objective]
+    if cfg.uses_negatives and cfg.reference == "none":
+        objective += ", reference-free (length-normalised log-probs, target margin)"
     base = base_model_id(cfg.model_name_or_path)
     lines = [
         "---",

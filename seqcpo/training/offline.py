@@ -60,7 +60,10 @@ def examples_digest(examples: Sequence[Example]) -> str:
     """sha256 over every example's id and token ids, in order: a data file changed in place changes it."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([str(ex.meta.get("id")), ex.prefix_ids, ex.continuation_ids]).encode())
+        row = [str(ex.meta.get("id")), ex.prefix_ids, ex.continuation_ids]
+        if ex.rejected_ids is not None:  # preference data: the row's own negatives decide the "data" ones
+            row += [ex.rejected_ids, ex.scores]
+        h.update(json.dumps(row).encode())
     return h.hexdigest()[:16]
 
 

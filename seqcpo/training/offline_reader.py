@@ -141,8 +141,8 @@ def _check_fits(path: str, st: dict, cfg) -> None:
         raise ValueError(f"negatives_path {path} has K = {st['k']} negatives per example but num_negatives = {cfg.num_negatives}")
     if cfg.ranked and not st["ranked"]:
         raise ValueError(
-            f"negatives_path {path} was made unranked; objective cpo_ranked needs ranked negatives: re-make them "
-            "with --objective cpo_ranked"
+            f"negatives_path {path} was made unranked; objective {cfg.objective} needs ranked negatives: re-make "
+            f"them with --objective {cfg.objective}"
         )
     if st.get("length_normalize") != cfg.length_normalize and cfg.reference in ("auto", "precomputed"):
         raise ValueError(

@@ -91,11 +91,15 @@ class RecordsToItems:
         pairs, _ = record_examples(records, self.cfg, self.tokenizer, self.name, context_tokens=self.context_tokens,
                                    decode=False)
         examples = [e for _, group in pairs for e in group]
-        return {
+        items = {
             "prefix_ids": [list(e.prefix_ids) for e in examples],
             "continuation_ids": [list(e.continuation_ids) for e in examples],
             "id": [str(e.meta["id"]) for e in examples],
         }
+        if any(e.rejected_ids is not None for e in examples):  # preference rows: their own negatives and scores
+            items["rejected_ids"] = [e.rejected_ids for e in examples]
+            items["scores"] = [e.scores for e in examples]
+        return items
 
 
 def _is_map_style(dataset) -> bool:

@@ -171,6 +171,10 @@ def _trainer(cfg, model, tokenizer, train_ds, eval_ds, offline_meta, callbacks, 
 
         trainer.add_callback(StreamPositionCallback(train_ds))
     trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
+    if cfg.uses_negatives:  # says in the log when the gold's own log-prob falls while the margins grow
+        from seqcpo.training.gold_watch import GoldLikelihoodMonitor
+
+        trainer.add_callback(GoldLikelihoodMonitor(cfg.gold_logp_window, cfg.gold_logp_max_drop))
     return trainer
 
 

@@ -42,8 +42,9 @@ from transformers import Trainer
 from seqcpo.batching import StepCounts, candidate_batch, collate_examples, local_step_counts, target_tokens
 from seqcpo.hf_model import unwrap_model
 from seqcpo.logps import sequence_logps
-from seqcpo.losses import cpo_loss_per_example, preference_metric_sums, step_loss
+from seqcpo.losses import LIST_OBJECTIVES, preference_loss_per_example, preference_metric_sums, step_loss
 from seqcpo.negatives import build_negative_generator
+from seqcpo.negatives.data import candidate_labels
 from seqcpo.reference import build_reference
 from seqcpo.seeding import example_generators
 from seqcpo.two_pass import two_pass_supported
@@ -113,7 +114,7 @@ class SeqCPOTrainer(Trainer):
             offline_has_ref_logps=bool(self.offline_meta and self.offline_meta.get("has_ref_logps")),
             reference_model=reference_model,
             reference_dtype=getattr(torch, args.reference_dtype) if args.reference_dtype else None,
-            layout=self.layout, pad_token_id=self.pad_token_id, length_normalize=args.length_normalize,
+            layout=self.layout, pad_token_id=self.pad_token_id, length_normalize=args.normalized_logps,
             chunk_size=args.logits_chunk_size,
         )
         if offline:
@@ -236,18 +237,31 @@ class SeqCPOTrainer(Trainer):
         scored = score_examples(
             examples, make, self.reference, source=self.mn_source, offline_rows=inputs.get("offline"), policy=model,
             policy_options=dict(pad_token_id=self.pad_token_id, chunk_size=cfg.logits_chunk_size,
-                                length_normalize=cfg.length_normalize),
+                                length_normalize=cfg.normalized_logps),
         )
         out = scored.policy if scored.policy is not None else self._policy_logps(model, scored.batch)
         ref = scored.ref_logps.to(out.logps.device)
         mask = torch.tensor(scored.batch.candidate_mask, dtype=torch.bool, device=out.logps.device)
         nll = -out.summed[:, 0].float().sum()
-        cpo = cpo_loss_per_example(out.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
+        cpo = self._preference_term(out.logps, ref, mask, scored.batch, examples).sum()
         sums = preference_metric_sums(out.logps.detach(), ref, cfg.beta, mask=mask)
         sums["loss/cpo"] = (cpo.item(), len(examples))
         n_neg = mask[:, 1:].numel()
         sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
         return nll, cpo, sums
+
+    def _preference_term(self, logps, ref, mask, batch: CandidateBatch, examples: list[Example]) -> torch.Tensor:
+        """The objective's per-example preference loss (B,); the list losses get their labels / targets from the
+        column order, the negatives' sources and the data's scores (:func:`seqcpo.negatives.data.candidate_labels`)."""
+        cfg = self.cfg
+        labels = targets = None
+        if cfg.objective in LIST_OBJECTIVES:
+            sources = batch.sources or [["synthetic"] * (batch.num_candidates - 1) for _ in examples]
+            lab, tgt = candidate_labels(examples, sources, cfg.ranked)
+            labels = torch.tensor(lab, dtype=torch.float32, device=logps.device)
+            targets = torch.tensor(tgt, dtype=torch.float32, device=logps.device)
+        return preference_loss_per_example(cfg.objective, logps, ref, cfg.beta, mask=mask, labels=labels,
+                                           targets=targets, margin=cfg.target_margin, alpha=cfg.infonca_alpha)
 
     def _policy_logps(self, model, batch: CandidateBatch, mle: bool = False):
         """The policy's log-probs of ``batch``; ``mle``: the summed gold NLL of a gold-only batch."""
@@ -257,7 +271,7 @@ class SeqCPOTrainer(Trainer):
         )
         out = sequence_logps(
             model, batch, layout=layout, pad_token_id=self.pad_token_id,
-            length_normalize=False if mle else self.cfg.length_normalize, chunk_size=self.cfg.logits_chunk_size,
+            length_normalize=False if mle else self.cfg.normalized_logps, chunk_size=self.cfg.logits_chunk_size,
             head_in_forward=self.head_in_forward,
         )
         return -out.summed[:, 0].float().sum() if mle else out

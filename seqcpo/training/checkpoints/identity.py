@@ -116,8 +116,10 @@ def model_fingerprint(name_or_path: str) -> str | None:
 def _split_matters(config: dict[str, Any]) -> bool:
     """Whether how a step is split (per-device batch, accumulation, processes) decides it, not only the global
     batch: steps are split-invariant except for batch negatives (BN) drawn live, which come from each
-    micro-batch (NOTES_split.md; tests/test_split_invariance.py)."""
-    if config.get("objective") not in ("cpo", "cpo_ranked", "dpo") or config.get("negatives_path"):
+    micro-batch (tests/test_split_invariance.py)."""
+    from seqcpo.training.config import PREFERENCE_OBJECTIVES
+
+    if config.get("objective") not in PREFERENCE_OBJECTIVES or config.get("negatives_path"):
         return False
     return "bn" in {part.split(":")[0].strip().lower() for part in str(config.get("negatives", "")).split(",")}
 

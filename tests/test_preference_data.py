@@ -1,0 +1,145 @@
+"""Preference data in: TRL's standard and conversational formats (explicit and implicit prompt), several rejected
+answers, ranked lists with scores or ranks (ties), streaming, and one-line errors naming file, row and field."""
+
+import json
+
+import pytest
+
+from conftest import make_toy_tokenizer
+from seqcpo.data import DataConfig, DataError, load_splits
+from seqcpo.data.examples import record_examples
+from seqcpo.data.sources import Record
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = make_toy_tokenizer()
+    t.chat_template = CHAT
+    return t
+
+
+def _one(tok, fields, **cfg):
+    pairs, stats = record_examples([Record("r0", fields, "prefs.jsonl line 3")], DataConfig(**cfg), tok, "prefs.jsonl")
+    assert len(pairs) == 1
+    return pairs[0][1][0], stats
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_standard_explicit_prompt_is_detected_and_tokenized_apart(tok):
+    ex, stats = _one(tok, {"prompt": "The quick", "chosen": " brown fox", "rejected": " lazy dog"})
+    assert ex.prefix_ids == _ids(tok, "The quick")
+    assert ex.continuation_ids == _ids(tok, " brown fox") + [tok.eos_token_id]
+    assert ex.rejected_ids == [_ids(tok, " lazy dog") + [tok.eos_token_id]]
+    assert ex.scores is None and ex.meta["format"] == "standard/pairs"
+    assert stats["rejected_answers"] == 1
+
+
+def test_standard_implicit_prompt_is_the_common_beginning(tok):
+    ex, _ = _one(tok, {"chosen": "Paris is the capital", "rejected": ["Paris is a city", "Paris is big"]})
+    assert ex.meta["prompt"] == "Paris is"  # the answers keep their leading space
+    assert ex.continuation_ids == _ids(tok, " the capital") + [tok.eos_token_id]
+    assert ex.rejected_ids == [_ids(tok, " a city") + [2], _ids(tok, " big") + [2]]
+    assert ex.meta["format"] == "standard/pairs/implicit"
+
+
+def test_conversational_rows_go_through_the_chat_template_and_score_the_answer_only(tok):
+    prompt = [{"role": "user", "content": "Name a city."}]
+    ex, _ = _one(tok, {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Paris"}],
+                       "rejected": [[{"role": "assistant", "content": "Bread"}], [{"role": "assistant", "content": "Fog"}]]})
+    prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert prompt_text.endswith("<|assistant|>") and ex.meta["prompt"] == prompt_text
+    assert ex.prefix_ids == _ids(tok, prompt_text)
+    assert ex.continuation_ids == _ids(tok, "Paris\n")  # the rest of prompt + answer, as the template ends it
+    assert ex.rejected_ids == [_ids(tok, "Bread\n"), _ids(tok, "Fog\n")]
+    # implicit prompt: the leading messages the conversations share
+    implicit, _ = _one(tok, {"chosen": prompt + [{"role": "assistant", "content": "Paris"}],
+                             "rejected": prompt + [{"role": "assistant", "content": "Bread"}]})
+    assert implicit.prefix_ids == ex.prefix_ids and implicit.continuation_ids == ex.continuation_ids
+    assert implicit.meta["format"] == "conversational/pairs/implicit"
+
+
+def test_ranked_lists_sort_best_first_with_ties_in_file_order(tok):
+    ex, _ = _one(tok, {"prompt": "Q", "completions": ["a fox", "the dog", "a cat", "salt"], "scores": [1, 3, 3, 0.5]})
+    assert ex.continuation_ids == _ids(tok, "the dog") + [2]  # the first listed of the two best
+    assert ex.rejected_ids == [_ids(tok, t) + [2] for t in ("a cat", "a fox", "salt")]
+    assert ex.scores == [3.0, 3.0, 1.0, 0.5]
+    by_rank, _ = _one(tok, {"prompt": "Q", "completions": ["a fox", "the dog"], "ranks": [2, 1]})
+    assert by_rank.continuation_ids == _ids(tok, "the dog") + [2] and by_rank.scores == [-1.0, -2.0]
+
+
+def test_answers_are_cut_to_the_context_and_counted(tok):
+    long = " ".join(["river"] * 30)
+    ex, stats = _one(tok, {"prompt": "Q", "chosen": long, "rejected": "fog"}, max_context_tokens=12)
+    assert len(ex.prefix_ids) + len(ex.continuation_ids) == 12 and ex.continuation_ids[-1] == 2
+    assert stats["continuation_truncated"] == 1
+    pairs, stats = record_examples([Record("r0", {"prompt": "Q", "chosen": long, "rejected": "fog"}, "f line 1")],
+                                   DataConfig(max_context_tokens=12, overlong="skip"), tok, "f")
+    assert pairs == [] and stats["skipped_long"] == 1
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"question": "x", "answer": "y"}, 'no preference format fits this row .*fields present: question, answer'),
+    ({"prompt": "x", "chosen": "  ", "rejected": "b"}, 'field "chosen" is empty'),
+    ({"prompt": "x", "chosen": "a", "rejected": ["b", ""]}, r'field "rejected\[1\]" is empty'),
+    ({"prompt": "x", "chosen": "a b", "rejected": ["c", " a b "]}, r'field "rejected\[1\]" equals the chosen answer'),
+    ({"prompt": "x", "completions": ["a", "b", "a"], "scores": [3, 2, 1]}, r'field "completions\[2\]" equals the chosen'),
+    ({"prompt": "x", "completions": ["a", "b"], "scores": [1]}, 'field "scores" must be a list of 2 numbers'),
+    ({"prompt": "x", "completions": ["a", "b"]}, 'field "completions" needs "scores"'),
+    ({"prompt": "x", "chosen": "a"}, 'field "chosen" without "rejected"'),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"}, 'field "prompt" must be a string'),
+    ({"chosen": "same start", "rejected": "same start and more"}, 'no field "prompt", and one answer is the others\' common beginning'),
+])
+def test_bad_rows_name_the_file_row_and_field(tok, fields, message):
+    with pytest.raises(DataError, match="^prefs.jsonl line 3: " + message):
+        record_examples([Record("r0", fields, "prefs.jsonl line 3")], DataConfig(task="preference"), tok, "prefs.jsonl")
+
+
+def test_a_prompt_with_no_room_for_the_answer_is_an_error(tok):
+    fields = {"prompt": "word " * 40, "chosen": "a", "rejected": "b"}
+    with pytest.raises(DataError, match='line 3: field "prompt" is .* leaves no room for an answer in the context of 20'):
+        _one(tok, fields, max_context_tokens=20)
+
+
+def test_conversational_rows_need_a_chat_template():
+    plain = make_toy_tokenizer()
+    with pytest.raises(DataError, match="line 3: a conversational row needs a tokenizer with a chat template"):
+        _one(plain, {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
+                     "rejected": [{"role": "assistant", "content": "b"}]})
+
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_a_file_loads_by_its_fields_and_errors_name_its_line(tok, tmp_path):
+    rows = [{"id": f"p{i}", "prompt": f"Q{i}", "chosen": f"the river {i}", "rejected": [f"fog {i}", f"salt {i}"]}
+            for i in range(6)]
+    path = _write(tmp_path / "prefs.jsonl", rows)
+    splits = load_splits(DataConfig(dataset=path, validation_size=1, test_size=1), tok)  # task left at its default
+    assert len(splits.train) == 4 and all(len(e.rejected_ids) == 2 for e in splits.train)
+    bad = _write(tmp_path / "bad.jsonl", rows[:2] + [{"id": "x", "prompt": "Q", "chosen": "a", "rejected": "a"}])
+    with pytest.raises(DataError, match=r'bad.jsonl line 3: field "rejected" equals the chosen answer'):
+        load_splits(DataConfig(dataset=bad, validation_size=0, test_size=0), tok)
+
+
+def test_streaming_items_carry_the_rejected_answers(tok, tmp_path):
+    from seqcpo.data.streaming import load_streaming
+
+    rows = [{"id": f"p{i}", "prompt": f"Q{i}", "completions": [f"fog {i}", f"the river {i}"], "scores": [0, 1]}
+            for i in range(5)]
+    path = _write(tmp_path / "ranked.jsonl", rows)
+    data = load_streaming(DataConfig(dataset=path, streaming=True, validation_size=0, test_size=0), tok,
+                          need_validation=False)
+    it = iter(data.train(tok))
+    first = next(it)
+    assert first["continuation_ids"] == _ids(tok, "the river 0") + [2]
+    assert first["rejected_ids"] == [_ids(tok, "fog 0") + [2]] and first["scores"] == [1.0, 0.0]
