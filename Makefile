@@ -16,14 +16,20 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 
 setup: $(STAMP)
 
+# test-only packages (pyproject's `test` extra): TRL, for the equality test of our DPO with its DPOTrainer
+TEST_STAMP := $(VENV)/.seqcpo-test-installed
+$(TEST_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "trl==1.16.0"
+	touch $(TEST_STAMP)
+
 # Train CPO (K = 4 cheap negatives) on the embedded default model and data, then reload and generate.
 demo: setup
 	$(BIN)/python -m seqcpo.demo
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 bench: setup
