@@ -118,9 +118,15 @@ class StepCounts:
     examples: int
 
 
-def local_step_counts(batches: Sequence[dict[str, Any]]) -> tuple[int, int]:
-    """``(target tokens, examples)`` of one process's micro-batches (collated by :func:`collate_examples`)."""
+def local_step_counts(batches: Sequence[dict[str, Any]], anchors=None) -> tuple[int, int]:
+    """``(target tokens, examples)`` of one process's micro-batches (collated by :func:`collate_examples`).
+
+    ``anchors``: for document rows, ``n -> the anchors of a row of n tokens``
+    (:func:`seqcpo.document_rows.anchor_count`); the second count is then the anchors, what the CPO term is
+    averaged over."""
     tokens = sum(
         target_tokens(p, c) for b in batches for p, c in zip(b["prefix_ids"], b["continuation_ids"])
     )
+    if anchors is not None:
+        return tokens, sum(anchors(len(p) + len(c)) for b in batches for p, c in zip(b["prefix_ids"], b["continuation_ids"]))
     return tokens, sum(len(b["ids"]) for b in batches)

@@ -50,6 +50,10 @@ def build_examples(
                 f"{source}: no usable examples: all {len(records)} documents are shorter than prefix_tokens + "
                 f"continuation_tokens = {need} tokens; lower prefix_tokens or continuation_tokens"
             )
+        if cfg.task == "document":
+            from seqcpo.data.documents import no_documents_error
+
+            raise no_documents_error(source, len(records))
         raise DataError(f"{source}: no usable examples from {len(records)} records")
     return groups, stats
 
@@ -67,6 +71,10 @@ def record_examples(
     ``prompt``/``reference`` texts of continuation windows (training does not read them)."""
     if cfg.task == "continuation":
         return _continuation_pairs(records, cfg, tokenizer, source, context_tokens, decode)
+    if cfg.task == "document":
+        from seqcpo.data.documents import document_pairs
+
+        return document_pairs(records, cfg, tokenizer, source, context_tokens, decode)
     return _instruction_pairs(records, cfg, tokenizer, source, context_tokens)
 
 
@@ -253,6 +261,15 @@ def _instruction_pairs(records, cfg, tokenizer, source, context_tokens):
 def describe_counts(stats: dict[str, Any], cfg: DataConfig) -> list[str]:
     """The log notes for what was skipped or cut (nothing over-long is cut without a word in the log)."""
     notes = []
+    if cfg.task == "document":
+        if stats.get("skipped_short"):
+            notes.append(f"{stats['skipped_short']} empty or one-token documents skipped")
+        if stats.get("documents_chunked"):
+            notes.append(f"{stats['documents_chunked']} documents longer than max_length={cfg.max_length} tokens "
+                         "cut into several rows")
+        if stats.get("skipped_bad"):
+            notes.append(f"{stats['skipped_bad']} malformed records skipped")
+        return notes
     if stats.get("skipped_short"):
         need = cfg.prefix_tokens + cfg.continuation_tokens
         notes.append(f"{stats['skipped_short']} documents shorter than {need} tokens skipped")

@@ -258,7 +258,12 @@ class SeqCPOTrainer(Trainer):
             except StopIteration:
                 break
         # one all-reduce: this step's counts, and the metric sums of the previous step if no log took them
-        counts, previous = self._pooled("train", device, extra=local_step_counts(batches))
+        anchors = None
+        if self.cfg.task == "document" and self.cfg.uses_negatives:  # the CPO term averages over anchors
+            from seqcpo.training.document_step import anchor_counter
+
+            anchors = anchor_counter(self.cfg)
+        counts, previous = self._pooled("train", device, extra=local_step_counts(batches, anchors))
         self._close_step(previous)
         tokens, examples = (int(x) for x in counts.tolist())
         self._epoch = int(math.floor(self.state.epoch or 0))  # the epoch this step belongs to
@@ -321,6 +326,11 @@ class SeqCPOTrainer(Trainer):
             nll = -out.summed[:, 0].float().sum()
             loss = nll * (scale / tokens_norm)
             sums["loss/mle"] = (nll.item(), n_tokens)
+        elif cfg.task == "document":  # MLE on every row token, CPO at anchors (seqcpo.training.document_step)
+            from seqcpo.training.document_step import document_loss
+
+            loss, doc_sums = document_loss(self, model, inputs, num_items_in_batch)
+            sums.update(doc_sums)
         else:
             batch, out, ref = self._score(model, inputs, examples, training=training)
             ref = ref.to(out.logps.device)
