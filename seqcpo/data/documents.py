@@ -1,10 +1,12 @@
 """Records -> document rows for ``task: document`` (continued pre-training on whole documents).
 
-Each document is tokenized whole (``add_special_tokens=False``) and cut into chunks: chunk ``c`` holds the
-leading special tokens the tokenizer puts before a plain string (a BOS for Llama tokenizers, nothing for GPT-2 or
-SmolLM2) and then body tokens ``[c * W, (c + 1) * W)``, ``W = max_length - len(lead)``. Every token of the
-document is in exactly one chunk, so a document is used to its end: a long one gives several chunks (its last one
-shorter), a short one a single short chunk. A chunk of fewer than two tokens has nothing to predict and is
+Each document is tokenized whole (``add_special_tokens=False``) and cut into chunks of at most ``max_length``
+tokens. Chunk 0 holds the leading special tokens the tokenizer puts before a plain string (a BOS for Llama
+tokenizers, nothing for GPT-2 or SmolLM2) and the document's first tokens; every later chunk starts with the last
+token of the chunk before it, as context only (attention never crosses chunks, so that token is predicted in the
+chunk before and conditions the next one here). Every token of the document but its first is therefore predicted
+exactly once, and a document is used to its end: a long one gives several chunks (its last one shorter), a short
+one a single short chunk. A document of one token without a leading special token has nothing to predict and is
 skipped (counted).
 
 A chunk travels as an :class:`~seqcpo.types.Example` whose ``prefix_ids`` is its first token and whose
@@ -69,10 +71,7 @@ def document_pairs(records: list[Record], cfg: DataConfig, tokenizer: Any, sourc
     skipped = chunks = tokens = long_docs = 0
     for record, ids, (_, category) in zip(records, token_lists, values):
         group = []
-        for c, start in enumerate(range(0, len(ids), width)):
-            row = lead + ids[start:start + width]
-            if len(row) < 2:
-                continue  # a one-token tail (or an empty document): nothing to predict
+        for c, row in enumerate(_chunks(lead, ids, width, cfg.max_length)):
             meta = {
                 "id": record.id if c == 0 else f"{record.id}#{c}",
                 "category": category,
@@ -102,6 +101,17 @@ def document_pairs(records: list[Record], cfg: DataConfig, tokenizer: Any, sourc
         "documents_chunked": long_docs,
     }
     return pairs, stats
+
+
+def _chunks(lead: list[int], ids: list[int], width: int, max_length: int) -> list[list[int]]:
+    """The rows of one document (see the module docstring): ``lead + ids[:width]``, then windows of
+    ``max_length`` tokens that each start on the last token of the one before; none with fewer than 2 tokens."""
+    rows = [lead + ids[:width]] if len(lead) + len(ids[:width]) >= 2 else []
+    start = width  # the first token no row has predicted yet
+    while start < len(ids):
+        rows.append(ids[start - 1:start - 1 + max_length])
+        start += max_length - 1
+    return rows
 
 
 def no_documents_error(source: str, n_records: int) -> DataError:
