@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
+from seqcpo.data.fields import _extract, _text, _tokenize, leading_special_ids
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -33,8 +34,6 @@ from seqcpo.types import Example
 def document_limits(cfg: DataConfig, tokenizer: Any, context_tokens: int | None = None) -> int:
     """Body tokens per chunk, ``max_length`` minus the leading special tokens; :class:`DataError` when
     ``max_length`` exceeds the context (the model's ``max_position_embeddings`` or ``max_context_tokens``)."""
-    from seqcpo.data.examples import leading_special_ids
-
     lead = len(leading_special_ids(tokenizer)) if tokenizer is not None else 0
     limits = [v for v in (cfg.max_context_tokens, context_tokens) if v]
     if limits and cfg.max_length > min(limits):
@@ -53,8 +52,6 @@ def document_limits(cfg: DataConfig, tokenizer: Any, context_tokens: int | None 
 def document_pairs(records: list[Record], cfg: DataConfig, tokenizer: Any, source: str,
                    context_tokens: int | None, decode: bool):
     """(record, its chunk examples) for every record that gives a chunk, in order, and the counts."""
-    from seqcpo.data.examples import _extract, _text, _tokenize, leading_special_ids
-
     width = document_limits(cfg, tokenizer, context_tokens)
     total = len(records)
     records, values, bad = _extract(

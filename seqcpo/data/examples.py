@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
+from seqcpo.data.fields import _extract, _text, _tokenize, leading_special_ids  # noqa: F401 (re-exported)
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -332,16 +333,6 @@ def render_prompt(instruction: str, context: str, tokenizer: Any, template: str 
     return PLAIN_TEMPLATE_NO_CONTEXT.format(instruction=instruction)
 
 
-def leading_special_ids(tokenizer: Any) -> list[int]:
-    """Special tokens the tokenizer puts before a plain string (e.g. Llama's BOS); [] for GPT-2/SmolLM2."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for start in range(len(with_special) - len(plain) + 1):
-        if with_special[start : start + len(plain)] == plain:
-            return list(with_special[:start])
-    return []
-
-
 # -- helpers
 
 
@@ -357,53 +348,3 @@ def _template_mode(template: str, tokenizer: Any) -> str:
     if template not in ("chat", "plain"):
         raise ValueError(f"prompt_template={template!r}: choose auto, plain or chat")
     return template
-
-
-def _extract(records: list[Record], cfg: DataConfig, fields: Any) -> tuple[list[Record], list[tuple], int]:
-    """Apply ``fields(record)`` to every record; a malformed record raises, or is skipped and counted when
-    ``cfg.skip_bad_records``. Returns (kept records, their field tuples, number skipped)."""
-    kept, values, problems = [], [], []
-    for r in records:
-        try:
-            values.append(fields(r))
-        except DataError as e:
-            if not cfg.skip_bad_records:
-                raise
-            problems.append(str(e))
-            continue
-        kept.append(r)
-    if problems:
-        shown = "; ".join(problems[:3])
-        logger.warning("skipped %d malformed records (skip_bad_records=True): %s%s", len(problems), shown,
-                       "; ..." if len(problems) > 3 else "")
-    return kept, values, len(problems)
-
-
-def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_empty: bool = False) -> str:
-    """The string field that ``cfg.<option>`` names, stripped; "" for a missing optional one.
-
-    Errors name the record's location, the field, and the option that maps another name.
-    """
-    name = getattr(cfg, option)
-    fields = record.fields
-    if fields.get(name) is None:
-        if not required:
-            return ""
-        present = ", ".join(map(str, fields)) or "none"
-        state = "missing field" if name not in fields else "null field"
-        raise DataError(
-            f'{record.where}: {state} "{name}" (fields present: {present}); map another name with {option}'
-        )
-    value = fields[name]
-    if not isinstance(value, str):
-        raise DataError(f'{record.where}: field "{name}" must be a string, got {type(value).__name__}')
-    value = value.strip()
-    if required and not value and not allow_empty:
-        raise DataError(f'{record.where}: field "{name}" is empty')
-    return value
-
-
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]

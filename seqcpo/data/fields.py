@@ -1,0 +1,73 @@
+"""Reading the fields of records, shared by every task's example builder (:mod:`seqcpo.data.examples`,
+:mod:`seqcpo.data.documents`): typed text fields with errors that name the record, the skip-and-count rule for
+malformed records, batched tokenization, and the special tokens a tokenizer puts before a plain string."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from seqcpo.data.config import DataConfig, DataError
+from seqcpo.data.sources import Record
+
+logger = logging.getLogger("seqcpo.data.examples")
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """Special tokens the tokenizer puts before a plain string (e.g. Llama's BOS); [] for GPT-2/SmolLM2."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
+def _extract(records: list[Record], cfg: DataConfig, fields: Any) -> tuple[list[Record], list[tuple], int]:
+    """Apply ``fields(record)`` to every record; a malformed record raises, or is skipped and counted when
+    ``cfg.skip_bad_records``. Returns (kept records, their field tuples, number skipped)."""
+    kept, values, problems = [], [], []
+    for r in records:
+        try:
+            values.append(fields(r))
+        except DataError as e:
+            if not cfg.skip_bad_records:
+                raise
+            problems.append(str(e))
+            continue
+        kept.append(r)
+    if problems:
+        shown = "; ".join(problems[:3])
+        logger.warning("skipped %d malformed records (skip_bad_records=True): %s%s", len(problems), shown,
+                       "; ..." if len(problems) > 3 else "")
+    return kept, values, len(problems)
+
+
+def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_empty: bool = False) -> str:
+    """The string field that ``cfg.<option>`` names, stripped; "" for a missing optional one.
+
+    Errors name the record's location, the field, and the option that maps another name.
+    """
+    name = getattr(cfg, option)
+    fields = record.fields
+    if fields.get(name) is None:
+        if not required:
+            return ""
+        present = ", ".join(map(str, fields)) or "none"
+        state = "missing field" if name not in fields else "null field"
+        raise DataError(
+            f'{record.where}: {state} "{name}" (fields present: {present}); map another name with {option}'
+        )
+    value = fields[name]
+    if not isinstance(value, str):
+        raise DataError(f'{record.where}: field "{name}" must be a string, got {type(value).__name__}')
+    value = value.strip()
+    if required and not value and not allow_empty:
+        raise DataError(f'{record.where}: field "{name}" is empty')
+    return value
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
