@@ -3,7 +3,7 @@
 A row is one chunk of one document (:mod:`seqcpo.data.documents`), ``n`` tokens. An *anchor* ``a``
 (1 <= a <= n - C) splits it: the prefix ``x`` is the row's first ``a`` tokens, the gold ``y_0`` its next ``C``
 (``continuation_tokens``), and K negatives ``y_1 .. y_K`` are made for that (x, y_0) pair exactly as for a window
-(docs/method.md, "Negatives"). The loss (docs/method.md, "The objective") is the MLE term over every predicted
+(docs/method.md, "Negatives"). The loss (docs/method.md, "The objective", "Tasks") is the MLE term over every predicted
 token of every row plus lambda times the CPO term averaged over the step's anchors.
 
 One sequence holds a micro-batch's rows, each followed by its anchors' negative continuations as branches::
