@@ -184,7 +184,7 @@ def test_mn_logits_from_the_row_pass_are_the_window_pass_logits():
         torch.testing.assert_close(g, w.float(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["tn", "bn", "mn", "tn:1,bn:1,mn:1"])
+@pytest.mark.parametrize("spec", ["tn", "bn", "mn", "an", "tn:1,bn:1,mn:1,an:1"])
 def test_negatives_at_anchors_are_per_anchor_windows(spec):
     """Every source at anchors: TN cuts and MN replacements of the anchor's gold, BN other anchors' golds; an
     anchor's TN / MN negatives come from its own generator (the same alone as with the others)."""
@@ -194,8 +194,9 @@ def test_negatives_at_anchors_are_per_anchor_windows(spec):
     anchors = [[3, 12, 30], [5, 20]]
     examples = anchor_examples(rows, ["d0", "d1"], anchors, C)
     assert [e.meta["id"] for e in examples] == ["d0@3", "d0@12", "d0@30", "d1@5", "d1@20"]
-    k = 3 if "," in spec else 2
-    gen = build_negative_generator(spec, k, model=model, eos_token_id=TINY_EOS, pad_token_id=TINY_PAD)
+    k = 4 if "," in spec else 2
+    gen = build_negative_generator(spec, k, model=model, eos_token_id=TINY_EOS, pad_token_id=TINY_PAD,
+                                   options={"an_max_new_tokens": C, "an_batch_size": 2})
     lay = build_document_layout(rows, anchors, None, C)
     logits = anchor_gold_logits(model, lay, C)
     rngs = lambda exs: example_generators(0, [e.meta["id"] for e in exs], 0, "negatives")  # noqa: E731
@@ -208,11 +209,48 @@ def test_negatives_at_anchors_are_per_anchor_windows(spec):
                 assert ids in golds and ids != ex.continuation_ids
             elif source == "tn":
                 assert ids[-1] == TINY_EOS and ids[:-1] == ex.continuation_ids[: len(ids) - 1]
+            elif source == "an":
+                assert 1 <= len(ids) <= C
             else:
                 assert len(ids) == C
         if "bn" not in spec:
             one = {"gold_logits": logits[b:b + 1]} if "mn" in spec else {}
             assert gen([ex], k, rngs([ex]), **one).ids[0] == row
+
+
+def test_checkpointing_and_flex_paths_give_the_same_numbers():
+    """Under activation checkpointing (no FlexAttention) each row runs its own forward on its dense mask; without
+    gradients the FlexAttention block mask runs on CPU: both equal the per-row SDPA path."""
+    rows = _rows(lengths=(30, 14, 22))
+    anchors, C = [[2, 20], [5], [1, 9]], 4
+    negs = [[[7, 8, 9], [10]] for _ in range(5)]
+    lay = build_document_layout(rows, anchors, negs, C)
+    model = make_tiny_llama()
+    model.train()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = document_logps(model, lay)
+        (out.row_summed.sum() + out.anchors.logps.sum()).backward()
+        return out.anchors.logps.detach(), out.row_summed.detach(), _grads(model)
+
+    plain = run()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = run()
+    model.gradient_checkpointing_disable()
+    for a, b in zip(plain, checkpointed):
+        assert _relative(b, a) < REL
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler for inductor's CPU FlexAttention kernel")
+    torch._dynamo.reset()  # a fresh compile cache (see tests/test_packing.py)
+    model.eval()
+    with torch.no_grad():
+        model.config._attn_implementation = "flex_attention"
+        flex = document_logps(model, lay)
+    torch.testing.assert_close(flex.anchors.logps, plain[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flex.row_summed, plain[1], atol=1e-4, rtol=1e-4)
 
 
 # ---- through the trainer

@@ -201,9 +201,13 @@ def data_config_from_args(args):
 
     flags = {DATA_OVERRIDES[d]: getattr(args, d) for d in DATA_OVERRIDES if getattr(args, d, None) is not None}
     try:
-        return load_dataclass(DataConfig, args.data_config, flags, section="data")
+        cfg = load_dataclass(DataConfig, args.data_config, flags, section="data")
     except ConfigError as e:
         raise SystemExit(f"seqcpo: error: {e}") from None
+    if cfg.task == "document":  # a document row has no prompt to continue: evaluate on windows of the same data
+        raise SystemExit("seqcpo: error: task=document (from --data-config) trains on document rows; evaluate on "
+                         "windows of the same data: --task continuation --prefix-tokens P --continuation-tokens C")
+    return cfg
 
 
 def _labels(args) -> list[str]:
