@@ -2,7 +2,7 @@
 optimizer step holds.
 
 Data flows one way (README, "Development"): an item ``{"prefix_ids", "continuation_ids", "id"[, "offline"][, "epoch"]}``
--> :func:`collate_examples` (python lists) -> :func:`candidate_batch` (gold + negatives,
+-> :func:`collate_examples` (:class:`~seqcpo.types.Example` objects) -> :func:`candidate_batch` (gold + negatives,
 :class:`~seqcpo.types.CandidateBatch`) -> log-probs -> loss. :class:`StepCounts` is what the trainer divides by
 so that a step does not depend on how its examples were split into micro-batches and processes.
 """
@@ -44,24 +44,28 @@ class ExampleDataset(Dataset):
 
 
 def collate_examples(features: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists of items -> one batch dict of python lists (token ids stay lists until the layout is built).
+    """Dataset items -> one batch: the :class:`~seqcpo.types.Example` of every item (token ids stay python
+    lists until a layout is built), their fixed negatives, and the epoch each was drawn in.
 
     An item may carry the ``epoch`` it was drawn in (a streaming dataset does); the trainer seeds the
     example's draws with it (:mod:`seqcpo.seeding`), else with the trainer's own epoch.
 
     >>> collate_examples([{"prefix_ids": [1, 2], "continuation_ids": [3], "id": "a"}])
-    {'prefix_ids': [[1, 2]], 'continuation_ids': [[3]], 'ids': ['a'], 'offline': None, 'epochs': None}
+    {'examples': [Example(prefix_ids=[1, 2], continuation_ids=[3], meta={'id': 'a'})], 'offline': None, 'epochs': None}
     """
     return {
-        "prefix_ids": [f["prefix_ids"] for f in features],
-        "continuation_ids": [f["continuation_ids"] for f in features],
-        "ids": [f["id"] for f in features],
+        "examples": [
+            Example(prefix_ids=list(f["prefix_ids"]), continuation_ids=list(f["continuation_ids"]), meta={"id": str(f["id"])})
+            for f in features
+        ],
         "offline": [f["offline"] for f in features] if "offline" in features[0] else None,
         "epochs": [int(f["epoch"]) for f in features] if "epoch" in features[0] else None,
     }
 
 
-def _negatives_from_offline(rows: list[dict]) -> tuple[Negatives, torch.Tensor | None]:
+def negatives_from_offline(rows: list[dict]) -> tuple[Negatives, torch.Tensor | None]:
+    """Rows of ``seqcpo negatives`` (:mod:`seqcpo.training.offline`) -> their :class:`Negatives` and the
+    (B, K+1) reference log-probs stored with them (None when they have none)."""
     neg = Negatives(
         ids=[r["negatives"] for r in rows],
         valid=[r["valid"] for r in rows],
@@ -124,9 +128,8 @@ def local_step_counts(batches: Sequence[dict[str, Any]], anchors=None) -> tuple[
     ``anchors``: for document rows, ``n -> the anchors of a row of n tokens``
     (:func:`seqcpo.document_rows.anchor_count`); the second count is then the anchors, what the CPO term is
     averaged over."""
-    tokens = sum(
-        target_tokens(p, c) for b in batches for p, c in zip(b["prefix_ids"], b["continuation_ids"])
-    )
+    examples = [e for b in batches for e in b["examples"]]
+    tokens = sum(target_tokens(e.prefix_ids, e.continuation_ids) for e in examples)
     if anchors is not None:
-        return tokens, sum(anchors(len(p) + len(c)) for b in batches for p, c in zip(b["prefix_ids"], b["continuation_ids"]))
-    return tokens, sum(len(b["ids"]) for b in batches)
+        return tokens, sum(anchors(len(e.prefix_ids) + len(e.continuation_ids)) for e in examples)
+    return tokens, len(examples)

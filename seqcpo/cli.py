@@ -30,6 +30,12 @@ def _config(args, extra: list[str]):
 def cmd_train(args, extra) -> int:
     from seqcpo.training.run import train
 
+    if args.dry_run:  # resolve config, model shape, data and first batch; print the plan (seqcpo.training.dry_run)
+        from seqcpo.training.config import parse_overrides
+        from seqcpo.training.dry_run import dry_run
+
+        print(dry_run(args.config, parse_overrides(extra)))
+        return 0
     cfg = _config(args, extra)
     out = train(cfg)
     out.pop("trainer", None)
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (config YAML + --key value overrides)")
     t.add_argument("--config", help="YAML config; every field can also be given as --key value")
+    t.add_argument("--dry-run", action="store_true", help="print the plan and a memory estimate; train nothing")
     t.set_defaults(func=cmd_train, takes_overrides=True)
 
     n = sub.add_parser("negatives", help="make fixed negatives with reference log-probs (resumable)")

@@ -28,21 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from seqcpo.hf_model import (  # noqa: F401 - cache_kwarg, output_cache, unwrap_model: re-exported for callers
-    attn_implementation,
-    cache_kwarg,
-    final_hidden,
-    model_dtype,
-    needs_grad,
-    output_cache,
-    unwrap_model,
-    use_attention,
-    warn_once,
-)
+from seqcpo.hf_model import attn_implementation, final_hidden, model_dtype, needs_grad, use_attention, warn_once
 from seqcpo.packing import packed_sequence_logps, packed_tokens, packing_supported
 from seqcpo.padding import pad_batch
 from seqcpo.prefix_shared import PrefixSharedBatch, build_prefix_shared_batch, check_batch
-from seqcpo.token_logps import SequenceLogps, sum_token_logps, token_logps_from_hidden  # noqa: F401 - re-exported
+from seqcpo.token_logps import SequenceLogps, sum_token_logps, token_logps_from_hidden
 from seqcpo.two_pass import two_pass_sequence_logps, two_pass_supported, two_pass_tokens
 from seqcpo.types import CandidateBatch
 

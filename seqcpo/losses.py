@@ -123,6 +123,41 @@ def mle_loss(gold_logps: torch.Tensor, gold_token_counts: torch.Tensor) -> torch
     return -gold_logps.float().sum() / total
 
 
+
+def step_loss(
+    mle_sum: torch.Tensor,
+    cpo_sum: torch.Tensor | None = None,
+    *,
+    tokens: int,
+    examples: int,
+    mle_weight: float = 1.0,
+    cpo_lambda: float = 1.0,
+    processes: int = 1,
+) -> torch.Tensor:
+    """One micro-batch's share of an optimizer step's loss (docs/method.md, "The objective").
+
+    ``L = mle_weight * mle_sum / tokens + cpo_lambda * cpo_sum / examples``, times ``processes``:
+
+    Args:
+        mle_sum: scalar, the SUM of this micro-batch's gold-token losses (MLE or PSS negative log-likelihood).
+        cpo_sum: scalar, the SUM of its per-example CPO / DPO losses; None for MLE / PSS alone.
+        tokens: gold target tokens of the whole step (every micro-batch, every process); 0 counts as 1.
+        examples: examples of the whole step; 0 counts as 1.
+        mle_weight, cpo_lambda: the weights of the two terms.
+        processes: the number of processes, whose gradients DDP / FSDP / DeepSpeed average: multiplying by it
+            turns that average back into the sum, so the step's gradient is the gradient of the sum over its
+            micro-batches and processes of these shares, whatever the split.
+
+    Returns:
+        A scalar in ``mle_sum``'s dtype. Summed over a step's micro-batches and processes it is the token-mean
+        MLE plus lambda times the example-mean CPO of the whole step.
+    """
+    loss = mle_weight * mle_sum / max(int(tokens), 1)
+    if cpo_sum is not None:
+        loss = loss + cpo_lambda * cpo_sum / max(int(examples), 1)
+    return loss * processes
+
+
 #: the names :func:`preference_metrics` and :func:`preference_metric_sums` return, in their order
 PREFERENCE_METRICS = (
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "rewards/strongest_rejected",

@@ -65,6 +65,7 @@ class EmbeddedModel:
     gguf_file: str
     description: str
     license: str
+    hub_id: str = ""  # the upstream Hugging Face Hub model the GGUF was made from (a model card's base_model)
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -75,6 +76,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, vocab 49152, ChatML "
         "chat template), de-quantized from 4-bit Q4_1 GGUF to dense fp32",
         license="Apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

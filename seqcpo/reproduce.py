@@ -60,13 +60,16 @@ from typing import Any, Sequence
 
 from seqcpo.config_loader import ConfigError, check_output_dir, coerce, read_yaml, resolve, unknown_key_error
 from seqcpo.evaluation.config import EvalConfig, check_judge
+from seqcpo.grid.controls import ControlSpec, discrimination, informative, parse_controls
 from seqcpo.io import atomic_write_json, atomic_write_jsonl
 from seqcpo.training.config import load_config
 
 logger = logging.getLogger("seqcpo")
 
-GRID_KEYS = ("name", "out_dir", "base", "arms", "ensembles", "eval", "judge_arms", "paired")
+GRID_KEYS = ("name", "out_dir", "base", "arms", "ensembles", "controls", "eval", "judge_arms", "paired")
 PAIRED_KEYS = {"resamples": 1000, "mauve_resamples": 200, "seed": 0, "confidence": 0.95}
+# how the paired stage computes its intervals: a change redoes every paired stage (they are cheap)
+PAIRED_METHOD = "per-item percentile; set-level half-sampling"
 # bump when the evaluate stage writes something new (per-item scores, features): old stages are redone
 EVALUATE_VERSION = 2
 # EvalConfig fields a grid sets itself (from its arms), and its own defaults for two others
@@ -96,6 +99,7 @@ class Arm:
     alpha: float | None = None
     seed_group: str | None = None  # the arm as written in the grid file, when ``seeds:`` expanded it
     offline_negatives: bool = False  # negatives made once before training (`seqcpo negatives`), then fixed
+    control: ControlSpec | None = None  # kind "control": a degraded copy of arm ``control.of`` (seqcpo.grid.controls)
 
 
 @dataclasses.dataclass
@@ -193,6 +197,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 arms.append(Arm(arm_name, "train" if trained else "model", merged,
                                 seed_group=None if sd is None else name, offline_negatives=offline))
         ensembles = _ensembles(where, raw.get("ensembles") or [], arms)
+        try:
+            controls = parse_controls(where, raw.get("controls"), [a.name for a in arms])
+        except ValueError as e:
+            raise GridError(str(e)) from None
+        arms += [Arm(c.name, "control", next(a for a in arms if a.name == c.of).overrides, control=c)
+                 for c in controls]
         names = [a.name for a in arms]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -281,6 +291,49 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Fields that decide what a run logs, saves or shows, never its weights (training is deterministic on CPU and these
+# leave every random draw alone: tests/test_quality.py, tests/test_training.py). They are left out of the training
+# fingerprint so that a finished arm stays finished when they change. FROZEN for the resolving grid: a change to
+# this list or to what train_fp hashes changes finished arms' fingerprints and must say so in its commit.
+BOOKKEEPING_FIELDS = frozenset({
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "run_name", "report_to",
+    "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
+    "eval_strategy", "eval_steps", "per_device_eval_batch_size", "dataloader_num_workers",
+    "quality_examples", "quality_split", "quality_embeddings", "quality_samples",
+})
+
+
+MODEL_FIELDS = ("model_name_or_path", "model_dtype", "trust_remote_code", "attn_implementation")
+
+
+def weight_fields(overrides: dict[str, Any]) -> dict[str, Any]:
+    """An arm's fields less :data:`BOOKKEEPING_FIELDS`: what its trained weights depend on.
+
+    >>> weight_fields({"learning_rate": 1e-5, "logging_steps": 5, "eval_steps": 50})
+    {'learning_rate': 1e-05}
+    """
+    return {k: v for k, v in overrides.items() if k not in BOOKKEEPING_FIELDS}
+
+
+def non_default_fields(obj) -> dict[str, Any]:
+    """A dataclass's fields that differ from their defaults: a fingerprint of it stays the same when a later
+    version adds a field (at its default), and changes when a value or a default that applies changes."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(obj, f.name)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING or value != default:
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def scoring_key(ev: EvalConfig) -> dict:
+    """What decides the scores of given generations (the evaluate stage's fingerprint; frozen like
+    :data:`BOOKKEEPING_FIELDS`)."""
+    return {"judge": non_default_fields(ev.judge), "order": ev.order, "order_seed": ev.order_seed, "mauve": ev.mauve,
+            "baseline": ev.baseline}
+
+
 def read_done(folder: Path) -> dict | None:
     """The stage's ``done.json``, or None when the stage has not finished."""
     try:
@@ -322,7 +375,13 @@ class _Runner:
             ens = self._ensemble(arm)
             return fingerprint(["ensemble", self.train_fp(self.grid.arm(ens.from_arm)),
                                 self.train_fp(self.grid.arm(ens.to_arm)), arm.alpha])
-        return fingerprint([arm.kind, arm.overrides] + (["offline_negatives"] if arm.offline_negatives else []))
+        if arm.kind == "control":
+            c = arm.control
+            return fingerprint(["control", self.train_fp(self.grid.arm(c.of)), c.kind, c.temperature])
+        if arm.kind == "model":  # untrained: only the model and its dtype decide its weights
+            return fingerprint(["model", {k: arm.overrides[k] for k in MODEL_FIELDS if k in arm.overrides}])
+        return fingerprint([arm.kind, weight_fields(arm.overrides)]
+                           + (["offline_negatives"] if arm.offline_negatives else []))
 
     def negatives_dir(self, arm: Arm) -> Path:
         return self.out / "negatives" / arm.name
@@ -334,7 +393,7 @@ class _Runner:
             return None
         folder, fp = self.negatives_dir(arm), self.train_fp(arm)
         done = read_done(folder)
-        if done is not None and done["fingerprint"] == fp:
+        if done is not None and done["fingerprint"] == fp and any(folder.glob("*.parquet")):
             logger.info("grid: %s: negatives made already, skipped", arm.name)
             return done
         from seqcpo.training import run as training_run
@@ -351,7 +410,9 @@ class _Runner:
                             ens.alphas])
 
     def train_done(self, arm: Arm) -> dict | None:
-        """The finished training (or ensemble) stage of ``arm``, or None."""
+        """The finished training (or ensemble) stage of ``arm``, or None (a control: its source's)."""
+        if arm.kind == "control":
+            return self.train_done(self.grid.arm(arm.control.of))
         folder = self.ensemble_dir(arm.ensemble) if arm.kind == "ensemble" else self.arm_dir(arm)
         done = read_done(folder)
         expected = self.ensemble_fp(self._ensemble(arm)) if arm.kind == "ensemble" else self.train_fp(arm)
@@ -362,9 +423,9 @@ class _Runner:
         raise GridError(f"{self.grid.path}: arm {arm.name!r} was trained with another config than the grid now gives "
                         f"({folder / 'done.json'}); delete {folder} to retrain it, or set another out_dir")
 
-    def train(self, arm: Arm) -> dict:
+    def train(self, arm: Arm, force: bool = False) -> dict:
         done = self.train_done(arm)
-        if done is not None:
+        if done is not None and not force:
             logger.info("grid: %s: trained already (%s), skipped", arm.name, done["finished_utc"])
             return done
         folder = self.arm_dir(arm)
@@ -388,20 +449,19 @@ class _Runner:
         gc.collect()
         return write_done(folder, "train", self.train_fp(arm), info)
 
-    def interpolate(self, ens: Ensemble) -> dict:
+    def interpolate(self, ens: Ensemble, force: bool = False) -> dict:
         from seqcpo.ensemble import interpolate_checkpoints
 
         done = self.train_done(next(a for a in self.grid.arms if a.ensemble == ens.name))
-        if done is not None:
+        if done is not None and not force:
             logger.info("grid: ensemble %s: written already, skipped", ens.name)
             return done
         ends = {}
         for key in (ens.from_arm, ens.to_arm):
-            d = self.train_done(self.grid.arm(key))
-            if d is None:
+            if self.train_done(self.grid.arm(key)) is None:
                 raise GridError(f"{self.grid.path}: ensemble {ens.name!r} needs arm {key!r} trained first; "
                                 f"run it too (--only {key} ...)")
-            ends[key] = d["checkpoint"]
+            ends[key] = self.weights(self.grid.arm(key))
         t0 = time.perf_counter()
         paths = interpolate_checkpoints(ends[ens.from_arm], ends[ens.to_arm], ens.alphas, self.ensemble_dir(ens.name))
         return write_done(self.ensemble_dir(ens.name), "ensemble", self.ensemble_fp(ens), {
@@ -409,15 +469,42 @@ class _Runner:
             "to": ends[ens.to_arm], "seconds": round(time.perf_counter() - t0, 1)})
 
     def checkpoint(self, arm: Arm) -> str:
+        """The arm's weights as recorded by its finished stage (a path that may not exist on this machine:
+        committed outputs travel without weights; :meth:`weights` makes them again)."""
+        if arm.kind == "control":
+            return self.checkpoint(self.grid.arm(arm.control.of))
         done = self.train_done(arm)
         if done is None:
             raise GridError(f"{self.grid.path}: arm {arm.name!r} has no checkpoint yet")
         return done["checkpoints"][f"{arm.alpha:g}"] if arm.kind == "ensemble" else done["checkpoint"]
 
+    def weights(self, arm: Arm) -> str:
+        """The arm's checkpoint folder, made again when its stage finished elsewhere (a fresh clone holds the
+        committed outputs, never weights): a trained arm is retrained (deterministic on CPU: the same weights),
+        an ensemble re-interpolated, the untrained model resolved again."""
+        if arm.kind == "control":
+            return self.weights(self.grid.arm(arm.control.of))
+        if arm.kind == "model":
+            from seqcpo.models import resolve_model_path
+
+            return resolve_model_path(arm.overrides.get("model_name_or_path", "smollm2-135m"))
+        path = self.checkpoint(arm)
+        if _has_weights(path):
+            return path
+        if arm.kind == "ensemble":
+            ens = self._ensemble(arm)
+            logger.info("grid: %s: ensemble weights not on this machine: interpolating again", arm.name)
+            self.interpolate(ens, force=True)
+        else:
+            logger.info("grid: %s: weights not on this machine (only the stage's committed outputs are): training "
+                        "again, which gives the same weights on CPU", arm.name)
+            self.train(arm, force=True)
+        return self.checkpoint(arm)
+
     # ---- stage 2: generate
     def generate_fp(self, arm: Arm) -> str:
-        data = data_config(arm.overrides)
-        return fingerprint([self.train_fp(arm), self.grid.eval.generation_key(), dataclasses.asdict(data)])
+        return fingerprint([self.train_fp(arm), self.grid.eval.generation_key(),
+                            non_default_fields(data_config(arm.overrides))])
 
     def source(self, arm: Arm):
         from seqcpo.evaluation.evaluate import ExampleSource
@@ -432,13 +519,19 @@ class _Runner:
         if done is not None and done["fingerprint"] == fp:
             logger.info("grid: %s: generated already, skipped", arm.name)
             return done
-        ckpt = self.checkpoint(arm)
         end = self._identical_endpoint(arm)
         if end is not None:
-            return self._copy_generations(arm, end, folder, ckpt, fp)
+            return self._copy_generations(arm, end, folder, self.checkpoint(arm), fp)
+        if arm.kind == "control" and arm.control.kind == "shuffle":
+            return self._shuffled_generations(arm, folder, fp)
+        ckpt = self.weights(arm)
         logger.info("grid: %s: generating from %s", arm.name, ckpt)
         source = self.source(arm)
         configs = _decoding_configs(self.grid.eval, source.default_max_new_tokens())
+        if arm.kind == "control":  # temperature: the source's weights, sampled hot under every decoding's name
+            from seqcpo.grid.controls import temperature_configs
+
+            configs = temperature_configs(configs, arm.control.temperature)
         t0 = time.perf_counter()
         try:
             g = generate_model(ckpt, arm.name, source, configs, folder / "generations.jsonl",
@@ -450,6 +543,25 @@ class _Runner:
         return write_done(folder, "generate", fp, {
             "checkpoint": ckpt, "rows": len(rows), "examples": g.examples, "decoding": [c.name for c in configs],
             "seconds": round(time.perf_counter() - t0, 1), "generated_tokens": sum(r["num_tokens"] for r in rows)})
+
+    def _shuffled_generations(self, arm: Arm, folder: Path, fp: str) -> dict:
+        """A shuffle control: its source's generations, each moved to the next item (seqcpo.grid.controls)."""
+        from seqcpo.evaluation import read_generations
+        from seqcpo.grid.controls import shuffled_rows
+
+        src = self.grid.arm(arm.control.of)
+        src_folder = self.arm_dir(src) / "generate"
+        src_done = read_done(src_folder)
+        if src_done is None:
+            raise GridError(f"{self.grid.path}: control {arm.name!r} needs arm {src.name!r} generated first")
+        rows = shuffled_rows(read_generations(src_folder / "generations.jsonl"), arm.name)
+        atomic_write_jsonl(folder / "generations.jsonl", rows)
+        atomic_write_json(folder / "gold_ppl.json", json.loads((src_folder / "gold_ppl.json").read_text("utf-8")))
+        logger.info("grid: %s: %s's continuations moved across items", arm.name, src.name)
+        return write_done(folder, "generate", fp, {
+            "checkpoint": src_done["checkpoint"], "rows": len(rows), "examples": src_done["examples"],
+            "decoding": src_done["decoding"], "seconds": 0.0, "generated_tokens": src_done["generated_tokens"],
+            "reused_from": src.name})
 
     def _identical_endpoint(self, arm: Arm) -> Arm | None:
         """Alpha 0 and 1 are bit for bit the endpoint models: the endpoint, when its generations are current."""
@@ -491,7 +603,7 @@ class _Runner:
     def evaluate_fp(self, arm: Arm) -> str:
         base = self._baseline_for(arm)
         base_gen = read_done(self.arm_dir(base) / "generate") if base is not None else None
-        return fingerprint([self.generate_fp(arm), self.grid.eval.scoring_key(),
+        return fingerprint([self.generate_fp(arm), scoring_key(self.grid.eval),
                             base_gen["fingerprint"] if base_gen else None, self.judged(arm), EVALUATE_VERSION])
 
     def judged(self, arm: Arm) -> bool:
@@ -546,11 +658,14 @@ class _Runner:
 
     # ---- stage 4: paired differences against the baseline (bootstrap; MAUVE resampling costs minutes)
     def paired_fp(self, arm: Arm, base: Arm) -> str:
-        return fingerprint([self.evaluate_fp(arm), self.evaluate_fp(base), self.grid.paired, "by_decoding"])
+        return fingerprint([self.evaluate_fp(arm), self.evaluate_fp(base), self.grid.paired, "by_decoding",
+                            PAIRED_METHOD])
 
     def paired_baseline(self, arm: Arm) -> Arm | None:
         """The arm ``arm`` is paired with: the baseline, or, when both are ``seeds:`` arms, the baseline's arm
         of the same training seed (cpo.s1 against mle.s1), so each seed's difference is one replicate."""
+        if arm.kind == "control":
+            return self.grid.arm(arm.control.of)
         b = self.grid.eval.baseline
         if b is None or b == arm.name:
             return None
@@ -612,7 +727,7 @@ class _Runner:
         tr = self.train_done(arm) or {}
         gen = read_done(self.arm_dir(arm) / "generate") or {}
         neg = read_done(self.negatives_dir(arm)) or {} if arm.offline_negatives else {}
-        ens = arm.kind == "ensemble"
+        ens = arm.kind in ("ensemble", "control")  # neither trains
         return {"kind": arm.kind, "summary": _arm_summary(arm), "checkpoint": self.checkpoint(arm),
                 "train_seconds": None if ens else tr.get("seconds"), "train_steps": None if ens else tr.get("steps"),
                 "negatives_seconds": neg.get("seconds"),
@@ -633,14 +748,24 @@ class _Runner:
             history = json.loads((self.arm_dir(arm) / "log_history.json").read_text("utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
+        from seqcpo.grid.curves import curves_summary, quality_curves
+
         curves = {k: [(int(r["step"]), float(r[k])) for r in history if isinstance(r.get(k), (int, float))]
                   for k in CURVE_KEYS}
-        if not any(curves.values()):
+        quality = quality_curves(history)
+        if not any(curves.values()) and not quality:
             return None
-        return {"curves": curves, **separation_onset(history).as_dict()}
+        return {"curves": curves, **separation_onset(history).as_dict(), "quality": quality,
+                "quality_best_step": curves_summary(quality)}
 
 
 CURVE_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/gold_top1")
+
+
+def _has_weights(path: str) -> bool:
+    """Whether a checkpoint folder holds weights (safetensors or a .bin) here."""
+    p = Path(path)
+    return p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin")))
 
 
 def _save_features(path: Path, arrays: dict) -> None:
@@ -666,6 +791,10 @@ def _load_features(path: Path) -> dict:
 
 def _arm_summary(arm: Arm) -> str:
     o = arm.overrides
+    if arm.kind == "control":
+        c = arm.control
+        how = "continuations moved across items" if c.kind == "shuffle" else f"sampled at temperature {c.temperature:g}"
+        return f"control: {c.of}'s {how}"
     if arm.kind != "train":
         return "no training" if arm.kind == "model" else f"weight-space ensemble, alpha {arm.alpha:g}"
     obj = o.get("objective", "cpo")
@@ -715,8 +844,31 @@ def write_grid_report(runner: _Runner, command: str) -> str:
                  "seed_spread_of_difference": _difference_spreads(grid, paired),
                  "training": {a.name: c for a in grid.arms if (c := runner.training_curves(a)) is not None}},
     }
-    write_report(results, runner.out)
+    controls = {a.name: discrimination(paired[a.name]["by_decoding"]) for a in grid.arms
+                if a.kind == "control" and a.name in paired}
+    results["grid"]["controls"] = controls
+    results["grid"]["informative"] = informative(controls)
+    results = write_report(results, runner.out)
+    _append_grid_sections(runner, results, controls)
     return str(runner.out / "report.md")
+
+
+def _append_grid_sections(runner: _Runner, results: dict, controls: dict) -> None:
+    """The grid's own report sections after the common report: which metrics the controls show to be
+    informative here, and quality over training steps (with ``quality.png``)."""
+    from seqcpo.grid.controls import controls_markdown
+    from seqcpo.grid.curves import curves_markdown, plot_quality
+    from seqcpo.io import atomic_write_text
+
+    training = results["grid"]["training"]
+    lines = controls_markdown(controls, {a.name: a.control.of for a in runner.grid.arms if a.kind == "control"})
+    lines += curves_markdown(training)
+    plot = plot_quality(training, runner.out)
+    if plot:
+        lines += [f"![quality over steps]({plot})", ""]
+    if lines:
+        path = runner.out / "report.md"
+        atomic_write_text(path, path.read_text("utf-8").rstrip("\n") + "\n\n" + "\n".join(lines))
 
 
 SPREAD_METRICS = ("rep_3", "rep_4", "distinct_2", "rouge_l", "similarity", "mauve")
@@ -784,6 +936,8 @@ def _plan(runner: _Runner, command: str) -> str:
             what = "train " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "(base config)")
         elif arm.kind == "model":
             what = f"no training: {arm.overrides.get('model_name_or_path', 'smollm2-135m')}"
+        elif arm.kind == "control":
+            what = _arm_summary(arm)
         else:
             ens = runner._ensemble(arm)
             what = f"(1 - {arm.alpha:g}) * {ens.from_arm} + {arm.alpha:g} * {ens.to_arm}"
@@ -842,19 +996,35 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
             runner.evaluate(arm)
             write_grid_report(runner, command)
 
-    # 1-3. negatives (where fixed), train, generate and evaluate, arm by arm (an ensemble after both endpoints)
+    def ensembles_when_ready(pending: list[Ensemble]) -> None:
+        """Interpolate, generate and evaluate each ensemble as soon as every arm of its two endpoints' seed
+        groups is trained (the headline part of a grid finishes before the arms after it start)."""
+        for ens in list(pending):
+            groups = {g for e in (ens.from_arm, ens.to_arm) for g in (e, grid.arm(e).seed_group) if g}
+            ends = [a for a in grid.arms if a.kind == "train" and (a.name in groups or a.seed_group in groups)]
+            if all(a.name not in selected or runner.train_done(a) is not None for a in ends):
+                pending.remove(ens)
+                arms = [a for a in grid.arms if a.ensemble == ens.name and a.name in selected]
+                if arms:
+                    runner.interpolate(ens)
+                    for arm in arms:
+                        runner.generate(arm)
+                        evaluate_when_ready(arm)
+
+    # 1-3. negatives (where fixed), train, generate and evaluate, arm by arm in the file's order; each ensemble
+    # right after its endpoints
+    pending = list(grid.ensembles)
     for arm in grid.arms:
-        if arm.kind != "ensemble" and arm.name in selected:
+        if arm.kind in ("train", "model") and arm.name in selected:
             runner.train(arm)
             runner.generate(arm)
             evaluate_when_ready(arm)
-    for ens in grid.ensembles:
-        arms = [a for a in grid.arms if a.ensemble == ens.name and a.name in selected]
-        if arms:
-            runner.interpolate(ens)
-            for arm in arms:
-                runner.generate(arm)
-                evaluate_when_ready(arm)
+            for ctl in (a for a in grid.arms if a.kind == "control" and a.control.of == arm.name):
+                if ctl.name in selected:  # a control right after its source: it decides which metrics count
+                    runner.generate(ctl)
+                    evaluate_when_ready(ctl)
+            ensembles_when_ready(pending)
+    ensembles_when_ready(pending)
     # the rest, the baseline first (the others meet it head to head); finished evaluations are skipped
     for arm in sorted((a for a in grid.arms if a.name in selected), key=lambda a: a.name != grid.eval.baseline):
         runner.evaluate(arm)

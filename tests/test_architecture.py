@@ -11,12 +11,13 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "seqcpo"
 # the upper floors: the trainer, the CLIs, evaluation, the demo/grid scripts, and data loading (it may hook into the
 # Trainer's callbacks); everything else is held to the rule
-UPPER = ("training/", "evaluation/", "data/", "cli.py", "reproduce.py", "demo.py", "__init__.py")
+UPPER = ("training/", "evaluation/", "data/", "grid/", "cli.py", "reproduce.py", "demo.py", "__init__.py")
 EXPECTED_CORE = {"types.py", "losses.py", "logps.py", "two_pass.py", "reference.py", "io.py", "pss.py", "padding.py",
                  "sampling.py", "seeding.py", "batching.py", "decoding.py", "hf_model.py", "token_logps.py",
                  "prefix_shared.py", "packing.py", "document_rows.py", "negatives/base.py", "negatives/mean_field.py", "negatives/autoregressive.py",
                  "negatives/batch.py", "negatives/truncation.py", "negatives/mixture.py", "negatives/registry.py"}
-FORBIDDEN = ("seqcpo.training", "seqcpo.cli", "seqcpo.evaluation", "seqcpo.reproduce", "seqcpo.demo", "transformers.Trainer")
+FORBIDDEN = ("seqcpo.training", "seqcpo.cli", "seqcpo.evaluation", "seqcpo.reproduce", "seqcpo.grid", "seqcpo.demo",
+             "transformers.Trainer")
 TRAINING = ("seqcpo.training", "seqcpo.losses", "seqcpo.negatives", "seqcpo.reproduce", "seqcpo.trainer")
 # cycles allowed for now: none
 PENDING_CYCLES: set[frozenset] = set()
@@ -119,3 +120,44 @@ def test_no_import_cycle_among_seqcpo_modules():
     assert "seqcpo.evaluation.checkpoints" in graph["seqcpo.evaluation.generate"]
     cycles = [c for c in _cycles(graph) if frozenset(c) not in PENDING_CYCLES]
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+# The negatives sit on a low floor: besides each other they import only these leaf modules, which import no
+# seqcpo module themselves (no log-prob layout, reference, loss or trainer code under a generator).
+NEGATIVES_FLOOR = {"seqcpo.types", "seqcpo.seeding", "seqcpo.padding", "seqcpo.sampling", "seqcpo.decoding",
+                   "seqcpo.hf_model", "seqcpo.config_loader"}
+# the trainer's parts: the trainer composes them, so none imports it, the CLI, the run driver or evaluation
+TRAINER_PARTS = ("training/scoring.py", "training/step_metrics.py", "training/policy_layout.py",
+                 "training/negatives_model.py", "training/records.py")
+ABOVE_TRAINER_PARTS = ("seqcpo.training.trainer", "seqcpo.training.run", "seqcpo.cli", "seqcpo.evaluation",
+                       "seqcpo.reproduce", "transformers.Trainer")
+
+
+def _floor_breaches(graph: dict[str, set[str]], package: str, floor: set[str]) -> list[tuple[str, str]]:
+    """(module, import) pairs where a module of ``package`` imports a seqcpo module outside the package and
+    ``floor``, or a floor module imports any seqcpo module outside the floor."""
+    inside = lambda m: m == package or m.startswith(package + ".")  # noqa: E731
+    out = [(m, d) for m, deps in graph.items() if inside(m) for d in deps if not inside(d) and d not in floor]
+    out += [(m, d) for m in floor for d in graph.get(m, ()) if d not in floor]
+    return sorted(out)
+
+
+def test_floor_finder_sees_a_breach():
+    graph = {"p.a": {"p.b", "low"}, "p.b": {"high"}, "low": set(), "high": {"p.a"}, "low2": {"high"}}
+    assert _floor_breaches(graph, "p", {"low"}) == [("p.b", "high")]
+    assert _floor_breaches(graph, "p", {"low", "low2"}) == [("low2", "high"), ("p.b", "high")]
+    assert _floor_breaches({"p.a": {"low"}, "low": set()}, "p", {"low"}) == []
+
+
+def test_negatives_import_only_their_floor():
+    graph = _graph()
+    assert "seqcpo.hf_model" in graph["seqcpo.negatives.autoregressive"]  # the KV-cache helpers come from there
+    breaches = _floor_breaches(graph, "seqcpo.negatives", NEGATIVES_FLOOR)
+    assert not breaches, "negatives above their floor: " + "; ".join(f"{m} imports {d}" for m, d in breaches)
+
+
+def test_trainer_parts_import_nothing_above_them():
+    for rel in TRAINER_PARTS:
+        assert (PKG / rel).is_file(), f"seqcpo/{rel} not found"
+        for name in _imports(PKG / rel):
+            assert not name.startswith(ABOVE_TRAINER_PARTS), f"seqcpo/{rel} imports {name}"

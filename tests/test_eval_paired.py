@@ -102,3 +102,23 @@ def test_fast_distinct_statistic_equals_distinct_n_on_every_resample():
         fast = _distinct_statistic(texts, n)
         for idx in bootstrap_indices(30, 20, seed=n):
             assert fast(idx) == pytest.approx(distinct_n([texts[i] for i in idx], n))
+
+
+def test_distinct_interval_holds_its_estimate_where_resampling_with_replacement_did_not():
+    """Defect: distinct-n recomputed on resamples drawn with replacement is biased low (a repeated text adds n-grams
+    but no distinct ones), so the percentile interval of a real difference could exclude its own estimate (seen
+    +0.092 [+0.054, +0.070]). The half-sampling interval draws no item twice and is centred on the estimate."""
+    import numpy as np
+
+    from seqcpo.evaluation.paired import _distinct_statistic, bootstrap_indices, paired_statistic_difference
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(3000)]
+    texts_a = [" ".join(rng.choice(vocab, 20)) for _ in range(300)]          # mostly new words
+    texts_b = [" ".join(rng.choice(vocab[:300], 20)) for _ in range(300)]    # a small vocabulary: repeats
+    sa, sb = _distinct_statistic(texts_a, 2), _distinct_statistic(texts_b, 2)
+    d = paired_statistic_difference(sa, sb, n=300, resamples=200, seed=0)
+    assert d.low <= d.difference <= d.high and d.significant
+    # the old interval (percentile over resamples with replacement) sits below the estimate here
+    old = [sa(i) - sb(i) for i in bootstrap_indices(300, 200, 0)]
+    assert np.quantile(old, 0.975) < d.difference

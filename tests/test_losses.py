@@ -100,6 +100,30 @@ def test_mle_and_combined():
     assert_close(mle, torch.tensor(2.0))
 
 
+
+def test_step_loss_hand_values_and_split_sum():
+    """Step of 10 gold tokens and 4 examples over two micro-batches: NLL sums 12 and 8 (token mean 2.0), CPO sums
+    1.0 and 3.0 (example mean 1.0); mle_weight 0.5, lambda 2: L = 0.5 * 2 + 2 * 1 = 3.0, the two shares adding to it."""
+    from seqcpo.losses import step_loss
+
+    kw = dict(tokens=10, examples=4, mle_weight=0.5, cpo_lambda=2.0)
+    a = step_loss(torch.tensor(12.0), torch.tensor(1.0), **kw)  # 0.5 * 12 / 10 + 2 * 1 / 4 = 1.1
+    b = step_loss(torch.tensor(8.0), torch.tensor(3.0), **kw)  # 0.5 * 8 / 10 + 2 * 3 / 4 = 1.9
+    assert_close(a, torch.tensor(1.1))
+    assert_close(b, torch.tensor(1.9))
+    assert_close(a + b, torch.tensor(3.0))
+    # MLE alone: the token mean; two processes: each share doubled (DDP averages the gradients back)
+    assert_close(step_loss(torch.tensor(12.0), tokens=10, examples=4), torch.tensor(1.2))
+    assert_close(step_loss(torch.tensor(12.0), tokens=10, examples=4, processes=2), torch.tensor(2.4))
+    # an empty step divides by 1, never by 0
+    assert_close(step_loss(torch.tensor(0.0), torch.tensor(0.0), tokens=0, examples=0), torch.tensor(0.0))
+    # gradients flow into both sums with their weights
+    nll, cpo = torch.tensor(4.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    step_loss(nll, cpo, **kw).backward()
+    assert_close(nll.grad, torch.tensor(0.05))
+    assert_close(cpo.grad, torch.tensor(0.5))
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="same shape"):
         cpo_loss(torch.zeros(2, 3), torch.zeros(2, 4), 0.1)

@@ -434,3 +434,105 @@ def test_only_a_seeds_group_selects_every_seed(assets, tmp_path, capsys):
     run_grid(path, only=["cpo"], dry_run=True)
     plan = capsys.readouterr().out
     assert "   cpo " in plan and "   cpo.s1 " in plan and " - mle.s1 " in plan and "negatives todo" in plan
+
+
+def _fingerprints(grid_path):
+    from seqcpo.reproduce import _Runner
+
+    grid = load_grid(grid_path)
+    runner = _Runner(grid, {a.name for a in grid.arms})
+    return {a.name: (runner.train_fp(a), runner.generate_fp(a), runner.evaluate_fp(a)) for a in grid.arms}
+
+
+# a finished grid's stages stay finished: change these only with a commit that says why
+FROZEN_TRAIN = {"base": "6241b9f1e9cc66d8", "mle": "b390149b05d22fca", "cpo": "4921206c7913a1d1",
+                "mle~cpo@0": "be444e1a04eacbd7", "mle~cpo@0.5": "6c332a42cd06f488"}
+FROZEN_GENERATE = {"base": "12cf2298a5ed3019", "mle": "beeb17a9f82489fe", "cpo": "7ef54326de043f8a",
+                   "mle~cpo@0": "2643ea6cde92141e", "mle~cpo@0.5": "1c999a982854cd6c"}
+
+
+def test_grid_fingerprints_are_frozen_and_ignore_bookkeeping(tmp_path):
+    """The stage fingerprints of a fixed tiny grid are the values recorded when the resolving grid started: a
+    refactor that changes them would redo (or refuse) finished arms. Logging, saving and quality-while-training
+    fields are not part of what the weights depend on."""
+    assets = {"model": "/models/tiny", "data": "/data/train.jsonl"}  # paths are hashed, never opened
+    grid = _grid(assets, tmp_path, judge={"backend": "none"}, mauve="minilm")
+    fps = _fingerprints(grid)
+    raw = yaml.safe_load(open(grid))
+    raw["base"].update(logging_steps=7, save_strategy="steps", save_steps=5, eval_steps=3, quality_examples=8,
+                       quality_split="test", disable_tqdm=False)
+    Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert _fingerprints(grid) == fps  # bookkeeping changes nothing
+    raw["base"]["learning_rate"] = 2e-3
+    Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
+    changed = _fingerprints(grid)
+    assert changed["mle"][:2] != fps["mle"][:2] and changed["base"][:2] == fps["base"][:2]  # untrained: no lr
+    assert {k: v[0] for k, v in fps.items()} == FROZEN_TRAIN
+    assert {k: v[1] for k, v in fps.items()} == FROZEN_GENERATE
+
+
+def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path, monkeypatch, fake_minilm):
+    """A fresh clone holds the committed outputs (done.json, generations, scores, logs) but no weights: the rerun
+    skips every finished stage; a stage that needs weights retrains them and gets the same weights."""
+    import hashlib
+    import shutil
+
+    from seqcpo.training import run as training_run
+
+    grid = _grid(assets, tmp_path, judge="none")
+    out = tmp_path / "out"
+    run_grid(grid)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in (out / "arms" / "cpo" / "final").glob("*.safetensors")}
+    for weights in [*out.glob("arms/*/final"), *out.glob("arms/*/checkpoint-*"), *out.glob("ensembles/*/alpha-*")]:
+        shutil.rmtree(weights)
+    trained = []
+    real_train = training_run.train
+    monkeypatch.setattr(training_run, "train", lambda cfg: (trained.append(cfg.objective), real_train(cfg))[1])
+    before = _mtimes(out)
+    run_grid(grid)
+    assert trained == [] and _mtimes(out) == before  # nothing redone
+    # the ensemble's generations are gone: it needs both endpoints' weights, which are trained again
+    shutil.rmtree(out / "arms" / "mle~cpo@0.5" / "generate")
+    run_grid(grid)
+    assert sorted(trained) == ["cpo_ranked", "mle"]
+    again = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in (out / "arms" / "cpo" / "final").glob("*.safetensors")}
+    assert again == digest  # deterministic on CPU: the same weights
+    assert (out / "arms" / "mle~cpo@0.5" / "generate" / "done.json").is_file()
+
+
+def test_controls_and_quality_curves_reach_the_report(assets, tmp_path, fake_minilm):
+    """A shuffle control gets its source's continuations on other items; a temperature control samples the
+    source's weights hot under each decoding's name; both are paired with their source and the report says which
+    metrics they could move; arms trained with eval_steps get quality-over-steps curves and quality.png."""
+    grid = _grid(assets, tmp_path, judge="none")
+    raw = yaml.safe_load(open(grid))
+    raw["base"].update(eval_steps=1, quality_examples=2, quality_embeddings=False)
+    raw["controls"] = [{"name": "base.shuffled", "of": "base", "kind": "shuffle"},
+                       {"of": "base", "kind": "temperature", "temperature": 3.0}]
+    Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_grid(grid)
+    out = tmp_path / "out"
+    gen = lambda name: {r["id"]: r for r in map(json.loads, open(out / "arms" / name / "generate" / "generations.jsonl"))}
+    base, shuffled, hot = gen("base"), gen("base.shuffled"), gen("base.temperature")
+    assert set(shuffled) == set(base) and len(base) == 4
+    ids = sorted(base)
+    for k, i in enumerate(ids):  # each item holds the next item's continuation
+        assert shuffled[i]["generation"] == base[ids[(k + 1) % len(ids)]]["generation"]
+    assert {r["decoding"] for r in hot.values()} == {"greedy"}
+    results = json.loads((out / "results.json").read_text())
+    controls = results["grid"]["controls"]
+    assert set(controls) == {"base.shuffled", "base.temperature"}
+    assert results["grid"]["paired"]["base.shuffled"]["vs"] == "base"
+    assert all("clearly_worse" in d for d in controls["base.shuffled"]["greedy"].values())
+    assert set(results["grid"]["informative"]["greedy"]) >= {"rouge_l", "distinct_2"}
+    text = (out / "report.md").read_text()
+    assert "Can each metric tell a worse model here?" in text and "| base.shuffled (vs base) |" in text
+    training = results["grid"]["training"]
+    assert [s for s, _ in training["mle"]["quality"]["quality/rouge_l"]] == [0, 1, 2]
+    assert "## Quality over training steps" in text and (out / "quality.png").is_file()
+    with pytest.raises(GridError, match=r"controls\[0\]\.of: 'nope' is not an arm"):
+        raw["controls"] = [{"of": "nope", "kind": "shuffle"}]
+        Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
+        load_grid(grid)

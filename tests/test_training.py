@@ -315,3 +315,135 @@ def test_torch_compile_flag_trains_to_the_eager_losses(assets, tmp_path):
     assert hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod"), type(model)
     assert _losses(compiled["trainer"].state.log_history) == pytest.approx(
         _losses(eager["trainer"].state.log_history), rel=1e-4)
+
+
+def _raw_records(task: str) -> list[dict]:
+    words = ["river", "market", "bridge", "city", "wool", "salt", "square", "bread", "books", "fog"]
+    if task == "instruction":
+        return [{"id": f"r{i}", "instruction": f"Describe the {words[i % 10]}.", "context": "",
+                 "response": f"The {words[i % 10]} is near the {words[(3 * i + 1) % 10]}."} for i in range(12)]
+    # continuation: documents under another field name (mapped by text_field), no id field (row index)
+    return [{"body": " ".join(words[(i + j) % 10] for j in range(40))} for i in range(6)]
+
+
+@pytest.mark.parametrize("task,iterable", [("instruction", False), ("continuation", False), ("instruction", True)])
+def test_trl_path_trains_on_a_datasets_dataset_of_raw_records(assets, tmp_path, task, iterable):
+    """SeqCPOTrainer(model=..., args=SeqCPOConfig(...), train_dataset=datasets.Dataset, processing_class=tok):
+    the raw records become the examples seqcpo's own pipeline makes, and training moves every parameter."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from seqcpo import SeqCPOConfig, SeqCPOTrainer
+    from seqcpo.data import DataConfig, build_examples
+    from seqcpo.data.sources import Record
+
+    data = dict(task="instruction", prompt_template="plain") if task == "instruction" else dict(
+        task="continuation", text_field="body", prefix_tokens=8, continuation_tokens=8, windows_per_document=2)
+    records = _raw_records(task)
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(assets["model"])
+    args = SeqCPOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3, learning_rate=5e-3,
+        objective="cpo", num_negatives=2, negatives="tn:1,bn:1", beta=1.0, report_to="none", use_cpu=True,
+        save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0, **data)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dataset = datasets.Dataset.from_list(records)
+    trainer = SeqCPOTrainer(model=model, args=args, processing_class=tok,
+                            train_dataset=dataset.to_iterable_dataset() if iterable else dataset)
+
+    # the same examples as seqcpo train's pipeline, in order
+    cfg = DataConfig(**{k: getattr(args, k) for k in DataConfig.__dataclass_fields__})
+    ids = [r.get("id", str(i)) for i, r in enumerate(records)]
+    groups, _ = build_examples([Record(id=i, fields=r, where="x") for i, r in zip(ids, records)], cfg, tok, "x")
+    want = [(e.prefix_ids, e.continuation_ids, e.meta["id"]) for g in groups for e in g]
+    got = [(row["prefix_ids"], row["continuation_ids"], row["id"]) for row in trainer.train_dataset]
+    assert got == want and len(got) == 12  # 12 records; 6 documents x 2 windows
+
+    trainer.train()
+    losses = _losses(trainer.state.log_history)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+
+
+def test_trl_path_names_a_bad_record(assets, tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from seqcpo import SeqCPOConfig, SeqCPOTrainer
+    from seqcpo.data import DataError
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    args = SeqCPOConfig(output_dir=str(tmp_path / "bad"), task="instruction", report_to="none", use_cpu=True)
+    rows = _raw_records("instruction")
+    rows[2] = {"id": "r2", "instruction": "Say it.", "context": "", "response": None}
+    with pytest.raises(DataError, match=r'train_dataset row 2: null field "response".*response_field'):
+        SeqCPOTrainer(model=AutoModelForCausalLM.from_pretrained(assets["model"]), args=args,
+                      train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    with pytest.raises(ValueError, match="processing_class"):
+        SeqCPOTrainer(model=AutoModelForCausalLM.from_pretrained(assets["model"]), args=args,
+                      train_dataset=datasets.Dataset.from_list(rows))
+
+
+def test_dry_run_prints_the_plan_of_a_gpu_config_without_training(assets, tmp_path, capsys):
+    """--dry-run with bf16 (a GPU setting) on this CPU machine: the plan, the model's exact parameter count from
+    its config, the split sizes, the first batch with its negatives, a memory estimate; nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from seqcpo.cli import main
+
+    out_dir = tmp_path / "never"
+    rc = main(["train", "--dry-run", "--model_name_or_path", assets["model"], "--dataset", assets["data"],
+               "--task", "instruction", "--prompt_template", "plain", "--validation_size", "4", "--test_size", "4",
+               "--output_dir", str(out_dir), "--bf16", "true", "--per_device_train_batch_size", "4",
+               "--max_steps", "5", "--objective", "cpo", "--negatives", "tn:1,an:1", "--num_negatives", "2",
+               "--report_to", "none"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(assets["model"]).parameters())
+    assert f"{n_params:,} parameters" in text
+    assert "52 train / 4 validation / 4 test examples" in text  # 60 records
+    assert "5 optimizer steps x 4 examples" in text and "= 20 examples" in text
+    assert "tn x1 (made), an x1 (longest length)" in text
+    assert "memory" in text and "reference" in text and "autocast: True" in text
+    if not torch.cuda.is_available():
+        assert "device check skipped" in text
+    assert not out_dir.exists()
+
+
+def test_model_card_names_the_upstream_hub_model_and_links_no_missing_page(assets, tmp_path):
+    from seqcpo.training.model_card import base_model_id, write_model_card
+
+    assert base_model_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's upstream
+    assert base_model_id("openlm-research/open_llama_3b") == "openlm-research/open_llama_3b"
+    assert base_model_id(str(tmp_path / "no-such-folder")) is None and base_model_id("a/b/c") is None
+    # a local folder: the Hub id in its config.json, else nothing; a seqcpo checkpoint: its own starting model
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    (downloaded / "config.json").write_text(json.dumps({"_name_or_path": "gpt2-org/gpt2-xl"}))
+    assert base_model_id(str(downloaded)) == "gpt2-org/gpt2-xl"
+    assert base_model_id(assets["model"]) is None  # saved from a random init: no Hub id
+    ckpt = tmp_path / "run" / "final"
+    ckpt.mkdir(parents=True)
+    (ckpt / "seqcpo_config.yaml").write_text(f"model_name_or_path: {downloaded}\n")
+    assert base_model_id(str(ckpt)) == "gpt2-org/gpt2-xl"
+
+    for start, line in ((str(ckpt), "base_model: gpt2-org/gpt2-xl"), (assets["model"], None)):
+        card = open(write_model_card(str(tmp_path), _cfg(assets, tmp_path, model_name_or_path=start))).read()
+        assert "pypi.org" not in card and "](http" not in card
+        assert (line in card.splitlines()) if line else "base_model" not in card
+
+
+def test_report_to_a_missing_tracker_is_refused_in_one_line_naming_the_extra(assets, tmp_path, capsys):
+    import importlib.util
+
+    from seqcpo.cli import main
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=r"report_to='wandb'.*pip install 'seqcpo\[wandb\]'"):
+        _cfg(assets, tmp_path, report_to="wandb")
+    rc = main(["train", "--model_name_or_path", assets["model"], "--output_dir", str(tmp_path / "w"),
+               "--report_to", "wandb"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "seqcpo[wandb]" in err

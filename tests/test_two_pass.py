@@ -154,7 +154,7 @@ def test_trainer_draws_mn_from_the_gold_pass_with_unchanged_losses(assets, tmp_p
 
     if source == "reference":
         # one step of each on the same batch: the fused reference never re-reads a prefix
-        from seqcpo.training.trainer import collate_examples
+        from seqcpo.batching import collate_examples
 
         counts = {}
         for name, out in (("shared", shared), ("fused", fused)):
@@ -206,7 +206,7 @@ def test_truncation_negatives_train_in_two_passes_to_the_one_pass_losses(assets,
     shared = train(_cfg(assets, tmp_path / "s", logps_layout="shared", **over))
     auto = train(_cfg(assets, tmp_path / "a", **over))
     tr = auto["trainer"]
-    from seqcpo.training.trainer import candidate_batch
+    from seqcpo.batching import candidate_batch
 
     examples = tr.train_dataset.examples[:4]
     batch = candidate_batch(examples, tr.make_negatives(examples))

@@ -178,6 +178,10 @@ def gold_perplexity(model, examples: Sequence[Example], batch_size: int = 8, pro
 
     Returns ``{"ppl", "nll", "tokens", "cut"}`` with nll the mean token negative log-likelihood (nats).
 
+    Scored through :func:`seqcpo.logps.sequence_logps` (the prefix-shared layout, one gold per row): the LM head
+    and log-softmax run on the continuation positions only, in chunks, so no (B, T, V) logits tensor is built.
+    An empty prefix leaves the first gold token unscored (nothing predicts it), as in training.
+
     Context rule: an example longer than the model's context keeps the last tokens of its prefix that fit
     (at least one when the prefix has any); a continuation that alone overflows keeps its first tokens. ``cut``
     counts the examples so cut (logged when > 0); ``tokens`` counts only the scored tokens.
@@ -186,29 +190,26 @@ def gold_perplexity(model, examples: Sequence[Example], batch_size: int = 8, pro
     from tqdm.auto import tqdm
 
     from seqcpo.evaluation.checkpoints import context_length
-    from seqcpo.padding import pad_batch
+    from seqcpo.logps import sequence_logps
+    from seqcpo.types import CandidateBatch
 
-    device = next(model.parameters()).device
     context = context_length(model)
     total_nll, total_tokens, cut = 0.0, 0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc="gold ppl", disable=not progress):
         batch = [e for e in examples[start:start + batch_size] if e.continuation_ids]
-        if not batch:
-            continue
         pairs = [_fit_pair(list(e.prefix_ids), list(e.continuation_ids), context) for e in batch]
         cut += sum(len(p) + len(c) < len(e.prefix_ids) + len(e.continuation_ids) for (p, c), e in zip(pairs, batch))
-        seqs = [p + c for p, c in pairs]
-        ids, mask = pad_batch(seqs, 0)
-        target = torch.zeros(ids.shape, dtype=torch.bool)  # True at gold continuation tokens
-        for i, (s, (p, _)) in enumerate(zip(seqs, pairs)):
-            target[i, len(p):len(s)] = True
+        # an empty prefix: the first gold token becomes the prefix (it is not scored)
+        pairs = [(p, c) if p else (c[:1], c[1:]) for p, c in pairs]
+        pairs = [(p, c) for p, c in pairs if c]
+        if not pairs:
+            continue
+        golds = CandidateBatch(prefix_ids=[p for p, _ in pairs], candidate_ids=[[c] for _, c in pairs],
+                               candidate_mask=[[True] for _ in pairs])
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-        sel = target[:, 1:].to(device)  # logits at t predict token t+1; an empty prefix leaves token 0 unscored
-        picked = logits[:, :-1][sel].float()  # (N, V): only the positions that predict gold tokens
-        gold = ids[:, 1:].to(device)[sel]  # (N,)
-        total_nll += torch.nn.functional.cross_entropy(picked, gold, reduction="sum").item()
-        total_tokens += int(sel.sum().item())
+            out = sequence_logps(model, golds, layout="shared", pad_token_id=0)
+        total_nll -= float(out.summed[:, 0].double().sum())
+        total_tokens += int(out.token_counts[:, 0].sum())
     if cut:
         logger.warning("gold perplexity: %d example(s) longer than the model's context (%d) were cut", cut, context)
     if total_tokens == 0:

@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.decoding import DecodingConfig
-from seqcpo.logps import cache_kwarg, output_cache
+from seqcpo.hf_model import cache_kwarg, output_cache
 from seqcpo.negatives.base import NegativesBuilder, check_k
 from seqcpo.sampling import filter_logits, model_device, sample_rows, seeded_model_rng
 from seqcpo.negatives.similarity import rouge_l_f

@@ -26,12 +26,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.negatives.base import NegativesBuilder, check_k
-from seqcpo.sampling import (  # noqa: F401  (inverse_cdf_sample: importable from here as before)
-    inverse_cdf_sample,
-    model_device,
-    sample_categorical,
-    seeded_model_rng,
-)
+from seqcpo.sampling import model_device, sample_categorical, seeded_model_rng
 from seqcpo.padding import pad_batch
 from seqcpo.seeding import Generators, joint_seed, per_example_generators
 from seqcpo.types import Example, Negatives

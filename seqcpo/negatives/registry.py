@@ -8,7 +8,7 @@ first for the ranked objective (see :mod:`seqcpo.negatives.mixture`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -98,40 +98,53 @@ def check_options(opts: dict[str, Any]) -> None:
             raise ValueError(f"{key}={value!r}: {why}")
 
 
-def parse_spec(spec: str, k: int) -> list[tuple[str, int]]:
-    """``"tn:2,bn:2"`` -> ``[("tn", 2), ("bn", 2)]``; a single name without a count gets all K."""
+def parse_spec(spec: str | Sequence[tuple[str, int]], k: int) -> list[tuple[str, int]]:
+    """``"tn:2,bn:2"`` -> ``[("tn", 2), ("bn", 2)]``; a single name without a count gets all K.
+
+    The config parses its ``negatives`` string once (``SeqCPOConfig.negatives_parts``) and hands the parts on;
+    parts given as a list are checked (known names, counts >= 1, no repeats, sum K) and returned as they are.
+    """
     check_k("negatives", k)
+    if not isinstance(spec, str):
+        return _check_parts([(str(name), count) for name, count in spec], k, repr(list(spec)))
     items = [item.strip() for item in spec.strip().lower().split(",")]
     if not spec.strip() or any(not item for item in items):
         raise ValueError(f"empty generator in negatives spec {spec!r}; expected e.g. 'an' or 'an:2,tn:2'")
     parts: list[tuple[str, int]] = []
     for item in items:
         name, sep, count_str = item.partition(":")
-        name = name.strip()
-        if name not in GENERATOR_NAMES:
-            raise ValueError(f"unknown negative generator {name!r} in spec {spec!r}; choose from {GENERATOR_NAMES}")
+        if name.strip() not in GENERATOR_NAMES:
+            raise ValueError(f"unknown negative generator {name.strip()!r} in spec {spec!r}; choose from {GENERATOR_NAMES}")
         if not sep:
             if len(items) > 1:
                 raise ValueError(f"mixture spec {spec!r} needs a count for every generator, e.g. 'an:2,tn:2'")
-            count = k
-        else:
-            try:
-                count = int(count_str)
-            except ValueError:
-                raise ValueError(f"count of {name!r} in spec {spec!r} is not an integer: {count_str!r}") from None
-            if count < 1:
-                raise ValueError(f"count of {name!r} in spec {spec!r} must be >= 1, got {count}")
-        if name in (n for n, _ in parts):
-            raise ValueError(f"generator {name!r} appears twice in spec {spec!r}; merge its counts")
-        parts.append((name, count))
+            parts.append((name.strip(), k))
+            continue
+        try:
+            parts.append((name.strip(), int(count_str)))
+        except ValueError:
+            raise ValueError(f"count of {name.strip()!r} in spec {spec!r} is not an integer: {count_str!r}") from None
+    return _check_parts(parts, k, repr(spec))
+
+
+def _check_parts(parts: list[tuple[str, int]], k: int, spec: str) -> list[tuple[str, int]]:
+    seen: set[str] = set()
+    for name, count in parts:
+        if name not in GENERATOR_NAMES:
+            raise ValueError(f"unknown negative generator {name!r} in spec {spec}; choose from {GENERATOR_NAMES}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"count of {name!r} in spec {spec} must be >= 1, got {count}")
+        if name in seen:
+            raise ValueError(f"generator {name!r} appears twice in spec {spec}; merge its counts")
+        seen.add(name)
     total = sum(c for _, c in parts)
     if total != k:
-        raise ValueError(f"the counts in negatives spec {spec!r} sum to {total}, but k={k}")
+        raise ValueError(f"the counts in negatives spec {spec} sum to {total}, but k={k}")
     return parts
 
 
 def build_negative_generator(
-    spec: str,
+    spec: str | Sequence[tuple[str, int]],
     k: int,
     *,
     model: torch.nn.Module | None = None,
@@ -142,7 +155,8 @@ def build_negative_generator(
     """Build the generator named by ``spec`` that makes K negatives per example.
 
     Args:
-        spec: "tn", "bn", "mn", "an", or a mixture "an:2,tn:2" (counts sum to K, best first).
+        spec: "tn", "bn", "mn", "an", or a mixture "an:2,tn:2" (counts sum to K, best first); or the parts
+            :func:`parse_spec` made of one, ``[("an", 2), ("tn", 2)]``.
         k: negatives per example.
         model: the model AN and MN run (docs/method.md default: the reference model); required for them.
         eos_token_id, pad_token_id: the tokenizer's EOS and pad ids.

@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 from seqcpo.config_loader import ConfigError, check_fields, check_output_dir, load_dataclass, parse_cli_overrides
 from seqcpo.data.config import DataConfig
 from seqcpo.negatives.registry import OPTIONS as NEGATIVE_OPTIONS
-from seqcpo.negatives.registry import resolve_an_backend
+from seqcpo.negatives.registry import parse_spec, resolve_an_backend
 
 OBJECTIVES = ("mle", "cpo", "cpo_ranked", "dpo", "pss")
 REFERENCES = ("auto", "frozen_copy", "precomputed", "adapter_disabled")
@@ -35,6 +35,20 @@ _SECRET_WORDS = ("api_key", "password", "secret")
 def _is_secret(name: str) -> bool:
     name = str(name).lower()
     return name.endswith("_token") or name == "token" or any(w in name for w in _SECRET_WORDS)
+
+
+QUALITY_SPLITS = ("validation", "test")
+
+# report_to value -> (the package it needs, the pyproject extra that installs it)
+TRACKERS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tracking")}
+
+
+def _missing_trackers(report_to) -> list[str]:
+    """The trackers in ``report_to`` (a name or a list) whose package is not importable."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return [n for n in names if n in TRACKERS and importlib.util.find_spec(TRACKERS[n][0]) is None]
 
 
 def negative_option(key: str):
@@ -186,6 +200,28 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         default=1024, metadata={"help": "Tokens per chunk of the LM head + log-softmax.", "check": ">=1"}
     )
 
+    # ---- generation quality while training (seqcpo.training.quality)
+    quality_examples: int = field(
+        default=32,
+        metadata={
+            "help": "With eval_steps set: every eval_steps the policy continues the first N prefixes of quality_split "
+            "(greedy) and quality/* metrics (ROUGE-L, MiniLM similarity, repetition, distinct-2; MAUVE from 100 "
+            "items) are logged; 0 turns it off.",
+            "check": ">=0",
+        },
+    )
+    quality_split: str = field(
+        default="validation", metadata={"help": "Held-out split the quality slice is taken from: validation | test."}
+    )
+    quality_embeddings: bool = field(
+        default=True, metadata={"help": "Add the MiniLM embedding similarity (and MAUVE) to the quality metrics."}
+    )
+    quality_samples: int = field(
+        default=3,
+        metadata={"help": "Continuations written beside their gold to quality_samples.jsonl per evaluation.",
+                  "check": ">=0"},
+    )
+
     # ---- resume (seqcpo.training.checkpoints)
     allow_config_change: bool = field(
         default=False,
@@ -218,12 +254,18 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 
         check_fields(self)  # floats finite, the declared ranges (num_negatives >= 1, beta > 0, ...)
         check_output_dir(self.output_dir, "output_dir")
+        for tracker in _missing_trackers(self.report_to):
+            module, extra = TRACKERS[tracker]
+            raise ConfigError(f"report_to={tracker!r}: the {module} package is not installed; install the extra: "
+                              f"pip install 'seqcpo[{extra}]' (or pip install {module}), or choose another report_to")
         if self.objective not in OBJECTIVES:
             bad("objective", f"choose one of {', '.join(OBJECTIVES)}")
         if self.reference_dtype not in (None, "float32", "bfloat16", "float16"):
             bad("reference_dtype", "choose float32, bfloat16 or float16 (or leave it unset)")
         if self.reference not in REFERENCES:
             bad("reference", f"choose one of {', '.join(REFERENCES)}")
+        if self.quality_split not in QUALITY_SPLITS:
+            bad("quality_split", f"choose one of {', '.join(QUALITY_SPLITS)}")
         if self.negatives_model not in NEGATIVE_MODELS:
             bad("negatives_model", f"choose one of {', '.join(NEGATIVE_MODELS)}")
         if self.objective == "dpo" and self.num_negatives != 1:
@@ -245,10 +287,8 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             bad("an_backend", "vLLM holds its own copy of the starting weights and cannot follow the policy: "
                 "use negatives_model reference, or an_backend shared_prefill")
         if self.uses_negatives:
-            from seqcpo.negatives.registry import parse_spec
-
             try:
-                parts = dict(parse_spec(self.negatives, self.num_negatives))
+                parts = dict(self.negatives_parts)
             except ValueError as e:
                 raise ConfigError(f"negatives={self.negatives!r}: {e}") from None
             bn = parts.get("bn", 0)
@@ -288,6 +328,17 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
     @property
     def uses_negatives(self) -> bool:
         return self.objective in ("cpo", "cpo_ranked", "dpo")
+
+    @property
+    def negatives_parts(self) -> list[tuple[str, int]]:
+        """``negatives`` parsed (:func:`seqcpo.negatives.registry.parse_spec`), once per (spec, K): the
+        ``[(generator, count), ...]`` every builder of the generators takes."""
+        key = (self.negatives, self.num_negatives)
+        cached = self.__dict__.get("_negatives_parts")
+        if cached is None or cached[0] != key:
+            cached = (key, parse_spec(*key))
+            self.__dict__["_negatives_parts"] = cached
+        return list(cached[1])
 
     @property
     def ranked(self) -> bool:

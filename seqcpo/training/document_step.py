@@ -13,19 +13,16 @@ For a micro-batch of rows (chunks of documents, :mod:`seqcpo.data.documents`):
    (:func:`seqcpo.document_rows.document_logps`): the MLE term and the golds' log-probs come from the rows, the
    negatives' from their branches; the reference runs the same layout without gradient (frozen copy, bf16
    copy or the LoRA policy with its adapter off);
-4. ``L = mle_weight * (-sum of row token log-probs) / step tokens + lambda * sum of anchor CPO losses / step
-   anchors``, each multiplied by the number of processes (see :mod:`seqcpo.training.trainer`): the step's
-   tokens are its rows' predicted tokens and its anchors are counted by
-   :func:`seqcpo.document_rows.anchor_count` before any is drawn, so a step does not depend on its split.
+4. :func:`seqcpo.losses.step_loss` makes ``L = mle_weight * (-sum of row token log-probs) / step tokens + lambda
+   * sum of anchor CPO losses / step anchors``: the step's tokens are its rows' predicted tokens and its anchors
+   are counted by :func:`seqcpo.document_rows.anchor_count` before any is drawn
+   (:meth:`SeqCPOTrainer.get_batch_samples`), so a step does not depend on its split.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from seqcpo.batching import StepCounts
 from seqcpo.document_rows import (
     anchor_count,
     anchor_examples,
@@ -36,6 +33,7 @@ from seqcpo.document_rows import (
 )
 from seqcpo.losses import cpo_loss_per_example, preference_metric_sums
 from seqcpo.negatives import uses_gold_logits
+from seqcpo.types import Example
 
 
 def anchor_counter(cfg):
@@ -43,58 +41,45 @@ def anchor_counter(cfg):
     return lambda n: anchor_count(n, cfg.continuation_tokens, cfg.anchors_per_row, cfg.anchor_stride)
 
 
-def document_loss(trainer, model, inputs: dict[str, Any], num_items_in_batch=None):
-    """The micro-batch's share of the step's loss on document rows, and its metric sums ``name -> (sum,
-    count)``. ``num_items_in_batch``: the step's :class:`~seqcpo.batching.StepCounts` (tokens, anchors) in
-    training; without it the loss is this micro-batch's own mean."""
+def document_terms(trainer, model, examples: list[Example], epochs, training: bool):
+    """The micro-batch's summed row NLL, summed anchor CPO losses and metric sums ``name -> (sum, count)`` (the
+    CPO ones counted in anchors), for :func:`seqcpo.losses.step_loss`; ``examples``: the rows, as the collator
+    hands them over (first token, the rest)."""
     cfg = trainer.cfg
-    training = model.training
     C = cfg.continuation_tokens
-    rows = [list(p) + list(c) for p, c in zip(inputs["prefix_ids"], inputs["continuation_ids"])]
-    ids = [str(i) for i in inputs["ids"]]
-    epochs = inputs.get("epochs")
+    rows = [list(e.prefix_ids) + list(e.continuation_ids) for e in examples]
+    ids = [str(e.meta["id"]) for e in examples]
     rngs = trainer.example_rngs(ids, training, "anchors", epochs)
     anchors = [choose_anchors(len(r), C, cfg.anchors_per_row, cfg.anchor_stride, g) for r, g in zip(rows, rngs)]
-    examples = anchor_examples(rows, ids, anchors, C)
+    windows = anchor_examples(rows, ids, anchors, C)
     anchor_epochs = None if epochs is None else [e for e, a in zip(epochs, anchors) for _ in a]
     device = next(model.parameters()).device
     negatives = None
-    if examples:
-        gold_logits = None
-        if uses_gold_logits(trainer.generator):
-            gold_logits = _gold_logits(trainer, rows, anchors, C, device)
-        negatives = trainer.make_negatives(examples, training, gold_logits=gold_logits, epochs=anchor_epochs)
+    if windows:
+        gold_logits = _gold_logits(trainer, rows, anchors, C, device) if uses_gold_logits(trainer.generator) else None
+        negatives = trainer.make_negatives(windows, training, gold_logits=gold_logits, epochs=anchor_epochs)
     layout = build_document_layout(rows, anchors, negatives.ids if negatives else None, C, device=device)
     opts = dict(length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size)
     out = document_logps(model, layout, **opts)
-    n_tokens, n_anchors = int(layout.row_counts.sum()), len(examples)
-    if isinstance(num_items_in_batch, StepCounts):
-        scale = trainer.accelerator.num_processes
-        tokens_norm, anchors_norm = max(num_items_in_batch.tokens, 1), max(num_items_in_batch.examples, 1)
-    else:
-        scale, tokens_norm, anchors_norm = 1, max(n_tokens, 1), max(n_anchors, 1)
     nll = -out.row_summed.sum()
-    sums: dict[str, tuple[float, float]] = {"loss/mle": (nll.item(), n_tokens)}
-    loss = cfg.mle_weight * nll / tokens_norm
-    if examples:
-        ref = _reference_logps(trainer, layout, opts).to(out.anchors.logps.device)
-        mask = torch.tensor([[True] + list(v) for v in negatives.valid], dtype=torch.bool, device=ref.device)
-        cpo = cpo_loss_per_example(out.anchors.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
-        loss = loss + cfg.cpo_lambda * cpo / anchors_norm
-        sums.update(preference_metric_sums(out.anchors.logps.detach(), ref, cfg.beta, mask=mask))
-        sums["loss/cpo"] = (cpo.item(), n_anchors)
-        n_neg = mask[:, 1:].numel()
-        sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
-    return loss * scale, sums
+    if not windows:  # rows too short for an anchor: the MLE term alone
+        return nll, nll.new_zeros(()), {"loss/cpo": (0.0, 0)}
+    ref = _reference_logps(trainer, layout, opts).to(out.anchors.logps.device)
+    mask = torch.tensor([[True] + list(v) for v in negatives.valid], dtype=torch.bool, device=ref.device)
+    cpo = cpo_loss_per_example(out.anchors.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
+    sums = preference_metric_sums(out.anchors.logps.detach(), ref, cfg.beta, mask=mask)
+    sums["loss/cpo"] = (cpo.item(), len(windows))
+    n_neg = mask[:, 1:].numel()
+    sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
+    return nll, cpo, sums
 
 
 def _gold_logits(trainer, rows, anchors, C, device) -> list[torch.Tensor]:
     """MN's logits: one pass over the rows of the model that makes the negatives (the reference by default)."""
     rows_only = build_document_layout(rows, anchors, None, C, device=device)
     if trainer.cfg.negatives_model == "policy":
-        policy = trainer.policy_for_negatives()
         with torch.no_grad():
-            return anchor_gold_logits(policy, rows_only, C)
+            return anchor_gold_logits(trainer.policy_for_negatives(), rows_only, C)
     ref = trainer.reference
     with ref._context():
         return anchor_gold_logits(ref.model, rows_only, C)

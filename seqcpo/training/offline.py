@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seqcpo.io import atomic_output, atomic_write_json
-from seqcpo.negatives import build_negative_generator, uses_gold_logits
+from seqcpo.negatives import build_negative_generator
 from seqcpo.reference import FrozenCopyReference
 from seqcpo.types import Example
 
@@ -169,9 +169,6 @@ def make_offline_negatives(
     """
     from accelerate import PartialState
 
-    from seqcpo.batching import candidate_batch
-    from seqcpo.seeding import example_generators
-
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size {shard_size!r}: must be an integer >= 1")
     if getattr(cfg, "task", None) == "document":
@@ -208,69 +205,27 @@ def make_offline_negatives(
         "world_size": world,  # of the run that wrote this manifest; the rows do not depend on it
     }
     if state.is_main_process:
-        if decision == "replan":
-            logger.warning("%s was planned with other shard/batch sizes: discarding its shards and re-planning", out_dir)
-        # the manifest is rewritten incomplete before any shard changes, so a kill from here on never leaves
-        # a folder marked complete
-        atomic_write_json(manifest_path, manifest)
-        keep = set(names)
-        for f in os.listdir(out_dir):
-            stale_shard = f.startswith("shard-") and f.endswith(".parquet") and f not in keep
-            if stale_shard or (f.startswith(".shard-") and f.endswith(".tmp")):
-                os.remove(os.path.join(out_dir, f))
+        _start_plan(out_dir, manifest, names, replan=decision == "replan")
     state.wait_for_everyone()
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model.to(state.device)
-    model.eval()
     if world > 1 and cfg.negative_options(offline=True).get("an_backend") == "vllm":
         _one_gpu_per_engine(state.local_process_index)
-    gen = build_negative_generator(
-        cfg.negatives, cfg.num_negatives, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-        options=cfg.negative_options(offline=True),
-    )
-    # MN draws from the reference's own gold-branch pass (seqcpo.two_pass) unless a one-pass layout is forced
-    fuse_mn = uses_gold_logits(gen) and cfg.logps_layout in ("auto", "two_pass")
-    ref = FrozenCopyReference(
-        model, copy_model=False, layout=cfg.logps_layout, pad_token_id=pad,
-        length_normalize=cfg.length_normalize,
-        chunk_size=cfg.logits_chunk_size,
-    )
-    bs = cfg.per_device_train_batch_size
+    model.to(state.device)
+    model.eval()
+    score = _chunk_scorer(cfg, model, tokenizer)
     mine = list(range(rank, n_shards, world))
     todo = [s for s in mine if _shard_ids(os.path.join(out_dir, names[s])) != _expected_ids(examples, s, shard_size)]
-    bar = tqdm(total=len(todo), desc=f"negatives shards (rank {rank})", disable=not progress or not state.is_main_process)
+    # progress in examples (a shard may take many minutes), on the main process
+    total = sum(len(_expected_ids(examples, s, shard_size)) for s in todo)
+    bar = tqdm(total=total, desc=f"negatives (rank {rank}, examples)", disable=not progress or not state.is_main_process)
+    bs = cfg.per_device_train_batch_size
     for s in todo:
         shard = examples[s * shard_size : (s + 1) * shard_size]
         rows = []
         for i in range(0, len(shard), bs):
-            chunk = shard[i : i + bs]
-            # each example's own draws, as in training's epoch 0 (seqcpo.seeding): shard size, batch position and
-            # number of processes do not change an example's negatives (BN, by definition, depends on its batch)
-            rng = example_generators(cfg.seed, [str(e.meta.get("id")) for e in chunk], 0, "negatives")
-            with torch.no_grad():
-                if fuse_mn:
-                    gp = ref.gold_pass([e.prefix_ids for e in chunk], [e.continuation_ids for e in chunk])
-                    neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked, gold_logits=gp.gold_logits)
-                    ref_logps = ref.finish(gp, neg.ids).float().cpu()
-                else:
-                    neg = gen(chunk, cfg.num_negatives, rng, ranked=cfg.ranked)
-                    ref_logps = ref.logps(candidate_batch(chunk, neg)).float().cpu()
-            for j, ex in enumerate(chunk):
-                rows.append(
-                    {
-                        "id": str(ex.meta.get("id")),
-                        "prefix_ids": list(ex.prefix_ids),
-                        "gold_ids": list(ex.continuation_ids),
-                        "negatives": [list(n) for n in neg.ids[j]],
-                        "valid": [bool(v) for v in neg.valid[j]],
-                        "scores": [float(x) for x in neg.scores[j]] if neg.scores is not None else None,
-                        "sources": list(neg.sources[j]),
-                        "ref_logps": [float(x) for x in ref_logps[j].tolist()],
-                    }
-                )
+            rows += score(shard[i : i + bs])
+            bar.update(len(shard[i : i + bs]))
         _write_shard(os.path.join(out_dir, names[s]), rows)
-        bar.update(1)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
@@ -278,6 +233,69 @@ def make_offline_negatives(
         atomic_write_json(manifest_path, manifest)
     state.wait_for_everyone()
     return _finish(_read_manifest(out_dir), owned_group)
+
+
+def _start_plan(out_dir: str, manifest: dict, names: list[str], replan: bool) -> None:
+    """Writes the manifest incomplete before any shard changes (a kill from here on never leaves a folder marked
+    complete), then deletes the shards of another plan and torn temp files."""
+    if replan:
+        logger.warning("%s was planned with other shard/batch sizes: discarding its shards and re-planning", out_dir)
+    atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    keep = set(names)
+    for f in os.listdir(out_dir):
+        stale_shard = f.startswith("shard-") and f.endswith(".parquet") and f not in keep
+        if stale_shard or (f.startswith(".shard-") and f.endswith(".tmp")):
+            os.remove(os.path.join(out_dir, f))
+
+
+def _chunk_scorer(cfg, model, tokenizer):
+    """``score(chunk) -> rows``: the scoring step (:func:`seqcpo.training.scoring.score_examples`) on one
+    batch of consecutive examples, with ``model`` as the reference that makes the AN / MN negatives and scores
+    every candidate."""
+    from seqcpo.seeding import example_generators
+    from seqcpo.training.scoring import mn_source, score_examples
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gen = build_negative_generator(
+        cfg.negatives_parts, cfg.num_negatives, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+        options=cfg.negative_options(offline=True),
+    )
+    ref = FrozenCopyReference(model, copy_model=False, layout=cfg.logps_layout, pad_token_id=pad,
+                              length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size)
+    # MN draws from the reference's own gold-branch pass unless a one-pass layout is forced (the trainer's rule)
+    source = mn_source(gen, layout=cfg.logps_layout, reference=ref)
+
+    def score(chunk: list[Example]) -> list[dict]:
+        # each example's own draws, as in training's epoch 0 (seqcpo.seeding): shard size, batch position and
+        # number of processes do not change an example's negatives (BN, by definition, depends on its batch)
+        rng = example_generators(cfg.seed, [str(e.meta.get("id")) for e in chunk], 0, "negatives")
+
+        def make(exs, gold_logits=None):
+            extra = {"gold_logits": gold_logits} if gold_logits is not None else {}
+            return gen(exs, cfg.num_negatives, rng, ranked=cfg.ranked, **extra)
+
+        with torch.no_grad():
+            scored = score_examples(chunk, make, ref, source=source)
+        return _rows(chunk, scored.negatives, scored.ref_logps.float().cpu())
+
+    return score
+
+
+def _rows(chunk: list[Example], neg, ref_logps: torch.Tensor) -> list[dict]:
+    """One Parquet row per example (the columns of the module docstring); ``ref_logps`` (B, K+1)."""
+    return [
+        {
+            "id": str(ex.meta.get("id")),
+            "prefix_ids": list(ex.prefix_ids),
+            "gold_ids": list(ex.continuation_ids),
+            "negatives": [list(n) for n in neg.ids[j]],
+            "valid": [bool(v) for v in neg.valid[j]],
+            "scores": [float(x) for x in neg.scores[j]] if neg.scores is not None else None,
+            "sources": list(neg.sources[j]),
+            "ref_logps": [float(x) for x in ref_logps[j].tolist()],
+        }
+        for j, ex in enumerate(chunk)
+    ]
 
 
 def _one_gpu_per_engine(local_rank: int) -> None:

@@ -40,8 +40,10 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     ``transformers.TrainerCallback`` objects. Raises :class:`~seqcpo.training.checkpoints.NonFiniteError` when
     the loss or the gradient norm stops being finite (the last good checkpoint stays; ``final/`` is not written).
     """
+    from seqcpo.training.quality import attach_quality, wants_quality
     from seqcpo.training.separation import SeparationMonitor, separation_onset
-    from seqcpo.training.trainer import ExampleDataset, SeqCPOTrainer
+    from seqcpo.batching import ExampleDataset
+    from seqcpo.training.trainer import SeqCPOTrainer
 
     t0 = time.time()
     prepare_output_dir(cfg.output_dir)
@@ -59,8 +61,10 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     if cfg.streaming:
         from seqcpo.data.streaming import load_streaming
 
+        quality = wants_quality(cfg)
         splits = load_streaming(cfg.data_config(), tokenizer, context_tokens=context,
-                                need_validation=cfg.eval_strategy != "no")
+                                need_validation=cfg.eval_strategy != "no" or (quality and cfg.quality_split == "validation"),
+                                need_test=quality and cfg.quality_split == "test")
     else:
         splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
     offline, offline_meta = None, None
@@ -94,6 +98,8 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     if cfg.streaming:
         trainer.add_callback(StreamPositionCallback(train_ds))
     trainer.add_callback(SeparationMonitor())  # says in the log when every negative is ranked below the gold
+    if wants_quality(cfg):  # quality/* metrics every eval_steps (seqcpo.training.quality)
+        attach_quality(trainer, cfg, {"validation": splits.validation, "test": splits.test})
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
         save_config(cfg, config_path)

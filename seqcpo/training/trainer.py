@@ -1,79 +1,60 @@
-"""A thin ``transformers.Trainer`` that composes the core: negatives -> log-probs -> loss.
+"""A thin ``transformers.Trainer`` that composes the core: examples -> negatives -> log-probs -> loss.
 
 Per training step (docs/method.md, "The objective"):
 
-1. the batch's gold examples get K negatives: read from a fixed offline set (``negatives_path``) or made now
-   by the configured generators, each example's draws seeded by (seed, example id, epoch) (:mod:`seqcpo.seeding`),
-   so an example's negatives do not depend on the batch size, the accumulation, the number of processes or the
-   step a run resumed from (BN excepted: it draws from its batch by definition);
-2. the policy scores gold + negatives (:mod:`seqcpo.logps`): in the prefix-shared layout, or in two passes
-   (:mod:`seqcpo.two_pass`) when its negatives share long beginnings with the gold; ``logps_layout: auto``
-   chooses per batch (:func:`seqcpo.logps.choose_layout`);
-3. the reference scores them too (frozen copy, adapter disabled, or precomputed log-probs);
-4. ``L = mle_weight * L_mle(gold) + lambda * L_cpo`` (or MLE / DPO / PSS alone), with the metrics of
-   :func:`seqcpo.losses.preference_metrics` logged beside it.
+1. the collator hands over the batch's gold :class:`~seqcpo.types.Example` objects
+   (:func:`seqcpo.batching.collate_examples`); a ``datasets.Dataset`` of raw records is turned into examples
+   first (:mod:`seqcpo.training.records`);
+2. :func:`seqcpo.training.scoring.score_examples` gives them K negatives (fixed ones read from
+   ``negatives_path``, or made now, each example's draws seeded by (seed, example id, epoch),
+   :mod:`seqcpo.seeding`) and the reference's log-probs; MN reuses a gold-branch pass by the one rule of
+   :func:`seqcpo.training.scoring.mn_source`;
+3. the policy scores gold + negatives (:mod:`seqcpo.logps`) in the layout of
+   :mod:`seqcpo.training.policy_layout`;
+4. :func:`seqcpo.losses.step_loss` combines ``mle_weight * L_mle(gold) + lambda * L_cpo`` (or MLE / DPO / PSS
+   alone) with the step's normalisation, and :mod:`seqcpo.training.step_metrics` pools the logged metrics.
 
-Split-invariant steps. One optimizer step's loss is the same function of its examples however they
-are split into micro-batches (``gradient_accumulation_steps``) and processes:
-
-- the MLE and PSS terms are the SUM of the gold tokens' losses divided by the number of gold target tokens in
-  the whole step (transformers' ``num_items_in_batch`` convention, counted by :meth:`get_batch_samples` over the
-  step's micro-batches and all-reduced over processes; ``average_tokens_across_devices`` is not consulted:
-  the count is always global, else the step would depend on the split);
-- the CPO / DPO terms are the sum of per-example losses divided by the number of examples in the step;
-- each micro-batch's loss is multiplied by the number of processes, since DDP / FSDP / DeepSpeed average the
-  processes' gradients, and is not divided again by the accumulation steps (``loss_is_scaled_for_ga``);
-- a final partial step (fewer micro-batches, or a shorter last batch) divides by what it holds.
-
-Evaluation (``eval_loss``) is the plain per-batch mean (token mean for MLE/PSS, example mean for CPO), averaged
-over batches by transformers; the ``eval_*`` metrics are pooled over the whole evaluation set.
-
-With MN negatives and ``logps_layout: auto`` (the default), the model that makes them is scored in two passes:
-its gold-branch pass gives both its gold log-probs and the logits MN draws from, so MN costs no forward pass of
-its own. That model is the live reference by default, or the policy with ``negatives_model: policy`` (and
-``negatives_refresh_steps: 1``).
+Split-invariant steps. One optimizer step's loss is the same function of its examples however they are split
+into micro-batches (``gradient_accumulation_steps``) and processes: :meth:`SeqCPOTrainer.get_batch_samples`
+counts the step's gold target tokens and examples over its micro-batches and all processes
+(:class:`~seqcpo.batching.StepCounts`, handed to ``compute_loss`` as ``num_items_in_batch``;
+``average_tokens_across_devices`` is not consulted: the count is always global), and
+:func:`~seqcpo.losses.step_loss` divides the summed MLE / PSS token losses by the tokens and the summed CPO /
+DPO example losses by the examples, times the number of processes (DDP / FSDP / DeepSpeed average the
+processes' gradients); the loss is not divided again by the accumulation steps (``loss_is_scaled_for_ga``). A
+final partial step divides by what it holds. Evaluation (``eval_loss``) is the plain per-batch mean.
 
 Logged metrics: ``loss``, ``loss/mle``, ``loss/cpo``, ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracies``, ``rewards/strongest_rejected``, ``rewards/gold_top1``,
 ``logps/chosen``, ``logps/rejected``, ``negatives/dropped`` (fraction of negatives masked because they equalled
-the gold), and for PSS ``pss/mix_fraction``. Each is the whole optimizer step's value, pooled over its
-micro-batches and processes with the right weights (tokens for ``loss/mle`` and ``pss/mix_fraction``, examples
-or valid negatives for the others, see :func:`seqcpo.losses.preference_metric_sums`), then averaged over the
-steps since the last log, as transformers does for ``loss``.
+the gold), and for PSS ``pss/mix_fraction``: each step's value pooled over its micro-batches and processes,
+averaged over the steps since the last log (:mod:`seqcpo.training.step_metrics`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import os
-from typing import Any
 
 import torch
 from transformers import Trainer
 
-from seqcpo.batching import (  # noqa: F401  (ExampleDataset, collate_examples: importable from here as before)
-    ExampleDataset,
-    StepCounts,
-    _negatives_from_offline,
-    candidate_batch,
-    collate_examples,
-    local_step_counts,
-    target_tokens,
-)
-from seqcpo.logps import choose_layout, sequence_logps, unwrap_model
-from seqcpo.losses import PREFERENCE_METRICS, cpo_loss_per_example, preference_metric_sums
-from seqcpo.negatives import build_negative_generator, uses_gold_logits
-from seqcpo.reference import AdapterDisabledReference, FrozenCopyReference, build_reference
+from seqcpo.batching import StepCounts, candidate_batch, collate_examples, local_step_counts, target_tokens
+from seqcpo.hf_model import unwrap_model
+from seqcpo.logps import sequence_logps
+from seqcpo.losses import cpo_loss_per_example, preference_metric_sums, step_loss
+from seqcpo.negatives import build_negative_generator
+from seqcpo.reference import build_reference
 from seqcpo.seeding import example_generators
-from seqcpo.two_pass import gold_pass, negatives_pass, two_pass_supported
+from seqcpo.two_pass import two_pass_supported
 from seqcpo.training.checkpoints import NonFiniteGuard, finite_logs, save_complete_checkpoint
 from seqcpo.training.config import SeqCPOConfig
+from seqcpo.training.negatives_model import PolicySnapshot, negatives_model
+from seqcpo.training.policy_layout import agreed_layout, check_layout
+from seqcpo.training.records import example_items
+from seqcpo.training.scoring import mn_source, score_examples
+from seqcpo.training.step_metrics import StepMetrics, logged_metric_names
 from seqcpo.types import CandidateBatch, Example, Negatives
-
-# the layouts `auto` may choose for the policy (seqcpo.logps.choose_layout)
-AGREED_LAYOUTS = ("shared", "packed", "two_pass")
 
 
 class SeqCPOTrainer(Trainer):
@@ -82,6 +63,10 @@ class SeqCPOTrainer(Trainer):
     Args:
         model: the policy (a transformers causal LM, optionally a peft model).
         args: :class:`SeqCPOConfig`.
+        train_dataset / eval_dataset: items ``{"prefix_ids", "continuation_ids", "id"}``
+            (:class:`~seqcpo.batching.ExampleDataset`, a streamed corpus), or a ``datasets.Dataset`` of raw
+            records in any format ``seqcpo train`` reads, tokenized with ``processing_class`` by the config's data
+            fields (:mod:`seqcpo.training.records`).
         reference_model: optional separately loaded starting model for the frozen-copy reference (saves a
             deep copy); by default the policy is copied at construction, i.e. before any training step.
         offline_meta: the manifest of ``negatives_path`` when negatives are fixed.
@@ -89,101 +74,63 @@ class SeqCPOTrainer(Trainer):
 
     def __init__(self, model, args: SeqCPOConfig, *, reference_model=None, offline_meta: dict | None = None, **kwargs):
         kwargs.setdefault("data_collator", collate_examples)
+        for key in ("train_dataset", "eval_dataset"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = example_items(kwargs[key], args, kwargs.get("processing_class"), model, name=key)
         super().__init__(model=model, args=args, **kwargs)
-        # compute_loss divides by the whole step's counts (StepCounts): the loss is already scaled for accumulation
-        self.loss_is_scaled_for_ga = True
+        self.loss_is_scaled_for_ga = True  # step_loss divides by the whole step's counts (StepCounts)
         self.cfg = args
         tok = self.processing_class
         self.pad_token_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         self.eos_token_id = tok.eos_token_id if tok is not None else unwrap_model(model).config.eos_token_id
-        # metrics: {name: [sum, count]} of the open step (train) or of the evaluation (eval); finished steps'
-        # values are summed in _window until the next log (see log())
-        self._metric_names = self._logged_metric_names()
-        self._pool: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
-        self._window = torch.zeros((2, len(self._metric_names)), dtype=torch.float64)  # (sum of values, steps)
+        processes = self.accelerator.num_processes
+        self.metrics = StepMetrics(logged_metric_names(args.objective, args.uses_negatives),
+                                   reduce=self._reduce_sum if processes > 1 else None)
         self._epoch = 0  # the epoch of the step being run: seeds its examples' draws (seqcpo.seeding)
         self.offline_meta = offline_meta
-        self.reference = None
-        self.generator = None
-        self._policy_snapshot = None
-        self._snapshot_step = -1
-        # Sharded weights (FSDP, ZeRO-3) exist only inside forward: the LM head must run there too.
+        # sharded weights (FSDP, ZeRO-3) exist only inside forward: the LM head must run there too
         self.head_in_forward = bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        # "auto": per batch, the two-pass layout where it runs fewer tokens (negatives sharing the gold's start)
-        # and the prefix-shared row otherwise (seqcpo.logps.choose_layout); the model making MN negatives runs in
-        # two passes (see the module docstring)
-        self.layout = args.logps_layout
         self._checkpointing = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
-        if self.layout == "two_pass" and (self.head_in_forward or self._checkpointing or not two_pass_supported(model)):
-            raise ValueError(
-                "logps_layout two_pass needs the LM head outside the model's forward and a KV cache in training: "
-                "it cannot run with FSDP / DeepSpeed ZeRO-3 or gradient checkpointing; use 'auto' or 'shared'"
-            )
-        if self.layout == "packed" and self.head_in_forward:
-            raise ValueError("logps_layout packed needs the LM head outside the model's forward: it cannot run with "
-                             "FSDP / DeepSpeed ZeRO-3; use 'auto' or 'shared'")
-        logps_options = dict(
-            layout=self.layout,
-            pad_token_id=self.pad_token_id,
-            length_normalize=args.length_normalize,
-            chunk_size=args.logits_chunk_size,
-        )
+        self.layout = args.logps_layout
+        check_layout(self.layout, model, head_in_forward=self.head_in_forward, checkpointing=self._checkpointing)
+        self.reference, self.generator = None, None
+        self._snapshot = PolicySnapshot(args.negatives_refresh_steps)
         if args.uses_negatives:
-            offline = args.negatives_path is not None
-            ref_dtype = getattr(torch, args.reference_dtype) if args.reference_dtype else None
-            self.reference = build_reference(
-                args.reference,
-                model,
-                negatives_offline=offline,
-                offline_has_ref_logps=bool(offline_meta and offline_meta.get("has_ref_logps")),
-                reference_model=reference_model,
-                reference_dtype=ref_dtype,
-                **logps_options,
-            )
-            if not offline:
-                if args.resolved_an_backend() == "vllm" and args.world_size > 1:
-                    raise ValueError(
-                        "an_backend vllm runs one engine in one process: with several training processes make the "
-                        "AN negatives first with `seqcpo negatives` (it uses vLLM) and train with negatives_path"
-                    )
-                gen_model = self._negatives_model()
-                self.generator = build_negative_generator(
-                    args.negatives,
-                    args.num_negatives,
-                    model=gen_model,
-                    eos_token_id=self.eos_token_id,
-                    pad_token_id=self.pad_token_id,
-                    options=args.negative_options(),
-                )
-        self.mn_source = self._mn_source()
+            self._build_scoring(model, reference_model)
+        self.mn_source = mn_source(
+            self.generator, layout=args.logps_layout, negatives_model=args.negatives_model, reference=self.reference,
+            head_in_forward=self.head_in_forward,
+            policy_two_pass=args.negatives_refresh_steps <= 1 and not self._checkpointing and two_pass_supported(model),
+        )
         self.finite_guard = NonFiniteGuard()  # stops at a NaN/inf loss or gradient norm (checkpoints.py)
 
-    def _logged_metric_names(self) -> list[str]:
-        """The metrics this objective logs (the same on every process, so their sums can be all-reduced)."""
-        if self.cfg.objective == "pss":
-            return ["loss/mle", "pss/mix_fraction"]
-        if not self.cfg.uses_negatives:
-            return ["loss/mle"]
-        return [*PREFERENCE_METRICS, "loss/mle", "loss/cpo", "negatives/dropped"]
+    def _build_scoring(self, model, reference_model) -> None:
+        """The reference, and the negatives' generator unless the negatives are fixed (``negatives_path``)."""
+        args = self.cfg
+        offline = args.negatives_path is not None
+        self.reference = build_reference(
+            args.reference, model, negatives_offline=offline,
+            offline_has_ref_logps=bool(self.offline_meta and self.offline_meta.get("has_ref_logps")),
+            reference_model=reference_model,
+            reference_dtype=getattr(torch, args.reference_dtype) if args.reference_dtype else None,
+            layout=self.layout, pad_token_id=self.pad_token_id, length_normalize=args.length_normalize,
+            chunk_size=args.logits_chunk_size,
+        )
+        if offline:
+            return
+        if args.resolved_an_backend() == "vllm" and args.world_size > 1:
+            raise ValueError(
+                "an_backend vllm runs one engine in one process: with several training processes make the "
+                "AN negatives first with `seqcpo negatives` (it uses vLLM) and train with negatives_path"
+            )
+        self.generator = build_negative_generator(
+            args.negatives_parts, args.num_negatives,
+            model=negatives_model(args.negatives_model, self.reference, model, self.policy_for_negatives),
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, options=args.negative_options(),
+        )
 
-    def _pooled(self, mode: str, device, extra: list[float] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """``extra`` and this mode's metric (sums, counts), summed over processes (one all-reduce), and the
-        pool emptied: returns ``(extra, (2, metrics))``."""
-        pool = self._pool[mode]
-        rows = [[pool.get(n, (0.0, 0.0))[j] for n in self._metric_names] for j in (0, 1)]
-        t = torch.tensor([*extra, *rows[0], *rows[1]], dtype=torch.float64, device=device)
-        if self.accelerator.num_processes > 1:
-            t = self.accelerator.reduce(t, reduction="sum")
-        self._pool[mode] = {}
-        t = t.cpu()
-        return t[: len(extra)], t[len(extra) :].view(2, -1)
-
-    def _close_step(self, sums_counts: torch.Tensor) -> None:
-        """Adds a finished step's metric values (sum / count, where counted) to the logging window."""
-        total, count = sums_counts
-        seen = count > 0
-        self._window[0] += torch.where(seen, total / count.clamp(min=1), torch.zeros_like(total))
-        self._window[1] += seen.double()
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="sum")
 
     def get_train_dataloader(self):
         # a streamed corpus (seqcpo.data.streaming) is already this process's shard, read in this process (its
@@ -194,46 +141,11 @@ class SeqCPOTrainer(Trainer):
             return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator)
         return super().get_train_dataloader()
 
-    def _mn_source(self) -> str | None:
-        """Which model's gold-branch pass MN negatives are drawn from: "reference", "policy" or None (MN, if
-        any, runs its own forward pass)."""
-        cfg = self.cfg
-        if self.generator is None or not uses_gold_logits(self.generator) or cfg.logps_layout not in ("auto", "two_pass"):
-            return None
-        if self.head_in_forward:
-            return None
-        if cfg.negatives_model == "reference":
-            return "reference" if isinstance(self.reference, (FrozenCopyReference, AdapterDisabledReference)) else None
-        if cfg.negatives_refresh_steps <= 1 and not self._checkpointing and two_pass_supported(self.model):
-            return "policy"  # the policy as it stands: its own training forward gives the logits
-        return None
-
-    # ---- negatives
-    def _negatives_model(self):
-        """The model that makes AN/MN negatives: the reference (default) or the policy."""
-        if self.cfg.negatives_model == "policy":
-            return _ModelView(self.policy_for_negatives)
-        if isinstance(self.reference, FrozenCopyReference):
-            return self.reference.model
-        if isinstance(self.reference, AdapterDisabledReference):
-            peft_model = self.reference.model
-            # the adapter-off policy is the starting model (docs/method.md: negatives from the reference)
-            return _ModelView(lambda: peft_model, peft_model.disable_adapter)
-        return unwrap_model(self.model)
-
+    # ---- negatives and seeds
     def policy_for_negatives(self):
         """The policy as it stands, or a snapshot refreshed every ``negatives_refresh_steps`` steps."""
-        policy = unwrap_model(self.model)
-        n = self.cfg.negatives_refresh_steps
-        if n <= 1:
-            return policy
-        step = self.state.global_step
-        if self._policy_snapshot is None or step - self._snapshot_step >= n:
-            self._policy_snapshot = copy.deepcopy(policy).eval().requires_grad_(False)
-            self._snapshot_step = step - step % n
-        return self._policy_snapshot
+        return self._snapshot(unwrap_model(self.model), self.state.global_step)
 
-    # ---- seeds and step counts
     def example_rngs(self, ids, training: bool, purpose: str, epochs=None) -> list[torch.Generator]:
         """One generator per example, seeded by (seed, example id, epoch, purpose) (:mod:`seqcpo.seeding`).
 
@@ -245,6 +157,15 @@ class SeqCPOTrainer(Trainer):
             return example_generators(self.cfg.seed, ids, 0, f"eval/{purpose}")
         return example_generators(self.cfg.seed, ids, self._epoch if epochs is None else epochs, purpose)
 
+    def make_negatives(self, examples: list[Example], training: bool = True, gold_logits=None, epochs=None) -> Negatives:
+        """K negatives per example, each example's draws from its own generator (:meth:`example_rngs`); an
+        example without ``meta["id"]`` is seeded by its position."""
+        ids = [str(e.meta.get("id", i)) for i, e in enumerate(examples)]
+        rngs = self.example_rngs(ids, training, "negatives", epochs)
+        extra = {"gold_logits": gold_logits} if gold_logits is not None else {}
+        return self.generator(examples, self.cfg.num_negatives, rngs, ranked=self.cfg.ranked, **extra)
+
+    # ---- the step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches and its :class:`~seqcpo.batching.StepCounts` (gold target tokens and
         examples over the micro-batches of every process), which ``compute_loss`` divides by.
@@ -263,165 +184,110 @@ class SeqCPOTrainer(Trainer):
             from seqcpo.training.document_step import anchor_counter
 
             anchors = anchor_counter(self.cfg)
-        counts, previous = self._pooled("train", device, extra=local_step_counts(batches, anchors))
-        self._close_step(previous)
+        counts, previous = self.metrics.pooled("train", device, extra=local_step_counts(batches, anchors))
+        self.metrics.close_step(previous)
         tokens, examples = (int(x) for x in counts.tolist())
         self._epoch = int(math.floor(self.state.epoch or 0))  # the epoch this step belongs to
         return batches, StepCounts(tokens=tokens, examples=examples)
 
-    def evaluate(self, *args, **kwargs):
-        self._pool["eval"] = {}  # one pool for the whole evaluation
-        return super().evaluate(*args, **kwargs)
-
-    def make_negatives(self, examples: list[Example], training: bool = True, gold_logits=None, epochs=None) -> Negatives:
-        """K negatives per example, each example's draws from its own generator (:meth:`example_rngs`); an
-        example without ``meta["id"]`` is seeded by its position."""
-        ids = [str(e.meta.get("id", i)) for i, e in enumerate(examples)]
-        rngs = self.example_rngs(ids, training, "negatives", epochs)
-        extra = {"gold_logits": gold_logits} if gold_logits is not None else {}
-        return self.generator(examples, self.cfg.num_negatives, rngs, ranked=self.cfg.ranked, **extra)
-
-    # ---- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The micro-batch's share of the step's loss (see the module docstring).
+        """The micro-batch's share of the step's loss (:func:`seqcpo.losses.step_loss`).
 
         ``num_items_in_batch``: the step's :class:`~seqcpo.batching.StepCounts` in training; without it (evaluation,
         a direct call) the loss is this batch's own mean.
         """
-        mode = "train" if model.training else "eval"
-        training = mode == "train"
-        epochs = inputs.get("epochs")
-        examples = [
-            Example(prefix_ids=p, continuation_ids=c, meta={"id": i})
-            for p, c, i in zip(inputs["prefix_ids"], inputs["continuation_ids"], inputs["ids"])
-        ]
+        training = model.training
+        examples = inputs["examples"]
         n_tokens = sum(target_tokens(e.prefix_ids, e.continuation_ids) for e in examples)
-        if isinstance(num_items_in_batch, StepCounts):
-            # DDP/FSDP/DeepSpeed average the processes' gradients: scale back to a sum over processes
-            scale = self.accelerator.num_processes
-            tokens_norm, examples_norm = max(num_items_in_batch.tokens, 1), max(num_items_in_batch.examples, 1)
-        else:
-            scale, tokens_norm, examples_norm = 1, max(n_tokens, 1), max(len(examples), 1)
-        cfg = self.cfg
-        sums: dict[str, tuple[float, float]] = {}
-        if cfg.objective == "pss":
-            from seqcpo.pss import pss_loss, pss_mix_probability
+        counts, processes = num_items_in_batch, self.accelerator.num_processes
+        if not isinstance(counts, StepCounts):
+            counts, processes = StepCounts(tokens=n_tokens, examples=len(examples)), 1
+        if self.cfg.objective == "pss":
+            nll, cpo, sums = self._pss_terms(model, examples, inputs, training, n_tokens)
+        elif not self.cfg.uses_negatives:
+            nll, cpo, sums = self._policy_logps(model, candidate_batch(examples, None), mle=True), None, {}
+        elif self.cfg.task == "document":  # MLE on every row token, CPO at anchors (seqcpo.training.document_step)
+            from seqcpo.training.document_step import document_terms
 
-            p_model = pss_mix_probability(self.state.global_step, cfg.pss_p_gold, cfg.pss_warmup_steps)
-            nll, frac = pss_loss(
-                model, examples, p_model=p_model, passes=cfg.pss_passes,
-                generator=self.example_rngs(inputs["ids"], training, "pss", epochs),
-                pad_token_id=self.pad_token_id, reduction="sum",
-            )
-            loss = nll * (scale / tokens_norm)
-            sums["loss/mle"] = (nll.item(), n_tokens)
-            sums["pss/mix_fraction"] = (round(frac * n_tokens), n_tokens)
-        elif not cfg.uses_negatives:
-            golds = candidate_batch(examples, None)
-            out = sequence_logps(
-                model, golds, layout="shared" if self.layout == "two_pass" else self._agreed_layout(model, golds),
-                pad_token_id=self.pad_token_id,
-                chunk_size=cfg.logits_chunk_size, head_in_forward=self.head_in_forward,
-            )
-            nll = -out.summed[:, 0].float().sum()
-            loss = nll * (scale / tokens_norm)
-            sums["loss/mle"] = (nll.item(), n_tokens)
-        elif cfg.task == "document":  # MLE on every row token, CPO at anchors (seqcpo.training.document_step)
-            from seqcpo.training.document_step import document_loss
-
-            loss, doc_sums = document_loss(self, model, inputs, num_items_in_batch)
-            sums.update(doc_sums)
+            nll, cpo, sums = document_terms(self, model, examples, inputs.get("epochs"), training)
+            if processes == 1 and not isinstance(num_items_in_batch, StepCounts):  # this batch's own mean
+                counts = StepCounts(tokens=n_tokens, examples=int(sums["loss/cpo"][1]) if "loss/cpo" in sums else 0)
         else:
-            batch, out, ref = self._score(model, inputs, examples, training=training)
-            ref = ref.to(out.logps.device)
-            mask = torch.tensor(batch.candidate_mask, dtype=torch.bool, device=out.logps.device)
-            nll = -out.summed[:, 0].float().sum()
-            cpo = cpo_loss_per_example(out.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
-            loss = (cfg.mle_weight * nll / tokens_norm + cfg.cpo_lambda * cpo / examples_norm) * scale
-            sums.update(preference_metric_sums(out.logps.detach(), ref, cfg.beta, mask=mask))
-            sums["loss/mle"] = (nll.item(), n_tokens)
-            sums["loss/cpo"] = (cpo.item(), len(examples))
-            n_neg = mask[:, 1:].numel()
-            sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
-        pool = self._pool[mode]
-        for k, (total, count) in sums.items():
-            acc = pool.setdefault(k, [0.0, 0.0])
-            acc[0] += float(total)
-            acc[1] += float(count)
+            nll, cpo, sums = self._cpo_terms(model, examples, inputs, training)
+        loss = step_loss(
+            nll, cpo, tokens=counts.tokens, examples=counts.examples, processes=processes,
+            mle_weight=self.cfg.mle_weight if cpo is not None else 1.0, cpo_lambda=self.cfg.cpo_lambda,
+        )
+        sums["loss/mle"] = (nll.item(), n_tokens)
+        self.metrics.add("train" if training else "eval", sums)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
 
-    def _score(self, model, inputs, examples: list[Example], training: bool):
-        """Negatives, then the policy's and the reference's (B, K+1) log-probs: ``(batch, out, ref)``."""
-        cfg = self.cfg
-        opts = dict(pad_token_id=self.pad_token_id, chunk_size=cfg.logits_chunk_size)
-        if inputs.get("offline") is not None:
-            negatives, ref_pre = _negatives_from_offline(inputs["offline"])
-            batch = candidate_batch(examples, negatives, ref_pre)
-            return batch, self._policy_logps(model, batch), self.reference.logps(batch)
-        prefixes = [e.prefix_ids for e in examples]
-        golds = [e.continuation_ids for e in examples]
-        epochs = inputs.get("epochs")
-        if self.mn_source == "reference":
-            # one reference pass over x + y_0 gives the reference's gold log-probs and MN's logits
-            rgp = self.reference.gold_pass(prefixes, golds, want_logits=True)
-            negatives = self.make_negatives(examples, training, gold_logits=rgp.gold_logits, epochs=epochs)
-            batch = candidate_batch(examples, negatives)
-            return batch, self._policy_logps(model, batch), self.reference.finish(rgp, negatives.ids)
-        if self.mn_source == "policy":
-            # the policy's own gold-branch pass (with gradient) gives its gold log-probs and MN's logits
-            gp = gold_pass(model, prefixes, golds, want_logits=True, **opts)
-            negatives = self.make_negatives(examples, training, gold_logits=gp.gold_logits, epochs=epochs)
-            out = negatives_pass(model, gp, negatives.ids, length_normalize=cfg.length_normalize, **opts)
-            batch = candidate_batch(examples, negatives)
-            return batch, out, self.reference.logps(batch)
-        batch = candidate_batch(examples, self.make_negatives(examples, training, epochs=epochs))
-        return batch, self._policy_logps(model, batch), self.reference.logps(batch)
+    def _pss_terms(self, model, examples, inputs, training: bool, n_tokens: int):
+        """PSS (docs/method.md, "Baselines"): the summed gold-token NLL with mixed-in model tokens."""
+        from seqcpo.pss import pss_loss, pss_mix_probability
 
-    def _policy_logps(self, model, batch: CandidateBatch):
         cfg = self.cfg
-        return sequence_logps(
-            model, batch, layout=self._agreed_layout(model, batch), pad_token_id=self.pad_token_id,
-            length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size,
+        ids = [str(e.meta["id"]) for e in examples]
+        nll, frac = pss_loss(
+            model, examples, p_model=pss_mix_probability(self.state.global_step, cfg.pss_p_gold, cfg.pss_warmup_steps),
+            passes=cfg.pss_passes, generator=self.example_rngs(ids, training, "pss", inputs.get("epochs")),
+            pad_token_id=self.pad_token_id, reduction="sum",
+        )
+        return nll, None, {"pss/mix_fraction": (round(frac * n_tokens), n_tokens)}
+
+    def _cpo_terms(self, model, examples, inputs, training: bool):
+        """Negatives and reference log-probs (:func:`score_examples`), the policy's log-probs, and the summed
+        gold NLL and per-example CPO losses with their metric sums."""
+        cfg = self.cfg
+        epochs = inputs.get("epochs")
+
+        def make(exs, gold_logits=None):
+            return self.make_negatives(exs, training, gold_logits=gold_logits, epochs=epochs)
+
+        scored = score_examples(
+            examples, make, self.reference, source=self.mn_source, offline_rows=inputs.get("offline"), policy=model,
+            policy_options=dict(pad_token_id=self.pad_token_id, chunk_size=cfg.logits_chunk_size,
+                                length_normalize=cfg.length_normalize),
+        )
+        out = scored.policy if scored.policy is not None else self._policy_logps(model, scored.batch)
+        ref = scored.ref_logps.to(out.logps.device)
+        mask = torch.tensor(scored.batch.candidate_mask, dtype=torch.bool, device=out.logps.device)
+        nll = -out.summed[:, 0].float().sum()
+        cpo = cpo_loss_per_example(out.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
+        sums = preference_metric_sums(out.logps.detach(), ref, cfg.beta, mask=mask)
+        sums["loss/cpo"] = (cpo.item(), len(examples))
+        n_neg = mask[:, 1:].numel()
+        sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
+        return nll, cpo, sums
+
+    def _policy_logps(self, model, batch: CandidateBatch, mle: bool = False):
+        """The policy's log-probs of ``batch``; ``mle``: the summed gold NLL of a gold-only batch."""
+        layout = "shared" if mle and self.layout == "two_pass" else agreed_layout(  # a gold-only batch: one pass
+            self.layout, model, batch, head_in_forward=self.head_in_forward, reduce_sum=self._reduce_sum,
+            num_processes=self.accelerator.num_processes, device=self.accelerator.device,
+        )
+        out = sequence_logps(
+            model, batch, layout=layout, pad_token_id=self.pad_token_id,
+            length_normalize=False if mle else self.cfg.length_normalize, chunk_size=self.cfg.logits_chunk_size,
             head_in_forward=self.head_in_forward,
         )
-
-    def _agreed_layout(self, model, batch: CandidateBatch) -> str:
-        """``logps_layout`` for this batch; with ``auto`` under several processes, one choice for all of them.
-
-        Every process must run the same layout: the two-pass layout calls the wrapped model twice and each DDP
-        forward is a collective (buffer broadcast, gradient hooks), so two processes choosing differently per batch
-        wait on each other forever. A layout every process chose is kept; otherwise "shared" (same numbers)."""
-        if self.layout != "auto":
-            return self.layout
-        choice = choose_layout(model, batch, head_in_forward=self.head_in_forward)
-        if self.accelerator.num_processes == 1:
-            return choice
-        votes = torch.zeros(len(AGREED_LAYOUTS), dtype=torch.float32, device=self.accelerator.device)
-        votes[AGREED_LAYOUTS.index(choice)] = 1.0
-        votes = self.accelerator.reduce(votes, reduction="sum")
-        return choice if int(votes[AGREED_LAYOUTS.index(choice)].item()) == self.accelerator.num_processes else "shared"
+        return -out.summed[:, 0].float().sum() if mle else out
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    # ---- logging
+    def evaluate(self, *args, **kwargs):
+        self.metrics.reset("eval")  # one pool for the whole evaluation
+        return super().evaluate(*args, **kwargs)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the pooled metrics. Train: each step's value is sum / count over its micro-batches and processes,
-        averaged over the steps since the last log. Eval: sum / count over the whole evaluation. Runs on every
-        process (transformers logs on all of them): one all-reduce."""
+        """Adds the pooled metrics (:meth:`StepMetrics.log_values`). Runs on every process (transformers logs on
+        all of them): one all-reduce."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        _, sums_counts = self._pooled(mode, self.args.device)
-        if mode == "train":
-            self._close_step(sums_counts)
-            total, count = self._window
-            self._window = torch.zeros_like(self._window)
-        else:
-            total, count = sums_counts
-        prefix = "eval_" if mode == "eval" else ""
-        for name, t, c in zip(self._metric_names, total.tolist(), count.tolist()):
-            if c > 0:
-                logs[f"{prefix}{name}"] = round(t / c, 6)
+        logs.update(self.metrics.log_values(mode, self.args.device))
         super().log(finite_logs(logs), start_time)
 
     # ---- run safety (seqcpo.training.checkpoints): finite steps, checkpoints marked complete
@@ -438,38 +304,12 @@ class SeqCPOTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
 
-    # ---- saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            from seqcpo.training.model_card import write_model_card
             from seqcpo.training.config import save_config
+            from seqcpo.training.model_card import write_model_card
 
             write_model_card(output_dir, self.cfg)
             save_config(self.cfg, os.path.join(output_dir, "seqcpo_config.yaml"))
-
-
-class _ModelView(torch.nn.Module):
-    """A model looked up at each call (``get_model``) and run inside ``context`` (e.g. adapter disabled), for
-    generators built once at construction. The model is held in a closure, not registered as a submodule."""
-
-    def __init__(self, get_model, context=contextlib.nullcontext):
-        super().__init__()
-        self._get = get_model
-        self._context = context
-
-    @property
-    def config(self):
-        return self._get().config
-
-    def parameters(self, recurse: bool = True):
-        return self._get().parameters(recurse)
-
-    def forward(self, *args, **kwargs):
-        with self._context():
-            return self._get()(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        with self._context():
-            return self._get().generate(*args, **kwargs)

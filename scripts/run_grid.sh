@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run a grid to its end across interruptions, committing its small outputs as they appear.
+#
+#   scripts/run_grid.sh configs/smollm2_grid_resolved.yaml [--only ...]
+#
+# `seqcpo reproduce` skips every stage whose done.json fingerprint matches, so running this again (after a kill,
+# a reboot, or on a fresh clone that has the committed outputs) continues with the first missing stage. Every
+# 5 minutes and at the end the grid's out_dir is committed (the .gitignore keeps weights, optimizer states and
+# negatives' shards out), so a new machine starting from the repository loses at most one stage in progress.
+# Runs under `nice`; the log goes to OUT_DIR/grid.log (not committed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+grid=${1:?usage: scripts/run_grid.sh GRID.yaml [seqcpo reproduce options]}
+shift
+py=${PYTHON:-.venv/bin/python}
+out=$("$py" -c 'import sys; from seqcpo.reproduce import load_grid; print(load_grid(sys.argv[1]).out_dir)' "$grid") || exit 2
+mkdir -p "$out"
+
+commit() {
+  git add -- "$out" >/dev/null 2>&1
+  if ! git diff --cached --quiet -- "$out"; then
+    git commit -q -m "grid $(basename "$grid" .yaml): outputs as of $(date -u +%Y-%m-%dT%H:%MZ)" -- "$out" \
+      && echo "$(date -u +%H:%M) committed $out" >> "$out/grid.log"
+  fi
+}
+
+( while sleep 300; do commit; done ) &
+watcher=$!
+trap 'kill $watcher 2>/dev/null; commit' EXIT
+nice -n 10 "$py" -m seqcpo.cli reproduce "$grid" "$@" >> "$out/grid.log" 2>&1

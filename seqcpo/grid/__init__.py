@@ -1,0 +1,1 @@
+"""``seqcpo reproduce``: a grid of arms (train, generate, evaluate), its controls and curves, and one report."""

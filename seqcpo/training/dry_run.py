@@ -1,0 +1,220 @@
+"""``seqcpo train --dry-run``: resolve everything a run needs and print its plan, without training.
+
+Resolved: the config (the one loader, every check); the model's shape from its config alone (the parameters
+are counted on the ``meta`` device: no weights are loaded or allocated); the tokenizer, the data and its splits;
+the first batch with its negatives (the model-free generators, TN and BN, are run; AN / MN negatives, which need
+the weights, are stood in for by their longest possible length: ``an_max_new_tokens`` for AN, the gold's for MN)
+and the log-prob layout ``auto`` would choose for it. Printed: the plan (steps, examples, epochs, negatives,
+layout) and a rough memory estimate per process (weights + gradients + AdamW + reference + activations).
+
+A GPU config (``bf16: true``, ...) is checked on a machine without a GPU: the config is loaded as for the GPU
+and the device checks transformers makes at load time are said to be skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GB = 1024**3
+
+
+@dataclass
+class Plan:
+    """What ``--dry-run`` found; :func:`render` prints it."""
+
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    memory: dict[str, float] = field(default_factory=dict)  # part -> bytes per process
+
+    def add(self, key: str, text: str) -> None:
+        self.lines.append((key, text))
+
+
+def load_for_dry_run(config_path, overrides: dict[str, Any]):
+    """The config; on a machine without the GPU a ``bf16`` / ``fp16`` config asks for, loaded as on the GPU
+    (``use_cpu`` set only to pass transformers' device check). Returns ``(cfg, note or None)``."""
+    from seqcpo.training.config import ConfigError, load_config
+
+    try:
+        return load_config(config_path, overrides), None
+    except ConfigError as e:
+        if "bf16" not in str(e) and "fp16" not in str(e) and "gpu" not in str(e).lower():
+            raise
+        cfg = load_config(config_path, {**overrides, "use_cpu": True})
+        return cfg, f"this machine has no GPU for it: transformers' device check skipped ({e})"
+
+
+def dry_run(config_path, overrides: dict[str, Any]) -> str:
+    """The text ``seqcpo train --dry-run`` prints."""
+    cfg, note = load_for_dry_run(config_path, overrides)
+    return render(make_plan(cfg, note))
+
+
+def make_plan(cfg, note: str | None = None) -> Plan:
+    from seqcpo.data import model_context_tokens
+    from seqcpo.models import load_tokenizer, resolve_model_path
+
+    plan = Plan()
+    if note:
+        plan.add("device", note)
+    neg = f", negatives {cfg.negatives} (K = {cfg.num_negatives})" if cfg.uses_negatives else ""
+    ref = f", reference {cfg.reference}" if cfg.uses_negatives else ""
+    plan.add("config", f"objective {cfg.objective}{neg}{ref}, layout {cfg.logps_layout}, output {cfg.output_dir}")
+    path = resolve_model_path(cfg.model_name_or_path)
+    model, shape = meta_model(path, cfg)
+    plan.add("model", shape)
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    n_train, first = _data(cfg, tokenizer, model_context_tokens(model.config), plan)
+    _steps(cfg, n_train, plan)
+    batch, tokens = _first_batch(cfg, model, first, tokenizer, plan)
+    _memory(cfg, model, tokens, plan)
+    return plan
+
+
+def meta_model(path: str, cfg):
+    """The model built from its config on the ``meta`` device (shapes, no storage), and a line describing it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora:
+        from seqcpo.models import apply_lora
+
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), "?")  # noqa: E731
+    text = (f"{path}: {config.model_type}, {get('num_hidden_layers', 'n_layer')} layers, hidden "
+            f"{get('hidden_size', 'n_embd')}, vocab {get('vocab_size')}, context "
+            f"{get('max_position_embeddings', 'n_positions')}; {total:,} parameters"
+            + (f", {trainable:,} trainable (LoRA r={cfg.lora_r})" if cfg.lora else "")
+            + f"; weights {cfg.model_dtype} (not loaded)")
+    return model, text
+
+
+def _data(cfg, tokenizer, context, plan: Plan):
+    """Training examples (None for a stream) and the first micro-batch's examples."""
+    bs = cfg.per_device_train_batch_size
+    if cfg.streaming:
+        from seqcpo.data.streaming import load_streaming
+
+        splits = load_streaming(cfg.data_config(), tokenizer, context_tokens=context, need_validation=False)
+        first = []
+        for item in splits.train(tokenizer, 0, 1, None):
+            first.append(item)
+            if len(first) == bs:
+                break
+        from seqcpo.batching import collate_examples
+
+        plan.add("data", f"{cfg.dataset} ({cfg.task}), streamed: counted as read")
+        return None, collate_examples(first)["examples"] if first else []
+    from seqcpo.data import load_splits
+
+    splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
+    plan.add("data", f"{cfg.dataset} ({cfg.task}): {len(splits.train)} train / {len(splits.validation)} validation / "
+                     f"{len(splits.test)} test examples")
+    return len(splits.train), list(splits.train[:bs])
+
+
+def _steps(cfg, n_train: int | None, plan: Plan) -> None:
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
+    split = (f"batch {cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+             f"{cfg.world_size} process(es)")
+    if cfg.max_steps > 0:
+        steps = cfg.max_steps
+        epochs = f", {steps * per_step / n_train:.2f} epochs" if n_train else ""
+    else:
+        steps = math.ceil(n_train / per_step) * math.ceil(cfg.num_train_epochs) if n_train else 0
+        epochs = f", {cfg.num_train_epochs:g} epochs"
+    plan.add("plan", f"{steps} optimizer steps x {per_step} examples ({split}) = {steps * per_step} examples{epochs}")
+
+
+def _first_batch(cfg, model, examples, tokenizer, plan: Plan):
+    """The first micro-batch as candidates (gold + negatives), its layout, and the tokens it runs."""
+    from seqcpo.batching import candidate_batch
+    from seqcpo.logps import choose_layout
+    from seqcpo.packing import packed_tokens
+
+    if not examples:
+        plan.add("first batch", "no examples")
+        return None, 0
+    negatives, said = (None, "no negatives") if not cfg.uses_negatives else _negatives(cfg, examples, tokenizer)
+    batch = candidate_batch(examples, negatives)
+    layout = cfg.logps_layout
+    if layout == "auto":
+        layout = f"{choose_layout(model, batch)} (auto)"
+    padded, packed = packed_tokens(batch)
+    lens = lambda xs: f"{min(xs)}..{max(xs)}"  # noqa: E731
+    plan.add("first batch", f"{len(examples)} examples, prefix {lens([len(e.prefix_ids) for e in examples])} tokens, "
+                            f"gold {lens([len(e.continuation_ids) for e in examples])}; {said}; layout {layout}; "
+                            f"{packed} tokens in prefix-shared rows ({padded} padded)")
+    return batch, padded
+
+
+def _negatives(cfg, examples, tokenizer):
+    """The first batch's negatives: TN / BN made, AN / MN stood in for by their longest length."""
+    from seqcpo.negatives import build_negative_generator
+    from seqcpo.seeding import example_generators
+    from seqcpo.types import Negatives
+
+    if cfg.negatives_path:
+        return None, f"fixed negatives from {cfg.negatives_path} (K = {cfg.num_negatives})"
+    parts = cfg.negatives_parts
+    free = [(n, c) for n, c in parts if n in ("tn", "bn")]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = [[] for _ in examples]
+    if free:
+        gen = build_negative_generator(free, sum(c for _, c in free), eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=pad, options=cfg.negative_options())
+        rngs = example_generators(cfg.seed, [str(e.meta.get("id", i)) for i, e in enumerate(examples)], 0, "negatives")
+        made = gen(examples, sum(c for _, c in free), rngs)
+        ids = [list(row) for row in made.ids]
+    for name, count in parts:
+        if name in ("an", "mn"):
+            for row, e in zip(ids, examples):
+                n = cfg.an_max_new_tokens if name == "an" else len(e.continuation_ids)
+                row += [[pad] * n for _ in range(count)]
+    said = ", ".join(f"{n} x{c}" + (" (made)" if n in ("tn", "bn") else " (longest length)") for n, c in parts)
+    k = cfg.num_negatives
+    return Negatives(ids=ids, valid=[[True] * k for _ in ids], scores=None, sources=[[""] * k for _ in ids]), said
+
+
+def _memory(cfg, model, tokens: int, plan: Plan) -> None:
+    """Rough bytes per process: weights, gradients and AdamW's two moments of the trainable parameters, the
+    frozen reference, and the activations kept for backward: about (8 h + 3 f) values per token per layer
+    (h hidden, f MLP width; h per layer with gradient checkpointing) plus the chunked LM head."""
+    config = model.config
+    wbytes = DTYPE_BYTES.get(cfg.model_dtype, 4)
+    abytes = 2 if (cfg.bf16 or cfg.fp16) else wbytes
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mem = plan.memory
+    mem["weights"] = total * wbytes
+    mem["gradients"] = trainable * wbytes
+    mem["AdamW"] = 2 * trainable * wbytes
+    if cfg.uses_negatives and not cfg.lora and cfg.reference in ("auto", "frozen_copy") and not cfg.negatives_path:
+        mem["reference"] = total * DTYPE_BYTES.get(cfg.reference_dtype or cfg.model_dtype, 4)
+    if cfg.uses_negatives and cfg.negatives_model == "policy" and cfg.negatives_refresh_steps > 1:
+        mem["policy snapshot"] = total * wbytes
+    h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    f = getattr(config, "intermediate_size", None) or 4 * h
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    per_token = h if cfg.gradient_checkpointing else 8 * h + 3 * f
+    head = cfg.logits_chunk_size * (getattr(config, "vocab_size", 0) or 0) * 4 * 2
+    mem["activations"] = tokens * layers * per_token * abytes + head
+    parts = " + ".join(f"{k} {v / GB:.2f}" for k, v in mem.items())
+    plan.add("memory", f"rough, per process: {parts} = {sum(mem.values()) / GB:.2f} GB "
+                       f"(bf16/fp16 autocast: {bool(cfg.bf16 or cfg.fp16)})")
+
+
+def render(plan: Plan) -> str:
+    width = max(len(k) for k, _ in plan.lines)
+    out = ["seqcpo train --dry-run (nothing trained, no weights loaded):"]
+    out += [f"  {k:<{width}}  {v}" for k, v in plan.lines]
+    return "\n".join(out)
