@@ -166,7 +166,7 @@ def test_rows_never_see_each_other():
         a = document_logps(model, build_document_layout(rows, anchors, negs, 4))
         rows2 = [rows[0], [50] * 15]
         b = document_logps(model, build_document_layout(rows2, anchors, negs, 4))
-    assert torch.equal(a.row_summed[0], b.row_summed[0]) or abs(float(a.row_summed[0] - b.row_summed[0])) < 1e-5
+    assert abs(float(a.row_summed[0] - b.row_summed[0])) < 1e-5
     assert torch.allclose(a.anchors.logps[:2], b.anchors.logps[:2], atol=1e-5)
     assert not torch.allclose(a.anchors.logps[2], b.anchors.logps[2], atol=1e-3)
 
