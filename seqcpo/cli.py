@@ -83,9 +83,7 @@ def cmd_ensemble(args, extra) -> int:
 
     from seqcpo.config_loader import check_output_dir
 
-    if extra:
-        raise SystemExit(f"seqcpo ensemble: unknown arguments {' '.join(extra)}")
-    alphas = _check_flags({"--alphas": args.alphas}, {"--alphas": (list[float], None)})["--alphas"]
+    alphas = _check_flags({"--alphas": ",".join(args.alphas)}, {"--alphas": (list[float], None)})["--alphas"]
     check_output_dir(args.out, "--out")
     paths = interpolate_checkpoints(args.from_, args.to, alphas, args.out)
     for a, p in zip(alphas, paths):
@@ -96,39 +94,76 @@ def cmd_ensemble(args, extra) -> int:
 def cmd_reproduce(args, extra) -> int:
     from seqcpo.reproduce import run_grid
 
-    if extra:
-        raise SystemExit(f"seqcpo reproduce: unknown arguments {' '.join(extra)}")
     out = run_grid(args.grid, only=args.only, dry_run=args.dry_run)
     print(out)
     return 0
 
 
+class _TrainHelp(argparse.Action):
+    """``seqcpo train --help``: the fields of the config, grouped (data, seqcpo, transformers), read from
+    ``SeqCPOConfig`` itself (imported only when asked: it pulls in transformers)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import dataclasses
+
+        from transformers import TrainingArguments
+
+        from seqcpo.config_loader import add_field_flags
+        from seqcpo.data import DataConfig
+        from seqcpo.training.config import SeqCPOConfig
+
+        data = {f.name for f in dataclasses.fields(DataConfig)}
+        hf = {f.name for f in dataclasses.fields(TrainingArguments)}
+        own = [f.name for f in dataclasses.fields(SeqCPOConfig) if f.init and f.name not in data | hf]
+        add_field_flags(parser.add_argument_group("data (DataConfig)"), SeqCPOConfig, fields=data)
+        add_field_flags(parser.add_argument_group("model, objective, negatives, reference, speed"), SeqCPOConfig,
+                        fields=set(own))
+        parser.add_argument_group(
+            "transformers TrainingArguments (--field value; meanings in the transformers docs)",
+            ", ".join(sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)))
+        parser.print_help()
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seqcpo", description="Sequence-level training with Contrastive Preference Optimization")
+    from seqcpo.config_loader import FlagParser
+
+    p = FlagParser(prog="seqcpo", description="Sequence-level training with Contrastive Preference Optimization")
     p.add_argument("--version", action="version", version=f"seqcpo {__import__('seqcpo').__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (config YAML + --key value overrides)")
-    t.add_argument("--config", help="YAML config; every field can also be given as --key value")
+    t = sub.add_parser("train", help="train a model (config YAML + --field value overrides)", add_help=False,
+                       usage="seqcpo train [-h] [--config FILE.yaml] [--field value ...]",
+                       description="Train with a YAML config; every field of docs/CONFIG.md can also be given as "
+                       "--field value (--field_name and --field-name alike; flags win over the file).")
+    t.add_argument("-h", "--help", action=_TrainHelp, help="list every config field, grouped, and exit")
+    t.add_argument("--config", metavar="FILE.yaml", help="YAML config (fields: docs/CONFIG.md)")
     t.add_argument("--dry-run", action="store_true", help="print the plan and a memory estimate; train nothing")
     t.set_defaults(func=cmd_train, takes_overrides=True)
 
-    n = sub.add_parser("negatives", help="make fixed negatives with reference log-probs (resumable)")
-    n.add_argument("--config", help="YAML config (the same one training will use)")
-    n.add_argument("--out", required=True, help="folder to write (an interrupted run resumes into it)")
-    n.add_argument("--shard-size", default="256", help="examples per shard file (>= 1)")
+    n = sub.add_parser("negatives", help="make fixed negatives with reference log-probs (resumable)",
+                       description="Fixed negatives and reference log-probs for a training config; every config "
+                       "field (docs/CONFIG.md) can be given as --field value.")
+    n.add_argument("--config", metavar="FILE.yaml", help="YAML config (the same one training will use)")
+    n.add_argument("--out", required=True, metavar="DIR", help="folder to write (an interrupted run resumes into it)")
+    n.add_argument("--shard-size", default="256", metavar="N", help="examples per shard file (>= 1; default 256)")
     n.set_defaults(func=cmd_negatives, takes_overrides=True)
 
     e = sub.add_parser("ensemble", help="weight-space interpolation (1-alpha)*A + alpha*B of two checkpoints")
-    e.add_argument("--from", dest="from_", required=True, help="checkpoint A (alpha = 0), e.g. the MLE model")
-    e.add_argument("--to", required=True, help="checkpoint B (alpha = 1), e.g. the CPO model")
-    e.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated alphas")
-    e.add_argument("--out", required=True, help="folder for the alpha-* checkpoints")
+    e.add_argument("--from", dest="from_", required=True, metavar="DIR",
+                   help="checkpoint A (alpha = 0), e.g. the MLE model")
+    e.add_argument("--to", required=True, metavar="DIR", help="checkpoint B (alpha = 1), e.g. the CPO model")
+    e.add_argument("--alphas", nargs="+", default=["0,0.25,0.5,0.75,1"], metavar="X",
+                   help="alphas, comma- or space-separated (default 0,0.25,0.5,0.75,1)")
+    e.add_argument("--out", required=True, metavar="DIR", help="folder for the alpha-* checkpoints")
     e.set_defaults(func=cmd_ensemble, takes_overrides=False)
 
     r = sub.add_parser("reproduce", help="run a grid of arms (train, generate, evaluate); resumes")
     r.add_argument("grid", help="grid YAML (see configs/)")
-    r.add_argument("--only", nargs="*", help="run only these arms")
+    r.add_argument("--only", nargs="*", metavar="ARM", help="run only these arms")
     r.add_argument("--dry-run", action="store_true", help="print the plan without running it")
     r.set_defaults(func=cmd_reproduce, takes_overrides=False)
 
@@ -143,13 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parse(argv: list[str]):
+    """(args, extra) of the command line; SystemExit(2) after one error line for a bad flag."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "takes_overrides", False) and args.func not in (cmd_ensemble, cmd_reproduce):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"{args.command}: unrecognized arguments: {' '.join(extra)}")
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``seqcpo`` entry point. Exit status: 0 done, 2 bad input (flag, config, data: one line
+    ``seqcpo: error: ...``), 3 a run that cannot go on."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, extra = _parse(argv)
+    except SystemExit as e:  # --help, --version (0) or a bad flag (2, its line already printed)
+        return e.code if isinstance(e.code, int) else 2
     from seqcpo.data import DataError
     from seqcpo.ensemble import EnsembleError
     from seqcpo.training.checkpoints import TrainingStopped
@@ -163,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:  # a run that cannot go on (non-finite loss, checkpoint write): not bad input
         print(f"seqcpo: error: {e}", file=sys.stderr)
         return 3
+    except SystemExit as e:  # a command's own one-line refusal ("seqcpo: error: --out ...")
+        if e.code is None or isinstance(e.code, int):
+            raise
+        text = str(e.code)
+        print(text if text.startswith("seqcpo") else f"seqcpo: error: {text}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, ImportError) as e:
         # bad input found deeper in (a model folder, a batch too small for its negatives, a bad negatives
         # folder): one line, unless SEQCPO_DEBUG asks for the traceback

@@ -27,7 +27,7 @@ gradient checkpointing (transformers drops the cache there) nor with sharded wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -179,6 +179,95 @@ def _negatives_mask(cache_limit, cache_len, segment_ids, dtype):
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+@dataclass
+class _NegativesPlan:
+    """Where each negative token's log-prob comes from (:func:`negatives_pass`): ``gold_src``/``gold_index``
+    the gold token it shares (index into ``GoldPass.gold_logps``, candidate column), ``p1_*`` its first
+    differing token (pass 1's hidden state at (row, position)), ``p2_*`` the later tokens (this pass's query
+    (row, position)); ``rows`` per example the (tokens, positions, segment ids, cache limits) this pass runs."""
+
+    rows: list = field(default_factory=list)
+    gold_src: list = field(default_factory=list)
+    gold_index: list = field(default_factory=list)
+    p1_row: list = field(default_factory=list)
+    p1_pos: list = field(default_factory=list)
+    p1_targets: list = field(default_factory=list)
+    p1_index: list = field(default_factory=list)
+    p2_row: list = field(default_factory=list)
+    p2_pos: list = field(default_factory=list)
+    p2_targets: list = field(default_factory=list)
+    p2_index: list = field(default_factory=list)
+
+
+def _plan_negatives(gp: GoldPass, negative_ids: list[list[list[int]]], K: int) -> _NegativesPlan:
+    """Split every negative into its gold-shared start, its first differing token and the rest."""
+    plan = _NegativesPlan()
+    gold_start = [0] + torch.cumsum(gp.gold_counts, 0).tolist()[:-1]
+    for b, row in enumerate(negative_ids):
+        if len(row) != K:
+            raise ValueError(f"example {b}: {len(row)} negatives, expected {K}")
+        P, gold = int(gp.prefix_lens[b]), gp.gold_ids[b]
+        toks, pos, seg, lim = [], [], [], []
+        for i, neg in enumerate(row):
+            n, c = len(neg), b * (K + 1) + i + 1  # candidate column i + 1
+            m = shared_with_gold(gold, neg)
+            plan.gold_src.extend(range(gold_start[b], gold_start[b] + m))
+            plan.gold_index.extend([c] * m)
+            if m == n:
+                continue  # the negative is a prefix of the gold
+            plan.p1_row.append(b)
+            plan.p1_pos.append(P + m - 1)
+            plan.p1_targets.append(neg[m])
+            plan.p1_index.append(c)
+            if n - m - 1 <= 0:
+                continue
+            start = len(toks)
+            toks.extend(neg[m : n - 1])
+            pos.extend(range(P + m, P + n - 1))
+            seg.extend([i] * (n - m - 1))
+            lim.extend([P + m] * (n - m - 1))
+            plan.p2_row.extend([b] * (n - m - 1))
+            plan.p2_pos.extend(range(start, start + n - m - 1))
+            plan.p2_targets.extend(neg[m + 1 :])
+            plan.p2_index.extend([c] * (n - m - 1))
+        plan.rows.append((toks, pos, seg, lim))
+    return plan
+
+
+def _run_branches(model, gp: GoldPass, rows: list, pad_token_id: int) -> torch.Tensor:
+    """This pass's forward over every example's negative branches on the gold pass's cache; the last hidden
+    states (B, Lq, H)."""
+    device = gp.prefix_lens.device
+    B, Lq = len(rows), max(len(r[0]) for r in rows)
+    input_ids = torch.full((B, Lq), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((B, Lq), dtype=torch.long)
+    segment_ids = torch.full((B, Lq), -1, dtype=torch.long)
+    cache_limit = gp.prefix_lens.cpu()[:, None].repeat(1, Lq)  # padding queries see the prefix only
+    for b, (toks, pos, seg, lim) in enumerate(rows):
+        n = len(toks)
+        if n:
+            input_ids[b, :n] = torch.tensor(toks)
+            position_ids[b, :n] = torch.tensor(pos)
+            segment_ids[b, :n] = torch.tensor(seg)
+            cache_limit[b, :n] = torch.tensor(lim)
+    impl = attn_implementation(model)
+    # a FlexAttention BlockMask or a flash kernel cannot take this (query, cache + query) mask: use SDPA
+    run_impl = impl if impl in ("sdpa", "eager") else "sdpa"
+    mask = _negatives_mask(cache_limit.to(device), gp.cache_len, segment_ids.to(device),
+                           model_dtype(model) if run_impl == "eager" else None)
+    with use_attention(model, None if run_impl == impl else run_impl):
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask,
+            position_ids=position_ids.to(device),
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=True,
+            **{gp.cache_kwarg: gp.cache},
+        )
+    return out.hidden_states[-1]
+
+
 def negatives_pass(
     model,
     gp: GoldPass,
@@ -205,78 +294,21 @@ def negatives_pass(
     B = len(negative_ids)
     K = len(negative_ids[0]) if B else 0
     counts = torch.tensor([[len(n) for n in row] for row in negative_ids], dtype=torch.long).reshape(B, K)
-    gold_start = [0] + torch.cumsum(gp.gold_counts, 0).tolist()[:-1]
-    rows = []  # per example: (input tokens, positions, segment ids, cache limits)
-    gold_src, gold_index = [], []  # shared gold tokens: index into gp.gold_logps, candidate
-    p1_row, p1_pos, p1_targets, p1_index = [], [], [], []  # first differing token: from pass 1's hidden
-    p2_row, p2_pos, p2_targets, p2_index = [], [], [], []  # later tokens: from this pass
-    for b, row in enumerate(negative_ids):
-        if len(row) != K:
-            raise ValueError(f"example {b}: {len(row)} negatives, expected {K}")
-        P, gold = int(gp.prefix_lens[b]), gp.gold_ids[b]
-        toks, pos, seg, lim = [], [], [], []
-        for i, neg in enumerate(row):
-            n, c = len(neg), b * (K + 1) + i + 1  # candidate column i + 1
-            m = shared_with_gold(gold, neg)
-            gold_src.extend(range(gold_start[b], gold_start[b] + m))
-            gold_index.extend([c] * m)
-            if m == n:
-                continue  # the negative is a prefix of the gold
-            p1_row.append(b)
-            p1_pos.append(P + m - 1)
-            p1_targets.append(neg[m])
-            p1_index.append(c)
-            if n - m - 1 <= 0:
-                continue
-            start = len(toks)
-            toks.extend(neg[m : n - 1])
-            pos.extend(range(P + m, P + n - 1))
-            seg.extend([i] * (n - m - 1))
-            lim.extend([P + m] * (n - m - 1))
-            p2_row.extend([b] * (n - m - 1))
-            p2_pos.extend(range(start, start + n - m - 1))
-            p2_targets.extend(neg[m + 1 :])
-            p2_index.extend([c] * (n - m - 1))
-        rows.append((toks, pos, seg, lim))
+    plan = _plan_negatives(gp, negative_ids, K)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     # the gold's own tokens (column 0), then what each negative shares with it
-    parts = [gp.gold_logps, gp.gold_logps[as_long(gold_src)]]
-    idx = [torch.repeat_interleave(torch.arange(B, device=device), gp.gold_counts) * (K + 1), as_long(gold_index)]
-    if p1_row:
-        h1 = gp.hidden[as_long(p1_row), as_long(p1_pos)]
-        parts.append(token_logps_from_hidden(model, h1, as_long(p1_targets), chunk_size=chunk_size))
-        idx.append(as_long(p1_index))
-    Lq = max((len(r[0]) for r in rows), default=0)
-    if Lq:
-        input_ids = torch.full((B, Lq), pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((B, Lq), dtype=torch.long)
-        segment_ids = torch.full((B, Lq), -1, dtype=torch.long)
-        cache_limit = gp.prefix_lens.cpu()[:, None].repeat(1, Lq)  # padding queries see the prefix only
-        for b, (toks, pos, seg, lim) in enumerate(rows):
-            n = len(toks)
-            if n:
-                input_ids[b, :n] = torch.tensor(toks)
-                position_ids[b, :n] = torch.tensor(pos)
-                segment_ids[b, :n] = torch.tensor(seg)
-                cache_limit[b, :n] = torch.tensor(lim)
-        impl = attn_implementation(model)
-        # a FlexAttention BlockMask or a flash kernel cannot take this (query, cache + query) mask: use SDPA
-        run_impl = impl if impl in ("sdpa", "eager") else "sdpa"
-        mask = _negatives_mask(cache_limit.to(device), gp.cache_len, segment_ids.to(device),
-                               model_dtype(model) if run_impl == "eager" else None)
-        with use_attention(model, None if run_impl == impl else run_impl):
-            out = model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask,
-                position_ids=position_ids.to(device),
-                output_hidden_states=True,
-                logits_to_keep=1,
-                use_cache=True,
-                **{gp.cache_kwarg: gp.cache},
-            )
-        h2 = out.hidden_states[-1][as_long(p2_row), as_long(p2_pos)]
-        parts.append(token_logps_from_hidden(model, h2, as_long(p2_targets), chunk_size=chunk_size))
-        idx.append(as_long(p2_index))
+    parts = [gp.gold_logps, gp.gold_logps[as_long(plan.gold_src)]]
+    idx = [torch.repeat_interleave(torch.arange(B, device=device), gp.gold_counts) * (K + 1),
+           as_long(plan.gold_index)]
+    if plan.p1_row:
+        h1 = gp.hidden[as_long(plan.p1_row), as_long(plan.p1_pos)]
+        parts.append(token_logps_from_hidden(model, h1, as_long(plan.p1_targets), chunk_size=chunk_size))
+        idx.append(as_long(plan.p1_index))
+    if any(len(r[0]) for r in plan.rows):
+        hidden = _run_branches(model, gp, plan.rows, pad_token_id)
+        h2 = hidden[as_long(plan.p2_row), as_long(plan.p2_pos)]
+        parts.append(token_logps_from_hidden(model, h2, as_long(plan.p2_targets), chunk_size=chunk_size))
+        idx.append(as_long(plan.p2_index))
     gp.cache = None  # pass 2 appended to it: nothing else may read it
     counts = torch.cat([gp.gold_counts[:, None], counts.to(device)], dim=1)
     return sum_token_logps(torch.cat(parts), torch.cat(idx), counts, length_normalize)

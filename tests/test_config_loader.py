@@ -221,3 +221,85 @@ def test_a_saved_config_loads_again_to_the_same_values(tmp_path):
     save_config(cfg, tmp_path / "saved.yaml")
     again = load_config(tmp_path / "saved.yaml", {"use_cpu": True})
     assert again.to_public_dict() == cfg.to_public_dict()
+
+
+# ----------------------------------------------------------------------------- fault injection: YAML readings
+
+
+def test_scientific_notation_inside_a_nested_mapping_is_a_float(tmp_path):
+    """Defect: ``lr_scheduler_kwargs: {min_lr: 1e-5}`` kept ``'1e-5'`` a string (YAML 1.1 wants a dot and a signed
+    exponent) and the scheduler raised a TypeError comparing it with a number; only top-level float fields were
+    read by their type."""
+    cfg = _cfg(tmp_path, "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1e-5, extra: [2E3]}\n")
+    assert cfg.lr_scheduler_kwargs == {"min_lr": 1e-5, "extra": [2000.0]}
+    assert type(cfg.lr_scheduler_kwargs["min_lr"]) is float  # a plain float, safe for pickles and dumps
+    flag = _cfg(tmp_path, "", ["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr": 3e-6}'])
+    assert flag.lr_scheduler_kwargs == {"min_lr": 3e-6}
+    # a str field keeps the text as written, a quoted number stays a string
+    cfg = _cfg(tmp_path, "hub_model_id: 1e-5\nrun_name: '2e3'\n")
+    assert cfg.hub_model_id == "1e-5" and cfg.run_name == "2e3"
+    from seqcpo.training.config import save_config
+
+    save_config(_cfg(tmp_path, "lr_scheduler_kwargs: {min_lr: 1e-5}\n"), tmp_path / "saved.yaml")
+    assert "min_lr: 1.0e-05" in (tmp_path / "saved.yaml").read_text()
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("beta: 0.1\nmax_steps: 3\nbeta: 0.2\n", 3, "beta"),  # a training file
+    ("name: g\narms:\n  mle: {objective: mle}\n  cpo: {objective: cpo}\n  mle: {objective: cpo}\n", 5, "mle"),  # a grid
+    ("eval:\n  judge:\n    backend: local\n    backend: none\n", 4, "backend"),  # an eval file, nested
+])
+def test_duplicate_yaml_keys_are_an_error_naming_file_line_and_key(tmp_path, text, line, key):
+    """Defect: PyYAML keeps the last of two equal keys silently: a grid with two ``mle:`` arms trained one arm
+    (CPO) and lost the MLE baseline; a training file's second ``beta:`` replaced the first unseen."""
+    from seqcpo.config_loader import read_yaml
+
+    path = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        read_yaml(path)
+    assert str(e.value).startswith(f"{path} line {line}: duplicate key '{key}'") and "\n" not in str(e.value)
+    # merge keys (<<) are not duplicates
+    assert read_yaml(_yaml(tmp_path, "a: &x {p: 1}\nb:\n  <<: *x\n  p: 2\n"))["b"] == {"p": 2}
+
+
+def test_one_flag_style_and_bad_flags_exit_2_in_one_line(tmp_path, capsys):
+    """Defect: ``seqcpo eval --num_examples`` failed with the top-level usage while training took both
+    spellings; a bad flag printed a multi-line usage."""
+    from seqcpo.cli import build_parser, main
+
+    parser = build_parser()
+    for spelling in ("--num_examples", "--num-examples"):
+        args = parser.parse_args(["eval", "--models", "m", "--out", "o", spelling, "3"])
+        assert args.num_examples == "3"
+    args = parser.parse_args(["negatives", "--out", "n", "--shard_size", "8"])
+    assert args.shard_size == "8"
+    for argv in (["eval", "--models", "m", "--nope", "1"], ["generate", "--judge", "local"],
+                 ["ensemble", "--from", "a"], ["reproduce"], ["negatives", "--out", "x", "--shard-size"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("seqcpo: error: ") and len(err.strip().splitlines()) == 1, (argv, err)
+    # a bad value: the same kind of line, naming the flag, from every command
+    out = str(tmp_path / "o")
+    for argv, needle in [(["eval", "--models", "m", "--out", out, "--num_examples", "-1"], "--num-examples"),
+                         (["generate", "--models", "m", "--out", out, "--split", "dev"], "--split"),
+                         (["eval", "--models", "m", "--out", out, "--alphas", "0,x"], "--alphas"),
+                         (["ensemble", "--from", "a", "--to", "b", "--alphas", "0", "nan", "--out", out], "--alphas"),
+                         (["negatives", "--out", out, "--shard_size", "0"], "--shard-size"),
+                         (["train", "--max_steps", "x", "--output_dir", out], "max_steps")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("seqcpo: error: ")]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (argv, err)
+
+
+def test_train_help_lists_the_fields_grouped_and_points_to_the_reference(capsys):
+    """Defect: ``seqcpo train --help`` listed only ``--config`` and did not point to docs/CONFIG.md."""
+    from seqcpo.cli import main
+
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "docs/CONFIG.md" in text
+    groups = ["data (DataConfig):", "model, objective, negatives, reference, speed:", "transformers TrainingArguments"]
+    assert all(g in text for g in groups)
+    assert text.index("--validation-size") < text.index("--beta") < text.index("learning_rate")
+    assert "reward scale beta" in text.lower() and "--no-lora" in text

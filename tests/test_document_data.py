@@ -184,12 +184,13 @@ def test_fixed_negatives_and_window_evaluation_refuse_document_rows(tmp_path):
     """`seqcpo negatives` cannot name anchors drawn during training; `seqcpo eval` evaluates on windows."""
     from types import SimpleNamespace
 
-    from seqcpo.evaluation.cli import data_config_from_args
+    from seqcpo.config_loader import ConfigError
+    from seqcpo.evaluation.data_source import resolve_data
     from seqcpo.training.offline import make_offline_negatives
 
     with pytest.raises(ValueError, match="task=document draws its anchors during training"):
         make_offline_negatives(SimpleNamespace(task="document"), [], None, None, str(tmp_path))
     path = tmp_path / "train.yaml"
     path.write_text("task: document\nmax_length: 128\ncontinuation_tokens: 16\n")
-    with pytest.raises(SystemExit, match="--task continuation"):
-        data_config_from_args(SimpleNamespace(data_config=str(path)))
+    with pytest.raises(ConfigError, match="train.yaml.*task=document.*--task continuation"):
+        resolve_data([], str(path), [])

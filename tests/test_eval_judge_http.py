@@ -19,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from seqcpo.evaluation.judges import OpenAIJudge, _retry_after_seconds
+from seqcpo.evaluation.judges import OpenAIJudge
+from seqcpo.evaluation.judges.http import retry_after_seconds as _retry_after_seconds
 from seqcpo.evaluation.winrate import summarize, win_rate_vs_gold
 
 KEY = "sk-test-Zq8VvXz1-5eqcpo-distinctive-key"
@@ -270,7 +271,8 @@ def test_retry_after_parsing():
 
 def test_url_is_normalised_and_userinfo_not_reported(tmp_path):
     j = OpenAIJudge("https://user:pw@api.example.com/v1/", "m", api_key_env="SEQCPO_UNSET_ENV_X", cache_dir=tmp_path)
-    assert j.endpoint == "https://user:pw@api.example.com/v1/chat/completions"
+    assert j.urls.chat == "https://api.example.com/v1/chat/completions" and j.urls.auth == ("user", "pw")
+    assert "pw" not in repr(j) and "pw" not in json.dumps(j.cache_identity())
     assert j.describe()["host"] == "api.example.com"
     with pytest.raises(ValueError):
         OpenAIJudge("ftp://x", "m", cache_dir=tmp_path)

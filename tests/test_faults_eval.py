@@ -19,6 +19,7 @@ import torch
 
 from conftest import make_tiny_gpt2, make_tiny_llama, make_toy_tokenizer
 from seqcpo.evaluation.generate import generate_continuations, parse_decoding, read_generations
+from seqcpo.evaluation.config import JudgeConfig
 from seqcpo.evaluation.judges import LocalJudge, OpenAIJudge, check_judge
 from seqcpo.evaluation.metrics import gold_perplexity, model_features
 from seqcpo.types import Example
@@ -251,11 +252,11 @@ def test_bad_local_judge_model_fails_before_generation(tmp_path, monkeypatch):
     from seqcpo.evaluation import cli
 
     with pytest.raises(ValueError, match="--judge-model"):
-        check_judge("local", str(tmp_path / "missing"))
+        check_judge(JudgeConfig(backend="local", model=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="--judge-model"):
-        check_judge("local", str(tmp_path / "empty"))
-    check_judge("local", _save(tmp_path / "good"))  # a real one passes
+        check_judge(JudgeConfig(backend="local", model=str(tmp_path / "empty")))
+    check_judge(JudgeConfig(backend="local", model=_save(tmp_path / "good")))  # a real one passes
 
     def no_generation(*a, **k):
         raise AssertionError("generation started before the judge was checked")
@@ -293,14 +294,14 @@ def test_api_judge_model_not_served_is_refused(tmp_path):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     try:
-        check_judge("openai", "served-model", url)
+        check_judge(JudgeConfig(backend="openai", model="served-model", url=url))
         with pytest.raises(ValueError, match="does not serve it"):
-            check_judge("openai", "other-model", url)
+            check_judge(JudgeConfig(backend="openai", model="other-model", url=url))
     finally:
         httpd.shutdown()
         httpd.server_close()
     with pytest.raises(ValueError, match="cannot connect"):  # nothing listens on port 9
-        check_judge("openai", "any", "http://127.0.0.1:9/v1", timeout=0.5)
+        check_judge(JudgeConfig(backend="openai", model="any", url="http://127.0.0.1:9/v1"), timeout=0.5)
 
 
 def test_bad_checkpoint_and_junk_rows_give_one_line_errors_not_tracebacks(tmp_path, examples):

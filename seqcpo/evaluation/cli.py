@@ -27,7 +27,6 @@ fields from YAML, flags win), read by the one config loader (:mod:`seqcpo.config
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -35,149 +34,73 @@ import logging
 import sys
 from pathlib import Path
 
-from seqcpo.config_loader import ConfigError, check_output_dir, load_dataclass, read_yaml, resolve
+from seqcpo.config_loader import ConfigError, add_field_flags, check_output_dir, flag_sources, read_yaml, resolve
 from seqcpo.evaluation.config import EvalConfig, JudgeConfig
+from seqcpo.evaluation.data_source import ExampleSource, resolve_data
 
 logger = logging.getLogger(__name__)
 
 ENSEMBLE_FILE = "seqcpo_ensemble.json"
-DATA_OVERRIDES = {  # CLI flag dest -> DataConfig field
-    "dataset": "dataset",
-    "task": "task",
-    "prefix_tokens": "prefix_tokens",
-    "continuation_tokens": "continuation_tokens",
-    "split_seed": "split_seed",
-    "validation_size": "validation_size",
-    "test_size": "test_size",
-    "prompt_template": "prompt_template",
-    "max_prefix_tokens": "max_prefix_tokens",
-    "max_continuation_tokens": "max_continuation_tokens",
-}
-# argparse dest -> the EvalConfig field it sets ("judge.x": a JudgeConfig field); flags left unset keep the
-# config's value. The store_true flags set the field to False.
-EVAL_FLAGS = {
-    "models": "models", "labels": "labels", "alphas": "alphas", "head_to_head": "head_to_head", "out": "out",
-    "data_config": "data_config", "split": "split", "num_examples": "num_examples", "decoding": "decoding",
-    "max_new_tokens": "max_new_tokens", "seed": "seed", "batch_size": "batch_size", "dtype": "dtype",
-    "device": "device", "order": "order", "order_seed": "order_seed", "mauve_features": "mauve",
-    "no_ppl": "ppl", "no_progress": "progress",
-    "judge": "judge.backend", "judge_model": "judge.model", "judge_url": "judge.url",
-    "judge_api_key_env": "judge.api_key_env", "judge_prompt": "judge.prompt",
-    "judge_concurrency": "judge.concurrency", "judge_max_retries": "judge.max_retries",
-    "judge_timeout": "judge.timeout", "judge_max_tokens": "judge.max_tokens", "judge_cache": "judge.cache",
-    "judge_no_debias": "judge.debias", "judge_tie_margin": "judge.tie_margin",
-}
-_SWITCHES = ("no_ppl", "no_progress", "judge_no_debias")
-
-
-def _help(field_path: str, extra: str = "") -> str:
-    """The flag's help: the EvalConfig field's help and default (declared once, there)."""
-    cls, name = (JudgeConfig, field_path[6:]) if field_path.startswith("judge.") else (EvalConfig, field_path)
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    default = f.default if f.default is not dataclasses.MISSING else None
-    text = f.metadata.get("help", "")
-    if extra:
-        text = f"{extra} {text}"
-    return f"{text} (default: {default})" if default not in (None, "") and f.type not in ("bool",) else text
+_MODELS = ("models", "labels", "dtype", "device", "batch_size")
+_DECODING = ("decoding", "max_new_tokens", "seed")
+_DATA_CHOICE = ("data_config", "checkpoint_data", "allow_train_overlap", "split", "num_examples")
+_EVAL_ONLY = ("alphas", "head_to_head", "order", "order_seed", "mauve", "ppl")
 
 
 def register(subparsers) -> None:
-    """Add the ``generate`` and ``eval`` subcommands to an argparse subparsers object."""
+    """Add the ``generate`` and ``eval`` subcommands to an argparse subparsers object; every flag is declared
+    from a field of :class:`EvalConfig`, :class:`JudgeConfig` or :class:`seqcpo.data.DataConfig`."""
     gen = subparsers.add_parser(
-        "generate",
-        help="generate continuations from checkpoints (resumable JSONL)",
-        description="Generate continuations of a data split from one or more checkpoints.",
-        allow_abbrev=False,
-    )
-    _add_common_args(gen)
-    gen.set_defaults(func=run_generate)
+        "generate", help="generate continuations from checkpoints (resumable JSONL)",
+        description="Generate continuations of a data split from one or more checkpoints.", allow_abbrev=False)
+    eval_flags, data_flags = _add_common_args(gen)
+    gen.set_defaults(func=run_generate, eval_flags=eval_flags, data_flags=data_flags)
 
     ev = subparsers.add_parser(
-        "eval",
-        help="generate, judge and score checkpoints; write report.md, results.json and plots",
+        "eval", help="generate, judge and score checkpoints; write report.md, results.json and plots",
         description="Win rate against the gold (pairwise judge), MAUVE, ROUGE-L, distinct-n, repetition and "
         "gold perplexity for checkpoints x decoding configurations.",
-        allow_abbrev=False,  # "--judge-api-key sk-..." must fail, not pass as an abbreviation of -env
-    )
-    _add_common_args(ev)
-    # judge: strings here; the one config loader reads them by the JudgeConfig field's type
-    ev.add_argument("--judge", choices=("local", "openai", "none"), help=_help("judge.backend"))
-    ev.add_argument("--judge-model", help=_help("judge.model"))
-    ev.add_argument("--judge-url", help=_help("judge.url"))
-    ev.add_argument("--judge-api-key-env", help=_help("judge.api_key_env"))
-    ev.add_argument("--judge-prompt", help=_help("judge.prompt"))
-    ev.add_argument("--judge-concurrency", help=_help("judge.concurrency"))
-    ev.add_argument("--judge-max-retries", help=_help("judge.max_retries"))
-    ev.add_argument("--judge-timeout", help=_help("judge.timeout"))
-    ev.add_argument("--judge-max-tokens", help=_help("judge.max_tokens"))
-    ev.add_argument("--judge-cache", help=_help("judge.cache"))
-    ev.add_argument("--judge-no-debias", action="store_true", help="local: " + _help("judge.debias", "turn off:"))
-    ev.add_argument("--judge-tie-margin", help=_help("judge.tie_margin"))
-    ev.add_argument("--order", choices=("both", "random"), help=_help("order"))
-    ev.add_argument("--order-seed", help=_help("order_seed"))
-    ev.add_argument("--head-to-head", nargs=2, action="append", metavar=("X", "Y"),
-                    help="also judge model X against model Y (labels or paths); repeatable")
-    # metrics
-    ev.add_argument("--mauve-features", choices=("minilm", "model", "none"), help=_help("mauve"))
-    ev.add_argument("--no-ppl", action="store_true", help="skip the gold-continuation perplexity")
-    ev.add_argument("--alphas", nargs="+", help=_help("alphas"))
-    ev.set_defaults(func=run_eval)
+        allow_abbrev=False)  # "--judge-api-key sk-..." must fail, not pass as an abbreviation of -env
+    eval_flags, data_flags = _add_common_args(ev)
+    eval_flags.update(add_field_flags(
+        ev.add_argument_group("scoring"), EvalConfig, fields=_EVAL_ONLY, names={"mauve": ("mauve_features",)},
+        special={"head_to_head": dict(nargs=2, action="append", metavar=("X", "Y"))}))
+    eval_flags.update(add_field_flags(
+        ev.add_argument_group("judge (JudgeConfig)"), JudgeConfig, prefix="judge_", path="judge.",
+        names={"backend": ("judge",)}, hidden={"--judge-no-debias": "debias"}))
+    ev.set_defaults(func=run_eval, eval_flags=eval_flags, data_flags=data_flags)
 
 
-def _add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML with EvalConfig fields (top level or under 'eval:'); flags win")
-    g = p.add_argument_group("models")
-    g.add_argument("--models", nargs="+", help=_help("models"))
-    g.add_argument("--labels", nargs="+", help=_help("labels"))
-    g.add_argument("--dtype", help=_help("dtype"))
-    g.add_argument("--device", help=_help("device"))
-    g.add_argument("--batch-size", help=_help("batch_size"))
-    d = p.add_argument_group("data (a YAML file and/or flags; flags win)")
-    d.add_argument("--data-config", help=_help("data_config"))
-    d.add_argument("--dataset", help="wiki, a local .jsonl/.json/.parquet/.txt file, or a Hub dataset id")
-    d.add_argument("--task", choices=("continuation", "instruction"))
-    d.add_argument("--prefix-tokens")
-    d.add_argument("--continuation-tokens")
-    d.add_argument("--prompt-template", choices=("auto", "plain", "chat"))
-    d.add_argument("--max-prefix-tokens")
-    d.add_argument("--max-continuation-tokens")
-    d.add_argument("--validation-size")
-    d.add_argument("--test-size")
-    d.add_argument("--split-seed")
-    d.add_argument("--split", choices=("train", "validation", "test"), help=_help("split"))
-    d.add_argument("--num-examples", help=_help("num_examples"))
-    o = p.add_argument_group("decoding")
-    o.add_argument("--decoding", nargs="+", help=_help("decoding"))
-    o.add_argument("--max-new-tokens", help=_help("max_new_tokens"))
-    o.add_argument("--seed", help=_help("seed"))
-    p.add_argument("--out", help=_help("out"))
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def _add_common_args(p) -> tuple[dict, dict]:
+    """The flags of both commands; returns ({dest: EvalConfig field}, {dest: DataConfig field})."""
+    from seqcpo.data import DataConfig
+
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML with EvalConfig fields (top level or under 'eval:'); "
+                   "flags win")
+    flags = add_field_flags(p.add_argument_group("models"), EvalConfig, fields=_MODELS + ("out", "progress"))
+    flags.update(add_field_flags(p.add_argument_group("decoding"), EvalConfig, fields=_DECODING))
+    g = p.add_argument_group("data (from a model's seqcpo_config.yaml, then --data-config, then these "
+                             "flags)")
+    flags.update(add_field_flags(g, EvalConfig, fields=_DATA_CHOICE))
+    return flags, add_field_flags(g, DataConfig)
 
 
 # ----------------------------------------------------------------------------- flags -> configs
 
 
+def _fail(e: Exception) -> SystemExit:
+    return SystemExit(f"seqcpo: error: {e}")
+
+
 def eval_config_from_args(args) -> EvalConfig:
     """The :class:`EvalConfig` of ``--config`` (if any) overridden by the flags given; SystemExit naming the
     flag (or file) on a bad value."""
-    sources = []
     try:
-        if getattr(args, "config", None):
-            sources.append((args.config, read_yaml(args.config, section="eval")))
-        for dest, target in EVAL_FLAGS.items():
-            value = getattr(args, dest, None)
-            if value is None or (dest in _SWITCHES and not value):
-                continue
-            if dest in _SWITCHES:
-                value = False
-            flag = "--" + dest.replace("_", "-")
-            if target.startswith("judge."):
-                sources.append((flag, {"judge": {target[6:]: value}}))
-            else:
-                sources.append((flag, {target: value}))
+        sources = [(args.config, read_yaml(args.config, section="eval"))] if getattr(args, "config", None) else []
+        sources += flag_sources(args, getattr(args, "eval_flags", {}))
         cfg = EvalConfig(**resolve(EvalConfig, sources))
     except ConfigError as e:
-        raise SystemExit(f"seqcpo: error: {e}") from None
+        raise _fail(e) from None
     if not cfg.models:
         raise SystemExit("seqcpo: error: --models: give at least one checkpoint")
     if not cfg.out:
@@ -191,23 +114,28 @@ def eval_config_from_args(args) -> EvalConfig:
     try:
         check_output_dir(cfg.out, "--out")
     except ConfigError as e:
-        raise SystemExit(f"seqcpo: error: {e}") from None
+        raise _fail(e) from None
     return cfg
 
 
-def data_config_from_args(args):
-    """A DataConfig from ``--data-config`` (top level or its ``data:`` section) overridden by flags."""
-    from seqcpo.data import DataConfig
+def data_config_from_args(args, cfg: EvalConfig | None = None):
+    """The DataConfig of an evaluation: the training data settings of the first model that has them (unless
+    ``checkpoint_data`` is false), then ``--data-config``, then the data flags (:func:`resolve_data`)."""
+    return example_source(args, cfg).cfg
 
-    flags = {DATA_OVERRIDES[d]: getattr(args, d) for d in DATA_OVERRIDES if getattr(args, d, None) is not None}
+
+def example_source(args, cfg: EvalConfig | None = None) -> ExampleSource:
+    """The :class:`ExampleSource` of an evaluation (see :func:`data_config_from_args`)."""
+    models = cfg.models if cfg is not None else (getattr(args, "models", None) or [])
+    data_config = cfg.data_config if cfg is not None else getattr(args, "data_config", None)
+    use_checkpoint = cfg.checkpoint_data if cfg is not None else True
     try:
-        cfg = load_dataclass(DataConfig, args.data_config, flags, section="data")
+        data, origin = resolve_data(models, data_config, flag_sources(args, getattr(args, "data_flags", {})),
+                                    use_checkpoint)
     except ConfigError as e:
-        raise SystemExit(f"seqcpo: error: {e}") from None
-    if cfg.task == "document":  # a document row has no prompt to continue: evaluate on windows of the same data
-        raise SystemExit("seqcpo: error: task=document (from --data-config) trains on document rows; evaluate on "
-                         "windows of the same data: --task continuation --prefix-tokens P --continuation-tokens C")
-    return cfg
+        raise _fail(e) from None
+    split, num = (cfg.split, cfg.num_examples) if cfg is not None else ("test", 64)
+    return ExampleSource(data, split, num, origin)
 
 
 def _labels(args) -> list[str]:
@@ -263,21 +191,26 @@ def _out_dir(cfg: EvalConfig) -> Path:
 
 
 def run_generate(args) -> int:
-    from seqcpo.evaluation.evaluate import ExampleSource, decoding_configs, generate_model
+    from seqcpo.evaluation.checkpoints import load_tokenizer_only
+    from seqcpo.evaluation.data_source import check_training_overlap
+    from seqcpo.evaluation.evaluate import decoding_configs, generate_model
 
     _setup_logging()
     cfg = eval_config_from_args(args)
     cfg = dataclasses.replace(cfg, ppl=False, mauve="none")  # generation only
     out = _out_dir(cfg)
+    source = example_source(args, cfg)
     try:
-        source = ExampleSource(data_config_from_args(args), cfg.split, cfg.num_examples)
+        labels = _labels(cfg)
+        check_training_overlap(cfg.models, labels, source, cfg.allow_train_overlap, load_tokenizer_only)
         configs = decoding_configs(cfg, source.default_max_new_tokens())
-        for path, label in zip(cfg.models, _labels(cfg)):
+        for path, label in zip(cfg.models, labels):
             # the tokenizer builds the examples; the model is loaded only if rows are missing
             generate_model(path, label, source, configs, out / "generations.jsonl", cfg)
             gc.collect()
     except ValueError as e:
         raise SystemExit(f"seqcpo: error: {e}") from None
+    print("split: " + ", ".join(f"{k}={v}" for k, v in source.describe().items()))
     print(f"generations: {out / 'generations.jsonl'}")
     return 0
 
@@ -293,8 +226,9 @@ def run_eval(args) -> int:
     cfg = eval_config_from_args(args)
     labels, alphas = _labels(cfg), _alphas(cfg)
     out = _out_dir(cfg)
+    source = example_source(args, cfg)
     try:
-        results = evaluate(cfg, data_config_from_args(args), labels, alphas, out)
+        results = evaluate(cfg, source, labels, alphas, out)
     except (ValueError, ImportError) as e:  # a bad judge option, an empty split, a missing metric package
         raise SystemExit(str(e)) from None
     write_report(results, out)
@@ -303,12 +237,21 @@ def run_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m seqcpo.evaluation.cli eval ...``)."""
-    parser = argparse.ArgumentParser(prog="seqcpo")
+    """Stand-alone entry point (``python -m seqcpo.evaluation.cli eval ...``); exit status 2 and one line for bad
+    input, as ``seqcpo`` itself."""
+    from seqcpo.config_loader import FlagParser
+
+    parser = FlagParser(prog="seqcpo")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

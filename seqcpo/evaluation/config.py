@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from seqcpo.config_loader import ConfigError, check_fields
+from seqcpo.evaluation.judges import DEFAULT_API_KEY_ENV, check_judge, make_judge  # noqa: F401  (the one entry)
 
 SPLITS = ("train", "validation", "test")
 JUDGE_BACKENDS = ("none", "local", "openai")
@@ -31,7 +32,7 @@ class JudgeConfig:
         "help": "openai: the model name sent to the API; local: checkpoint folder or name."})
     url: Optional[str] = field(default=None, metadata={
         "help": "openai: API base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1."})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+    api_key_env: str = field(default=DEFAULT_API_KEY_ENV, metadata={
         "help": "Name of the environment variable that holds the API key (the key itself is never an option)."})
     prompt: Optional[str] = field(default=None, metadata={
         "help": "Judge prompt template with {prompt}, {a}, {b} (default: the packaged one)."})
@@ -81,7 +82,14 @@ class EvalConfig:
         "help": "Pairs [X, Y]: also judge model X against model Y (labels or paths)."})
     out: Optional[str] = field(default=None, metadata={"help": "Output folder."})
     data_config: Optional[str] = field(default=None, metadata={
-        "help": "YAML with DataConfig fields (top level or under 'data:')."})
+        "help": "YAML with DataConfig fields (under 'data:', or at the top level of a training config such as "
+                "configs/demo.yaml, whose other fields are left out); over the checkpoint's own data settings."})
+    checkpoint_data: bool = field(default=True, metadata={
+        "help": "Start from the data settings in the seqcpo_config.yaml of the first model that has one "
+                "(its training split settings); false: from the DataConfig defaults."})
+    allow_train_overlap: bool = field(default=False, metadata={
+        "help": "Score items that are in a model's training split anyway (flagged in the report) instead of "
+                "refusing them."})
     # -- what to generate
     split: str = field(default="test", metadata={"help": "Data split to evaluate.", "allowed": SPLITS})
     num_examples: int = field(default=64, metadata={
@@ -130,29 +138,6 @@ class EvalConfig:
                 "mauve": self.mauve, "baseline": self.baseline}
 
 
-def make_judge(cfg: JudgeConfig, default_cache_dir: str):
-    """The judge ``cfg`` describes (None for backend none): the one mapping of its fields to a judge class."""
-    from seqcpo.evaluation.judges import build_judge
-
-    kwargs: dict = {}
-    if cfg.backend == "openai":
-        kwargs = dict(max_concurrency=cfg.concurrency, max_retries=cfg.max_retries, timeout=cfg.timeout,
-                      max_tokens=cfg.max_tokens or None)
-    elif cfg.backend == "local":
-        kwargs = dict(debias=cfg.debias, tie_margin=cfg.tie_margin)
-    return build_judge(cfg.backend, model=cfg.model, url=cfg.url, api_key_env=cfg.api_key_env,
-                       prompt_path=cfg.prompt, cache_dir=cfg.cache or default_cache_dir, **kwargs)
-
-
-def check_judge(cfg: JudgeConfig) -> None:
-    """Fail before any generation when the judge cannot work (see :func:`seqcpo.evaluation.judges.check_judge`:
-    the prompt template, a local judge's checkpoint and tokenizer, an API judge's server and model).
-    ValueError names the option."""
-    from seqcpo.evaluation.judges import check_judge as check
-
-    check(cfg.backend, cfg.model, cfg.url, cfg.prompt, cfg.api_key_env)
-
-
 def config_reference_lines() -> list[str]:
     """Markdown tables of :class:`EvalConfig` and :class:`JudgeConfig` (part of ``docs/CONFIG.md``)."""
     from seqcpo.config_loader import field_rules
@@ -160,8 +145,9 @@ def config_reference_lines() -> list[str]:
     lines = ["## Evaluation (`seqcpo eval`, `seqcpo generate`, a grid's `eval:` block)", "",
              "Generated from `seqcpo.evaluation.config.EvalConfig`. On the command line a field is a flag with dashes",
              "(`--num-examples 8`); `--judge X` sets `judge.backend`, `--judge-model` `judge.model` and so on;",
-             "`--mauve-features`, `--no-ppl`, `--no-progress`, `--judge-no-debias` set `mauve`, `ppl`, `progress`,",
-             "`judge.debias`. `--config FILE.yaml` reads the same fields from YAML (flags win).", ""]
+             "`--mauve-features` sets `mauve`; a bool field `x` is `--x [BOOL]` or `--no-x` (`--no-ppl`,",
+             "`--no-judge-debias`). `--a_b` and `--a-b` are the same flag; number lists take `0,0.5` or `0 0.5`.",
+             "`--config FILE.yaml` reads the same fields from YAML (flags win).", ""]
     for cls in (EvalConfig, JudgeConfig):
         rules = field_rules(cls)
         lines += [f"### `{cls.__name__}`", "", "| field | default | range | meaning |", "| --- | --- | --- | --- |"]

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,44 +24,9 @@ from pathlib import Path
 from typing import Sequence
 
 from seqcpo.evaluation.config import EvalConfig, check_judge, make_judge
+from seqcpo.evaluation.data_source import ExampleSource, check_training_overlap
 
 logger = logging.getLogger(__name__)
-
-
-def _tokenizer_key(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    blob = json.dumps([type(tokenizer).__name__, vocab, getattr(tokenizer, "chat_template", None)])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-class ExampleSource:
-    """The first ``num_examples`` (0 = all) examples of a split, built once per distinct tokenizer."""
-
-    def __init__(self, data, split: str, num_examples: int):
-        self.cfg = data
-        self.split = split
-        self.num = num_examples
-        self._cache: dict[str, list] = {}
-
-    def __call__(self, tokenizer) -> list:
-        from seqcpo.data import load_splits
-
-        key = _tokenizer_key(tokenizer)
-        if key not in self._cache:
-            examples = getattr(load_splits(self.cfg, tokenizer), self.split)
-            if self.num:
-                examples = examples[: self.num]
-            if not examples:
-                raise ValueError(f"the {self.split} split of {self.cfg.dataset} is empty")
-            self._cache[key] = examples
-        return self._cache[key]
-
-    def default_max_new_tokens(self) -> int:
-        return self.cfg.continuation_tokens if self.cfg.task == "continuation" else self.cfg.max_continuation_tokens
-
-    def describe(self) -> dict:
-        return {"dataset": self.cfg.dataset, "task": self.cfg.task, "split": self.split,
-                "num_examples": self.num or "all", "split_seed": self.cfg.split_seed}
 
 
 def decoding_configs(cfg: EvalConfig, default_max_new_tokens: int):
@@ -310,12 +273,16 @@ def results_header(data: dict, judge, cfg: EvalConfig) -> dict:
     }
 
 
-def evaluate(cfg: EvalConfig, data, labels: list[str], alphas: list[float | None], out: Path) -> dict:
-    """``seqcpo eval``: generate (resumably), judge and score every model of ``cfg``; returns the results dict.
+def evaluate(cfg: EvalConfig, source: ExampleSource, labels: list[str], alphas: list[float | None], out: Path) -> dict:
+    """``seqcpo eval``: generate (resumably), judge and score every model of ``cfg`` on the examples of
+    ``source``; returns the results dict.
 
     The judge is built before generation when it is an API (a bad option fails before hours of work) and
-    after it when it is a local model (one model in memory at a time).
+    after it when it is a local model (one model in memory at a time). Items in a model's training split are
+    refused before generation (:func:`seqcpo.evaluation.data_source.check_training_overlap`).
     """
+    from seqcpo.evaluation.checkpoints import load_tokenizer_only
+
     for x, y in cfg.head_to_head:
         for name in (x, y):
             if name not in labels and name not in cfg.models:
@@ -324,7 +291,7 @@ def evaluate(cfg: EvalConfig, data, labels: list[str], alphas: list[float | None
     judge = make_judge(cfg.judge, cache_dir) if cfg.judge.backend == "openai" else None
     check_judge(cfg.judge)  # a local judge that cannot load fails now, not after hours of generation
     check_metric_dependencies(cfg.mauve)
-    source = ExampleSource(data, cfg.split, cfg.num_examples)
+    check_training_overlap(cfg.models, labels, source, cfg.allow_train_overlap, load_tokenizer_only)
     configs = decoding_configs(cfg, source.default_max_new_tokens())
     gen_path = out / "generations.jsonl"
     generated = {label: generate_model(path, label, source, configs, gen_path, cfg)

@@ -45,15 +45,21 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from seqcpo.decoding import DecodingConfig
 from seqcpo.evaluation.checkpoints import checkpoint_identity, context_length, load_checkpoint, pad_id_of
-from seqcpo.io import atomic_write_jsonl
+from seqcpo.evaluation.generations_file import (  # noqa: F401  (read_generations: re-exported)
+    _append_rows,
+    _move_stale,
+    _row_key,
+    _stale_rows,
+    read_generations,
+)
 from seqcpo.padding import pad_batch
 from seqcpo.sampling import filter_logits, sample_rows
 from seqcpo.types import Example
@@ -138,66 +144,6 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------- the JSONL file
-
-
-def _row_key(row: dict) -> tuple[str, str, str]:
-    return (str(row["id"]), str(row["model"]), str(row["decoding"]))
-
-
-def read_generations(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """Read a generations JSONL file. A torn last line (crash mid-write) is skipped, and cut off the file
-    when ``repair``; an unreadable line elsewhere is skipped with a warning."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    rows: list[dict] = []
-    good_end = 0  # byte offset just past the last complete, parseable line
-    offset = 0
-    lines = data.split(b"\n")
-    for i, line in enumerate(lines):
-        is_last = i == len(lines) - 1
-        end = offset + len(line) + (0 if is_last else 1)
-        if line.strip():
-            try:
-                row = json.loads(line)
-                if not (isinstance(row, dict) and all(k in row for k in ("id", "model", "decoding"))):
-                    raise ValueError("not a generation row")
-                rows.append(row)
-                if not is_last:
-                    good_end = end
-            except ValueError:  # json.JSONDecodeError is one
-                if is_last:
-                    logger.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
-                else:
-                    logger.warning("%s: skipping unreadable line %d", path, i + 1)
-                    good_end = end
-        elif not is_last:
-            good_end = end
-        offset = end
-    if repair:
-        tail = data[good_end:]
-        if tail.strip():
-            try:
-                json.loads(tail)
-                # complete last row without its newline: finish the line rather than drop the row
-                with open(path, "ab") as f:
-                    f.write(b"\n")
-            except json.JSONDecodeError:
-                with open(path, "r+b") as f:
-                    f.truncate(good_end)
-        elif tail:
-            with open(path, "r+b") as f:
-                f.truncate(good_end)
-    return rows
-
-
-def _append_rows(path: Path, rows: Iterable[dict]) -> None:
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    with open(path, "ab") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def example_texts(example: Example, tokenizer) -> tuple[str, str]:
@@ -339,16 +285,62 @@ def fit_prompt(prefix_ids: Sequence[int], max_new_tokens: int, context: int | No
     return ids[len(ids) - keep:], len(ids) - keep
 
 
-def _move_stale(out_path: Path, stale: set[tuple[str, str, str]], why: str) -> None:
-    """Move the rows keyed in ``stale`` from ``out_path`` to ``<stem>.stale.jsonl`` (kept, never mixed)."""
-    rows = read_generations(out_path)
-    keep = [r for r in rows if _row_key(r) not in stale]
-    moved = [r for r in rows if _row_key(r) in stale]
-    side = out_path.with_name(out_path.stem + ".stale.jsonl")
-    _append_rows(side, moved)  # first, so a crash between the two writes loses nothing
-    atomic_write_jsonl(out_path, keep)
-    logger.warning("%s: %d row(s) were made from %s; moved them to %s and generating them again", out_path,
-                   len(moved), why, side)
+@dataclass
+class _Run:
+    """One model generating the rows still missing from a generations file."""
+
+    model: Any
+    tokenizer: Any
+    examples: Sequence[Example]
+    ids: list[str]
+    inputs: list[str]
+    label: str
+    model_path: str
+    ckpt: str
+    out_path: Path
+
+    def row(self, i: int, config: DecodingConfig, gen: list[int], cut: int) -> dict:
+        ex = self.examples[i]
+        prompt, reference = example_texts(ex, self.tokenizer)
+        return {"id": self.ids[i], "model": self.label, "decoding": config.name, "prompt": prompt,
+                "judge_prompt": judge_prompt_text(ex, prompt), "reference": reference,
+                "generation": self.tokenizer.decode(gen, skip_special_tokens=True),
+                "category": (ex.meta or {}).get("category"), "num_tokens": len(gen),
+                "stopped": len(gen) < config.max_new_tokens, "prompt_tokens_cut": cut,
+                "model_path": self.model_path, "checkpoint": self.ckpt, "inputs_sha256": self.inputs[i],
+                "config": asdict(config)}
+
+    def generate(self, configs, todo, batch_size: int, done: dict, progress: bool) -> None:
+        """Generate ``todo`` ((config, example index) pairs) in batches of similar prompt lengths, appending each
+        batch's rows to the file (and to ``done``) as it finishes."""
+        from tqdm.auto import tqdm
+
+        pad_id, eos_ids = pad_id_of(self.tokenizer), eos_ids_of(self.model, self.tokenizer)
+        context = context_length(self.model)
+        for config in configs:
+            if context is not None and config.max_new_tokens >= context:
+                raise ValueError(f"decoding {config.name!r}: max_new_tokens={config.max_new_tokens} leaves no room "
+                                 f"for a prompt in the context of {self.model_path} ({context} positions)")
+        cut_prompts = 0
+        bar = tqdm(total=len(todo), desc=f"generate {self.label}", unit="ex", disable=not progress)
+        for config in configs:
+            pending = [i for c, i in todo if c is config]
+            pending.sort(key=lambda i: -len(self.examples[i].prefix_ids))  # similar lengths share a batch
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start:start + batch_size]
+                fitted = [fit_prompt(self.examples[i].prefix_ids, config.max_new_tokens, context) for i in batch]
+                seeds = [sample_seed(config, self.ids[i]) for i in batch]
+                new_ids = generate_batch(self.model, [f for f, _ in fitted], config, pad_id, eos_ids, seeds=seeds)
+                rows = [self.row(i, config, gen, cut) for i, gen, (_, cut) in zip(batch, new_ids, fitted)]
+                cut_prompts += sum(cut > 0 for _, cut in fitted)
+                _append_rows(self.out_path, rows)
+                done.update((_row_key(r), r) for r in rows)
+                bar.update(len(batch))
+        bar.close()
+        if cut_prompts:
+            logger.warning("%s: %d of %d prompt(s) did not fit the context of %d positions with max_new_tokens; "
+                           "kept their last tokens (rows' prompt_tokens_cut)", self.label, cut_prompts, len(todo),
+                           context)
 
 
 def generate_continuations(
@@ -372,8 +364,6 @@ def generate_continuations(
     model is loaded only when something is left to generate. Returns the rows of this model for the
     requested examples and configs (config-major, then example order), old and new.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out_path = Path(out_path)
@@ -389,77 +379,14 @@ def generate_continuations(
     inputs = [inputs_sha256(ex) for ex in examples]
     done = {_row_key(r): r for r in read_generations(out_path, repair=True)}
 
-    stale: set[tuple[str, str, str]] = set()
-    reasons = set()
-    for c in configs:  # a resumed file must have been made with the same settings
-        wanted = asdict(c)
-        for i in range(len(examples)):
-            key = (ids[i], label, c.name)
-            old = done.get(key)
-            if old is None:
-                continue
-            if old.get("config", wanted) != wanted:
-                raise ValueError(
-                    f"{out_path} already holds {label!r} / {c.name!r} rows made with {old['config']}, not {wanted}; "
-                    "write to a new file (--out) or give this run another decoding name or model label"
-                )
-            if old.get("checkpoint") != ckpt:
-                stale.add(key)
-                reasons.add(f"another checkpoint ({old.get('model_path')}, {old.get('checkpoint') or 'unrecorded'})")
-            elif old.get("inputs_sha256") != inputs[i]:
-                stale.add(key)
-                reasons.add("other inputs (another data file, split, template or length limit)")
+    stale, reasons = _stale_rows(done, configs, ids, inputs, label, ckpt, out_path)
     if stale:
         _move_stale(out_path, stale, " and ".join(sorted(reasons)) + f", not {model_path} ({ckpt}) on these inputs")
         for key in stale:
             del done[key]
-
     todo = [(c, i) for c in configs for i in range(len(examples)) if (ids[i], label, c.name) not in done]
     if todo:
         model, tokenizer = model_and_tokenizer or load_checkpoint(model_path, dtype=dtype, device=device)
-        pad_id, eos_ids = pad_id_of(tokenizer), eos_ids_of(model, tokenizer)
-        context = context_length(model)
-        for config in configs:
-            if context is not None and config.max_new_tokens >= context:
-                raise ValueError(f"decoding {config.name!r}: max_new_tokens={config.max_new_tokens} leaves no room "
-                                 f"for a prompt in the context of {model_path} ({context} positions)")
-        cut_prompts = 0
-        bar = tqdm(total=len(todo), desc=f"generate {label}", unit="ex", disable=not progress)
-        for config in configs:
-            pending = [i for c, i in todo if c is config]
-            pending.sort(key=lambda i: -len(examples[i].prefix_ids))  # similar lengths share a batch
-            for start in range(0, len(pending), batch_size):
-                batch = pending[start:start + batch_size]
-                fitted = [fit_prompt(examples[i].prefix_ids, config.max_new_tokens, context) for i in batch]
-                seeds = [sample_seed(config, ids[i]) for i in batch]
-                new_ids = generate_batch(model, [f for f, _ in fitted], config, pad_id, eos_ids, seeds=seeds)
-                rows = []
-                for i, gen, (_, cut) in zip(batch, new_ids, fitted):
-                    prompt, reference = example_texts(examples[i], tokenizer)
-                    cut_prompts += cut > 0
-                    rows.append({
-                        "id": ids[i],
-                        "model": label,
-                        "decoding": config.name,
-                        "prompt": prompt,
-                        "judge_prompt": judge_prompt_text(examples[i], prompt),
-                        "reference": reference,
-                        "generation": tokenizer.decode(gen, skip_special_tokens=True),
-                        "category": (examples[i].meta or {}).get("category"),
-                        "num_tokens": len(gen),
-                        "stopped": len(gen) < config.max_new_tokens,
-                        "prompt_tokens_cut": cut,
-                        "model_path": str(model_path),
-                        "checkpoint": ckpt,
-                        "inputs_sha256": inputs[i],
-                        "config": asdict(config),
-                    })
-                _append_rows(out_path, rows)
-                for r in rows:
-                    done[_row_key(r)] = r
-                bar.update(len(batch))
-        bar.close()
-        if cut_prompts:
-            logger.warning("%s: %d of %d prompt(s) did not fit the context of %d positions with max_new_tokens; "
-                           "kept their last tokens (rows' prompt_tokens_cut)", label, cut_prompts, len(todo), context)
+        run = _Run(model, tokenizer, examples, ids, inputs, label, str(model_path), ckpt, out_path)
+        run.generate(configs, todo, batch_size, done, progress)
     return [done[(ids[i], label, c.name)] for c in configs for i in range(len(examples))]

@@ -1,24 +1,7 @@
-"""The one config loader of every command: YAML plus ``--key value`` overrides into a dataclass.
+"""Values by the type of the field they set, and the ranges fields declare (``check`` / ``allowed`` metadata).
 
-Every value, from a YAML file or the command line, is parsed by the type of the dataclass field it
-sets, never by how it looks: a ``str`` field keeps ``no``, ``off``, ``1e-5`` and ``null`` as the strings
-they are; an ``Optional`` field reads ``null`` (or ``~``) as None; ``float`` fields read ``1e-5`` and refuse
-``nan`` and ``inf``; ``int`` fields refuse ``2.5`` and ``true``; ``bool`` fields alone read
-``true/false/yes/no/on/off/1/0``; list fields take a YAML list, ``[a, b]`` or ``a,b``; a nested dataclass
-field takes a mapping. YAML files are read with YAML 1.2 booleans (only ``true``/``false``), so
-``save_strategy: no`` stays the string that transformers documents.
-
-A field may declare a range in its metadata, ``check=">0"`` (also ``">=0"``, ``">=1"``, ``"[0,1]"``,
-``"(0,1]"``, ``"[0,1)"``); the loader and :func:`check_fields` apply it. Errors are one line and name the
-place (file or "command line") and the field; an unknown key names the closest valid one.
-
-    >>> import dataclasses
-    >>> @dataclasses.dataclass
-    ... class C:
-    ...     save_strategy: str = "steps"
-    ...     beta: float = dataclasses.field(default=0.1, metadata={"check": ">0"})
-    >>> load_dataclass(C, overrides=parse_cli_overrides(["--save_strategy", "no", "--beta", "1e-2"]))
-    C(save_strategy='no', beta=0.01)
+Every value, from a YAML file or the command line, is parsed by the type of the dataclass field it sets, never by
+how it looks: see :mod:`seqcpo.config_loader`.
 """
 
 from __future__ import annotations
@@ -33,81 +16,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the place (file or command line) and the field."""
-
-
-# ----------------------------------------------------------------------------- YAML with YAML 1.2 booleans
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose booleans are YAML 1.2's (``true``/``false`` only): ``no``/``off`` stay strings."""
-
-
-_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:bool"]
-                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-def read_yaml(path: str | os.PathLike, section: str | None = None) -> dict[str, Any]:
-    """The mapping at the top of a YAML file (or under ``section:`` when the file has one)."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such config file")
-    if os.path.isdir(path):
-        raise ConfigError(f"{path}: is a folder, not a config file")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            loaded = yaml.load(fh, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of field: value")
-    if section is not None and isinstance(loaded.get(section), dict):
-        loaded = loaded[section]
-    return loaded
-
-
-def parse_yaml_text(text: str) -> Any:
-    """A YAML value with YAML 1.2 booleans (used for ``[a, b]`` and ``{k: v}`` given on the command line)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def parse_cli_overrides(argv: list[str]) -> dict[str, Any]:
-    """``["--beta", "0.2", "--lora", "--max_steps=7"]`` -> ``{"beta": "0.2", "lora": True, "max_steps": "7"}``.
-
-    Values stay strings (the field's type decides how to read them); a flag with no value is True
-    (accepted by bool fields only). Dashes in names are underscores.
-    """
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if not tok.startswith("--") or tok == "--":
-            raise ConfigError(f"command line: expected --key value, got {tok!r}")
-        key = tok[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            raw = argv[i + 1]
-            i += 2
-        else:
-            raw = True
-            i += 1
-        out[key.replace("-", "_")] = raw
-    return out
-
+from seqcpo.config_loader.yaml_io import ConfigError, YamlFloat, parse_yaml_text, plain, read_yaml
 
 # ----------------------------------------------------------------------------- values by type
 
@@ -178,6 +87,8 @@ def _to_float(value):
 
 
 def _to_str(value):
+    if isinstance(value, YamlFloat):
+        return value.text  # what the file says: `1e-5`, not `1e-05`
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -191,14 +102,14 @@ def _to_list(value, item_tp, where, name):
         if text.startswith("["):
             try:
                 value = parse_yaml_text(text)
-            except yaml.YAMLError:
+            except ConfigError:
                 raise ValueError("not a valid [a, b] list") from None
         else:
             value = [v.strip() for v in text.split(",")] if text else []
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"expected a list, got {_kind(value)}")
     if item_tp is None or item_tp is Any:
-        return list(value)
+        return plain(list(value))
     return [coerce(f"{name}[{i}]", v, item_tp, where) for i, v in enumerate(value)]
 
 
@@ -219,7 +130,7 @@ def _show(value) -> str:
 
 def _coerce(name, value, tp, where, default):
     if tp is Any or tp is None:
-        return value
+        return plain(value)
     members = _union_args(tp)
     if members is not None:
         allow_none = type(None) in members
@@ -261,11 +172,11 @@ def _coerce(name, value, tp, where, default):
         if isinstance(value, str):
             try:
                 value = parse_yaml_text(value)
-            except yaml.YAMLError:
+            except ConfigError:
                 raise ValueError("not a valid {key: value} mapping") from None
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {_kind(value)}")
-        return value
+        return plain(value)  # 1e-5 inside a mapping: a float (YAML 1.2), as the code reading it expects
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -378,6 +289,7 @@ def check_output_dir(path: str | os.PathLike, option: str) -> None:
         raise ConfigError(f"{option} {path}: {parent} is not writable")
 
 
+
 # ----------------------------------------------------------------------------- the loader
 
 
@@ -454,3 +366,4 @@ def load_dataclass(cls, path: str | os.PathLike | None = None, overrides: Mappin
     except (TypeError, ValueError) as e:
         place = where if _nested or path is None else str(path)
         raise ConfigError(f"{place}: {e}") from None
+
