@@ -17,6 +17,9 @@ returns everything it measured):
 5. ``vllm``: the same with vLLM, when it is installed.
 6. ``packing_mix``: an instruction-like mix (prompts 10-256, responses 1-128, K = 4 demo negatives, batch 8):
    prefix-shared rows padded against packed, under SDPA and FlexAttention, cached reference.
+7. ``document_rows``: a document row of 1,024 tokens with 8 anchors, K = 4, C = 64 (seqcpo.document_rows) against
+   the same anchors as full-prefix windows and as 32-token windows (benchmarks/document_rows_cpu.py's variants),
+   at the 3B shape in bf16.
 
 Estimates are for one H100 and were written before any GPU run ("not measured"): the printed plan says so.
 """
@@ -53,6 +56,7 @@ PLAN = [
     ("an_64_rows", 45, 5),
     ("vllm", 60, 0),
     ("packing_mix", 40, 5),
+    ("document_rows", 30, 10),
 ]
 MAIN_VARIANTS_CPU_SAFE = ("mle", "naive_live", "shared_live", "shared_cached", "twopass_cached", "mn_live",
                           "mn_fused_live")
@@ -98,6 +102,43 @@ def cuda_tests(dry: bool, out_dir: str, timeout_s: float) -> dict:
     print(text[-4000:], flush=True)
     return {"rc": rc, "ok": rc == 0, "seconds": time.time() - t, "summary": last, "tests": summary,
             "output_tail": text[-3000:]}
+
+
+def document_rows_set(model, ref, dry: bool, reps: int, device) -> list[dict]:
+    """The document-row case (benchmarks/document_rows_cpu.py) on this device: seconds per step (median), peak
+    memory, and each variant over the MLE step and over the document row's token floor."""
+    import statistics
+
+    from document_rows_cpu import VARIANTS, make_case, steps
+
+    from seqcpo.document_rows import document_tokens
+
+    n, A, K, C = (96, 4, 4, 8) if dry else (1024, 8, 4, 64)
+    row, anchors, examples, negs = make_case(model.config.vocab_size, n, A, K, C)
+    fns, layouts, _, _ = steps(model, ref, row, anchors, examples, negs, C)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, peaks = {v: [] for v in VARIANTS}, {}
+    fns["mle_row"]()  # warm-up
+    for rep in range(reps):
+        for v in VARIANTS:
+            model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t = time.perf_counter()
+            fns[v]()
+            sync()
+            times[v].append(time.perf_counter() - t)
+            if cuda:
+                peaks[v] = max(peaks.get(v, 0), torch.cuda.max_memory_allocated())
+    model.zero_grad(set_to_none=True)
+    floor = document_tokens([row], [anchors], K, C)[0] / n
+    mle = statistics.median(times["mle_row"])
+    return [{"variant": v, "shape": f"row {n}, A {len(anchors)}, K {K}, C {C}", "median_s": statistics.median(times[v]),
+             "x_mle": statistics.median(times[v]) / mle, "ratio_to_doc_floor": statistics.median(times[v]) / (mle * floor),
+             "peak_gb": peaks[v] / 2**30 if v in peaks else None, "layouts": layouts, "status": "ok"}
+            for v in VARIANTS]
 
 
 def main(argv=None) -> dict:
@@ -206,6 +247,8 @@ def main(argv=None) -> dict:
                 if times.get(a) and times.get(b):
                     rows.append({"variant": f"speedup {b} over {a}", "speedup": times[a] / times[b]})
             return {"rows": rows}
+        if name == "document_rows":
+            return {"rows": document_rows_set(model, ref, dry, reps, device)}
         raise ValueError(name)
 
     args_ns = argparse.Namespace(peak_tflops=None, bandwidth_tbs=None)

@@ -136,7 +136,14 @@ class StepCounts:
     examples: int
 
 
-def local_step_counts(batches: Sequence[dict[str, Any]]) -> tuple[int, int]:
-    """``(target tokens, examples)`` of one process's micro-batches (collated by :func:`collate_examples`)."""
+def local_step_counts(batches: Sequence[dict[str, Any]], anchors=None) -> tuple[int, int]:
+    """``(target tokens, examples)`` of one process's micro-batches (collated by :func:`collate_examples`).
+
+    ``anchors``: for document rows, ``n -> the anchors of a row of n tokens``
+    (:func:`seqcpo.document_rows.anchor_count`); the second count is then the anchors, what the CPO term is
+    averaged over."""
     examples = [e for b in batches for e in b["examples"]]
-    return sum(target_tokens(e.prefix_ids, e.continuation_ids) for e in examples), len(examples)
+    tokens = sum(target_tokens(e.prefix_ids, e.continuation_ids) for e in examples)
+    if anchors is not None:
+        return tokens, sum(anchors(len(e.prefix_ids) + len(e.continuation_ids)) for e in examples)
+    return tokens, len(examples)

@@ -208,6 +208,16 @@ def packed_sequence_logps(
     """``logp(y_i|x)`` of every candidate, (B, K+1), from one packed forward pass (see the module docstring)."""
     device = next(model.parameters()).device
     pb = build_packed_batch(batch, device=device)
+    hidden = packed_hidden(model, pb)  # (1, T, H)
+    flat = token_logps_from_hidden(model, hidden[0, pb.src_pos], pb.targets, chunk_size=chunk_size)
+    return sum_token_logps(flat, pb.cand_index, pb.token_counts, length_normalize)
+
+
+def packed_hidden(model, pb) -> torch.Tensor:
+    """(1, T, H) final hidden states of a packed sequence ``pb``: anything with ``input_ids`` and ``position_ids``
+    (1, T), ``bounds`` (the examples' spans), ``attention_mask()`` (1, 1, T, T) bool and ``block_mask()``
+    (:class:`PackedBatch`, :class:`seqcpo.document_rows.DocumentLayout`), run as the module docstring says."""
+    device = pb.input_ids.device
     impl = attn_implementation(model)
     if impl == "flex_attention" and not (device.type == "cpu" and needs_grad(model)):
         mask, run_impl, ctx = pb.block_mask(), None, contextlib.nullcontext()
@@ -223,6 +233,4 @@ def packed_sequence_logps(
     else:
         mask, run_impl, ctx = pb.attention_mask(), DOCUMENT_ATTENTION, packed_documents(pb.bounds)
     with use_attention(model, run_impl), ctx:
-        hidden = final_hidden(model, pb.input_ids, mask, pb.position_ids)  # (1, T, H)
-    flat = token_logps_from_hidden(model, hidden[0, pb.src_pos], pb.targets, chunk_size=chunk_size)
-    return sum_token_logps(flat, pb.cand_index, pb.token_counts, length_normalize)
+        return final_hidden(model, pb.input_ids, mask, pb.position_ids)

@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "seqcpo"
 UPPER = ("training/", "evaluation/", "data/", "grid/", "cli.py", "demo.py", "__init__.py")
 EXPECTED_CORE = {"types.py", "losses.py", "logps.py", "two_pass.py", "reference.py", "io.py", "pss.py", "padding.py",
                  "sampling.py", "seeding.py", "batching.py", "decoding.py", "hf_model.py", "token_logps.py",
-                 "prefix_shared.py", "packing.py", "negatives/base.py", "negatives/mean_field.py", "negatives/autoregressive.py",
+                 "prefix_shared.py", "packing.py", "document_rows.py", "negatives/base.py", "negatives/mean_field.py", "negatives/autoregressive.py",
                  "negatives/batch.py", "negatives/truncation.py", "negatives/mixture.py", "negatives/registry.py",
                  "config_loader/__init__.py", "config_loader/yaml_io.py", "config_loader/values.py",
                  "config_loader/flags.py",

@@ -27,7 +27,7 @@ def test_dry_run_passes_every_set(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "estimated total" in proc.stdout.split("# cuda_tests")[0]  # the plan and its estimate come first
     sets = res["sets"]
-    assert list(sets) == ["cuda_tests", "steps_3b", "memory_k8", "an_64_rows", "vllm", "packing_mix"]
+    assert list(sets) == ["cuda_tests", "steps_3b", "memory_k8", "an_64_rows", "vllm", "packing_mix", "document_rows"]
     for name, entry in sets.items():
         assert entry["status"] == "ok" or (name == "vllm" and entry["status"].startswith("skipped")), (name, entry)
     # the CUDA tests really ran on the CPU (not skipped): 7 of them
@@ -38,6 +38,9 @@ def test_dry_run_passes_every_set(tmp_path):
     assert {r["backend"] for r in sets["an_64_rows"]["rows"]} == {"shared_prefill", "hf"}
     mix = {r["variant"]: r for r in sets["packing_mix"]["rows"]}
     assert mix["packed_cached"]["padding_overhead"] == 0.0 and mix["shared_cached"]["padding_overhead"] > 0.05
+    doc = {r["variant"]: r for r in sets["document_rows"]["rows"]}
+    assert set(doc) == {"mle_row", "doc_cached", "doc_live", "windows_live", "win32_live"}
+    assert all(r["median_s"] > 0 for r in doc.values())
     assert res["estimate_s"] <= 420
 
 

@@ -401,7 +401,8 @@ def test_wikidump_recipe_streams_wikipedia_from_the_hub(name, model, tok, monkey
     c = load_config(path, {"output_dir": "/tmp/seqcpo-config-check", "report_to": "none", "bf16": False,
                            "use_cpu": True})
     assert c.model_name_or_path == model and c.streaming and c.max_steps > 0
-    assert (c.dataset, c.dataset_config, c.task) == ("wikimedia/wikipedia", "20231101.en", "continuation")
+    assert (c.dataset, c.dataset_config, c.task) == ("wikimedia/wikipedia", "20231101.en", "document")
+    assert (c.max_length, c.anchors_per_row, c.continuation_tokens) == (1024, 8, 128)
     calls = []
     rows = [{"id": str(10 * i + 1), "url": f"https://en.wikipedia.org/wiki?curid={i}", "title": f"T{i}",
              "text": " ".join(WORDS[(i + j) % 12] for j in range(300))} for i in range(3000)]
@@ -417,8 +418,8 @@ def test_wikidump_recipe_streams_wikipedia_from_the_hub(name, model, tok, monkey
     assert calls[0] == (("wikimedia/wikipedia", "20231101.en"), {"split": "train", "streaming": True})
     assert len(stream.validation) == 5  # capped, and the planning pass stopped early
     assert stream.stats["records_read"] < len(rows)
-    item = next(iter(stream.train(tok)))
-    assert len(item["prefix_ids"]) == 128 and len(item["continuation_ids"]) == 128
+    item = next(iter(stream.train(tok)))  # a row: one chunk of an article, at most max_length tokens
+    assert len(item["prefix_ids"]) == 1 and 128 < len(item["continuation_ids"]) <= 1023
 
 
 # -- bad input: one clear line

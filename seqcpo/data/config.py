@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Optional
 
-TASKS = ("continuation", "instruction", "preference")
+TASKS = ("continuation", "instruction", "preference", "document")
 PROMPT_TEMPLATES = ("auto", "plain", "chat")
 OVERLONG = ("cut", "skip")
 
@@ -38,6 +38,13 @@ class DataConfig:
     With ``streaming=True`` records are read lazily and tokenized on the fly, with the same split rule:
     see :mod:`seqcpo.data.streaming`. Examples that do not fit the model's context follow the rule of
     :func:`seqcpo.data.examples.context_limits` (cut or skipped, and counted in the log).
+    task="document" (continued pre-training on whole documents): each document's tokens are cut into chunks
+    of up to ``max_length`` tokens (a long document gives several, its last one shorter; a short one gives one
+    short chunk); the MLE term covers every token of a chunk, and CPO contrasts, at ``anchors_per_row`` anchors
+    per chunk (or one every ``anchor_stride`` tokens), the next ``continuation_tokens`` against K negatives. A
+    micro-batch's chunks run packed end to end in one forward pass, attention never crossing documents: see
+    :mod:`seqcpo.data.documents` and :mod:`seqcpo.document_rows`.
+
     See :func:`seqcpo.data.load_splits` for the full pipeline and docs/method.md "Tasks" for the two settings.
     """
 
@@ -65,7 +72,8 @@ class DataConfig:
             '(the Dolly SFT setting); "preference": TRL-style preference rows (prompt/chosen/rejected, several '
             "rejected, or ranked completions with scores/ranks; standard or conversational), whose rejected answers "
             'feed the "data" negatives (picked automatically when task is left at continuation and the records '
-            'have "chosen" or "completions").'
+            'have "chosen" or "completions"); "document": whole documents as rows of up to max_length tokens, MLE '
+            "on every token and CPO at anchors (continued pre-training)."
         },
     )
 
@@ -96,13 +104,38 @@ class DataConfig:
     # -- continuation task
     prefix_tokens: int = field(default=32, metadata={"help": "Continuation task: prefix window length in tokens."})
     continuation_tokens: int = field(
-        default=64, metadata={"help": "Continuation task: continuation window length in tokens."}
+        default=64,
+        metadata={"help": "Continuation task: continuation window length in tokens; document task: each anchor's gold "
+                  "continuation length."},
     )
     windows_per_document: int = field(
         default=1,
         metadata={
             "help": "Continuation task: at most this many non-overlapping (prefix, continuation) windows per "
             "document (train split; validation and test use the first window only)."
+        },
+    )
+
+    # -- document task
+    max_length: int = field(
+        default=1024,
+        metadata={
+            "help": "Document task: tokens per row (chunk of one document, leading special tokens included); longer "
+            "documents give several chunks, the last one shorter. At most the model's context."
+        },
+    )
+    anchors_per_row: int = field(
+        default=8,
+        metadata={
+            "help": "Document task: anchors per row, drawn without replacement among the row's positions that have "
+            "continuation_tokens after them, seeded per (document, chunk) and epoch; fewer in a row too short."
+        },
+    )
+    anchor_stride: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Document task: an anchor every anchor_stride tokens (after stride, 2*stride, ... tokens) "
+            "instead of anchors_per_row random ones; None: anchors_per_row."
         },
     )
 
@@ -183,6 +216,15 @@ class DataConfig:
         for name in ("prefix_tokens", "continuation_tokens", "windows_per_document"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.task == "document" and self.max_length < self.continuation_tokens + 1:
+            raise ValueError(
+                f"max_length={self.max_length} must be at least continuation_tokens + 1 = "
+                f"{self.continuation_tokens + 1} (one prefix token before an anchor's continuation)"
+            )
+        if self.anchors_per_row < 0:
+            raise ValueError(f"anchors_per_row={self.anchors_per_row} must be at least 0")
+        if self.anchor_stride is not None and self.anchor_stride < 1:
+            raise ValueError(f"anchor_stride={self.anchor_stride} must be at least 1 (or None for anchors_per_row)")
         if self.max_prefix_tokens < 2:
             raise ValueError(f"max_prefix_tokens={self.max_prefix_tokens} must be at least 2")
         if self.max_continuation_tokens < 2:

@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
-from seqcpo.data.records import _extract, _tokenize, leading_special_ids  # noqa: F401  (leading_special_ids: public here)
+from seqcpo.data.fields import _extract, _text, _tokenize, leading_special_ids  # noqa: F401 (re-exported)
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -53,6 +53,10 @@ def build_examples(
                 f"{source}: no usable examples: all {len(records)} documents are shorter than prefix_tokens + "
                 f"continuation_tokens = {need} tokens; lower prefix_tokens or continuation_tokens"
             )
+        if cfg.task == "document":
+            from seqcpo.data.documents import no_documents_error
+
+            raise no_documents_error(source, len(records))
         raise DataError(f"{source}: no usable examples from {len(records)} records")
     return groups, stats
 
@@ -75,6 +79,10 @@ def record_examples(
         return preference_pairs(records, cfg, tokenizer, source, context_tokens)
     if task == "continuation":
         return _continuation_pairs(records, cfg, tokenizer, source, context_tokens, decode)
+    if cfg.task == "document":
+        from seqcpo.data.documents import document_pairs
+
+        return document_pairs(records, cfg, tokenizer, source, context_tokens, decode)
     return _instruction_pairs(records, cfg, tokenizer, source, context_tokens)
 
 
@@ -274,6 +282,15 @@ def _instruction_pairs(records, cfg, tokenizer, source, context_tokens):
 def describe_counts(stats: dict[str, Any], cfg: DataConfig) -> list[str]:
     """The log notes for what was skipped or cut (nothing over-long is cut without a word in the log)."""
     notes = []
+    if cfg.task == "document":
+        if stats.get("skipped_short"):
+            notes.append(f"{stats['skipped_short']} empty or one-token documents skipped")
+        if stats.get("documents_chunked"):
+            notes.append(f"{stats['documents_chunked']} documents longer than max_length={cfg.max_length} tokens "
+                         "cut into several rows")
+        if stats.get("skipped_bad"):
+            notes.append(f"{stats['skipped_bad']} malformed records skipped")
+        return notes
     if stats.get("skipped_short"):
         need = cfg.prefix_tokens + cfg.continuation_tokens
         notes.append(f"{stats['skipped_short']} documents shorter than {need} tokens skipped")
@@ -336,6 +353,9 @@ def render_prompt(instruction: str, context: str, tokenizer: Any, template: str 
     return PLAIN_TEMPLATE_NO_CONTEXT.format(instruction=instruction)
 
 
+# -- helpers
+
+
 def _template_mode(template: str, tokenizer: Any) -> str:
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has_chat:
@@ -348,27 +368,3 @@ def _template_mode(template: str, tokenizer: Any) -> str:
     if template not in ("chat", "plain"):
         raise ValueError(f"prompt_template={template!r}: choose auto, plain or chat")
     return template
-
-
-def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_empty: bool = False) -> str:
-    """The string field that ``cfg.<option>`` names, stripped; "" for a missing optional one.
-
-    Errors name the record's location, the field, and the option that maps another name.
-    """
-    name = getattr(cfg, option)
-    fields = record.fields
-    if fields.get(name) is None:
-        if not required:
-            return ""
-        present = ", ".join(map(str, fields)) or "none"
-        state = "missing field" if name not in fields else "null field"
-        raise DataError(
-            f'{record.where}: {state} "{name}" (fields present: {present}); map another name with {option}'
-        )
-    value = fields[name]
-    if not isinstance(value, str):
-        raise DataError(f'{record.where}: field "{name}" must be a string, got {type(value).__name__}')
-    value = value.strip()
-    if required and not value and not allow_empty:
-        raise DataError(f'{record.where}: field "{name}" is empty')
-    return value

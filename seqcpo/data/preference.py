@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
-from seqcpo.data.records import _extract, _tokenize, leading_special_ids
+from seqcpo.data.fields import _extract, _tokenize, leading_special_ids
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 

@@ -357,14 +357,14 @@ class StreamingExamples(IterableDataset):
 
     def _note(self, stats: dict[str, Any]) -> None:
         for key in ("examples", "skipped_bad", "skipped_short", "text_beyond_windows", "prefix_truncated",
-                    "continuation_truncated", "skipped_long"):
+                    "continuation_truncated", "skipped_long", "documents_chunked"):
             if stats.get(key):
                 self.counts[key] = self.counts.get(key, 0) + int(stats[key])
                 if key != "examples" and key not in self._warned:
                     self._warned.add(key)  # the first cut or skip of each kind is said at once, totals later
                     caps = {k: v for k, v in stats.items() if k.startswith("max_")}
                     # cutting or dropping over-long text is a warning; short or windowed documents are the norm
-                    level = logging.INFO if key in ("skipped_short", "text_beyond_windows") else logging.WARNING
+                    level = logging.INFO if key in ("skipped_short", "text_beyond_windows", "documents_chunked") else logging.WARNING
                     logger.log(level, "streaming (first read batch with it; totals follow): %s",
                                "; ".join(describe_counts({key: stats[key], **caps}, self.cfg)))
         for key in ("max_prefix_tokens", "max_continuation_tokens"):

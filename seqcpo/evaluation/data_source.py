@@ -89,6 +89,10 @@ def resolve_data(models, data_config: str | None, flag_sources: list, use_checkp
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data settings ({', '.join(w for w, _ in sources) or 'defaults'}): {e}") from None
     origin = [w for w, items in sources if items] or ["DataConfig defaults"]
+    if cfg.task == "document":  # a document row has no prompt to continue: evaluate on windows of the same data
+        raise ConfigError(f"data settings ({', '.join(origin)}): task=document trains on document rows, which have no "
+                          "prompt to continue; evaluate on windows of the same data: --task continuation "
+                          "(--prefix-tokens P --continuation-tokens C)")
     return cfg, origin
 
 

@@ -325,7 +325,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             except ValueError as e:
                 raise ConfigError(f"negatives={self.negatives!r}: {e}") from None
             bn = parts.get("bn", 0)
-            if bn and not self.negatives_path and self.per_device_train_batch_size < bn + 1:
+            if self.task == "document":
+                self._validate_document(bad, bn)
+            elif bn and not self.negatives_path and self.per_device_train_batch_size < bn + 1:
                 bad(
                     "per_device_train_batch_size",
                     f"{bn} batch negatives (bn) per example need at least {bn + 1} examples per device batch",
@@ -342,6 +344,19 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
                 "'precomputed' needs fixed negatives with reference log-probs: make them with `seqcpo negatives` "
                 "and set negatives_path, or use reference frozen_copy",
             )
+
+    def _validate_document(self, bad, bn: int) -> None:
+        """Document rows with negatives: made during training (anchors are drawn per step), scored live."""
+        if self.negatives_path:
+            bad("negatives_path", "document rows draw their anchors during training: fixed negatives cannot name "
+                "them; drop negatives_path (the negatives are made at the anchors as the run goes)")
+        per_row = self.anchors_per_row if self.anchor_stride is None else None
+        if per_row == 0:
+            bad("anchors_per_row", "task document with a CPO objective needs at least one anchor per row "
+                "(or objective mle)")
+        if bn and per_row is not None and per_row * self.per_device_train_batch_size < bn + 1:
+            bad("anchors_per_row", f"{bn} batch negatives (bn) per anchor need at least {bn + 1} anchors per device "
+                "batch (anchors_per_row x per_device_train_batch_size): the other anchors' golds are BN's pool")
 
     @property
     def uses_negatives(self) -> bool:

@@ -206,6 +206,9 @@ def make_offline_negatives(
 
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size {shard_size!r}: must be an integer >= 1")
+    if getattr(cfg, "task", None) == "document":
+        raise ValueError("seqcpo negatives: task=document draws its anchors during training, so fixed negatives "
+                         "cannot name them; train without negatives_path (the negatives are made at the anchors)")
     if not examples:
         raise ValueError("seqcpo negatives: the training split is empty; nothing to make")
     owned_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())

@@ -180,7 +180,12 @@ class SeqCPOTrainer(Trainer):
             except StopIteration:
                 break
         # one all-reduce: this step's counts, and the metric sums of the previous step if no log took them
-        counts, previous = self.metrics.pooled("train", device, extra=local_step_counts(batches))
+        anchors = None
+        if self.cfg.task == "document" and self.cfg.uses_negatives:  # the CPO term averages over anchors
+            from seqcpo.training.document_step import anchor_counter
+
+            anchors = anchor_counter(self.cfg)
+        counts, previous = self.metrics.pooled("train", device, extra=local_step_counts(batches, anchors))
         self.metrics.close_step(previous)
         tokens, examples = (int(x) for x in counts.tolist())
         self._epoch = int(math.floor(self.state.epoch or 0))  # the epoch this step belongs to
@@ -202,6 +207,12 @@ class SeqCPOTrainer(Trainer):
             nll, cpo, sums = self._pss_terms(model, examples, inputs, training, n_tokens)
         elif not self.cfg.uses_negatives:
             nll, cpo, sums = self._policy_logps(model, candidate_batch(examples, None), mle=True), None, {}
+        elif self.cfg.task == "document":  # MLE on every row token, CPO at anchors (seqcpo.training.document_step)
+            from seqcpo.training.document_step import document_terms
+
+            nll, cpo, sums = document_terms(self, model, examples, inputs.get("epochs"), training)
+            if processes == 1 and not isinstance(num_items_in_batch, StepCounts):  # this batch's own mean
+                counts = StepCounts(tokens=n_tokens, examples=int(sums["loss/cpo"][1]) if "loss/cpo" in sums else 0)
         else:
             nll, cpo, sums = self._cpo_terms(model, examples, inputs, training)
         loss = step_loss(

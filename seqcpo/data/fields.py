@@ -1,5 +1,6 @@
-"""Small helpers shared by the record -> example builders (:mod:`seqcpo.data.examples`,
-:mod:`seqcpo.data.preference`): field extraction with the skip rule, batched tokenization, leading special tokens."""
+"""Reading the fields of records, shared by every task's example builder (:mod:`seqcpo.data.examples`,
+:mod:`seqcpo.data.documents`): typed text fields with errors that name the record, the skip-and-count rule for
+malformed records, batched tokenization, and the special tokens a tokenizer puts before a plain string."""
 
 from __future__ import annotations
 
@@ -40,6 +41,30 @@ def _extract(records: list[Record], cfg: DataConfig, fields: Any) -> tuple[list[
         logger.warning("skipped %d malformed records (skip_bad_records=True): %s%s", len(problems), shown,
                        "; ..." if len(problems) > 3 else "")
     return kept, values, len(problems)
+
+
+def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_empty: bool = False) -> str:
+    """The string field that ``cfg.<option>`` names, stripped; "" for a missing optional one.
+
+    Errors name the record's location, the field, and the option that maps another name.
+    """
+    name = getattr(cfg, option)
+    fields = record.fields
+    if fields.get(name) is None:
+        if not required:
+            return ""
+        present = ", ".join(map(str, fields)) or "none"
+        state = "missing field" if name not in fields else "null field"
+        raise DataError(
+            f'{record.where}: {state} "{name}" (fields present: {present}); map another name with {option}'
+        )
+    value = fields[name]
+    if not isinstance(value, str):
+        raise DataError(f'{record.where}: field "{name}" must be a string, got {type(value).__name__}')
+    value = value.strip()
+    if required and not value and not allow_empty:
+        raise DataError(f'{record.where}: field "{name}" is empty')
+    return value
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:

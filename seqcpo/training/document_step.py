@@ -1,0 +1,97 @@
+"""The training step's loss on document rows (``task: document``): MLE on every row token, CPO at anchors.
+
+For a micro-batch of rows (chunks of documents, :mod:`seqcpo.data.documents`):
+
+1. each row's anchors are drawn from its own generator (seed, row id, epoch, "anchors"), the row id naming
+   (document, chunk) (:func:`seqcpo.document_rows.choose_anchors`);
+2. every anchor becomes a window (prefix = the row up to it, gold = its next ``continuation_tokens``) with the id
+   ``"<row id>@<anchor>"``, and the configured generators make its K negatives from that id's generator
+   (:meth:`SeqCPOTrainer.make_negatives`): TN, MN, AN and their mixtures exactly as for windows, BN from the
+   other anchors' golds of the micro-batch. MN draws from the logits of one pass over the rows of its model
+   (the reference by default), no window pass per anchor;
+3. the policy runs the rows with every anchor's negatives as branches in one forward pass
+   (:func:`seqcpo.document_rows.document_logps`): the MLE term and the golds' log-probs come from the rows, the
+   negatives' from their branches; the reference runs the same layout without gradient (frozen copy, bf16
+   copy or the LoRA policy with its adapter off);
+4. :func:`seqcpo.losses.step_loss` makes ``L = mle_weight * (-sum of row token log-probs) / step tokens + lambda
+   * sum of anchor CPO losses / step anchors``: the step's tokens are its rows' predicted tokens and its anchors
+   are counted by :func:`seqcpo.document_rows.anchor_count` before any is drawn
+   (:meth:`SeqCPOTrainer.get_batch_samples`), so a step does not depend on its split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seqcpo.document_rows import (
+    anchor_count,
+    anchor_examples,
+    anchor_gold_logits,
+    build_document_layout,
+    choose_anchors,
+    document_logps,
+)
+from seqcpo.losses import cpo_loss_per_example, preference_metric_sums
+from seqcpo.negatives import uses_gold_logits
+from seqcpo.types import Example
+
+
+def anchor_counter(cfg):
+    """``n -> anchors of a row of n tokens`` under ``cfg`` (for the step's counts)."""
+    return lambda n: anchor_count(n, cfg.continuation_tokens, cfg.anchors_per_row, cfg.anchor_stride)
+
+
+def document_terms(trainer, model, examples: list[Example], epochs, training: bool):
+    """The micro-batch's summed row NLL, summed anchor CPO losses and metric sums ``name -> (sum, count)`` (the
+    CPO ones counted in anchors), for :func:`seqcpo.losses.step_loss`; ``examples``: the rows, as the collator
+    hands them over (first token, the rest)."""
+    cfg = trainer.cfg
+    C = cfg.continuation_tokens
+    rows = [list(e.prefix_ids) + list(e.continuation_ids) for e in examples]
+    ids = [str(e.meta["id"]) for e in examples]
+    rngs = trainer.example_rngs(ids, training, "anchors", epochs)
+    anchors = [choose_anchors(len(r), C, cfg.anchors_per_row, cfg.anchor_stride, g) for r, g in zip(rows, rngs)]
+    windows = anchor_examples(rows, ids, anchors, C)
+    anchor_epochs = None if epochs is None else [e for e, a in zip(epochs, anchors) for _ in a]
+    device = next(model.parameters()).device
+    negatives = None
+    if windows:
+        gold_logits = _gold_logits(trainer, rows, anchors, C, device) if uses_gold_logits(trainer.generator) else None
+        negatives = trainer.make_negatives(windows, training, gold_logits=gold_logits, epochs=anchor_epochs)
+    layout = build_document_layout(rows, anchors, negatives.ids if negatives else None, C, device=device)
+    opts = dict(length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size)
+    out = document_logps(model, layout, **opts)
+    nll = -out.row_summed.sum()
+    if not windows:  # rows too short for an anchor: the MLE term alone
+        return nll, nll.new_zeros(()), {"loss/cpo": (0.0, 0)}
+    ref = _reference_logps(trainer, layout, opts).to(out.anchors.logps.device)
+    mask = torch.tensor([[True] + list(v) for v in negatives.valid], dtype=torch.bool, device=ref.device)
+    cpo = cpo_loss_per_example(out.anchors.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
+    sums = preference_metric_sums(out.anchors.logps.detach(), ref, cfg.beta, mask=mask)
+    sums["loss/cpo"] = (cpo.item(), len(windows))
+    n_neg = mask[:, 1:].numel()
+    sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
+    return nll, cpo, sums
+
+
+def _gold_logits(trainer, rows, anchors, C, device) -> list[torch.Tensor]:
+    """MN's logits: one pass over the rows of the model that makes the negatives (the reference by default)."""
+    rows_only = build_document_layout(rows, anchors, None, C, device=device)
+    if trainer.cfg.negatives_model == "policy":
+        with torch.no_grad():
+            return anchor_gold_logits(trainer.policy_for_negatives(), rows_only, C)
+    ref = trainer.reference
+    with ref._context():
+        return anchor_gold_logits(ref.model, rows_only, C)
+
+
+@torch.no_grad()
+def _reference_logps(trainer, layout, opts) -> torch.Tensor:
+    """(M, K+1) reference log-probs of the anchors' candidates: the same one-pass layout, no gradient."""
+    ref = trainer.reference
+    model = getattr(ref, "model", None)
+    if model is None:
+        raise ValueError(f"reference {ref.name!r} holds no model: document rows score the reference live "
+                         "(frozen_copy or adapter_disabled)")
+    with ref._context():
+        return document_logps(model, layout, **opts).anchors.logps.float()
