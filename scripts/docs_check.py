@@ -2,7 +2,8 @@
 """``make docs-check``: run every ```bash and ```python block of README.md, in order, as written, on the CPU at
 small sizes, and fail naming the block (its line) and the command that failed.
 
-    python scripts/docs_check.py [--readme README.md] [--model tiny|readme] [--keep DIR] [--list] [--keep-going]
+    python scripts/docs_check.py [--readme README.md] [--model tiny|readme] [--keep] [--list] [--keep-going]
+                                 [--workdir DIR --from-line N]
 
 How a block runs:
 - In one fresh temporary folder for the whole README (so later blocks read what earlier blocks wrote, as a reader
@@ -137,7 +138,10 @@ def small_command(command: str, tiny_model: str | None) -> tuple[str, dict]:
         return command, env
     sub = words[1]
     if sub in ("train", "negatives"):
-        words += TRAIN_SMALL if sub == "train" else DATA_SMALL
+        small = TRAIN_SMALL if sub == "train" else DATA_SMALL
+        if _streaming(words):  # a stream has no example cap: max_steps bounds the run
+            small = [w for i, w in enumerate(small) if "--max_examples" not in small[max(i - 1, 0):i + 1]]
+        words += small
         if tiny_model:
             words += ["--model_name_or_path", tiny_model]
     elif sub in ("eval", "generate"):
@@ -145,6 +149,16 @@ def small_command(command: str, tiny_model: str | None) -> tuple[str, dict]:
             words = [tiny_model if w == "smollm2-135m" else w for w in words]
         words += EVAL_SMALL
     return shlex.join(words), env
+
+
+def _streaming(words: list[str]) -> bool:
+    for i, w in enumerate(words):
+        if w == "--streaming" and (i + 1 == len(words) or words[i + 1].startswith("--") or
+                                   words[i + 1].lower() in ("true", "yes", "on", "1")):
+            return True
+        if w.startswith("--streaming=") and w.split("=", 1)[1].lower() in ("true", "yes", "on", "1"):
+            return True
+    return False
 
 
 def make_workdir(root: str, python: str) -> str:
@@ -216,7 +230,8 @@ def overwritten(before: dict, after: dict, owner: dict, line: int) -> list[str]:
     bad = []
     for path, stat in before.items():
         if owner.get(path, line) != line and after.get(path) != stat:
-            bad.append(f"{path} (written by the block at line {owner[path]})")
+            by = f"the block at line {owner[path]}" if owner[path] else "an earlier run (--workdir)"
+            bad.append(f"{path} (written by {by})")
     for path in after:
         if path not in before:
             owner[path] = line
@@ -265,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (printed at the end)")
     p.add_argument("--keep-going", action="store_true", help="run the later blocks after a failure")
     p.add_argument("--list", action="store_true", help="print each command and what would happen, run nothing")
+    p.add_argument("--workdir", help="continue in the folder of an earlier --keep run (its files count as written "
+                                     "by earlier blocks) instead of a fresh one")
+    p.add_argument("--from-line", type=int, default=0, help="with --workdir: start at the block on this line")
     args = p.parse_args(argv)
     with open(args.readme) as f:
         blocks = parse_blocks(f.read())
@@ -275,16 +293,29 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"README.md:{line}: {'SKIP (' + why + ')' if why else 'RUN'}: {cmd}")
         return 0
     python = sys.executable
-    work = make_workdir(os.path.dirname(os.path.abspath(args.readme)), python)
+    if args.workdir:
+        work = os.path.abspath(args.workdir)
+        if not os.path.isdir(os.path.join(work, ".venv", "bin")):
+            p.error(f"--workdir {args.workdir}: not a folder made by docs-check --keep")
+    else:
+        work = make_workdir(os.path.dirname(os.path.abspath(args.readme)), python)
     env = {**os.environ, "PATH": os.path.join(work, ".venv", "bin") + os.pathsep + os.environ.get("PATH", "")}
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         env.setdefault(k, "1")
     env.pop("VIRTUAL_ENV", None)
     t0 = time.time()
-    tiny = build_tiny_model(work, python, env) if args.model == "tiny" else None
-    ctx = {"work": work, "python": python, "env": env, "tiny": tiny, "owner": {}, "failed": [], "ran": 0}
+    tiny = None
+    if args.model == "tiny":
+        tiny = os.path.join(work, TINY_NAME)
+        if not os.path.isdir(tiny):
+            build_tiny_model(work, python, env)
+    owner = {path: 0 for path in snapshot(work)} if args.workdir else {}
+    ctx = {"work": work, "python": python, "env": env, "tiny": tiny, "owner": owner, "failed": [], "ran": 0}
     print(f"docs-check: {len(blocks)} blocks of {args.readme} in {work}" + (f" (model {tiny})" if tiny else ""))
     for block in blocks:
+        if block.line < args.from_line:
+            print(f"\n=== README.md:{block.line} ```{block.lang}  (before --from-line {args.from_line}: not run now)")
+            continue
         if not run_block(block, ctx) and not args.keep_going:
             break
     print(f"\ndocs-check: {ctx['ran']} commands ran in {time.time() - t0:.0f} s; "

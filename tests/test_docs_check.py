@@ -220,3 +220,24 @@ def test_readme_blocks_do_not_share_output_folders():
             for out in outs:
                 assert out not in written, f"README.md:{line}: {out} already written at line {written[out]}"
                 written[out] = line
+
+
+@pytest.mark.parametrize("flag", [["--streaming", "true"], ["--streaming=yes"], ["--streaming"]])
+def test_streaming_training_gets_no_example_cap(flag):
+    """A stream refuses max_examples (max_steps bounds it); the other overrides still apply."""
+    run, _ = dc.small_command(shlex.join(["seqcpo", "train", "--dataset", "c.jsonl", *flag, "--max_steps", "9"]), None)
+    words = shlex.split(run)
+    assert "--max_examples" not in words
+    assert _flag(words, "--max_steps") == "2" and _flag(words, "--test_size") == "4"
+    plain = shlex.split(dc.small_command("seqcpo train --dataset c.jsonl --streaming false", None)[0])
+    assert _flag(plain, "--max_examples") == "16"
+
+
+def test_resume_in_a_kept_folder_counts_its_files_as_earlier_blocks(tmp_path):
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "f").write_text("1")
+    owner = {path: 0 for path in dc.snapshot(str(tmp_path))}
+    assert owner == {os.path.join("runs", "a", "f"): 0}
+    bad = dc.overwritten(dc.snapshot(str(tmp_path)), {}, owner, line=30)
+    assert bad == [os.path.join("runs", "a", "f") + " (written by an earlier run (--workdir))"]
