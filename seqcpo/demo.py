@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  final checkpoint  {os.path.abspath(final)}")
     print(f"  resolved config   {os.path.abspath(os.path.join(cfg.output_dir, 'seqcpo_config.yaml'))}")
     print(f"  training log      {os.path.abspath(os.path.join(cfg.output_dir, 'log_history.json'))}")
-    print("  converted model   " + os.path.join(os.path.expanduser(os.environ.get('SEQCPO_CACHE', '~/.cache/seqcpo')), "models"))
+    cache = os.path.expanduser(os.environ.get("SEQCPO_CACHE", "~/.cache/seqcpo"))
+    print(f"  converted model   {os.path.join(cache, 'models')}")
     return 0
 
 
