@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seqcpo-installed
 
-.PHONY: setup demo test test-fast bench gpu-check gpu-check-dry clean
+.PHONY: setup demo test test-fast bench gpu-check gpu-check-dry docs-check clean
 
 $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ gpu-check:
 # The same code on the CPU at tiny shapes (tests/test_gpu_check.py runs it in `make test`).
 gpu-check-dry: setup
 	PYTHONPATH=$(CURDIR) $(BIN)/python benchmarks/gpu_check.py --dry --out $(VENV)/gpu_check_dry
+
+# Every command block of README.md, in order, on the CPU at small sizes (not part of `make test`: it trains).
+docs-check: setup
+	$(BIN)/python scripts/docs_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
