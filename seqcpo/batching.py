@@ -63,7 +63,7 @@ def collate_examples(features: list[dict[str, Any]]) -> dict[str, Any]:
     ``rejected_ids`` (and ``scores``) into their :class:`~seqcpo.types.Example`.
 
     >>> collate_examples([{"prefix_ids": [1, 2], "continuation_ids": [3], "id": "a"}])
-    {'examples': [Example(prefix_ids=[1, 2], continuation_ids=[3], meta={'id': 'a'})], 'offline': None, 'epochs': None}
+    {'examples': [Example(prefix_ids=[1, 2], continuation_ids=[3], meta={'id': 'a'}, rejected_ids=None, scores=None)], 'offline': None, 'epochs': None}
     """
     return {
         "examples": [

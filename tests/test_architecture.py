@@ -135,7 +135,7 @@ def test_no_import_cycle_among_seqcpo_modules():
 NEGATIVES_FLOOR = {"seqcpo.types", "seqcpo.seeding", "seqcpo.padding", "seqcpo.sampling", "seqcpo.decoding",
                    "seqcpo.hf_model", "seqcpo.config_loader"}
 # the trainer's parts: the trainer composes them, so none imports it, the CLI, the run driver or evaluation
-TRAINER_PARTS = ("training/scoring.py", "training/step_metrics.py", "training/policy_layout.py",
+TRAINER_PARTS = ("training/scoring.py", "training/step_metrics.py", "training/policy_layout.py", "training/pss_step.py",
                  "training/negatives_model.py", "training/records.py")
 ABOVE_TRAINER_PARTS = ("seqcpo.training.trainer", "seqcpo.training.run", "seqcpo.cli", "seqcpo.evaluation",
                        "seqcpo.grid", "transformers.Trainer")

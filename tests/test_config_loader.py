@@ -207,7 +207,7 @@ def test_registry_default_backend_resolves_like_the_config(tmp_path):
 
 
 def test_config_reference_lists_ranges_and_eval_fields():
-    from seqcpo.training.config import config_reference
+    from seqcpo.training.config_reference import config_reference
 
     text = config_reference()
     assert "| `beta` | `0.1` | `>0` |" in text and "| `an_backend` | `'auto'` |" in text

@@ -166,7 +166,7 @@ def test_split_invariance_with_data_negatives(tmp_path):
 
 
 def test_offline_negatives_with_data(assets, tmp_path):
-    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.offline_reader import read_offline_negatives
     from seqcpo.training.run import make_negatives, train
 
     cfg = _cfg(assets, tmp_path, "standard", negatives="data:1,tn:3")
@@ -184,7 +184,7 @@ def test_offline_negatives_with_data(assets, tmp_path):
 def test_offline_folder_is_keyed_by_the_rejected_answers(assets, tmp_path):
     """The same file changed in place (other rejected answers, same gold): the folder no longer fits."""
     from seqcpo.data import load_splits
-    from seqcpo.training.offline import read_offline_negatives
+    from seqcpo.training.offline_reader import read_offline_negatives
     from seqcpo.training.run import make_negatives
 
     path = tmp_path / "prefs.jsonl"

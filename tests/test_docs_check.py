@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("docs_check", os.path.join(ROOT, "scripts", "docs_check.py"))
@@ -201,8 +202,8 @@ def test_every_readme_block_is_run_or_skipped_with_a_reason():
 
 
 def test_readme_blocks_do_not_share_output_folders():
-    """Every README command that writes a folder (--output_dir / --out, or configs/demo.yaml's runs/demo, which
-    `make demo` writes) writes its own, and the ensemble's inputs come from earlier commands."""
+    """Every README command that writes a folder (--output_dir / --out, or its config's output_dir, such as
+    configs/demo.yaml's runs/demo, which `make demo` writes) writes its own, and the ensemble's inputs come from earlier commands."""
     with open(os.path.join(ROOT, "README.md")) as f:
         blocks = dc.parse_blocks(f.read())
     written: dict[str, int] = {}
@@ -212,8 +213,11 @@ def test_readme_blocks_do_not_share_output_folders():
                 continue
             words = shlex.split(cmd, comments=True)
             outs = [words[i + 1] for i, w in enumerate(words) if w in ("--output_dir", "--out")]
-            if words[:2] == ["make", "demo"] or (words[:2] == ["seqcpo", "train"] and not outs):
+            if words[:2] == ["make", "demo"]:
                 outs = ["runs/demo"]
+            elif words[:2] == ["seqcpo", "train"] and not outs:  # the config file's own output_dir
+                with open(os.path.join(ROOT, words[words.index("--config") + 1])) as f:
+                    outs = [yaml.safe_load(f)["output_dir"]]
             if words[:2] == ["seqcpo", "ensemble"]:
                 for src in (words[words.index("--from") + 1], words[words.index("--to") + 1]):
                     assert os.path.dirname(src) in written, f"README.md:{line}: {src} is made by no earlier command"

@@ -285,10 +285,10 @@ def test_cli_reports_bad_data_with_file_and_line(assets, tmp_path, capsys):
 def test_config_reference_is_current():
     from pathlib import Path
 
-    from seqcpo.training.config import config_reference
+    from seqcpo.training.config_reference import config_reference
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
-    assert doc.read_text() == config_reference(), "regenerate: python -m seqcpo.training.config > docs/CONFIG.md"
+    assert doc.read_text() == config_reference(), "regenerate: python -m seqcpo.training.config_reference > docs/CONFIG.md"
 
 
 def test_shipped_training_configs_load():

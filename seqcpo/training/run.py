@@ -277,6 +277,8 @@ def next_train_command(config: str | None, overrides: list[str], out_dir: str) -
         if arg.startswith("-") and key == "negatives_path":
             skip = "=" not in arg
             continue
-        kept.append(arg)
+        # flags in the config's field names (docs/CONFIG.md), however they were typed
+        kept.append("--" + key + arg[arg.index("="):] if arg.startswith("--") and "=" in arg
+                    else "--" + key if arg.startswith("--") else arg)
     parts = ["seqcpo", "train", *(["--config", config] if config else []), *kept, "--negatives_path", out_dir]
     return shlex.join(parts)

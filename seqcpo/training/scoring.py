@@ -116,3 +116,21 @@ def score_examples(
     negatives = make_negatives(examples)
     batch = candidate_batch(examples, negatives)
     return Scored(batch, negatives, reference.logps(batch))
+
+
+def preference_term(cfg, logps: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, batch: CandidateBatch,
+                    examples: Sequence[Example]) -> torch.Tensor:
+    """The objective's per-example preference loss (B,) for a SeqCPOConfig ``cfg``; the list losses get their
+    labels / targets from the column order, the negatives' sources and the data's scores
+    (:func:`seqcpo.negatives.data.candidate_labels`)."""
+    from seqcpo.losses import LIST_OBJECTIVES, preference_loss_per_example
+    from seqcpo.negatives.data import candidate_labels
+
+    labels = targets = None
+    if cfg.objective in LIST_OBJECTIVES:
+        sources = batch.sources or [["synthetic"] * (batch.num_candidates - 1) for _ in examples]
+        lab, tgt = candidate_labels(examples, sources, cfg.ranked)
+        labels = torch.tensor(lab, dtype=torch.float32, device=logps.device)
+        targets = torch.tensor(tgt, dtype=torch.float32, device=logps.device)
+    return preference_loss_per_example(cfg.objective, logps, ref, cfg.beta, mask=mask, labels=labels,
+                                       targets=targets, margin=cfg.target_margin, alpha=cfg.infonca_alpha)

@@ -42,9 +42,8 @@ from transformers import Trainer
 from seqcpo.batching import StepCounts, candidate_batch, collate_examples, local_step_counts, target_tokens
 from seqcpo.hf_model import unwrap_model
 from seqcpo.logps import sequence_logps
-from seqcpo.losses import LIST_OBJECTIVES, preference_loss_per_example, preference_metric_sums, step_loss
+from seqcpo.losses import preference_metric_sums, step_loss
 from seqcpo.negatives import build_negative_generator
-from seqcpo.negatives.data import candidate_labels
 from seqcpo.reference import build_reference
 from seqcpo.seeding import example_generators
 from seqcpo.two_pass import two_pass_supported
@@ -53,7 +52,8 @@ from seqcpo.training.config import SeqCPOConfig
 from seqcpo.training.negatives_model import PolicySnapshot, negatives_model
 from seqcpo.training.policy_layout import agreed_layout, check_layout
 from seqcpo.training.records import example_items
-from seqcpo.training.scoring import mn_source, score_examples
+from seqcpo.training.pss_step import pss_terms
+from seqcpo.training.scoring import mn_source, preference_term, score_examples
 from seqcpo.training.step_metrics import StepMetrics, logged_metric_names
 from seqcpo.types import CandidateBatch, Example, Negatives
 
@@ -204,7 +204,7 @@ class SeqCPOTrainer(Trainer):
         if not isinstance(counts, StepCounts):
             counts, processes = StepCounts(tokens=n_tokens, examples=len(examples)), 1
         if self.cfg.objective == "pss":
-            nll, cpo, sums = self._pss_terms(model, examples, inputs, training, n_tokens)
+            nll, cpo, sums = pss_terms(self, model, examples, inputs.get("epochs"), training, n_tokens)
         elif not self.cfg.uses_negatives:
             nll, cpo, sums = self._policy_logps(model, candidate_batch(examples, None), mle=True), None, {}
         elif self.cfg.task == "document":  # MLE on every row token, CPO at anchors (seqcpo.training.document_step)
@@ -222,19 +222,6 @@ class SeqCPOTrainer(Trainer):
         sums["loss/mle"] = (nll.item(), n_tokens)
         self.metrics.add("train" if training else "eval", sums)
         return (loss, {"loss": loss.detach()}) if return_outputs else loss
-
-    def _pss_terms(self, model, examples, inputs, training: bool, n_tokens: int):
-        """PSS (docs/method.md, "Baselines"): the summed gold-token NLL with mixed-in model tokens."""
-        from seqcpo.pss import pss_loss, pss_mix_probability
-
-        cfg = self.cfg
-        ids = [str(e.meta["id"]) for e in examples]
-        nll, frac = pss_loss(
-            model, examples, p_model=pss_mix_probability(self.state.global_step, cfg.pss_p_gold, cfg.pss_warmup_steps),
-            passes=cfg.pss_passes, generator=self.example_rngs(ids, training, "pss", inputs.get("epochs")),
-            pad_token_id=self.pad_token_id, reduction="sum",
-        )
-        return nll, None, {"pss/mix_fraction": (round(frac * n_tokens), n_tokens)}
 
     def _cpo_terms(self, model, examples, inputs, training: bool):
         """Negatives and reference log-probs (:func:`score_examples`), the policy's log-probs, and the summed
@@ -254,25 +241,12 @@ class SeqCPOTrainer(Trainer):
         ref = scored.ref_logps.to(out.logps.device)
         mask = torch.tensor(scored.batch.candidate_mask, dtype=torch.bool, device=out.logps.device)
         nll = -out.summed[:, 0].float().sum()
-        cpo = self._preference_term(out.logps, ref, mask, scored.batch, examples).sum()
+        cpo = preference_term(cfg, out.logps, ref, mask, scored.batch, examples).sum()
         sums = preference_metric_sums(out.logps.detach(), ref, cfg.beta, mask=mask)
         sums["loss/cpo"] = (cpo.item(), len(examples))
         n_neg = mask[:, 1:].numel()
         sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
         return nll, cpo, sums
-
-    def _preference_term(self, logps, ref, mask, batch: CandidateBatch, examples: list[Example]) -> torch.Tensor:
-        """The objective's per-example preference loss (B,); the list losses get their labels / targets from the
-        column order, the negatives' sources and the data's scores (:func:`seqcpo.negatives.data.candidate_labels`)."""
-        cfg = self.cfg
-        labels = targets = None
-        if cfg.objective in LIST_OBJECTIVES:
-            sources = batch.sources or [["synthetic"] * (batch.num_candidates - 1) for _ in examples]
-            lab, tgt = candidate_labels(examples, sources, cfg.ranked)
-            labels = torch.tensor(lab, dtype=torch.float32, device=logps.device)
-            targets = torch.tensor(tgt, dtype=torch.float32, device=logps.device)
-        return preference_loss_per_example(cfg.objective, logps, ref, cfg.beta, mask=mask, labels=labels,
-                                           targets=targets, margin=cfg.target_margin, alpha=cfg.infonca_alpha)
 
     def _policy_logps(self, model, batch: CandidateBatch, mle: bool = False):
         """The policy's log-probs of ``batch``; ``mle``: the summed gold NLL of a gold-only batch."""
