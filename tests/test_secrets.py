@@ -234,3 +234,28 @@ def test_report_writer_redacts_every_secret_field(tmp_path, monkeypatch):
     assert _eval_leaks(tmp_path / "r") == []
     assert written["grid"]["base"] == {"hub_token": None, "beta": 0.1}  # the rest is kept
     assert written["judge"]["url"] == "http://***@h/v1?token=***"
+
+
+def test_no_canary_from_a_grid_base_reaches_its_results(tiny_run_args, tmp_path, monkeypatch, capsys, caplog):
+    """Defect: a grid whose ``base:`` set ``hub_token`` wrote it in plain text into ``results.json`` (the grid's
+    record of its arms' fields). Every file a grid writes, and its console, are searched for the canary."""
+    import yaml
+
+    from seqcpo.grid import run_grid
+
+    monkeypatch.setenv("HF_TOKEN", CANARIES["HF_TOKEN"])
+    base = {k: v for k, v in tiny_run_args.items() if k not in ("output_dir", "report_to", "save_strategy",
+                                                                "save_steps")}
+    base.update(validation_size=0, test_size=4, save_strategy="no", report_to="none", max_steps=1,
+                hub_token=CANARIES["hub_token"])
+    grid = {"name": "canary", "out_dir": str(tmp_path / "grid"), "base": base,
+            "arms": {"base": {"train": False}, "mle": {"objective": "mle"}},
+            "eval": {"num_examples": 4, "decoding": ["greedy"], "max_new_tokens": 4, "batch_size": 4,
+                     "judge": {"backend": "none"}, "mauve": "none", "baseline": "mle"}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    run_grid(str(path))
+    assert (tmp_path / "grid" / "results.json").is_file()
+    assert _leaks(tmp_path / "grid") == []
+    out = capsys.readouterr()
+    assert not any(c in out.out + out.err + caplog.text for c in CANARIES.values())
