@@ -142,6 +142,8 @@ def small_command(command: str, tiny_model: str | None) -> tuple[str, dict]:
         if _streaming(words):  # a stream has no example cap: max_steps bounds the run
             small = [w for i, w in enumerate(small) if "--max_examples" not in small[max(i - 1, 0):i + 1]]
         words += small
+        if _config_says(words, "--task", r"task:\s*document\b", ("document",)):
+            words += DOCUMENT_SMALL  # rows that fit the tiny model's context, few anchors
         if tiny_model:
             words += ["--model_name_or_path", tiny_model]
     elif sub in ("eval", "generate"):
@@ -151,14 +153,33 @@ def small_command(command: str, tiny_model: str | None) -> tuple[str, dict]:
     return shlex.join(words), env
 
 
-def _streaming(words: list[str]) -> bool:
+DOCUMENT_SMALL = ["--max_length", "96", "--anchors_per_row", "2"]
+
+
+def _config_says(words: list[str], flag: str, pattern: str, values: tuple[str, ...]) -> bool:
+    """Whether the command sets ``flag`` to one of ``values``, or its ``--config`` file matches ``pattern``."""
     for i, w in enumerate(words):
-        if w == "--streaming" and (i + 1 == len(words) or words[i + 1].startswith("--") or
-                                   words[i + 1].lower() in ("true", "yes", "on", "1")):
+        if w == flag and i + 1 < len(words) and words[i + 1].lower() in values:
             return True
-        if w.startswith("--streaming=") and w.split("=", 1)[1].lower() in ("true", "yes", "on", "1"):
+        if w.startswith(flag + "=") and w.split("=", 1)[1].lower() in values:
             return True
+    if "--config" in words and words.index("--config") + 1 < len(words):
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            words[words.index("--config") + 1])
+        try:
+            with open(path, encoding="utf-8") as f:
+                return bool(re.search("^" + pattern, f.read(), re.M | re.I))
+        except OSError:
+            return False
     return False
+
+
+def _streaming(words: list[str]) -> bool:
+    """Whether the command streams: ``--streaming`` (bare or true), or its config file says so."""
+    for i, w in enumerate(words):
+        if w == "--streaming" and (i + 1 == len(words) or words[i + 1].startswith("--")):
+            return True
+    return _config_says(words, "--streaming", r"streaming:\s*(true|yes|on)\b", ("true", "yes", "on", "1"))
 
 
 def make_workdir(root: str, python: str) -> str:
