@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
-from seqcpo.data.fields import _extract, _text, _tokenize, leading_special_ids
+from seqcpo.data.fields import _tokenize, leading_special_ids, text_records
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -54,14 +54,7 @@ def document_pairs(records: list[Record], cfg: DataConfig, tokenizer: Any, sourc
     """(record, its chunk examples) for every record that gives a chunk, in order, and the counts."""
     width = document_limits(cfg, tokenizer, context_tokens)
     total = len(records)
-    records, values, bad = _extract(
-        records,
-        cfg,
-        lambda r: (
-            _text(r, cfg, "text_field", required=True, allow_empty=True),
-            _text(r, cfg, "category_field", required=False) or None,
-        ),
-    )
+    records, values, bad = text_records(records, cfg)
     token_lists = _tokenize(tokenizer, [text for text, _ in values])
     lead = leading_special_ids(tokenizer)
     pairs: list[tuple[Record, list[Example]]] = []

@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
-from seqcpo.data.fields import _extract, _text, _tokenize, leading_special_ids  # noqa: F401 (re-exported)
+from seqcpo.data.fields import _extract, _text, _tokenize, leading_special_ids, text_records  # noqa: F401 (re-exported)
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -157,14 +157,7 @@ def instruction_examples(
 def _continuation_pairs(records, cfg, tokenizer, source, context_tokens, decode):
     context_limits(cfg, tokenizer, context_tokens)  # a window that cannot fit is an error, never a cut
     total = len(records)
-    records, values, bad = _extract(
-        records,
-        cfg,
-        lambda r: (
-            _text(r, cfg, "text_field", required=True, allow_empty=True),
-            _text(r, cfg, "category_field", required=False) or None,
-        ),
-    )
+    records, values, bad = text_records(records, cfg)
     texts = [text for text, _ in values]
     token_lists = _tokenize(tokenizer, texts)
     lead = leading_special_ids(tokenizer)

@@ -67,6 +67,18 @@ def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_em
     return value
 
 
+def text_records(records: list[Record], cfg: DataConfig) -> tuple[list[Record], list[tuple], int]:
+    """:func:`_extract` of the plain-text tasks (windows, documents): each record's ``(text, category or None)``."""
+    return _extract(
+        records,
+        cfg,
+        lambda r: (
+            _text(r, cfg, "text_field", required=True, allow_empty=True),
+            _text(r, cfg, "category_field", required=False) or None,
+        ),
+    )
+
+
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
