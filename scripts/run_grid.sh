@@ -8,11 +8,17 @@
 # 5 minutes and at the end the grid's out_dir is committed (the .gitignore keeps weights, optimizer states and
 # negatives' shards out), so a new machine starting from the repository loses at most one stage in progress.
 # Runs under `nice`; the log goes to OUT_DIR/grid.log (not committed).
+#
+# Torch runs GRID_THREADS threads (default 1): a matrix product's float sums can depend on the thread count, so a
+# fixed count keeps a retrained arm bit-identical to the committed outputs whatever machine continues the grid,
+# and one thread is not starved by other work on a 2-core machine (two threads sharing their cores with a third
+# busy process spin in OpenMP barriers: a step took 2-10x longer, measured 2026-12-02).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 grid=${1:?usage: scripts/run_grid.sh GRID.yaml [seqcpo reproduce options]}
 shift
 py=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${GRID_THREADS:-1} MKL_NUM_THREADS=${GRID_THREADS:-1}
 out=$("$py" -c 'import sys; from seqcpo.grid import load_grid; print(load_grid(sys.argv[1]).out_dir)' "$grid") || exit 2
 mkdir -p "$out"
 
