@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from seqcpo.hf_model import attn_implementation, checkpointing_in_training, needs_grad, unwrap_model
-from seqcpo.packing import packed_hidden
+from seqcpo.packing import AttentionBlock, packed_hidden
 from seqcpo.token_logps import SequenceLogps, sum_token_logps, token_logps_from_hidden
 from seqcpo.types import Example
 
@@ -129,6 +129,27 @@ class DocumentLayout:
         to_row = (seg == 0)[None, :] & (pos[None, :] < vis[:, None])
         own = (seg[:, None] == seg[None, :]) & (seg != 0)[None, :] & causal
         return ((doc[:, None] == doc[None, :]) & (to_row | own))[None, None]
+
+    def attention_blocks(self) -> list[AttentionBlock]:
+        """The same mask as blocks for :func:`seqcpo.packing.document_attention` on CPU: each row's tokens
+        causally over the row, then each anchor's branches (contiguous, one anchor after another) over the row's
+        first ``a`` tokens and their own tokens. Attention then costs ``n^2 / 2 + sum_a K C (a + K C)`` pairs a
+        row, not the dense ``(n + M K C)^2``."""
+        seg, vis = self.segment_ids.tolist(), self.visible.tolist()
+        blocks = []
+        for (s, e), n in zip(self.bounds, (self.row_counts + 1).tolist()):
+            blocks.append(AttentionBlock(s, s + n, ((s, s + n),)))
+            g0 = s + n
+            while g0 < e:
+                a, g1 = vis[g0], g0
+                while g1 < e and vis[g1] == a:
+                    g1 += 1
+                own = torch.tensor(seg[g0:g1])
+                branch = (own[:, None] == own[None, :]).tril()  # same branch, causal (a branch is contiguous)
+                mask = torch.cat([torch.ones(g1 - g0, a, dtype=torch.bool), branch], dim=1)
+                blocks.append(AttentionBlock(g0, g1, ((s, s + a), (g0, g1)), mask))
+                g0 = g1
+        return blocks
 
     def block_mask(self, block_size: int = 128):
         """The same mask as a FlexAttention ``BlockMask`` (1, 1, T, T); blocks across rows are skipped."""

@@ -152,12 +152,43 @@ def document_attention(module, query, key, value, attention_mask, dropout: float
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=False, **kwargs)
     outs = []
-    for s, e in bounds:
-        mask = attention_mask[..., s:e, s:e] if attention_mask is not None else None
-        out, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], mask,
-                                        dropout=dropout, scaling=scaling, is_causal=mask is None, **kwargs)
+    for block in bounds:
+        if isinstance(block, AttentionBlock):
+            out = _block_attention(module, query, key, value, block, dropout, scaling, **kwargs)
+        else:
+            s, e = block
+            mask = attention_mask[..., s:e, s:e] if attention_mask is not None else None
+            out, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], mask,
+                                            dropout=dropout, scaling=scaling, is_causal=mask is None, **kwargs)
         outs.append(out)  # (1, n, H, D)
     return torch.cat(outs, dim=1), None
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """Queries ``q0:q1`` of a packed sequence attending to the keys of ``key_spans`` (concatenated in order):
+    under ``mask`` ((q1 - q0, keys) bool, True = attend), or causally when ``mask`` is None (then the one key
+    span is the queries' own). Blocks listed in query order and covering the sequence replace its dense mask
+    in :func:`document_attention`, so attention costs only the pairs a block holds (a document row's branches
+    see the row up to their anchor, not the whole row and every other branch)."""
+
+    q0: int
+    q1: int
+    key_spans: tuple[tuple[int, int], ...]
+    mask: torch.Tensor | None = None
+
+
+def _block_attention(module, query, key, value, block: AttentionBlock, dropout, scaling, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def keys(t):
+        parts = [t[:, :, s:e] for s, e in block.key_spans]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    mask = None if block.mask is None else block.mask.to(query.device)[None, None]
+    out, _ = sdpa_attention_forward(module, query[:, :, block.q0:block.q1], keys(key), keys(value), mask,
+                                    dropout=dropout, scaling=scaling, is_causal=mask is None, **kwargs)
+    return out
 
 
 def _register() -> None:
@@ -177,8 +208,9 @@ _register()
 
 
 @contextlib.contextmanager
-def packed_documents(bounds: list[tuple[int, int]]):
-    """Tell :func:`document_attention` where the examples of the packed sequence start and end."""
+def packed_documents(bounds: list):
+    """Tell :func:`document_attention` where the examples of the packed sequence start and end: (start, end)
+    pairs (each example attends within its block of the dense mask), or :class:`AttentionBlock` s."""
     token = _BOUNDS.set(bounds)
     try:
         yield
@@ -231,6 +263,7 @@ def packed_hidden(model, pb) -> torch.Tensor:
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         run_impl, ctx = None, contextlib.nullcontext()
     else:
-        mask, run_impl, ctx = pb.attention_mask(), DOCUMENT_ATTENTION, packed_documents(pb.bounds)
+        blocks = pb.attention_blocks() if hasattr(pb, "attention_blocks") else pb.bounds
+        mask, run_impl, ctx = pb.attention_mask(), DOCUMENT_ATTENTION, packed_documents(blocks)
     with use_attention(model, run_impl), ctx:
         return final_hidden(model, pb.input_ids, mask, pb.position_ids)

@@ -83,6 +83,28 @@ def test_layout_by_hand():
     assert document_tokens([[5] * 1024], [[100] * 8], 4, 64) == (1024 + 8 * 4 * 64, 8 * (100 + 5 * 64))
 
 
+def test_attention_blocks_hold_exactly_the_dense_mask():
+    """The CPU path's blocks (a row causally, each anchor's branches over the row's first a tokens and
+    themselves) rebuild the dense mask pair for pair, and cover every query once, in order."""
+    rows = [[5, 6, 7, 8, 9, 10, 11], [10, 11], [3, 4, 5, 6]]
+    anchors = [[1, 3, 4], [], [2]]
+    negs = [[[3], [4, 1, 2]], [[], [7, 7]], [[9, 9, 9], [2]], [[1, 2], [3]]]
+    lay = build_document_layout(rows, anchors, negs, continuation_tokens=2)
+    T = lay.input_ids.shape[1]
+    rebuilt = torch.zeros(T, T, dtype=torch.bool)
+    q = 0
+    for blk in lay.attention_blocks():
+        assert blk.q0 == q
+        keys = torch.cat([torch.arange(s, e) for s, e in blk.key_spans])
+        mask = blk.mask if blk.mask is not None else torch.ones(len(keys), len(keys), dtype=torch.bool).tril()
+        assert mask.shape == (blk.q1 - blk.q0, len(keys))
+        rebuilt[blk.q0:blk.q1, keys] = mask
+        q = blk.q1
+    assert q == T
+    assert torch.equal(rebuilt, lay.attention_mask()[0, 0])
+    assert len(lay.attention_blocks()) == 3 + 4  # a block per row, one per anchor
+
+
 def _negatives(examples, k, seed=3, vocab=96, eos=TINY_EOS):
     """Random negatives of 1..C tokens, some ending in EOS, one empty, one equal to its gold (dropped)."""
     g = torch.Generator().manual_seed(seed)
