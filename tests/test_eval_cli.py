@@ -292,3 +292,23 @@ def test_a_local_judge_that_cannot_load_fails_before_generation(setup, monkeypat
     with pytest.raises(SystemExit, match=r"--judge-model .*no-such-judge: not a loadable checkpoint"):
         _run(["eval", "--models", models[0], "--data-config", str(cfg), "--judge", "local", "--judge-model",
               str(root / "no-such-judge"), "--out", str(root / "out_badjudge"), "--no-progress"])
+
+
+def test_grid_arms_table_shows_judge_columns_only_with_a_judge():
+    """A grid without a judge has no empty win-rate columns and says what its claims rest on; with a judge the
+    win-rate and head-to-head columns come back. MiniLM similarity is shown either way."""
+    from seqcpo.evaluation.report import _arms_table
+
+    compute = {"kind": "train", "summary": "cpo", "train_seconds": 10.0, "train_steps": 3, "ensemble_seconds": None,
+               "generate_seconds": 2.0, "generations_copied_from": None, "negatives_seconds": None,
+               "evaluate_seconds": 1.0}
+    run = {"label": "cpo", "decoding": "greedy", "mauve": None, "rouge_l": 0.25, "similarity": 0.5432, "rep_3": 0.1,
+           "win_rate_vs_gold": None}
+    results = {"judge": None, "runs": [run], "grid": {"eval": {"baseline": "mle"}, "compute": {"cpo": compute}}}
+    bare = "\n".join(_arms_table(results))
+    assert "win vs gold" not in bare and "vs mle" not in bare and "No judge in this grid" in bare
+    assert "| MiniLM cos |" in bare and "| 0.543 |" in bare
+    judged = "\n".join(_arms_table({**results, "judge": {"kind": "api"}}))
+    assert "win vs gold % [95% CI]" in judged and "vs mle % [95% CI]" in judged
+    header, rule = judged.splitlines()[2:4]
+    assert header.count("|") == rule.count("|")

@@ -206,34 +206,39 @@ def _separation_table(results: dict) -> list[str]:
 
 
 def _arms_table(results: dict) -> list[str]:
-    """A grid's one-row-per-arm summary: what each arm is, its headline numbers and what it cost."""
+    """A grid's one-row-per-arm summary: what each arm is, its headline numbers and what it cost. The judge's
+    columns (win rate against the gold and head to head) appear only when the grid has a judge."""
     grid = results["grid"]
     baseline = grid["eval"].get("baseline")
     training = grid.get("training") or {}
-    lines = ["## Arms", "", "| arm | what | decoding | win vs gold % [95% CI] (weak judge) | n | vs "
-             f"{baseline or '-'} % [95% CI] | n | MAUVE (n gold/model) | ROUGE-L | rep-3 | separated at step | "
-             "negatives s | train s | steps | gen s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    judged = results.get("judge") is not None
+    head = ["arm", "what", "decoding"]
+    if judged:
+        head += ["win vs gold % [95% CI]", "n", f"vs {baseline or '-'} % [95% CI]", "n"]
+    head += ["MAUVE (n gold/model)", "ROUGE-L", "MiniLM cos", "rep-3", "separated at step", "negatives s", "train s",
+             "steps", "gen s", "eval s"]
+    lines = ["## Arms", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     h2h_by = {(h["a"], h["decoding"]): h["win_rate"] for h in results.get("head_to_head") or []}
     for r in results.get("runs", []):
         c = grid["compute"][r["label"]]
-        wr = r.get("win_rate_vs_gold")
-        hw = h2h_by.get((r["label"], r["decoding"]))
         train_s = c["train_seconds"] if c["kind"] != "ensemble" else f"({c['ensemble_seconds']} interp.)"
         gen_s = c["generate_seconds"] if not c["generations_copied_from"] else f"(= {c['generations_copied_from']})"
         sep = training.get(r["label"])
         sep = "-" if sep is None or not sep["curves"].get("rewards/accuracies") else (
             sep["separated_at_step"] if sep["separated_at_step"] is not None else "never")
-        lines.append(
-            f"| {_cell(r['label'])} | {_cell(c['summary'])} | `{r['decoding']}` | {fmt_win_rate(wr)} | "
-            f"{wr['n'] if wr else '-'} | {fmt_win_rate(hw)} | {hw['n'] if hw else '-'} | {_fmt_mauve(r.get('mauve'))} | "
-            f"{_fmt(r.get('rouge_l'))} | {_fmt(r.get('rep_3'))} | {sep} | {_fmt(c.get('negatives_seconds'), 1)} | "
-            f"{train_s if train_s is not None else '-'} | "
-            f"{c['train_steps'] if c['train_steps'] is not None else '-'} | {gen_s} | "
-            f"{_fmt(c.get('evaluate_seconds'), 1)} |")
-    lines += ["", "Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items; the local judge is "
-              "weak (see above), the claims below do not rest on it. MAUVE marked (!) "
-              "comes from too few samples to discriminate. train s includes model loading; ensemble arms cost an "
+        cells = [_cell(r["label"]), _cell(c["summary"]), f"`{r['decoding']}`"]
+        if judged:
+            wr, hw = r.get("win_rate_vs_gold"), h2h_by.get((r["label"], r["decoding"]))
+            cells += [fmt_win_rate(wr), wr["n"] if wr else "-", fmt_win_rate(hw), hw["n"] if hw else "-"]
+        cells += [_fmt_mauve(r.get("mauve")), _fmt(r.get("rouge_l")), _fmt(r.get("similarity")),
+                  _fmt(r.get("rep_3")), sep, _fmt(c.get("negatives_seconds"), 1),
+                  train_s if train_s is not None else "-", c["train_steps"] if c["train_steps"] is not None else "-",
+                  gen_s, _fmt(c.get("evaluate_seconds"), 1)]
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    notes = ("Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items. " if judged else
+             "No judge in this grid: the claims rest on the reference-based metrics and MAUVE. ")
+    lines += ["", notes + "MAUVE marked (!) comes from too few samples to discriminate. MiniLM cos = mean cosine "
+              "similarity of continuation and gold embeddings. train s includes model loading; ensemble arms cost an "
               "interpolation on top of their two endpoints' training; alpha 0 and 1 are bit for bit their endpoints, "
               "so their generations are copied (gen s \"(= arm)\").", ""]
     return lines
