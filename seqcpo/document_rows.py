@@ -309,10 +309,14 @@ def _hidden(model, layout: DocumentLayout) -> torch.Tensor:
 
 
 def document_tokens(rows: Sequence[Sequence[int]], anchors: Sequence[Sequence[int]], k: int,
-                    continuation_tokens: int) -> tuple[int, int]:
-    """(tokens one pass over the rows and their branches runs, ``sum n + M * K * C`` for C-token negatives;
-    tokens the same anchors run as full-prefix windows in the prefix-shared layout, ``sum (a + (K+1) * C)``)."""
+                    continuation_tokens: int, negative_tokens: int | None = None) -> tuple[int, int]:
+    """(tokens one pass over the rows and their branches runs, ``sum n + M * K * L`` for L-token negatives;
+    tokens the same anchors run as full-prefix windows in the prefix-shared layout, ``sum (a + C + K * L)``).
+    ``negative_tokens`` L defaults to C (TN, BN and MN negatives are at most C long; AN ones up to
+    ``an_max_new_tokens``), so the counts are what a step plans its memory for (``seqcpo train --dry-run``)."""
+    C = continuation_tokens
+    L = C if negative_tokens is None else negative_tokens
     M = sum(len(a) for a in anchors)
-    rows_tokens = sum(len(r) for r in rows) + M * k * continuation_tokens
-    windows = sum(a + (k + 1) * continuation_tokens for row in anchors for a in row)
+    rows_tokens = sum(len(r) for r in rows) + M * k * L
+    windows = sum(a + C + k * L for row in anchors for a in row)
     return rows_tokens, windows

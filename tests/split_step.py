@@ -2,7 +2,9 @@
 ``accelerate launch`` (gloo DDP): the parameter update, the logged metrics and every example's negatives.
 
 Used by tests/test_split_invariance.py, in-process for 4x1 and 2x2 (batch x accumulation) and as
-``accelerate launch --num_processes 2 tests/split_step.py MODEL_DIR OUT_DIR`` for 2 processes x 2.
+``accelerate launch --num_processes 2 tests/split_step.py MODEL_DIR OUT_DIR`` for 2 processes x 2; with a third
+argument ``documents``, the document-rows step (:data:`DOCUMENT`, :func:`document_examples`) as 2 processes x 1
+(tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ def split_examples(vocab: int = 96, eos: int = 2):
         ids = torch.randint(3, vocab, (p + c - 1,), generator=g).tolist()
         out.append(Example(prefix_ids=ids[:p], continuation_ids=ids[p:] + [eos], meta={"id": f"ex{i}"}))
     return out
+
+
+#: document rows (``task: document``), CPO at anchors with TN + MN negatives; see :func:`document_examples`
+DOCUMENT = dict(task="document", max_length=64, continuation_tokens=4, anchors_per_row=3, objective="cpo",
+                num_negatives=2, negatives="tn:1,mn:1", cpo_lambda=0.5)
+#: the same with batch negatives (BN): the other anchors' golds of the micro-batch, so only splits with the same
+#: micro-batches (2 processes x 1 and 1 process x 1 x accumulation 2) must agree
+DOCUMENT_BN = {**DOCUMENT, "negatives": "tn:1,bn:1"}
+
+
+def document_examples(vocab: int = 96):
+    """Two document rows as the data stage hands them over (first token, the rest): 40 tokens with 3 anchors and
+    6 tokens with 2 (``anchor_count(6, 4, 3)``), so each process's own token and anchor means differ from the step's."""
+    from seqcpo.types import Example
+
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (40, 6)]
+    return [Example(prefix_ids=r[:1], continuation_ids=r[1:], meta={"id": f"doc{i}#{i}"}) for i, r in enumerate(rows)]
 
 
 def one_step(model_dir: str, out_dir: str, name: str, batch: int, accumulation: int, examples=None, **over) -> dict:
@@ -75,9 +95,15 @@ def one_step(model_dir: str, out_dir: str, name: str, batch: int, accumulation: 
     return {"update": after - before, "log": logs[0], "logs": logs, "negatives": made}
 
 
-def main(model_dir: str, out_dir: str) -> None:
-    """Every objective as 2 processes x batch 2; each rank writes its results to ``out_dir/rank<r>.pt``."""
-    results = {name: one_step(model_dir, out_dir, name, batch=2, accumulation=1) for name in OBJECTIVES}
+def main(model_dir: str, out_dir: str, case: str = "windows") -> None:
+    """Every objective as 2 processes x batch 2 (``case`` windows), or the document-rows CPO steps (TN + MN, TN + BN) as 2
+    processes x batch 1 (``case`` documents); each rank writes its results to ``out_dir/rank<r>.pt``."""
+    if case == "documents":
+        results = {name: one_step(model_dir, os.path.join(out_dir, name), "cpo", batch=1, accumulation=1,
+                                  examples=document_examples(), **over)
+                   for name, over in (("documents", DOCUMENT), ("documents_bn", DOCUMENT_BN))}
+    else:
+        results = {name: one_step(model_dir, out_dir, name, batch=2, accumulation=1) for name in OBJECTIVES}
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.save({"world_size": world, "results": results}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -87,4 +113,4 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

@@ -10,8 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import make_tiny_llama, make_toy_tokenizer, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(cmd, env):
@@ -108,3 +111,45 @@ def test_two_processes_agree_on_the_auto_layout(tmp_path):
     )
     hist = [h for h in json.load(open(tmp_path / "out" / "log_history.json")) if "loss" in h]
     assert len(hist) == 4 and all(h["loss"] == h["loss"] for h in hist)
+
+
+def _same_step(got, ref, where):
+    rel = float((got["update"] - ref["update"]).norm() / ref["update"].norm())
+    assert rel < 1e-5, f"{where}: parameter update differs by {rel:.2e} (relative norm)"
+    for key in ("loss", "loss/mle", "loss/cpo", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert got["log"][key] == pytest.approx(ref["log"][key], rel=1e-4, abs=1e-6), f"{where}: {key}"
+    assert got["negatives"].keys() <= ref["negatives"].keys()
+    assert all(got["negatives"][a] == ref["negatives"][a] for a in got["negatives"]), where
+
+
+def test_two_process_ddp_on_document_rows_matches_one_process(tmp_path):
+    """Document rows, CPO at anchors: one SGD step of 2 processes x 1 row equals 1 process x 2 rows and 1 process x
+    1 row x accumulation 2 with TN + MN negatives, and 1 process x 1 x accumulation 2 with TN + BN (BN draws from
+    the micro-batch's other anchors, so it depends on the micro-batches by design): the same parameter update
+    (within 1e-5 relative, as the windows' split test), the same logged losses, the same negatives at every
+    anchor. The rows have 39 and 5 predicted tokens and 3 and 2 anchors, so a process that divided by its own
+    tokens or anchors would move the update by far more (190% when the counts are not pooled)."""
+    from split_step import DOCUMENT, DOCUMENT_BN, document_examples, one_step
+
+    model_dir = str(tmp_path / "model")
+    make_tiny_llama().save_pretrained(model_dir)
+    step = lambda name, b, a, over: one_step(model_dir, str(tmp_path / "one" / name), "cpo", batch=b,  # noqa: E731
+                                              accumulation=a, examples=document_examples(), **over)
+    one, acc, acc_bn = step("2x1", 2, 1, DOCUMENT), step("1x2", 1, 2, DOCUMENT), step("bn", 1, 2, DOCUMENT_BN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+          "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+          os.path.join(ROOT, "tests", "split_step.py"), model_dir, str(tmp_path), "documents"], env)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert len(one["negatives"]) == len(acc_bn["negatives"]) == 5  # 3 + 2 anchors, each with its negatives
+    assert one["update"].norm() > 1e-3 and acc_bn["update"].norm() > 1e-3
+    _same_step(acc, one, "1 process x 1 x accumulation 2")
+    for r, rank in enumerate(ranks):
+        _same_step(rank["results"]["documents"], one, f"2 processes x 1 (rank {r})")
+        _same_step(rank["results"]["documents_bn"], acc_bn, f"2 processes x 1 with BN (rank {r})")
+    for name, ref in (("documents", one), ("documents_bn", acc_bn)):  # each process made its own row's anchors'
+        negs = [rank["results"][name]["negatives"] for rank in ranks]
+        assert sorted(len(n) for n in negs) == [2, 3] and {**negs[0], **negs[1]} == ref["negatives"], name

@@ -194,3 +194,45 @@ def test_fixed_negatives_and_window_evaluation_refuse_document_rows(tmp_path):
     path.write_text("task: document\nmax_length: 128\ncontinuation_tokens: 16\n")
     with pytest.raises(ConfigError, match="train.yaml.*task=document.*--task continuation"):
         resolve_data([], str(path), [])
+
+
+def test_dry_run_plans_document_rows_and_their_anchors(assets, tmp_path, capsys):
+    """--dry-run on a hand-built corpus (documents of 36, 3 and 70 tokens, max_length 32): 6 rows (32 5 | 3 |
+    32 32 8), the first batch's rows 32, 5, 3 with 3, 1, 0 anchors (anchors_per_row 3, C 4) or 3, 0, 0 (one every
+    8 tokens), the tokens of its one pass (rows + anchors x K x longest negative) and activations in proportion."""
+    from transformers import AutoConfig
+
+    from seqcpo.cli import main
+    from seqcpo.training.config import load_config
+    from seqcpo.training.dry_run import make_plan
+
+    data = tmp_path / "hand.jsonl"
+    data.write_text("".join(json.dumps({"id": f"d{i}", "text": " ".join(["a"] * n)}) + "\n"
+                            for i, n in enumerate((36, 3, 70))))
+    base = dict(task="document", dataset=str(data), model_name_or_path=assets["model"], max_length=32,
+                continuation_tokens=4, anchors_per_row=3, objective="cpo", negatives="tn:1,mn:1", num_negatives=2,
+                validation_size=0, test_size=0, per_device_train_batch_size=3, max_steps=4,
+                output_dir=str(tmp_path / "never"), report_to="none", use_cpu=True)
+    argv = [x for k, v in base.items() for x in (f"--{k}", str(v))]
+    assert main(["train", "--dry-run", *argv]) == 0
+    text = capsys.readouterr().out
+    assert "6 train / 0 validation / 0 test rows" in text
+    assert "4 optimizer steps x 3 rows (batch 3 x accumulation 1 x 1 process(es)) = 12 rows, 2.00 epochs" in text
+    assert "3 rows of 32, 5, 3 tokens (max_length 32)" in text
+    assert "3, 1, 0 per row (anchors_per_row 3, continuation_tokens 4) = 4 anchors" in text
+    assert "40 row tokens + 4 x 2 x 4 = 32 branch tokens = 72 tokens in one pass" in text
+    assert not (tmp_path / "never").exists()
+
+    plans = {name: make_plan(load_config(None, {**base, **over})) for name, over in (
+        ("per_row", {}), ("stride", {"anchor_stride": 8}), ("an", {"negatives": "an:1,tn:1", "an_max_new_tokens": 10}))}
+    lines = {name: dict(plan.lines) for name, plan in plans.items()}
+    assert lines["stride"]["anchors"].startswith("3, 0, 0 per row (one every 8 tokens, continuation_tokens 4) = 3 ")
+    # anchors at 8, 16, 24 as windows: sum (a + C + K C) = 20 + 28 + 36
+    assert lines["stride"]["forward"] == ("40 row tokens + 3 x 2 x 4 = 24 branch tokens = 64 tokens in one pass "
+                                          "(the same anchors as full-prefix windows: 84)")
+    assert lines["an"]["forward"].startswith("40 row tokens + 4 x 2 x 10 = 80 branch tokens = 120 tokens")
+    config = AutoConfig.from_pretrained(assets["model"])
+    per_token = config.num_hidden_layers * (8 * config.hidden_size + 3 * config.intermediate_size) * 4  # float32
+    act = {name: plan.memory["activations"] for name, plan in plans.items()}
+    assert act["per_row"] - act["stride"] == (72 - 64) * per_token
+    assert act["an"] - act["per_row"] == (120 - 72) * per_token

@@ -7,6 +7,12 @@ the weights, are stood in for by their longest possible length: ``an_max_new_tok
 and the log-prob layout ``auto`` would choose for it. Printed: the plan (steps, examples, epochs, negatives,
 layout) and a rough memory estimate per process (weights + gradients + AdamW + reference + activations).
 
+Document rows (``task: document``) are planned as rows: rows per step, the first micro-batch's row lengths, its
+anchors per row (:func:`seqcpo.document_rows.anchor_count`; drawn as the trainer's first step draws them) and the
+tokens of its one forward pass, the rows plus every anchor's K negatives as branches
+(:func:`seqcpo.document_rows.document_tokens`, each negative counted at its longest: C tokens, AN's
+``an_max_new_tokens``), which the activation estimate is made from.
+
 A GPU config (``bf16: true``, ...) is checked on a machine without a GPU: the config is loaded as for the GPU
 and the device checks transformers makes at load time are said to be skipped.
 """
@@ -63,14 +69,19 @@ def make_plan(cfg, note: str | None = None) -> Plan:
         plan.add("device", note)
     neg = f", negatives {cfg.negatives} (K = {cfg.num_negatives})" if cfg.uses_negatives else ""
     ref = f", reference {cfg.reference}" if cfg.uses_negatives else ""
-    plan.add("config", f"objective {cfg.objective}{neg}{ref}, layout {cfg.logps_layout}, output {cfg.output_dir}")
+    document = cfg.task == "document"
+    layout = "one pass per micro-batch (rows + branches)" if document and cfg.uses_negatives else cfg.logps_layout
+    plan.add("config", f"objective {cfg.objective}{neg}{ref}, layout {layout}, output {cfg.output_dir}")
     path = resolve_model_path(cfg.model_name_or_path)
     model, shape = meta_model(path, cfg)
     plan.add("model", shape)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     n_train, first = _data(cfg, tokenizer, model_context_tokens(model.config), plan)
     _steps(cfg, n_train, plan)
-    batch, tokens = _first_batch(cfg, model, first, tokenizer, plan)
+    if document:
+        tokens = _first_rows(cfg, first, plan)
+    else:
+        _, tokens = _first_batch(cfg, model, first, tokenizer, plan)
     _memory(cfg, model, tokens, plan)
     return plan
 
@@ -112,14 +123,19 @@ def _data(cfg, tokenizer, context, plan: Plan):
                 break
         from seqcpo.batching import collate_examples
 
-        plan.add("data", f"{cfg.dataset} ({cfg.task}), streamed: counted as read")
+        plan.add("data", f"{cfg.dataset} ({cfg.task}), streamed: {_unit(cfg)} counted as read")
         return None, collate_examples(first)["examples"] if first else []
     from seqcpo.data import load_splits
 
     splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
     plan.add("data", f"{cfg.dataset} ({cfg.task}): {len(splits.train)} train / {len(splits.validation)} validation / "
-                     f"{len(splits.test)} test examples")
+                     f"{len(splits.test)} test {_unit(cfg)}")
     return len(splits.train), list(splits.train[:bs])
+
+
+def _unit(cfg) -> str:
+    """What a batch holds: document rows (chunks of documents, ``task: document``) or examples (windows, pairs)."""
+    return "rows" if cfg.task == "document" else "examples"
 
 
 def _steps(cfg, n_train: int | None, plan: Plan) -> None:
@@ -132,7 +148,8 @@ def _steps(cfg, n_train: int | None, plan: Plan) -> None:
     else:
         steps = math.ceil(n_train / per_step) * math.ceil(cfg.num_train_epochs) if n_train else 0
         epochs = f", {cfg.num_train_epochs:g} epochs"
-    plan.add("plan", f"{steps} optimizer steps x {per_step} examples ({split}) = {steps * per_step} examples{epochs}")
+    unit = _unit(cfg)
+    plan.add("plan", f"{steps} optimizer steps x {per_step} {unit} ({split}) = {steps * per_step} {unit}{epochs}")
 
 
 def _first_batch(cfg, model, examples, tokenizer, plan: Plan):
@@ -155,6 +172,43 @@ def _first_batch(cfg, model, examples, tokenizer, plan: Plan):
                             f"gold {lens([len(e.continuation_ids) for e in examples])}; {said}; layout {layout}; "
                             f"{packed} tokens in prefix-shared rows ({padded} padded)")
     return batch, padded
+
+
+def _first_rows(cfg, examples, plan: Plan) -> int:
+    """Document rows: the first micro-batch's rows, their anchors (drawn from each row's own generator, seeded by
+    (seed, row id, epoch 0, "anchors") as the trainer's first step draws them) and the tokens of its one forward
+    pass, rows plus branches with every negative at its longest (:func:`document_tokens`); returns those tokens."""
+    from seqcpo.document_rows import anchor_count, choose_anchors, document_tokens
+    from seqcpo.seeding import example_generators
+
+    if not examples:
+        plan.add("first batch", "no rows")
+        return 0
+    rows = [list(e.prefix_ids) + list(e.continuation_ids) for e in examples]
+    row_tokens = sum(len(r) for r in rows)
+    lengths = f"{len(rows)} rows of {', '.join(str(len(r)) for r in rows)} tokens (max_length {cfg.max_length})"
+    if not cfg.uses_negatives:  # MLE alone: the rows run as gold-only candidates (seqcpo.batching)
+        from seqcpo.batching import candidate_batch
+        from seqcpo.packing import packed_tokens
+
+        padded, _ = packed_tokens(candidate_batch(examples, None))
+        plan.add("first batch", f"{lengths}; MLE on every row token, no anchors; {row_tokens} row tokens "
+                                f"({padded} padded)")
+        return padded
+    plan.add("first batch", f"{lengths}, packed in one sequence, attention never crossing rows")
+    C, K = cfg.continuation_tokens, cfg.num_negatives
+    counts = [anchor_count(len(r), C, cfg.anchors_per_row, cfg.anchor_stride) for r in rows]
+    rngs = example_generators(cfg.seed, [str(e.meta.get("id", i)) for i, e in enumerate(examples)], 0, "anchors")
+    anchors = [choose_anchors(len(r), C, cfg.anchors_per_row, cfg.anchor_stride, g) for r, g in zip(rows, rngs)]
+    L = max(cfg.an_max_new_tokens if name == "an" else C for name, _ in cfg.negatives_parts)
+    tokens, windows = document_tokens(rows, anchors, K, C, L)
+    rule = f"one every {cfg.anchor_stride} tokens" if cfg.anchor_stride else f"anchors_per_row {cfg.anchors_per_row}"
+    M = sum(counts)
+    plan.add("anchors", f"{', '.join(map(str, counts))} per row ({rule}, continuation_tokens {C}) = {M} anchors, "
+                        f"each with K = {K} negatives of at most {L} tokens")
+    plan.add("forward", f"{row_tokens} row tokens + {M} x {K} x {L} = {tokens - row_tokens} branch tokens = {tokens} "
+                        f"tokens in one pass (the same anchors as full-prefix windows: {windows})")
+    return tokens
 
 
 def _negatives(cfg, examples, tokenizer):
