@@ -144,8 +144,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         },
     )
     negatives_path: Optional[str] = field(
-        default=None, metadata={"help": "Folder written by `seqcpo negatives`: fixed negatives (and reference log-probs). "
-                                "Task document: one row per anchor window, the anchors fixed at their epoch-0 draw."}
+        default=None,
+        metadata={"help": "Folder written by `seqcpo negatives`: fixed negatives (and reference log-probs). Task "
+                  "document: one row per anchor window, the anchors fixed at their epoch-0 draw."},
     )
     negatives_model: str = field(
         default="reference", metadata={"help": "Which model makes AN/MN negatives during training: reference | policy."}

@@ -32,7 +32,13 @@ from typing import Iterator, Sequence
 import torch
 
 from seqcpo.batching import negatives_to_offline
-from seqcpo.document_rows import anchor_examples, anchor_gold_logits, build_document_layout, choose_anchors, document_logps
+from seqcpo.document_rows import (
+    anchor_examples,
+    anchor_gold_logits,
+    build_document_layout,
+    choose_anchors,
+    document_logps,
+)
 from seqcpo.seeding import example_generators
 from seqcpo.types import Example
 

@@ -208,8 +208,8 @@ def _check_rows(path: str, rows: OfflineNegatives, st: dict, units, documents: b
         what = "anchor windows of the training rows" if documents else "training examples"
         raise ValueError(
             f"negatives_path {path} has no row for {n_missing} of {total} {what} (first: id {first}): it was "
-            f"made from other {'rows or anchors' if documents else 'examples'}. Make a folder for this run's data: seqcpo "
-            "negatives --config FILE.yaml --out NEW_DIR (same data settings and overrides as this run)"
+            f"made from other {'rows or anchors' if documents else 'examples'}. Make a folder for this run's "
+            "data: seqcpo negatives --config FILE.yaml --out NEW_DIR (same data settings and overrides as this run)"
         )
     if st.get("examples_digest") is not None and units.digest() != st["examples_digest"]:
         raise ValueError(
