@@ -94,6 +94,10 @@ def _made(trainer, rows, ids, epochs, training: bool, device):
     windows = anchor_examples(rows, ids, anchors, C)
     if not windows:
         return anchors, windows, None
+    if trainer.generator is None:  # negatives_path set, but the folder's rows were not handed to the trainer
+        raise ValueError(f"negatives_path={cfg.negatives_path!r}: document rows look their windows' fixed negatives "
+                         "up in the step; pass the folder's rows as SeqCPOTrainer(offline_windows=...) (seqcpo train "
+                         "does)")
     anchor_epochs = None if epochs is None else [e for e, a in zip(epochs, anchors) for _ in a]
     gold_logits = _gold_logits(trainer, rows, anchors, C, device) if uses_gold_logits(trainer.generator) else None
     return anchors, windows, trainer.make_negatives(windows, training, gold_logits=gold_logits, epochs=anchor_epochs)
