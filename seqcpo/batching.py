@@ -91,6 +91,24 @@ def negatives_from_offline(rows: list[dict]) -> tuple[Negatives, torch.Tensor | 
     return neg, ref
 
 
+def negatives_to_offline(examples: Sequence[Example], neg: Negatives, ref_logps: torch.Tensor) -> list[dict]:
+    """The inverse of :func:`negatives_from_offline`: one ``seqcpo negatives`` row per example (the columns of
+    :mod:`seqcpo.training.offline`), ``ref_logps`` (B, K+1) on the CPU."""
+    return [
+        {
+            "id": str(ex.meta.get("id")),
+            "prefix_ids": list(ex.prefix_ids),
+            "gold_ids": list(ex.continuation_ids),
+            "negatives": [list(n) for n in neg.ids[j]],
+            "valid": [bool(v) for v in neg.valid[j]],
+            "scores": [float(x) for x in neg.scores[j]] if neg.scores is not None else None,
+            "sources": list(neg.sources[j]),
+            "ref_logps": [float(x) for x in ref_logps[j].tolist()],
+        }
+        for j, ex in enumerate(examples)
+    ]
+
+
 def candidate_batch(examples: list[Example], negatives: Negatives | None, ref_logps=None) -> CandidateBatch:
     """Gold + negatives -> :class:`CandidateBatch` (column 0 the gold)."""
     if negatives is None:

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "field (docs/CONFIG.md) can be given as --field value.")
     n.add_argument("--config", metavar="FILE.yaml", help="YAML config (the same one training will use)")
     n.add_argument("--out", required=True, metavar="DIR", help="folder to write (an interrupted run resumes into it)")
-    n.add_argument("--shard-size", default="256", metavar="N", help="examples per shard file (>= 1; default 256)")
+    n.add_argument("--shard-size", default="256", metavar="N",
+                   help="examples per shard file (task document: the anchor windows of N rows; >= 1; default 256)")
     n.set_defaults(func=cmd_negatives, takes_overrides=True)
 
     e = sub.add_parser("ensemble", help="weight-space interpolation (1-alpha)*A + alpha*B of two checkpoints")

@@ -22,7 +22,8 @@ per-row SDPA on the dense mask's blocks elsewhere).
 Anchors are drawn per row from that row's own generator (:mod:`seqcpo.seeding`, seeded by (seed, row id, epoch,
 "anchors"), the row id naming (document, chunk)): ``anchors_per_row`` distinct positions, or one every
 ``anchor_stride`` tokens. The count depends on the row's length only (:func:`anchor_count`), so a step's anchors
-can be counted before any is drawn.
+can be counted before any is drawn. With fixed negatives (``negatives_path``) every epoch keeps the epoch-0 draw
+(:mod:`seqcpo.training.offline_documents`).
 """
 
 from __future__ import annotations

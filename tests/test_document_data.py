@@ -169,8 +169,11 @@ def test_bad_document_settings_are_one_clear_line(assets, tmp_path, capsys):
     with pytest.raises(ConfigError, match="anchors_per_row.*4 anchors per device batch"):
         _train_cfg(assets, tmp_path / "x", anchors_per_row=1, negatives="bn", num_negatives=3,
                    per_device_train_batch_size=2)
-    with pytest.raises(ConfigError, match="negatives_path"):
-        _train_cfg(assets, tmp_path / "y", negatives_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="reference='none': document rows score the reference"):
+        _train_cfg(assets, tmp_path / "y", reference="none")
+    # fixed negatives are made before training (where BN's pool is checked), so a run on a folder needs none
+    assert _train_cfg(assets, tmp_path / "y", anchors_per_row=1, negatives="bn", num_negatives=3,
+                      negatives_path=str(tmp_path)).negatives_path == str(tmp_path)
     with pytest.raises(DataError, match="max_length=64 does not fit the context of 32"):
         load_splits(doc_cfg(assets["data"], max_length=64), make_toy_tokenizer(), context_tokens=32)
     rc = main(["train", "--task", "document", "--dataset", assets["data"], "--model_name_or_path", assets["model"],
@@ -180,16 +183,11 @@ def test_bad_document_settings_are_one_clear_line(assets, tmp_path, capsys):
     assert rc == 2 and "max_length=3" in err and "Traceback" not in err
 
 
-def test_fixed_negatives_and_window_evaluation_refuse_document_rows(tmp_path):
-    """`seqcpo negatives` cannot name anchors drawn during training; `seqcpo eval` evaluates on windows."""
-    from types import SimpleNamespace
-
+def test_window_evaluation_refuses_document_rows(tmp_path):
+    """`seqcpo eval` evaluates on windows (fixed negatives for rows: tests/test_document_offline.py)."""
     from seqcpo.config_loader import ConfigError
     from seqcpo.evaluation.data_source import resolve_data
-    from seqcpo.training.offline import make_offline_negatives
 
-    with pytest.raises(ValueError, match="task=document draws its anchors during training"):
-        make_offline_negatives(SimpleNamespace(task="document"), [], None, None, str(tmp_path))
     path = tmp_path / "train.yaml"
     path.write_text("task: document\nmax_length: 128\ncontinuation_tokens: 16\n")
     with pytest.raises(ConfigError, match="train.yaml.*task=document.*--task continuation"):

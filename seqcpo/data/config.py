@@ -128,7 +128,8 @@ class DataConfig:
         default=8,
         metadata={
             "help": "Document task: anchors per row, drawn without replacement among the row's positions that have "
-            "continuation_tokens after them, seeded per (document, chunk) and epoch; fewer in a row too short."
+            "continuation_tokens after them, seeded per (document, chunk) and epoch; fewer in a row too short. With "
+            "fixed negatives (negatives_path) every epoch keeps the epoch-0 draw."
         },
     )
     anchor_stride: Optional[int] = field(

@@ -144,7 +144,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         },
     )
     negatives_path: Optional[str] = field(
-        default=None, metadata={"help": "Folder written by `seqcpo negatives`: fixed negatives (and reference log-probs)."}
+        default=None,
+        metadata={"help": "Folder written by `seqcpo negatives`: fixed negatives (and reference log-probs). Task "
+                  "document: one row per anchor window, the anchors fixed at their epoch-0 draw."},
     )
     negatives_model: str = field(
         default="reference", metadata={"help": "Which model makes AN/MN negatives during training: reference | policy."}
@@ -343,15 +345,19 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             )
 
     def _validate_document(self, bad, bn: int) -> None:
-        """Document rows with negatives: made during training (anchors are drawn per step), scored live."""
-        if self.negatives_path:
-            bad("negatives_path", "document rows draw their anchors during training: fixed negatives cannot name "
-                "them; drop negatives_path (the negatives are made at the anchors as the run goes)")
+        """Document rows with negatives: made during training at anchors drawn per (row, epoch) and scored live,
+        or fixed (``negatives_path``: anchors fixed at their epoch-0 draw, negatives and reference log-probs read
+        by window id). BN's pool is the batch's other anchors, when ``seqcpo negatives`` makes them too (it runs
+        without negatives_path): a training run on a folder makes none."""
         per_row = self.anchors_per_row if self.anchor_stride is None else None
         if per_row == 0:
             bad("anchors_per_row", "task document with a CPO objective needs at least one anchor per row "
                 "(or objective mle)")
-        if bn and per_row is not None and per_row * self.per_device_train_batch_size < bn + 1:
+        if self.reference == "none":
+            bad("reference", "document rows score the reference in their one-pass layout; choose frozen_copy, "
+                "adapter_disabled, or precomputed with negatives_path")
+        pool = None if per_row is None or self.negatives_path else per_row * self.per_device_train_batch_size
+        if bn and pool is not None and pool < bn + 1:
             bad("anchors_per_row", f"{bn} batch negatives (bn) per anchor need at least {bn + 1} anchors per device "
                 "batch (anchors_per_row x per_device_train_batch_size): the other anchors' golds are BN's pool")
 

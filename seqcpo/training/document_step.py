@@ -17,12 +17,20 @@ For a micro-batch of rows (chunks of documents, :mod:`seqcpo.data.documents`):
    * sum of anchor CPO losses / step anchors``: the step's tokens are its rows' predicted tokens and its anchors
    are counted by :func:`seqcpo.document_rows.anchor_count` before any is drawn
    (:meth:`SeqCPOTrainer.get_batch_samples`), so a step does not depend on its split.
+
+With fixed negatives (``negatives_path``, made by ``seqcpo negatives``) steps 1 and 2 read instead of draw: every
+epoch's anchors are each row's epoch-0 draw, and each window's negatives (and, with ``reference: precomputed``,
+its reference log-probs, cached per (document, chunk, anchor)) are the folder's row of its id
+(:mod:`seqcpo.training.offline_documents`); a window missing from the folder is a one-line error.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
+from seqcpo.batching import negatives_from_offline
 from seqcpo.document_rows import (
     anchor_count,
     anchor_examples,
@@ -33,6 +41,7 @@ from seqcpo.document_rows import (
 )
 from seqcpo.losses import cpo_loss_per_example, preference_metric_sums
 from seqcpo.negatives import uses_gold_logits
+from seqcpo.reference import PrecomputedReference
 from seqcpo.types import Example
 
 
@@ -49,22 +58,23 @@ def document_terms(trainer, model, examples: list[Example], epochs, training: bo
     C = cfg.continuation_tokens
     rows = [list(e.prefix_ids) + list(e.continuation_ids) for e in examples]
     ids = [str(e.meta["id"]) for e in examples]
-    rngs = trainer.example_rngs(ids, training, "anchors", epochs)
-    anchors = [choose_anchors(len(r), C, cfg.anchors_per_row, cfg.anchor_stride, g) for r, g in zip(rows, rngs)]
-    windows = anchor_examples(rows, ids, anchors, C)
-    anchor_epochs = None if epochs is None else [e for e, a in zip(epochs, anchors) for _ in a]
     device = next(model.parameters()).device
-    negatives = None
-    if windows:
-        gold_logits = _gold_logits(trainer, rows, anchors, C, device) if uses_gold_logits(trainer.generator) else None
-        negatives = trainer.make_negatives(windows, training, gold_logits=gold_logits, epochs=anchor_epochs)
+    fixed = getattr(trainer, "offline_windows", None)
+    if fixed is not None:  # fixed negatives (negatives_path): fixed anchors, rows looked up by window id
+        anchors, windows, negatives, stored_ref = _fixed(trainer, fixed, rows, ids)
+    else:
+        anchors, windows, negatives = _made(trainer, rows, ids, epochs, training, device)
+        stored_ref = None
     layout = build_document_layout(rows, anchors, negatives.ids if negatives else None, C, device=device)
     opts = dict(length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size)
     out = document_logps(model, layout, **opts)
     nll = -out.row_summed.sum()
     if not windows:  # rows too short for an anchor: the MLE term alone
         return nll, nll.new_zeros(()), {"loss/cpo": (0.0, 0)}
-    ref = _reference_logps(trainer, layout, opts).to(out.anchors.logps.device)
+    if isinstance(trainer.reference, PrecomputedReference):  # cached by `seqcpo negatives` per window
+        ref = trainer.reference.logps(SimpleNamespace(ref_logps=stored_ref)).to(out.anchors.logps.device)
+    else:
+        ref = _reference_logps(trainer, layout, opts).to(out.anchors.logps.device)
     mask = torch.tensor([[True] + list(v) for v in negatives.valid], dtype=torch.bool, device=ref.device)
     cpo = cpo_loss_per_example(out.anchors.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
     sums = preference_metric_sums(out.anchors.logps.detach(), ref, cfg.beta, mask=mask)
@@ -72,6 +82,41 @@ def document_terms(trainer, model, examples: list[Example], epochs, training: bo
     n_neg = mask[:, 1:].numel()
     sums["negatives/dropped"] = (float(n_neg - int(mask[:, 1:].sum())), n_neg)
     return nll, cpo, sums
+
+
+def _made(trainer, rows, ids, epochs, training: bool, device):
+    """(anchors, windows, negatives or None) drawn now: each row's anchors from its generator at the epoch it
+    was drawn in, each window's negatives by the configured generators."""
+    cfg = trainer.cfg
+    C = cfg.continuation_tokens
+    rngs = trainer.example_rngs(ids, training, "anchors", epochs)
+    anchors = [choose_anchors(len(r), C, cfg.anchors_per_row, cfg.anchor_stride, g) for r, g in zip(rows, rngs)]
+    windows = anchor_examples(rows, ids, anchors, C)
+    if not windows:
+        return anchors, windows, None
+    if trainer.generator is None:  # negatives_path set, but the folder's rows were not handed to the trainer
+        raise ValueError(f"negatives_path={cfg.negatives_path!r}: document rows look their windows' fixed negatives "
+                         "up in the step; pass the folder's rows as SeqCPOTrainer(offline_windows=...) (seqcpo train "
+                         "does)")
+    anchor_epochs = None if epochs is None else [e for e, a in zip(epochs, anchors) for _ in a]
+    gold_logits = _gold_logits(trainer, rows, anchors, C, device) if uses_gold_logits(trainer.generator) else None
+    return anchors, windows, trainer.make_negatives(windows, training, gold_logits=gold_logits, epochs=anchor_epochs)
+
+
+def _fixed(trainer, offline, rows, ids):
+    """(anchors, windows, negatives or None, stored reference log-probs (M, K+1) or None) with fixed negatives:
+    the anchors of every epoch are the epoch-0 draw (:mod:`seqcpo.training.offline_documents`), each window's
+    negatives and reference log-probs the folder's row of its id."""
+    from seqcpo.training.offline_documents import fixed_anchors, fixed_window_rows
+
+    cfg = trainer.cfg
+    anchors = fixed_anchors(cfg, rows, ids)
+    windows = anchor_examples(rows, ids, anchors, cfg.continuation_tokens)
+    if not windows:
+        return anchors, windows, None, None
+    found = fixed_window_rows(offline, windows, getattr(offline, "path", cfg.negatives_path))
+    negatives, stored_ref = negatives_from_offline(found)
+    return anchors, windows, negatives, stored_ref
 
 
 def _gold_logits(trainer, rows, anchors, C, device) -> list[torch.Tensor]:

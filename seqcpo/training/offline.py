@@ -25,6 +25,9 @@ folder complete only after every shard of the plan exists and holds exactly its 
 hold the content digest of the model's weights (``model_digest``), so a folder made before the model folder's
 weights were replaced is refused. A shard that no longer has its recorded sha256 is remade by the same command.
 Training reads a folder through :mod:`seqcpo.training.offline_reader`.
+
+Document rows (``task: document``): the folder holds one row per anchor window, keyed ``"<row id>@<a>"``, with the
+anchors fixed at each row's epoch-0 draw (:mod:`seqcpo.training.offline_documents`); the shard plan counts rows.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from seqcpo.batching import negatives_to_offline
 from seqcpo.io import atomic_output, atomic_write_json
 from seqcpo.models.digest import sha256_file
 from seqcpo.negatives import build_negative_generator
@@ -70,7 +74,7 @@ def examples_digest(examples: Sequence[Example]) -> str:
 def offline_settings(cfg, num_examples: int, shard_size: int | None = None, digest: str | None = None) -> dict[str, Any]:
     """What determines the negatives; a folder is reused only when all of it matches."""
     data = cfg.data_config()
-    return {
+    settings = {
         "format": FORMAT_VERSION,
         "model": cfg.model_name_or_path,
         "model_digest": _model_digest(cfg.model_name_or_path),  # its weights' content: a replaced folder is refused
@@ -87,6 +91,9 @@ def offline_settings(cfg, num_examples: int, shard_size: int | None = None, dige
         "length_normalize": cfg.length_normalize,
         "num_examples": num_examples,
     }
+    if getattr(cfg, "task", None) == "document":  # the rule that fixes the anchors (offline_documents.py)
+        settings["anchors"] = "fixed: the epoch-0 draw of each row's generator"
+    return settings
 
 
 def _model_digest(name_or_path: str) -> str | None:
@@ -199,6 +206,9 @@ def make_offline_negatives(
 
     ``model`` is the reference (the starting model); it makes AN/MN negatives and scores all candidates.
     Batch negatives are drawn within batches of ``per_device_train_batch_size`` consecutive examples of a shard.
+    With ``task: document`` the examples are the training rows: a shard holds the anchor windows of
+    ``shard_size`` rows, a batch those of ``per_device_train_batch_size`` rows, one folder row per window
+    (:mod:`seqcpo.training.offline_documents`).
     Under ``accelerate launch`` every process makes the shards ``s`` with ``s % world_size == rank``.
     Returns the manifest.
     """
@@ -206,17 +216,15 @@ def make_offline_negatives(
 
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size {shard_size!r}: must be an integer >= 1")
-    if getattr(cfg, "task", None) == "document":
-        raise ValueError("seqcpo negatives: task=document draws its anchors during training, so fixed negatives "
-                         "cannot name them; train without negatives_path (the negatives are made at the anchors)")
     if not examples:
         raise ValueError("seqcpo negatives: the training split is empty; nothing to make")
     owned_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     state = PartialState(cpu=bool(cfg.use_cpu))  # on the GPU(s) unless the config says CPU
     rank, world = state.process_index, state.num_processes
-    settings = offline_settings(cfg, len(examples), shard_size, examples_digest(examples))
+    units = shard_units(cfg, examples)
+    settings = offline_settings(cfg, units.num_rows, shard_size, units.digest())
     fp = _fingerprint(settings)
-    n_shards = -(-len(examples) // shard_size)
+    n_shards = -(-units.num_units // shard_size)
     names = [shard_name(fp, s, n_shards) for s in range(n_shards)]
     manifest_path = os.path.join(out_dir, "manifest.json")
 
@@ -227,7 +235,7 @@ def make_offline_negatives(
     # a finished folder is returned as is only while every shard still holds its rows (checked by every rank
     # from the files, so all ranks agree); a deleted or damaged shard is remade below
     recorded = _recorded_sha(old) if decision == "same" else {}
-    if decision == "same" and old.get("complete") and _shards_hold(examples, out_dir, names, shard_size, recorded):
+    if decision == "same" and old.get("complete") and _shards_hold(units, out_dir, names, shard_size, recorded):
         state.wait_for_everyone()
         return _finish(old, owned_group)
     state.wait_for_everyone()
@@ -248,23 +256,21 @@ def make_offline_negatives(
         _one_gpu_per_engine(state.local_process_index)
     model.to(state.device)
     model.eval()
-    score = _chunk_scorer(cfg, model, tokenizer)
+    score = units.scorer(cfg, model, tokenizer)
     mine = list(range(rank, n_shards, world))
-    todo = [s for s in mine if not _shard_ok(out_dir, names[s], _expected_ids(examples, s, shard_size), recorded)]
-    bar = tqdm(total=sum(len(_expected_ids(examples, s, shard_size)) for s in todo), unit="ex",
+    todo = [s for s in mine if not _shard_ok(out_dir, names[s], _expected_ids(units, s, shard_size), recorded)]
+    bar = tqdm(total=sum(len(_expected_ids(units, s, shard_size)) for s in todo), unit="ex",
                desc=f"negatives: examples (rank {rank})", disable=not progress or not state.is_main_process)
-    bs = cfg.per_device_train_batch_size
     for s in todo:
-        shard = examples[s * shard_size : (s + 1) * shard_size]
         rows = []
-        for i in range(0, len(shard), bs):
-            rows += score(shard[i : i + bs])
-            bar.update(len(shard[i : i + bs]))
+        for batch in units.batches(s * shard_size, (s + 1) * shard_size, cfg.per_device_train_batch_size):
+            rows += score(batch)
+            bar.update(len(batch))
         _write_shard(os.path.join(out_dir, names[s]), rows)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = _verified_manifest(manifest, examples, out_dir, names, shard_size)
+        manifest = _verified_manifest(manifest, units, out_dir, names, shard_size)
         atomic_write_json(manifest_path, manifest)
     state.wait_for_everyone()
     return _finish(_read_manifest(out_dir), owned_group)
@@ -311,26 +317,9 @@ def _chunk_scorer(cfg, model, tokenizer):
 
         with torch.no_grad():
             scored = score_examples(chunk, make, ref, source=source)
-        return _rows(chunk, scored.negatives, scored.ref_logps.float().cpu())
+        return negatives_to_offline(chunk, scored.negatives, scored.ref_logps.float().cpu())
 
     return score
-
-
-def _rows(chunk: list[Example], neg, ref_logps: torch.Tensor) -> list[dict]:
-    """One Parquet row per example (the columns of the module docstring); ``ref_logps`` (B, K+1)."""
-    return [
-        {
-            "id": str(ex.meta.get("id")),
-            "prefix_ids": list(ex.prefix_ids),
-            "gold_ids": list(ex.continuation_ids),
-            "negatives": [list(n) for n in neg.ids[j]],
-            "valid": [bool(v) for v in neg.valid[j]],
-            "scores": [float(x) for x in neg.scores[j]] if neg.scores is not None else None,
-            "sources": list(neg.sources[j]),
-            "ref_logps": [float(x) for x in ref_logps[j].tolist()],
-        }
-        for j, ex in enumerate(chunk)
-    ]
 
 
 def _one_gpu_per_engine(local_rank: int) -> None:
@@ -342,8 +331,50 @@ def _one_gpu_per_engine(local_rank: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[local_rank]
 
 
-def _expected_ids(examples: Sequence[Example], s: int, shard_size: int) -> list[str]:
-    return [str(ex.meta.get("id")) for ex in examples[s * shard_size : (s + 1) * shard_size]]
+class WindowUnits:
+    """Window examples as :func:`make_offline_negatives` shards them: one unit and one folder row per example,
+    batches of consecutive examples. :class:`seqcpo.training.offline_documents.DocumentWindows` is the same view
+    of document rows (one unit per row, one folder row per anchor window)."""
+
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = examples
+
+    @property
+    def num_units(self) -> int:
+        return len(self.examples)
+
+    num_rows = num_units
+
+    def ids(self, start: int, stop: int) -> list[str]:
+        return [str(ex.meta.get("id")) for ex in self.examples[start:stop]]
+
+    def iter_ids(self):
+        return (str(ex.meta.get("id")) for ex in self.examples)
+
+    def batches(self, start: int, stop: int, batch_size: int) -> list[list[Example]]:
+        shard = self.examples[start:stop]
+        return [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+
+    def digest(self) -> str:
+        return examples_digest(self.examples)
+
+    @staticmethod
+    def scorer(cfg, model, tokenizer):
+        return _chunk_scorer(cfg, model, tokenizer)
+
+
+def shard_units(cfg, examples: Sequence[Example]):
+    """The sharding view of a training split: its anchor windows for ``task: document`` (anchors fixed at their
+    epoch-0 draw, :mod:`seqcpo.training.offline_documents`), the examples themselves otherwise."""
+    if getattr(cfg, "task", None) == "document":
+        from seqcpo.training.offline_documents import DocumentWindows
+
+        return DocumentWindows(examples, cfg)
+    return WindowUnits(examples)
+
+
+def _expected_ids(units, s: int, shard_size: int) -> list[str]:
+    return units.ids(s * shard_size, (s + 1) * shard_size)
 
 
 def _recorded_sha(manifest: dict | None) -> dict[str, str]:
@@ -361,16 +392,16 @@ def _shard_ok(out_dir: str, name: str, want_ids: list[str], recorded: dict[str, 
     return _shard_ids(path) == want_ids
 
 
-def _shards_hold(examples, out_dir: str, names: list[str], shard_size: int, recorded: dict[str, str]) -> bool:
-    return all(_shard_ok(out_dir, n, _expected_ids(examples, s, shard_size), recorded) for s, n in enumerate(names))
+def _shards_hold(units, out_dir: str, names: list[str], shard_size: int, recorded: dict[str, str]) -> bool:
+    return all(_shard_ok(out_dir, n, _expected_ids(units, s, shard_size), recorded) for s, n in enumerate(names))
 
 
-def _verified_manifest(manifest: dict, examples, out_dir: str, names: list[str], shard_size: int) -> dict:
+def _verified_manifest(manifest: dict, units, out_dir: str, names: list[str], shard_size: int) -> dict:
     """The manifest marked complete, once every shard holds exactly its examples' ids; raises otherwise."""
     shards = []
     for s, name in enumerate(names):
         got = _shard_ids(os.path.join(out_dir, name))
-        want = _expected_ids(examples, s, shard_size)
+        want = _expected_ids(units, s, shard_size)
         if got != want:
             state = "missing or unreadable" if got is None else f"{len(got)} rows, {len(want)} expected"
             raise RuntimeError(
@@ -379,8 +410,8 @@ def _verified_manifest(manifest: dict, examples, out_dir: str, names: list[str],
             )
         shards.append({"file": name, "rows": len(got), "sha256": sha256_file(os.path.join(out_dir, name))})
     total = sum(x["rows"] for x in shards)
-    if total != len(examples):
-        raise RuntimeError(f"{out_dir}: {total} rows in shards but {len(examples)} examples; not marking it complete")
+    if total != units.num_rows:
+        raise RuntimeError(f"{out_dir}: {total} rows in shards but {units.num_rows} examples; not marking it complete")
     return dict(manifest, shards=shards, num_rows=total, complete=True)
 
 

@@ -20,7 +20,6 @@ from seqcpo.training.offline import (
     FORMAT_VERSION,
     _read_manifest,
     describe_differences,
-    examples_digest,
     offline_settings,
     settings_differences,
 )
@@ -100,7 +99,8 @@ def read_offline_negatives(
     K, ranking and length normalization fit; its model (name and weights' content digest), data, generators and
     seed are this run's (the differing fields named with both values); every shard exists, still has the sha256
     its manifest recorded and reads as Parquet with its rows. With ``examples`` (the training split), also that
-    every example has a row made from these examples' tokens. Returns ``(rows by id, manifest)``.
+    every example has a row made from these examples' tokens (document rows: every anchor window of every row,
+    :mod:`seqcpo.training.offline_documents`). Returns ``(rows by id, manifest)``.
     """
     manifest = _read_manifest(path)
     _check_finished(path, manifest)
@@ -109,7 +109,9 @@ def read_offline_negatives(
     _check_shards(path, manifest)
     rows = OfflineNegatives(path, manifest)
     if examples is not None:
-        _check_rows(path, rows, st, examples)
+        from seqcpo.training.offline import shard_units
+
+        _check_rows(path, rows, st, shard_units(cfg, examples), getattr(cfg, "task", None) == "document")
     return rows, manifest
 
 
@@ -152,6 +154,8 @@ def _check_fits(path: str, st: dict, cfg) -> None:
     expected = offline_settings(cfg, st.get("num_examples", 0))
     # model_dtype is not compared: reference log-probs made at another precision still describe this model
     keys = ["model", "data", "negatives", "options", "seed"]
+    if "anchors" in st or "anchors" in expected:  # document rows: the rule that fixed the anchors
+        keys.append("anchors")
     if "model_digest" in st:
         keys.insert(1, "model_digest")
     else:
@@ -191,15 +195,23 @@ def _check_shards(path: str, manifest: dict) -> None:
                              f"{shard['rows']}; {_REPAIR}")
 
 
-def _check_rows(path: str, rows: OfflineNegatives, st: dict, examples: Sequence[Example]) -> None:
-    missing = [str(ex.meta.get("id")) for ex in examples if str(ex.meta.get("id")) not in rows]
-    if missing:
+def _check_rows(path: str, rows: OfflineNegatives, st: dict, units, documents: bool) -> None:
+    """Every training example (document rows: every anchor window of every row, anchors at their epoch-0 draw)
+    has a row, made from these token ids."""
+    first, n_missing, total = None, 0, 0
+    for key in units.iter_ids():
+        total += 1
+        if key not in rows:
+            n_missing += 1
+            first = key if first is None else first
+    if n_missing:
+        what = "anchor windows of the training rows" if documents else "training examples"
         raise ValueError(
-            f"negatives_path {path} has no row for {len(missing)} of {len(examples)} training examples (first: id "
-            f"{missing[0]}): it was made from other examples. Make a folder for this run's data: seqcpo "
-            "negatives --config FILE.yaml --out NEW_DIR (same data settings and overrides as this run)"
+            f"negatives_path {path} has no row for {n_missing} of {total} {what} (first: id {first}): it was "
+            f"made from other {'rows or anchors' if documents else 'examples'}. Make a folder for this run's "
+            "data: seqcpo negatives --config FILE.yaml --out NEW_DIR (same data settings and overrides as this run)"
         )
-    if st.get("examples_digest") is not None and examples_digest(examples) != st["examples_digest"]:
+    if st.get("examples_digest") is not None and units.digest() != st["examples_digest"]:
         raise ValueError(
             f"negatives_path {path} was made from other token ids for these examples (data file or tokenizer "
             "changed?); its reference log-probs would not match. Make a folder for this run: seqcpo negatives "

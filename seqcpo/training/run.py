@@ -57,11 +57,11 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None, output_dir_option: s
         return finished
     set_seed(cfg.seed)
     path, tokenizer, model = _load(cfg)
-    splits, train_ds, eval_ds, offline_meta = _datasets(cfg, tokenizer, model)
+    splits, train_ds, eval_ds, offline, offline_meta = _datasets(cfg, tokenizer, model)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)
-    trainer = _trainer(cfg, model, tokenizer, train_ds, eval_ds, offline_meta, callbacks, identity)
+    trainer = _trainer(cfg, model, tokenizer, train_ds, eval_ds, (offline, offline_meta), callbacks, identity)
     if wants_quality(cfg):  # quality/* metrics every eval_steps (seqcpo.training.quality)
         attach_quality(trainer, cfg, {"validation": splits.validation, "test": splits.test})
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
@@ -129,7 +129,9 @@ def _before_loading(cfg: SeqCPOConfig, output_dir_option: str):
 
 
 def _datasets(cfg: SeqCPOConfig, tokenizer, model):
-    """``(splits, training dataset or stream, evaluation dataset or None, negatives manifest or None)``."""
+    """``(splits, training dataset or stream, evaluation dataset or None, fixed negatives by id or None, their
+    manifest or None)``. Windows carry their fixed negatives in their items; document rows do not (their anchors'
+    windows are looked up in the step), so the rows by id go to the trainer."""
     from seqcpo.batching import ExampleDataset
     from seqcpo.training.quality import wants_quality
 
@@ -147,24 +149,29 @@ def _datasets(cfg: SeqCPOConfig, tokenizer, model):
     if cfg.negatives_path and cfg.uses_negatives:
         from seqcpo.training.offline_reader import read_offline_negatives
 
-        offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg, splits.train)
+        # a stream is not held: its examples are looked up as they are read (the check below is the in-memory one)
+        offline, offline_meta = read_offline_negatives(cfg.negatives_path, cfg,
+                                                       None if cfg.streaming else splits.train)
     eval_ds = None
     if cfg.eval_strategy != "no" and splits.validation:
         eval_ds = ExampleDataset(splits.validation, None)
+    in_items = None if cfg.task == "document" else offline
     if cfg.streaming:
         cfg.ignore_data_skip = True  # the stream restarts at its stored position: the Trainer must not replay
-        train_ds = splits.train(tokenizer, cfg.process_index, cfg.world_size, offline)
+        train_ds = splits.train(tokenizer, cfg.process_index, cfg.world_size, in_items)
     else:
-        train_ds = ExampleDataset(splits.train, offline)
-    return splits, train_ds, eval_ds, offline_meta
+        train_ds = ExampleDataset(splits.train, in_items)
+    return splits, train_ds, eval_ds, offline, offline_meta
 
 
-def _trainer(cfg, model, tokenizer, train_ds, eval_ds, offline_meta, callbacks, identity):
+def _trainer(cfg, model, tokenizer, train_ds, eval_ds, offline, callbacks, identity):
     from seqcpo.training.separation import SeparationMonitor
     from seqcpo.training.trainer import SeqCPOTrainer
 
+    rows, meta = offline
     trainer = SeqCPOTrainer(model, cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                            offline_meta=offline_meta, callbacks=callbacks)
+                            offline_meta=meta, offline_windows=rows if cfg.task == "document" else None,
+                            callbacks=callbacks)
     trainer.run_identity = identity
     if cfg.streaming:
         from seqcpo.data.stream_resume import StreamPositionCallback

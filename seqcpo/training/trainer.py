@@ -71,9 +71,13 @@ class SeqCPOTrainer(Trainer):
         reference_model: optional separately loaded starting model for the frozen-copy reference (saves a
             deep copy); by default the policy is copied at construction, i.e. before any training step.
         offline_meta: the manifest of ``negatives_path`` when negatives are fixed.
+        offline_windows: with ``task: document`` and fixed negatives, the folder's rows by window id
+            (:class:`~seqcpo.training.offline_reader.OfflineNegatives`): a row's items carry no negatives, its
+            anchors' windows are looked up by ``"<row id>@<a>"`` in the step (:mod:`seqcpo.training.document_step`).
     """
 
-    def __init__(self, model, args: SeqCPOConfig, *, reference_model=None, offline_meta: dict | None = None, **kwargs):
+    def __init__(self, model, args: SeqCPOConfig, *, reference_model=None, offline_meta: dict | None = None,
+                 offline_windows=None, **kwargs):
         kwargs.setdefault("data_collator", collate_examples)
         for key in ("train_dataset", "eval_dataset"):
             if kwargs.get(key) is not None:
@@ -89,6 +93,7 @@ class SeqCPOTrainer(Trainer):
                                    reduce=self._reduce_sum if processes > 1 else None)
         self._epoch = 0  # the epoch of the step being run: seeds its examples' draws (seqcpo.seeding)
         self.offline_meta = offline_meta
+        self.offline_windows = offline_windows
         # sharded weights (FSDP, ZeRO-3) exist only inside forward: the LM head must run there too
         self.head_in_forward = bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self._checkpointing = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
