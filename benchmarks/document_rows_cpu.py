@@ -1,7 +1,7 @@
 """CPU benchmark: a document row's CPO step (one forward per row) against the same anchors as full-prefix windows
 and against 32-token windows, on SmolLM2-135M, fp32.
 
-    nice .venv/bin/python benchmarks/document_rows_cpu.py            # about 10 minutes on 2 busy cores
+    nice .venv/bin/python benchmarks/document_rows_cpu.py --threads 1  # about 20 minutes on one busy core
     nice .venv/bin/python benchmarks/document_rows_cpu.py --quick    # a tiny row, one rep: a smoke run
 
 Shape: one row of ``--row`` (1,024) tokens, ``--anchors`` (8) anchors drawn as training draws them, K = 4
