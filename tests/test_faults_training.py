@@ -416,3 +416,37 @@ def test_sigkill_during_a_checkpoint_write_then_cli_resume(assets, tmp_path):
     assert "checkpoint-3 is incomplete" in second.stderr and "resume: from" in second.stderr
     assert f"{out / 'checkpoint-2'} (step 2, complete)" in second.stderr
     assert read_marker(str(out / "final"))["step"] == 4
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line_and_the_lock_dies_with_its_holder(
+        assets, tmp_path, capsys):
+    """Defect: two runs into one output_dir (a job re-launched while the first still ran, two grid workers on one
+    arm) interleaved their checkpoints. While another process holds the folder, `seqcpo train` stops in one line
+    naming the folder and the holder and writes nothing; once the holder is gone (its lock released as by exit or
+    kill -9) the same command trains."""
+    import fcntl
+
+    from seqcpo.cli import main
+    from seqcpo.training.checkpoints.saving import TRAIN_LOCK
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["train"]
+    for k, v in _over(assets, out, max_steps=1, save_steps=1).items():
+        argv += [f"--{k}", str(v)]
+    holder = os.open(out / TRAIN_LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(holder, b"pid 4242 on elsewhere")
+    try:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert rc == 2 and "Traceback" not in err
+        assert last.startswith("seqcpo: error: --output_dir") and "another run is training" in last, last
+        assert "pid 4242 on elsewhere" in last
+        assert sorted(p.name for p in out.iterdir()) == [TRAIN_LOCK]  # nothing written
+    finally:
+        os.close(holder)  # the holder exits
+    assert main(argv) == 0
+    assert (out / "final").is_dir() and (out / "checkpoint-1").is_dir()
+    assert f"pid {os.getpid()}" in (out / TRAIN_LOCK).read_text()

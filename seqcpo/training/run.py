@@ -15,6 +15,7 @@ from seqcpo.data import load_splits, model_context_tokens
 from seqcpo.models import apply_lora, load_model, load_tokenizer, resolve_model_path
 from seqcpo.training.checkpoints import (
     finished_step,
+    output_dir_lock,
     prepare_output_dir,
     resolve_resume,
     run_identity,
@@ -42,17 +43,24 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None, output_dir_option: s
     """Train per ``cfg``; returns where everything went (output folder, final checkpoint, config, logs).
 
     Before anything is loaded: ``output_dir`` is checked writable (an error names ``output_dir_option``: the
-    setting, or ``--output_dir`` when the value came from the command line), and a resume is resolved to a
+    setting, or ``--output_dir`` when the value came from the command line) and held for this run (a second run
+    into it is refused, :func:`~seqcpo.training.checkpoints.output_dir_lock`), and a resume is resolved to a
     complete, intact checkpoint written by this run's settings (:mod:`seqcpo.training.checkpoints`). A resume of
     a run that already reached its length trains nothing (:mod:`seqcpo.training.finished`). ``callbacks``: extra
     ``transformers.TrainerCallback`` objects. Raises :class:`~seqcpo.training.checkpoints.NonFiniteError` when
     the loss or the gradient norm stops being finite (the last good checkpoint stays; ``final/`` is not written).
     """
+    prepare_output_dir(cfg.output_dir, output_dir_option)
+    with output_dir_lock(cfg.output_dir, output_dir_option):  # one run at a time into a folder
+        return _train(cfg, callbacks, output_dir_option)
+
+
+def _train(cfg: SeqCPOConfig, callbacks: list | None, output_dir_option: str) -> dict[str, Any]:
     from seqcpo.training.quality import attach_quality, wants_quality
     from seqcpo.training.separation import separation_onset
 
     t0 = time.time()
-    identity, resume, finished = _before_loading(cfg, output_dir_option)
+    identity, resume, finished = _before_loading(cfg)
     if finished is not None:
         return finished
     set_seed(cfg.seed)
@@ -103,10 +111,10 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None, output_dir_option: s
     }
 
 
-def _before_loading(cfg: SeqCPOConfig, output_dir_option: str):
+def _before_loading(cfg: SeqCPOConfig):
     """``(identity, checkpoint to resume from or None, the result of a run already finished or None)``, checked
-    before any model or data is loaded: the output folder, streaming's needs, the resume and its stream."""
-    prepare_output_dir(cfg.output_dir, output_dir_option)
+    before any model or data is loaded (the output folder is checked by :func:`train`): streaming's needs, the
+    resume and its stream."""
     if cfg.streaming:
         from seqcpo.data.streaming import check_streaming_args
 

@@ -40,6 +40,7 @@ from seqcpo.training.checkpoints.resume import check_resumable, finished_step, n
 from seqcpo.training.checkpoints.saving import (
     check_free_space,
     estimate_checkpoint_bytes,
+    output_dir_lock,
     prepare_output_dir,
     rotate,
     save_complete_checkpoint,
@@ -50,6 +51,6 @@ __all__ = [
     "COMPLETE_MARKER", "NOT_DECISIVE", "CheckpointWriteError", "NonFiniteError", "NonFiniteGuard", "TrainingStopped",
     "check_free_space", "check_resumable", "data_fingerprint", "estimate_checkpoint_bytes", "finished_step",
     "finite_logs", "identity_differences", "identity_key", "list_checkpoints", "model_fingerprint", "newest_complete",
-    "newest_trusted", "prepare_output_dir", "read_marker", "resolve_resume", "rotate", "run_identity",
-    "save_complete_checkpoint", "trainer_identity", "verify_checksums", "write_complete_marker",
+    "newest_trusted", "output_dir_lock", "prepare_output_dir", "read_marker", "resolve_resume", "rotate",
+    "run_identity", "save_complete_checkpoint", "trainer_identity", "verify_checksums", "write_complete_marker",
 ]

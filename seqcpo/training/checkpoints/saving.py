@@ -8,10 +8,17 @@ trainable parameter, plus :data:`SLACK_BYTES`; a run stops before it writes rath
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from typing import Any
+import socket
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not guarded against a second run into their folder
+    fcntl = None
 
 import torch
 
@@ -184,3 +191,41 @@ def prepare_output_dir(output_dir: str, option: str = "output_dir") -> None:
     except OSError as e:
         reason = e.strerror or str(e)
         raise ConfigError(f"{option}={output_dir!r}: cannot write there ({reason})") from None
+
+
+TRAIN_LOCK = ".seqcpo-train.lock"
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str, option: str = "output_dir") -> Iterator[None]:
+    """Hold ``output_dir`` for one training run: a second run into the same folder (another terminal, a grid
+    worker, a re-launched job while the first still runs) is refused in one line naming the folder and the
+    holder's pid, instead of two runs interleaving their checkpoints. An advisory ``flock`` on
+    ``output_dir/.seqcpo-train.lock``: the kernel releases it when the holder exits, even by kill -9, so a lock
+    is never stale. Only the launch's rank 0 takes it (the other processes of one launch share the folder). On a
+    file system without ``flock`` (some network mounts) the run goes on unguarded, with a warning. The file is
+    left in place: removing it could let two later runs lock two different files."""
+    from seqcpo.training.config import ConfigError
+
+    if fcntl is None or int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
+    path = os.path.join(output_dir, TRAIN_LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise ConfigError(f"{option}={output_dir!r}: another run is training into this folder ({holder}); "
+                              "wait for it to finish or choose another output_dir") from None
+        except OSError as e:
+            logger.warning("%s=%r: cannot lock the folder (%s); two runs into it would not be stopped",
+                           option, output_dir, e.strerror or e)
+            yield
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
