@@ -191,7 +191,8 @@ class AutoregressiveNegatives:
 
     def _prefill_roots(self, prefixes: Sequence[Sequence[int]], root: list[int]):
         """(cache kwarg name, the prefixes' cache, (B, V) first-step logits) from the roots' forward alone; None
-        (and no sharing from now on) when the model's cache is not one :func:`~seqcpo.negatives.prefix_kv.sliceable_cache` accepts."""
+        (and no sharing from now on) when the model's cache is not one
+        :func:`~seqcpo.negatives.prefix_kv.sliceable_cache` accepts."""
         roots = sorted(set(root))
         row_of = {r: i for i, r in enumerate(roots)}
         ids, mask = _left_pad([prefixes[r] for r in roots], self.pad_token_id)  # (R, W)
