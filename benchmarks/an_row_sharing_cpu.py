@@ -3,11 +3,12 @@
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/an_row_sharing_cpu.py          # SmolLM2-135M, minutes
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/an_row_sharing_cpu.py --tiny   # a tiny Llama: seconds
 
-Shape: one row of ``--row`` (1,024) random tokens, ``--anchors`` (8) anchors drawn as training draws them
-(:func:`seqcpo.document_rows.choose_anchors`, C = ``--new-tokens``), every anchor a window ``row[:a]``
+Shape: one row of ``--row`` (1,024) random tokens, ``--anchors`` (8) anchors every (row - C) / anchors tokens
+(``anchor_stride``; ``--random-anchors``: drawn as ``anchors_per_row`` draws them, seed 0;
+:func:`seqcpo.document_rows.choose_anchors`, C = ``--new-tokens``), every anchor a window ``row[:a]``
 (:func:`seqcpo.document_rows.anchor_examples`), K = 4 negatives each, sampled at temperature 1 with EOS
 suppressed so every negative has ``--new-tokens`` (64) tokens, all anchors in one chunk (``batch_size`` = anchors),
-fp32, one torch thread. Variants, interleaved rep by rep, median:
+fp32, one torch thread. Variants, after one untimed call of each, interleaved rep by rep, median:
 
     shared     ``AutoregressiveNegatives`` (shared_prefill backend), the anchors' prefixes prefilled once, as the
                row (:mod:`seqcpo.negatives.prefix_kv`).
@@ -15,7 +16,10 @@ fp32, one torch thread. Variants, interleaved rep by rep, median:
 
 Reported: process CPU seconds of the whole call and of its prefill forward (the machine is shared: CPU time, not
 wall time, is the figure to compare), wall seconds, the prefill's tokens (rows x width as run, padding included,
-and real tokens), and whether the two variants' negatives are token-identical.
+and real tokens), and whether the two variants' negatives are token-identical (sampling over a 49k vocabulary
+flips a token now and then under float rounding, and the rest of that negative follows; so also the largest
+difference of the first-step logits, shared against unshared and, for scale, unshared against each prefix
+prefilled alone).
 Writes ``benchmarks/results/an_row_sharing_cpu.json`` and prints a markdown table.
 """
 
@@ -63,6 +67,18 @@ class PrefillMeter:
             self._t = None
 
 
+@torch.no_grad()
+def first_logits_diff(variants, prefixes) -> dict:
+    """Largest |difference| of the (B, V) first-step logits: shared against unshared prefill, and unshared
+    (left-padded batch) against each prefix prefilled alone (the float rounding the unshared path already has)."""
+    shared = variants["shared"]._prefill(prefixes)[2].float()
+    unshared = variants["unshared"]._prefill(prefixes)[2].float()
+    alone = torch.cat([variants["unshared"]._prefill([p])[2].float() for p in prefixes])
+    return {"shared_vs_unshared": (shared - unshared).abs().max().item(),
+            "unshared_vs_alone": (unshared - alone).abs().max().item(),
+            "logit_scale": unshared.abs().max().item()}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -72,6 +88,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--random-anchors", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "an_row_sharing_cpu.json"))
     args = ap.parse_args(argv)
@@ -93,7 +110,8 @@ def main(argv=None) -> dict:
     model.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     row = torch.randint(3, model.config.vocab_size, (args.row,), generator=g).tolist()
-    anchors = choose_anchors(len(row), args.new_tokens, args.anchors, None, g)
+    stride = None if args.random_anchors else (args.row - args.new_tokens) // args.anchors
+    anchors = choose_anchors(len(row), args.new_tokens, args.anchors, stride, g)
     windows = anchor_examples([row], ["row0"], [anchors], args.new_tokens)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     make = lambda share: AutoregressiveNegatives(  # noqa: E731
@@ -101,7 +119,10 @@ def main(argv=None) -> dict:
         max_new_tokens=args.new_tokens, batch_size=len(windows), share_prefix_kv=share)
     variants = {"shared": make(True), "unshared": make(False)}
     meter = PrefillMeter(model)
-    make(True)(windows[:2], 1, [torch.Generator().manual_seed(0) for _ in range(2)])  # warm-up, untimed
+    # warm-up, untimed: one full call of each variant (in a first run the cold first call of a variant ran
+    # 1.4-1.8x slower than its second)
+    for an in variants.values():
+        an(windows, args.k, [torch.Generator().manual_seed(i) for i in range(len(windows))])
     res = {n: dict(cpu=[], wall=[], prefill_cpu=[]) for n in variants}
     negatives = {}
     t0 = time.time()
@@ -115,6 +136,7 @@ def main(argv=None) -> dict:
             res[name]["cpu"].append(time.process_time() - c)
             res[name]["prefill_cpu"].append(meter.cpu)
             res[name].update(prefill_rows_x_width=meter.padded, prefill_real_tokens=meter.real)
+    logits_diff = first_logits_diff(variants, [w.prefix_ids for w in windows])
     rows = []
     for name, r in res.items():
         rows.append(dict(variant=name, cpu_median_s=statistics.median(r["cpu"]),
@@ -125,7 +147,7 @@ def main(argv=None) -> dict:
     same = sum(a == b for x, y in zip(negatives["shared"], negatives["unshared"]) for a, b in zip(x, y))
     result = {"machine": machine_info(), "model": "tiny llama" if args.tiny else args.model, "row": args.row,
               "anchors": anchors, "k": args.k, "new_tokens": args.new_tokens, "reps": args.reps, "an": rows,
-              "negatives_identical": identical, "identical_negatives": same,
+              "negatives_identical": identical, "identical_negatives": same, "first_logits_max_abs_diff": logits_diff,
               "negatives": len(windows) * args.k, "wall_s": time.time() - t0, "command": " ".join(sys.argv)}
     write_json(result, args.out)
     print(f"anchors {anchors}, K = {args.k}, {args.new_tokens} new tokens, one torch thread, median of {args.reps}")
@@ -134,7 +156,8 @@ def main(argv=None) -> dict:
                          [[r["variant"], r["cpu_median_s"], r["prefill_cpu_median_s"], r["wall_median_s"],
                            r["prefill_rows_x_width"], r["prefill_real_tokens"], base / r["cpu_median_s"]]
                           for r in rows]))
-    print(f"negatives token-identical: {same} of {len(windows) * args.k}")
+    print(f"negatives token-identical: {same} of {len(windows) * args.k}; first-step logits, max |diff|: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in logits_diff.items()))
     print(f"wrote {args.out}")
     return result
 

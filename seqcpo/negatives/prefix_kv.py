@@ -71,6 +71,8 @@ def slice_root_cache(cache, root_rows: torch.Tensor, root_offsets: torch.Tensor,
     j = torch.arange(width, device=lengths.device).unsqueeze(0)  # (1, width)
     start = width - lengths.unsqueeze(1)  # (B, 1): first real slot of prefix b
     src = root_offsets.unsqueeze(1) + (j - start).clamp(min=0)  # (B, width): source position in the root's row
+    device = cache.layers[0].keys.device  # moved once (a no-op below unless layers sit on several devices)
+    src, root_rows = src.to(device), root_rows.to(device)
     for layer in cache.layers:
         for name in ("keys", "values"):
             t = getattr(layer, name)  # (R, H, W, D)
