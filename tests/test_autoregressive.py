@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_EOS, TINY_PAD, make_tiny_gpt2, make_tiny_llama
+from conftest import TINY_EOS, TINY_PAD, TINY_VOCAB, make_tiny_gpt2, make_tiny_llama
 from seqcpo.negatives import AutoregressiveNegatives, DecodingConfig, rouge_l_f
 from seqcpo.sampling import filter_logits
 from seqcpo.types import Example
@@ -260,3 +260,89 @@ def test_model_in_train_mode_with_dropout_is_seeded_and_left_in_train_mode(backe
     a, b = g(examples(), 2, gen(0)), g(examples(), 2, gen(0))
     assert a == b and model.training
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- one prefill for prefixes of one another (document anchors) ----------------------------------------------------
+
+ROW = torch.randint(3, TINY_VOCAB, (36,), generator=torch.Generator().manual_seed(7)).tolist()
+# anchors of one row, an unrelated prefix, a duplicate anchor: roots are ROW[:33] and UNRELATED
+UNRELATED = [40, 41, 42, 43, 44, 45, 46]
+ROW_PREFIXES = [ROW[:5], ROW[:12], UNRELATED, ROW[:33], ROW[:12], ROW[:20]]
+
+
+def prefill_calls(model) -> list[tuple[int, int, int]]:
+    """(rows, width, real tokens) of every forward with more than one input position (the prefills)."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        if ids.shape[1] > 1:
+            calls.append((ids.shape[0], ids.shape[1], int(mask[:, -ids.shape[1] :].sum())))
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("cfg,k", [(DecodingConfig("greedy"), 1), (DecodingConfig("sample", temperature=1.5), 3)],
+                         ids=["greedy", "sample"])
+def test_prefixes_of_one_row_share_one_prefill_and_give_the_same_negatives(make, cfg, k):
+    model = make_position_sensitive(make())
+    expected = [hf_greedy(model, p, 8) for p in ROW_PREFIXES]  # the model's own greedy continuations
+    calls = prefill_calls(model)
+    exs = [Example(p, [77, 78, 79]) for p in ROW_PREFIXES]
+    shared_gen = an(model, cfg, max_new_tokens=8)
+    shared = shared_gen(exs, k, gen(3))
+    assert calls == [(2, 33, 33 + len(UNRELATED))]  # the two roots only, each once
+    assert shared_gen._kv_sliceable is True
+    calls.clear()
+    plain = an(model, cfg, max_new_tokens=8, share_prefix_kv=False)(exs, k, gen(3))
+    assert calls == [(6, 33, sum(len(p) for p in ROW_PREFIXES))]
+    assert shared == plain
+    assert len({tuple(r[0]) for r in shared.ids}) >= 4  # the anchors' negatives are not all alike
+    if cfg.strategy == "greedy":
+        assert [r[0] for r in shared.ids] == expected  # the duplicate anchor included
+    else:
+        assert shared.ids[1] != shared.ids[4]  # a duplicate prefix still samples from its own generator
+
+
+def test_prefix_roots():
+    from seqcpo.negatives.prefix_kv import prefix_roots
+
+    assert prefix_roots([[1, 2], [1, 2, 3], [4], [1, 2, 3], [1], [2, 1]]) == [1, 1, 2, 1, 1, 5]
+    assert prefix_roots([[1], [2], [1, 3]]) == [2, 1, 2]
+    assert prefix_roots([[1, 2], [1, 2]]) == [0, 0]  # identical prefixes: the first is the root
+
+
+def test_sliding_window_cache_is_not_sliced_and_gives_the_same_negatives():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, max_position_embeddings=256, pad_token_id=TINY_PAD)).eval()
+    calls = prefill_calls(model)
+    exs = [Example(p, [77, 78, 79]) for p in ROW_PREFIXES]
+    cfg = DecodingConfig("sample", temperature=1.5)
+    g = an(model, cfg, max_new_tokens=8)
+    with pytest.warns(UserWarning, match="cannot be sliced per prefix"):
+        first = g(exs, 2, gen(3))
+    assert g._kv_sliceable is False and calls[-1][0] == 6  # the roots' try, then every prefix
+    calls.clear()
+    assert g(exs, 2, gen(3)) == first and [c[0] for c in calls] == [6]  # later chunks do not try again
+    assert first == an(model, cfg, max_new_tokens=8, share_prefix_kv=False)(exs, 2, gen(3))
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2], ids=["llama", "gpt2"])
+def test_sliced_cache_and_first_logits_equal_each_prefix_prefilled(make):
+    model = make_position_sensitive(make())
+    _, shared, logits, mask = an(model)._prefill(ROW_PREFIXES)
+    _, plain, plain_logits, plain_mask = an(model, share_prefix_kv=False)._prefill(ROW_PREFIXES)
+    assert torch.equal(mask, plain_mask)
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    real = plain_mask.bool()  # (B, L): pad slots hold anything finite, masked out
+    for a, b in zip(shared.layers, plain.layers):
+        for name in ("keys", "values"):
+            x, y = getattr(a, name), getattr(b, name)  # (B, H, L, D)
+            assert x.shape == y.shape and torch.isfinite(x).all()
+            torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)

@@ -8,7 +8,14 @@ Backends:
     "shared_prefill" (default; sample and greedy): the left-padded prefix batch runs through the model
         once with a KV cache; the cache is repeated K times along the batch and all B*K rows decode
         together in our own loop (finished rows emit pad; the loop stops when every row has finished).
-        The prefix is encoded once instead of K times.
+        The prefix is encoded once instead of K times. Prefixes of a chunk that are prefixes of another one
+        (a document row's anchors, ``row[:a]``: detected from the token ids) share one prefill: only the
+        "roots" (prefixes no other one contains; identical prefixes once) run, and each prefix's cache is cut
+        from its root's first ``a`` positions, its first logits read at the root's position ``a - 1`` (causal
+        attention: nothing before ``a`` sees a later token). A row with 8 anchors prefills the row once, not 8
+        times. Models whose cache cannot be sliced (sliding-window or quantized layers, a cache class other than
+        a plain ``DynamicCache``) prefill every prefix, as does ``share_prefix_kv=False``
+        (:mod:`seqcpo.negatives.prefix_kv`). The negatives are the same either way, up to float rounding.
     "hf": ``model.generate(..., num_return_sequences=K)``, seeded from the generator inside
         ``torch.random.fork_rng``. Beam search always uses it.
     "vllm": vLLM's offline engine over the model's own weights folder (:mod:`seqcpo.negatives.vllm_backend`),
@@ -40,8 +47,9 @@ from typing import Sequence
 import torch
 
 from seqcpo.decoding import DecodingConfig
-from seqcpo.hf_model import cache_kwarg, output_cache
+from seqcpo.hf_model import cache_kwarg, output_cache, warn_once
 from seqcpo.negatives.base import NegativesBuilder, check_k
+from seqcpo.negatives.prefix_kv import prefix_roots, slice_root_cache, sliceable_cache
 from seqcpo.sampling import filter_logits, model_device, sample_rows, seeded_model_rng
 from seqcpo.negatives.similarity import rouge_l_f
 from seqcpo.padding import pad_batch
@@ -79,6 +87,9 @@ class AutoregressiveNegatives:
         batch_size: prefixes per generation call (each expands to K rows).
         rank_by: "rouge" or "temperature" (needs ``decoding.temperatures``).
         max_tries: generations in all per negative before a copy of the gold is dropped.
+        share_prefix_kv: "shared_prefill" only: prefixes of a chunk that are prefixes of another one (a document
+            row's anchors) take their KV cache from that one's prefill (:mod:`seqcpo.negatives.prefix_kv`);
+            False prefills every prefix (the same negatives, up to float rounding; for tests and comparisons).
 
     Returns ``Negatives`` with ``ids[b][i]`` of at most ``max_new_tokens`` tokens, ending with EOS unless cut.
     """
@@ -98,6 +109,7 @@ class AutoregressiveNegatives:
         rank_by: str = "rouge",
         max_tries: int = 8,
         vllm=None,
+        share_prefix_kv: bool = True,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"an: backend must be one of {BACKENDS}, got {backend!r}")
@@ -119,6 +131,8 @@ class AutoregressiveNegatives:
         self.rank_by = rank_by
         self.max_tries = max_tries
         self.vllm = vllm
+        self.share_prefix_kv = share_prefix_kv
+        self._kv_sliceable: bool | None = None  # learnt at the first shared prefill (prefix_kv.sliceable_cache)
 
     # ---- decoding -------------------------------------------------------------------------------
 
@@ -128,24 +142,86 @@ class AutoregressiveNegatives:
 
     @torch.no_grad()
     def _shared_prefill(self, prefixes: Sequence[Sequence[int]], k: int, gens: list[torch.Generator]) -> list[list[list[int]]]:
-        """Decode K continuations of each prefix: one cached prefill, cache repeated K times, B*K rows; the K rows
-        of prefix b sample from ``gens[b]``."""
-        model, d = self.model, self.decoding
+        """Decode K continuations of each prefix: one cached prefill (shared by prefixes of one another, see
+        :meth:`_prefill`), cache repeated K times, B*K rows; the K rows of prefix b sample from ``gens[b]``."""
+        cache_kw, cache, logits, mask = self._prefill(prefixes)
+        cache.batch_repeat_interleave(k)  # (B, ...) -> (B*k, ...): row b*k + i is negative i of prefix b
+        logits = logits.float().repeat_interleave(k, dim=0)  # (B*k, V)
+        mask = mask.repeat_interleave(k, dim=0)  # (B*k, L)
+        gen = self._decode_steps(cache_kw, cache, logits, mask, k, gens)  # (B*k, steps)
+        rows = [_cut_at_eos(r, self.eos_token_id) for r in gen]
+        return [rows[b * k : (b + 1) * k] for b in range(len(prefixes))]
+
+    def _prefill(self, prefixes: Sequence[Sequence[int]]):
+        """(cache kwarg name, KV cache of B left-padded rows, (B, V) next-token logits, (B, L) attention mask).
+
+        When some prefixes are prefixes of others (a document row's anchors), only the roots run
+        (:mod:`seqcpo.negatives.prefix_kv`) and each prefix's cache and logits are cut from its root's, unless
+        ``share_prefix_kv`` is off or the model's cache cannot be sliced (then it is learnt once and every later
+        chunk prefills each prefix on its own, as before)."""
+        ids, mask = _left_pad(prefixes, self.pad_token_id)  # (B, L); refuses an empty prefix
+        root = prefix_roots(prefixes)
+        if self.share_prefix_kv and self._kv_sliceable is not False and len(set(root)) < len(prefixes):
+            shared = self._prefill_roots(prefixes, root)
+            if shared is not None:
+                cache_kw, cache, first = shared
+                return cache_kw, cache, first, mask.to(first.device)
+        cache_kw, cache, logits = self._forward_prefill(ids, mask, 1)
+        return cache_kw, cache, logits[:, -1, :], mask.to(logits.device)
+
+    def _forward_prefill(self, ids: torch.Tensor, mask: torch.Tensor, keep):
+        """One cached forward over left-padded rows; logits at the positions ``keep`` (``logits_to_keep``: an int
+        keeps the last ones, a 1-D tensor those positions; all positions if the model has no such argument)."""
+        model = self.model
         device = model_device(model)
-        ids, mask = _left_pad(prefixes, self.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)  # (B, L): real tokens count from 0 under left padding
         params = inspect.signature(model.forward).parameters
-        last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # (B, 1, V), not (B, L, V)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **last_only)
-        cache_kw, cache = cache_kwarg(out), output_cache(out)
-        cache.batch_repeat_interleave(k)  # (B, ...) -> (B*k, ...): row b*k + i is negative i of prefix b
-        logits = out.logits[:, -1, :].float().repeat_interleave(k, dim=0)  # (B*k, V)
-        mask = mask.repeat_interleave(k, dim=0)  # (B*k, L)
+        if "logits_to_keep" in params:
+            kept = {"logits_to_keep": keep.to(device) if isinstance(keep, torch.Tensor) else keep}
+        else:
+            kept = {}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **kept)
+        logits = out.logits
+        if not kept and isinstance(keep, torch.Tensor):
+            logits = logits[:, keep.to(logits.device), :]
+        elif not kept:
+            logits = logits[:, -keep:, :]
+        return cache_kwarg(out), output_cache(out), logits
+
+    def _prefill_roots(self, prefixes: Sequence[Sequence[int]], root: list[int]):
+        """(cache kwarg name, the prefixes' cache, (B, V) first-step logits) from the roots' forward alone; None
+        (and no sharing from now on) when the model's cache is not one
+        :func:`~seqcpo.negatives.prefix_kv.sliceable_cache` accepts."""
+        roots = sorted(set(root))
+        row_of = {r: i for i, r in enumerate(roots)}
+        ids, mask = _left_pad([prefixes[r] for r in roots], self.pad_token_id)  # (R, W)
+        width = ids.shape[1]
+        lengths = torch.tensor([len(p) for p in prefixes])  # (B,)
+        root_rows = torch.tensor([row_of[r] for r in root])  # (B,)
+        offsets = width - torch.tensor([len(prefixes[r]) for r in root])  # (B,) left padding of b's root
+        last = offsets + lengths - 1  # (B,) position of prefix b's last token in its root's row
+        keep, col = torch.unique(last, return_inverse=True)  # the positions whose logits some prefix needs
+        cache_kw, cache, logits = self._forward_prefill(ids, mask, keep)  # logits (R, len(keep), V)
+        if not sliceable_cache(cache):
+            self._kv_sliceable = False
+            warn_once(f"an: the model's KV cache ({type(cache).__name__}) cannot be sliced per prefix; prefixes "
+                      "that are prefixes of one another are prefilled each on its own")
+            return None
+        self._kv_sliceable = True
+        slice_root_cache(cache, root_rows, offsets, lengths)
+        device = logits.device
+        return cache_kw, cache, logits[root_rows.to(device), col.to(device)]  # (B, V): prefix b's first step
+
+    def _decode_steps(self, cache_kw, cache, logits, mask, k: int, gens: list[torch.Generator]) -> list[list[int]]:
+        """The B*K rows' new tokens (pad after EOS), step by step from the prefilled cache; ``logits``: (B*k, V)
+        of the first step, ``mask``: (B*k, L)."""
+        model, d = self.model, self.decoding
+        device = logits.device
+        n_rows = logits.shape[0]
+        B = n_rows // k
         next_pos = mask.sum(-1, keepdim=True)  # (B*k, 1)
-        temps = torch.tensor(self._temperatures(k), device=device).repeat(len(prefixes)).unsqueeze(1)  # (B*k, 1)
-        B = len(prefixes)
-        n_rows = B * k
+        temps = torch.tensor(self._temperatures(k), device=device).repeat(B).unsqueeze(1)  # (B*k, 1)
         finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
         steps = []
         for step in range(self.max_new_tokens):
@@ -171,9 +247,7 @@ class AutoregressiveNegatives:
             cache = output_cache(out)
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
-        gen = torch.stack(steps, dim=1).tolist()  # (B*k, steps)
-        rows = [_cut_at_eos(r, self.eos_token_id) for r in gen]
-        return [rows[b * k : (b + 1) * k] for b in range(len(prefixes))]
+        return torch.stack(steps, dim=1).tolist()
 
     def _hf_generate(self, prefixes: Sequence[Sequence[int]], k: int, gens: list[torch.Generator]) -> list[list[list[int]]]:
         """Decode with ``model.generate``: sampling one prefix per call, seeded from its generator (``generate``

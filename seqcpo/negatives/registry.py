@@ -61,8 +61,8 @@ OPTIONS: dict[str, NegativeOption] = {
         "AN ranked by temperature: one sampling temperature per AN negative, best (lowest) first.", None),
     "an_max_new_tokens": NegativeOption("AN: longest negative in tokens.", 64, ">=1"),
     "an_backend": NegativeOption(
-        "AN: auto | shared_prefill | hf | vllm. shared_prefill: one cached prefill per prefix, our decoding "
-        "loop; hf: model.generate; vllm: vLLM's engine over the starting model's weights (needs the vllm package "
+        "AN: auto | shared_prefill | hf | vllm. shared_prefill: one cached prefill per prefix (prefixes of "
+        "one another, as a document row's anchors, share their longest one's), our decoding loop; hf: model.generate; vllm: vLLM's engine over the starting model's weights (needs the vllm package "
         "and a GPU; reference-made negatives only). auto: vllm in `seqcpo negatives` when vllm and CUDA are "
         "present, shared_prefill otherwise (training opts into vllm explicitly: it shares the GPU).",
         "auto", choices=BACKEND_CHOICES),

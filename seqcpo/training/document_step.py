@@ -8,7 +8,9 @@ For a micro-batch of rows (chunks of documents, :mod:`seqcpo.data.documents`):
    ``"<row id>@<anchor>"``, and the configured generators make its K negatives from that id's generator
    (:meth:`SeqCPOTrainer.make_negatives`): TN, MN, AN and their mixtures exactly as for windows, BN from the
    other anchors' golds of the micro-batch. MN draws from the logits of one pass over the rows of its model
-   (the reference by default), no window pass per anchor;
+   (the reference by default), no window pass per anchor; AN's shared-prefill backend sees that the anchors'
+   prefixes are prefixes of one another and prefills each row once for all its anchors (in one chunk of
+   ``an_batch_size`` windows), cutting each anchor's KV cache from it (:mod:`seqcpo.negatives.prefix_kv`);
 3. the policy runs the rows with every anchor's negatives as branches in one forward pass
    (:func:`seqcpo.document_rows.document_logps`): the MLE term and the golds' log-probs come from the rows, the
    negatives' from their branches; the reference runs the same layout without gradient (frozen copy, bf16
