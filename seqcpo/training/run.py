@@ -52,10 +52,10 @@ def train(cfg: SeqCPOConfig, callbacks: list | None = None, output_dir_option: s
     """
     prepare_output_dir(cfg.output_dir, output_dir_option)
     with output_dir_lock(cfg.output_dir, output_dir_option):  # one run at a time into a folder
-        return _train(cfg, callbacks, output_dir_option)
+        return _train(cfg, callbacks)
 
 
-def _train(cfg: SeqCPOConfig, callbacks: list | None, output_dir_option: str) -> dict[str, Any]:
+def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
     from seqcpo.training.quality import attach_quality, wants_quality
     from seqcpo.training.separation import separation_onset
 
