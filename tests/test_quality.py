@@ -79,3 +79,30 @@ def test_quality_on_an_empty_split_is_one_line(assets, tmp_path):
         train(_cfg(assets, tmp_path / "e", validation_size=0, eval_steps=2))
     with pytest.raises(ConfigError, match="quality_split"):
         _cfg(assets, tmp_path / "x", quality_split="train")
+
+
+def test_an_interrupted_run_leaves_each_step_of_the_samples_once(assets, tmp_path):
+    """Defect: quality_samples.jsonl was appended to by a resumed run from its checkpoint on, so the steps that an
+    interrupted run had already passed were written twice. Now the resumed run drops them first: the file equals
+    the uninterrupted run's, and a fresh run into the folder starts it empty."""
+    import shutil
+
+    from seqcpo.training.quality import SAMPLES_FILE, keep_samples_up_to
+    from seqcpo.training.run import train
+
+    over = dict(eval_steps=1, quality_examples=2, quality_samples=1, quality_embeddings=False,
+                save_strategy="steps", save_steps=2)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(_cfg(assets, whole, **over))
+    train(_cfg(assets, cut, **over))
+    # as if killed at step 5: the last checkpoint is step 4, the samples file already has steps 5 and 6
+    for gone in ("checkpoint-6", "final"):
+        shutil.rmtree(cut / gone, ignore_errors=True)
+    with open(cut / SAMPLES_FILE, "a", encoding="utf-8") as f:
+        f.write('{"step": 6, "id": "half-written')  # and its last line was cut short
+    train(_cfg(assets, cut, resume_from_checkpoint="true", **over))
+    rows = [json.loads(line) for line in open(cut / SAMPLES_FILE, encoding="utf-8")]
+    assert [r["step"] for r in rows] == list(range(7))
+    assert (cut / SAMPLES_FILE).read_text("utf-8") == (whole / SAMPLES_FILE).read_text("utf-8")
+    keep_samples_up_to(str(cut / SAMPLES_FILE), 0)  # a run started again from step 0
+    assert (cut / SAMPLES_FILE).read_text("utf-8") == ""

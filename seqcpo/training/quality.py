@@ -12,7 +12,9 @@ What is logged (each a plain scalar, so TensorBoard, W&B and ``log_history.json`
   least :data:`MAUVE_MIN_ITEMS` items (smaller slices give no usable MAUVE).
 
 A few continuations are also written beside the gold to ``OUTPUT_DIR/quality_samples.jsonl`` (and to TensorBoard
-as text when it is a logger), so a person can read what the numbers mean.
+as text when it is a logger), so a person can read what the numbers mean. The file follows the run, not the
+process: a fresh run starts it empty, and a resumed run drops the rows of steps after its checkpoint (they are
+written again as training passes them), so an interrupted run leaves each step once, as an uninterrupted one does.
 
 The slice is the first ``quality_examples`` items of ``quality_split`` (validation by default), decoded greedily,
 so two evaluations differ only because the model did. Generation runs on the main process with the unwrapped
@@ -98,6 +100,8 @@ class QualityCallback(TrainerCallback):
         self._done_steps: set[int] = set()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.is_world_process_zero():
+            keep_samples_up_to(os.path.join(args.output_dir, SAMPLES_FILE), state.global_step)
         if state.global_step == 0:  # a resumed run logged its start already
             self.evaluate(state.global_step)
 
@@ -168,6 +172,25 @@ class QualityCallback(TrainerCallback):
             table = "\n\n".join(f"**{r['id']}** {r['prompt']}\n\n- gold: {r['gold']}\n- model: {r['generation']}"
                                 for r in rows)
             writer.add_text("quality/samples", table, step)
+
+
+def keep_samples_up_to(path: str, step: int) -> None:
+    """Drop the rows of ``path`` (a samples file) written after ``step``: all of them for a fresh run (step 0: a
+    folder run again from the start), those an interrupted run wrote past its checkpoint for a resumed one."""
+    if not os.path.exists(path):
+        return
+    from seqcpo.io import atomic_write_jsonl
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing
+                continue
+            if step > 0 and isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(row)
+    atomic_write_jsonl(path, rows)
 
 
 def _tensorboard_writer(trainer):
