@@ -2,6 +2,7 @@
 stages, reports every arm, and the shipped grid files load and dry-run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -503,32 +504,44 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
 
 
 def test_controls_and_quality_curves_reach_the_report(assets, tmp_path, fake_minilm):
-    """A shuffle control gets its source's continuations on other items; a temperature control samples the
-    source's weights hot under each decoding's name; both are paired with their source and the report says which
+    """A shuffle control gets its source's continuations on other items; a loop control its source's continuations
+    cut in half and said twice, which repetition scores clearly worse; a temperature control samples the
+    source's weights hot under each decoding's name; each is paired with their source and the report says which
     metrics they could move; arms trained with eval_steps get quality-over-steps curves and quality.png."""
     grid = _grid(assets, tmp_path, judge="none")
     raw = yaml.safe_load(open(grid))
     raw["base"].update(eval_steps=1, quality_examples=2, quality_embeddings=False)
     raw["controls"] = [{"name": "base.shuffled", "of": "base", "kind": "shuffle"},
-                       {"of": "base", "kind": "temperature", "temperature": 3.0}]
+                       {"of": "base", "kind": "temperature", "temperature": 3.0}, {"of": "base", "kind": "loop"}]
     Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
     run_grid(grid)
     out = tmp_path / "out"
     gen = lambda name: {r["id"]: r for r in map(json.loads, open(out / "arms" / name / "generate" / "generations.jsonl"))}
-    base, shuffled, hot = gen("base"), gen("base.shuffled"), gen("base.temperature")
-    assert set(shuffled) == set(base) and len(base) == 4
+    base, shuffled, hot, looped = gen("base"), gen("base.shuffled"), gen("base.temperature"), gen("base.loop")
+    assert set(shuffled) == set(base) == set(looped) and len(base) == 4
     ids = sorted(base)
     for k, i in enumerate(ids):  # each item holds the next item's continuation
         assert shuffled[i]["generation"] == base[ids[(k + 1) % len(ids)]]["generation"]
+        words, loop = base[i]["generation"].split(), looped[i]["generation"].split()
+        half = (len(words) + 1) // 2
+        assert loop == (words[:half] * 2)[: len(words)]  # its own first half, twice
     assert {r["decoding"] for r in hot.values()} == {"greedy"}
     results = json.loads((out / "results.json").read_text())
     controls = results["grid"]["controls"]
-    assert set(controls) == {"base.shuffled", "base.temperature"}
+    assert set(controls) == {"base.shuffled", "base.temperature", "base.loop"}
+    assert controls["base.loop"]["greedy"]["rep_3"]["clearly_worse"]  # a loop repeats: rep-3 can tell it
+    assert results["grid"]["informative"]["greedy"]["rep_3"] and not controls["base.shuffled"]["greedy"]["rep_3"]["clearly_worse"]
     assert results["grid"]["paired"]["base.shuffled"]["vs"] == "base"
     assert all("clearly_worse" in d for d in controls["base.shuffled"]["greedy"].values())
     assert set(results["grid"]["informative"]["greedy"]) >= {"rouge_l", "distinct_2"}
     text = (out / "report.md").read_text()
     assert "Can each metric tell a worse model here?" in text and "| base.shuffled (vs base) |" in text
+    # a control run alone (added to a finished grid): --only runs it from its source's finished generations
+    first = (out / "arms" / "base.loop" / "generate" / "generations.jsonl").read_text()
+    shutil.rmtree(out / "arms" / "base.loop")
+    run_grid(grid, only=["base.loop"])
+    assert (out / "arms" / "base.loop" / "generate" / "generations.jsonl").read_text() == first
+    assert (out / "arms" / "base.loop" / "evaluate" / "done.json").is_file()
     training = results["grid"]["training"]
     assert [s for s, _ in training["mle"]["quality"]["quality/rouge_l"]] == [0, 1, 2]
     assert "## Quality over training steps" in text and (out / "quality.png").is_file()
@@ -629,9 +642,9 @@ def test_bad_controls_name_the_entry_and_the_key(tmp_path):
     path = _grid(assets, tmp_path, judge="none")
     raw = yaml.safe_load(open(path))
     for controls, match in [
-        ([{"of": "base", "kind": "hot"}], r"controls\[0\]: field 'kind': 'hot' is not one of shuffle, temperature"),
+        ([{"of": "base", "kind": "hot"}], r"controls\[0\]: field 'kind': 'hot' is not one of shuffle, loop, temperature"),
         ([{"of": "base", "kind": "temperature", "temperature": 0}], r"controls\[0\]: field 'temperature': 0.0 must be > 0"),
-        ([{"of": "base"}], r"controls\[0\]\.kind: choose one of shuffle, temperature"),
+        ([{"of": "base"}], r"controls\[0\]\.kind: choose one of shuffle, loop, temperature"),
         ([{"of": "base", "kind": "shuffle", "temp": 1}], r"controls\[0\]: unknown field 'temp'"),
         ([{"of": "base", "kind": "shuffle", "name": "mle"}], r"controls\[0\]\.name: 'mle' is already an arm"),
         ([{"of": "base", "kind": "shuffle"}] * 2, r"controls: names must be unique"),

@@ -14,7 +14,7 @@ A grid file::
     ensembles:                         # optional weight-space ensembles of two trained arms
       - {from: mle, to: cpo_tnr, alphas: [0, 0.5, 1]}       # arms "mle~cpo_tnr@0", "@0.5", "@1"
     controls:                          # optional degraded copies, paired with their source (seqcpo.grid.controls)
-      - {of: base, kind: shuffle}                            # arm "base.shuffle"
+      - {of: base, kind: shuffle}                            # arm "base.shuffle" (kinds: shuffle, loop, temperature)
     eval:                              # EvalConfig fields (seqcpo.evaluation.config), all optional
       split: test
       num_examples: 64

@@ -5,6 +5,10 @@ A control is an arm made from another arm's outputs or weights, built to be wors
 - ``shuffle``: the source arm's continuations moved to other items (each item gets the next item's continuation,
   in id order: no item keeps its own). Per-item closeness to the gold (ROUGE-L, embedding similarity) must fall;
   repetition, distinct-n and MAUVE see the same set of texts and cannot move, by construction.
+- ``loop``: the source arm's continuations, each cut to its first half (in words) and said twice, as a model stuck
+  in a loop writes. Repetition must rise and distinct-n fall: the controls above cannot show that repetition
+  discriminates (shuffling keeps every text; a hot model repeats less, not more). The length in words is kept,
+  and so is the row's token count (the source's).
 - ``temperature``: the source arm's weights sampled at a high temperature (default 2.0, no top-p) under every
   decoding of the grid. Fluency breaks down, so MAUVE and closeness to the gold must fall.
 
@@ -19,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-CONTROL_KINDS = ("shuffle", "temperature")
+CONTROL_KINDS = ("shuffle", "loop", "temperature")
+REWRITTEN_KINDS = ("shuffle", "loop")  # made from the source's generations, without a model
 # +1: higher is worse, -1: lower is worse, 0: a significant move either way shows the metric discriminates
 WORSE_DIRECTION = {"rouge_l": -1, "similarity": -1, "mauve": -1, "rep_3": +1, "rep_4": +1,
                    "distinct_1": 0, "distinct_2": 0, "distinct_3": 0}
@@ -81,6 +86,26 @@ def shuffled_rows(rows: Sequence[dict], label: str) -> list[dict]:
             donor = part[(k + 1) % len(part)]
             out.append({**row, **{f: donor[f] for f in moved if f in donor}, "model": label})
     return out
+
+
+def looped_rows(rows: Sequence[dict], label: str) -> list[dict]:
+    """Each continuation cut to its first half (whitespace words, the odd word kept) and said twice, as long in
+    words as it was, relabelled ``label``.
+
+    >>> [r["generation"] for r in looped_rows([{"id": "a", "generation": "one two three four five"}], "ctl")]
+    ['one two three one two']
+    """
+    out: list[dict] = []
+    for row in rows:
+        words = row["generation"].split()
+        half = words[: (len(words) + 1) // 2]
+        out.append({**row, "generation": " ".join((half + half)[: len(words)]), "model": label})
+    return out
+
+
+def rewritten_rows(kind: str, rows: Sequence[dict], label: str) -> list[dict]:
+    """The rows of a control of kind ``shuffle`` or ``loop``, from its source's generations."""
+    return {"shuffle": shuffled_rows, "loop": looped_rows}[kind](rows, label)
 
 
 def temperature_configs(configs, temperature: float):

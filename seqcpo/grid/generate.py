@@ -1,6 +1,6 @@
 """The grid's generate stage: an arm's continuations of the evaluation prompts under every decoding
 (:func:`seqcpo.evaluation.evaluate.generate_model`), copied where the weights are an endpoint's, moved across
-items for a shuffle control, sampled hot for a temperature control."""
+items for a shuffle control, looped for a loop control, sampled hot for a temperature control."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from seqcpo.grid.cache import cached_stage, is_current, read_done, write_done
+from seqcpo.grid.controls import REWRITTEN_KINDS
 from seqcpo.grid.spec import ArmSpec, GridError, decoding_configs
 from seqcpo.grid.state import GridRun
 from seqcpo.grid.train import weights
@@ -33,8 +34,8 @@ def _generate(run: GridRun, arm: ArmSpec, folder: Path, fp: str) -> dict:
         ckpt = run.checkpoint(arm)
         return _reuse(run, arm, end, folder, fp, lambda rows: [dict(r, model=arm.name, model_path=ckpt) for r in rows],
                       ckpt)
-    if arm.kind == "control" and arm.control.kind == "shuffle":
-        return _shuffled(run, arm, folder, fp)
+    if arm.kind == "control" and arm.control.kind in REWRITTEN_KINDS:
+        return _rewritten(run, arm, folder, fp)
     ckpt = weights(run, arm)
     logger.info("grid: %s: generating from %s", arm.name, ckpt)
     source = run.source(arm)
@@ -65,16 +66,19 @@ def identical_endpoint(run: GridRun, arm: ArmSpec) -> ArmSpec | None:
     return end if is_current(run.arm_dir(end) / "generate", run.generate_fp(end)) else None
 
 
-def _shuffled(run: GridRun, arm: ArmSpec, folder: Path, fp: str) -> dict:
-    """A shuffle control: its source's generations, each moved to the next item (seqcpo.grid.controls)."""
-    from seqcpo.grid.controls import shuffled_rows
+def _rewritten(run: GridRun, arm: ArmSpec, folder: Path, fp: str) -> dict:
+    """A shuffle or loop control: its source's generations, moved to the next item or looped
+    (seqcpo.grid.controls)."""
+    from seqcpo.grid.controls import rewritten_rows
 
-    src = run.grid.arm(arm.control.of)
+    src, kind = run.grid.arm(arm.control.of), arm.control.kind
     src_done = read_done(run.arm_dir(src) / "generate")
     if src_done is None:
         raise GridError(f"{run.grid.path}: control {arm.name!r} needs arm {src.name!r} generated first")
-    done = _reuse(run, arm, src, folder, fp, lambda rows: shuffled_rows(rows, arm.name), src_done["checkpoint"])
-    logger.info("grid: %s: %s's continuations moved across items", arm.name, src.name)
+    done = _reuse(run, arm, src, folder, fp, lambda rows: rewritten_rows(kind, rows, arm.name),
+                  src_done["checkpoint"])
+    logger.info("grid: %s: %s's continuations %s", arm.name, src.name,
+                "moved across items" if kind == "shuffle" else "cut in half and looped")
     return done
 
 

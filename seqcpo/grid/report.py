@@ -23,8 +23,8 @@ def arm_summary(arm: ArmSpec) -> str:
     c = arm.config
     if arm.kind == "control":
         ctl = arm.control
-        how = ("continuations moved across items" if ctl.kind == "shuffle"
-               else f"sampled at temperature {ctl.temperature:g}")
+        how = {"shuffle": "continuations moved across items", "loop": "continuations cut in half and looped"}.get(
+            ctl.kind, f"sampled at temperature {ctl.temperature:g}")
         return f"control: {ctl.of}'s {how}"
     if arm.kind != "train":
         return "no training" if arm.kind == "model" else f"weight-space ensemble, alpha {arm.alpha:g}"

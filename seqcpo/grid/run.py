@@ -69,15 +69,19 @@ def _run_stages(run: GridRun, command: str) -> None:
     grid, selected = run.grid, run.selected
     pending = list(grid.ensembles)
     for arm in grid.arms:
-        if arm.kind in ("train", "model") and arm.name in selected:
+        if arm.kind not in ("train", "model"):
+            continue
+        if arm.name in selected:
             train(run, arm)
             generate(run, arm)
             _evaluate_when_ready(run, arm, command)
-            for ctl in (a for a in grid.arms if a.kind == "control" and a.control.of == arm.name):
-                if ctl.name in selected:
-                    generate(run, ctl)
-                    _evaluate_when_ready(run, ctl, command)
-            _ensembles_when_ready(run, pending, command)
+        # a selected control runs even when its source is not selected (a control added to a finished grid, run
+        # with --only): it uses the source's finished generations, or its weights (trained again if missing)
+        for ctl in (a for a in grid.arms if a.kind == "control" and a.control.of == arm.name):
+            if ctl.name in selected:
+                generate(run, ctl)
+                _evaluate_when_ready(run, ctl, command)
+        _ensembles_when_ready(run, pending, command)
     _ensembles_when_ready(run, pending, command)
     for arm in sorted((a for a in grid.arms if a.name in selected), key=lambda a: a.name != grid.eval.baseline):
         evaluate(run, arm)  # finished evaluations are skipped
