@@ -296,3 +296,50 @@ def test_next_train_command_replaces_a_negatives_path_override():
 
     assert next_train_command(None, ["--negatives_path", "old", "--beta", "0.5", "--negatives-path=x"], "new dir") == (
         "seqcpo train --beta 0.5 --negatives_path 'new dir'")
+
+
+def test_an_decodes_several_batches_together_and_draws_the_same_rows(setup, monkeypatch):
+    """AN-only (and per-example) negatives are decoded ``an_batch_size`` prefixes at a time instead of one training
+    batch at a time (the CPU cost of AN is mostly per decoding step), and every row is what one batch at a time
+    draws: prompts of different lengths (left-padded differently in each grouping) included."""
+    import seqcpo.training.offline as offline
+    from seqcpo.training.run import make_negatives
+
+    root = setup["root"]
+    words = "the river market bridge city wool salt square bread books fog".split()
+    data = root / "instr.jsonl"
+    with open(data, "w") as fh:
+        for i in range(22):  # instructions of 2 to 9 words: the prompts differ in length
+            fh.write(json.dumps({"id": f"q{i}", "instruction": " ".join(words[j % 11] for j in range(i, i + 2 + i % 8)),
+                                 "context": "", "response": " ".join(words[(i + j) % 11] for j in range(5))}) + "\n")
+    calls = []
+    build = offline.build_negative_generator
+
+    def spy(*a, **kw):
+        gen = build(*a, **kw)
+
+        def call(examples, *args, **kwargs):
+            calls.append(len(examples))
+            return gen(examples, *args, **kwargs)
+        call.uses_gold_logits = getattr(gen, "uses_gold_logits", False)
+        return call
+
+    monkeypatch.setattr(offline, "build_negative_generator", spy)
+    over = dict(dataset=str(data), task="instruction", prompt_template="plain", validation_size=2, test_size=2,
+                negatives="an:1,tn:1", an_max_new_tokens=5, per_device_train_batch_size=2)
+    make_negatives(_config(setup, an_batch_size=2, **over), str(root / "an_alone"), shard_size=8)
+    alone, calls[:] = list(calls), []
+    make_negatives(_config(setup, an_batch_size=6, **over), str(root / "an_grouped"), shard_size=8)
+    grouped = list(calls)
+    assert set(alone) == {2} and max(grouped) == 6  # one batch per call, then three (a shard's end: fewer)
+    assert sum(alone) == sum(grouped) == 18
+    _, a = _rows(root / "an_alone")
+    _, b = _rows(root / "an_grouped")
+    assert sorted(a) == sorted(b) and len(a) == 18
+    for i in a:
+        assert (a[i]["negatives"], a[i]["valid"], a[i]["sources"]) == (b[i]["negatives"], b[i]["valid"], b[i]["sources"])
+        assert a[i]["ref_logps"] == pytest.approx(b[i]["ref_logps"], abs=1e-5)
+    # MN reads its batch's gold logits, BN draws from its batch: those stay one batch per call
+    calls[:] = []
+    make_negatives(_config(setup, an_batch_size=6, **{**over, "negatives": "an:1,mn:1"}), str(root / "an_mn"), shard_size=8)
+    assert set(calls) == {2}

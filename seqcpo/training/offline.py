@@ -17,7 +17,9 @@ float64, gold first). ``datasets.load_dataset("parquet", data_files=...)`` reads
 Many processes (``accelerate launch -m seqcpo.cli negatives ...``): shard ``s`` is made by rank
 ``s % world_size``; every example draws from its own generator (``seqcpo.seeding.example_generators(seed, id,
 epoch 0)``), so the rows are the same for any number of processes and any shard size (BN excepted: it draws
-from the batch, which is why batch and shard size are in the plan). With AN on vLLM each process runs its own engine on its own GPU. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
+from the batch, which is why batch and shard size are in the plan). When every negative draws per example (AN, TN,
+data; not BN or MN), AN decodes ``an_batch_size`` prefixes of consecutive batches in one call, and each batch is
+then scored alone: the draws are the same, a decoding step serves more rows. With AN on vLLM each process runs its own engine on its own GPU. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
 ``<plan>`` is the fingerprint of everything that decides the content (model, data and its example tokens,
 generators, K, seed, batch and shard size, dtype): a resumed run with another shard size or batch size
 re-plans (old shards are deleted), one with other model/data/generator settings is refused. Rank 0 marks the
@@ -44,9 +46,9 @@ from tqdm.auto import tqdm
 from seqcpo.batching import negatives_to_offline
 from seqcpo.io import atomic_output, atomic_write_json
 from seqcpo.models.digest import sha256_file
-from seqcpo.negatives import build_negative_generator
+from seqcpo.negatives import build_negative_generator, uses_gold_logits
 from seqcpo.reference import FrozenCopyReference
-from seqcpo.types import Example
+from seqcpo.types import Example, Negatives
 
 logger = logging.getLogger(__name__)
 
@@ -257,15 +259,18 @@ def make_offline_negatives(
     model.to(state.device)
     model.eval()
     score = units.scorer(cfg, model, tokenizer)
+    per_call = getattr(score, "batches_per_call", 1)  # batches whose AN decoding runs together (_chunk_scorer)
     mine = list(range(rank, n_shards, world))
     todo = [s for s in mine if not _shard_ok(out_dir, names[s], _expected_ids(units, s, shard_size), recorded)]
     bar = tqdm(total=sum(len(_expected_ids(units, s, shard_size)) for s in todo), unit="ex",
                desc=f"negatives: examples (rank {rank})", disable=not progress or not state.is_main_process)
     for s in todo:
         rows = []
-        for batch in units.batches(s * shard_size, (s + 1) * shard_size, cfg.per_device_train_batch_size):
-            rows += score(batch)
-            bar.update(len(batch))
+        batches = units.batches(s * shard_size, (s + 1) * shard_size, cfg.per_device_train_batch_size)
+        for i in range(0, len(batches), per_call):
+            group = batches[i : i + per_call]
+            rows += score.many(group) if per_call > 1 else score(group[0])
+            bar.update(sum(len(b) for b in group))
         _write_shard(os.path.join(out_dir, names[s]), rows)
     bar.close()
     state.wait_for_everyone()
@@ -306,12 +311,17 @@ def _chunk_scorer(cfg, model, tokenizer):
     # MN draws from the reference's own gold-branch pass unless a one-pass layout is forced (the trainer's rule)
     source = mn_source(gen, layout=cfg.logps_layout, reference=ref)
 
-    def score(chunk: list[Example]) -> list[dict]:
+    def draws(chunk: list[Example]):
         # each example's own draws, as in training's epoch 0 (seqcpo.seeding): shard size, batch position and
         # number of processes do not change an example's negatives (BN, by definition, depends on its batch)
-        rng = example_generators(cfg.seed, [str(e.meta.get("id")) for e in chunk], 0, "negatives")
+        return example_generators(cfg.seed, [str(e.meta.get("id")) for e in chunk], 0, "negatives")
+
+    def score(chunk: list[Example], made: Negatives | None = None) -> list[dict]:
+        rng = draws(chunk) if made is None else None
 
         def make(exs, gold_logits=None):
+            if made is not None:
+                return made
             extra = {"gold_logits": gold_logits} if gold_logits is not None else {}
             return gen(exs, cfg.num_negatives, rng, ranked=cfg.ranked, **extra)
 
@@ -319,7 +329,38 @@ def _chunk_scorer(cfg, model, tokenizer):
             scored = score_examples(chunk, make, ref, source=source)
         return negatives_to_offline(chunk, scored.negatives, scored.ref_logps.float().cpu())
 
+    def many(batches: list[list[Example]]) -> list[dict]:
+        """Several batches: their negatives made in one generator call (AN decodes up to ``an_batch_size``
+        prefixes together instead of one batch's few), then each batch scored as alone."""
+        joined = [e for b in batches for e in b]
+        with torch.no_grad():
+            made = gen(joined, cfg.num_negatives, draws(joined), ranked=cfg.ranked)
+        rows, at = [], 0
+        for b in batches:
+            rows += score(b, _slice_negatives(made, at, at + len(b)))
+            at += len(b)
+        return rows
+
+    score.many = many
+    score.batches_per_call = _batches_per_call(cfg, gen, source)
     return score
+
+
+def _batches_per_call(cfg, gen, source: str | None) -> int:
+    """How many training batches :func:`_chunk_scorer` hands its generator at once: enough to fill AN's
+    ``an_batch_size`` prefixes when every part draws per example (AN, TN, data; not BN, which draws from its
+    batch, nor MN, which reads the batch's gold logits), else 1. Each example's negatives come from its own
+    generator, so grouping changes the decoding's batch shape, not what is drawn."""
+    parts = {name for name, _ in cfg.negatives_parts}
+    if "an" not in parts or parts & {"bn", "mn"} or source is not None or uses_gold_logits(gen):
+        return 1
+    an_prefixes = int(cfg.negative_options(offline=True).get("an_batch_size") or 1)
+    return max(1, an_prefixes // max(1, cfg.per_device_train_batch_size))
+
+
+def _slice_negatives(neg: Negatives, start: int, stop: int) -> Negatives:
+    return Negatives(ids=neg.ids[start:stop], valid=neg.valid[start:stop],
+                     scores=None if neg.scores is None else neg.scores[start:stop], sources=neg.sources[start:stop])
 
 
 def _one_gpu_per_engine(local_rank: int) -> None:
