@@ -105,6 +105,15 @@ def make_toy_tokenizer():
     )
 
 
+def save_tiny_llama(folder, seed: int = 0):
+    """A tiny random Llama and the toy tokenizer saved together into ``folder`` (a model folder that
+    ``seqcpo train`` and ``seqcpo negatives`` load by path); returns the folder as a string."""
+    tok = make_toy_tokenizer()
+    make_tiny_llama(seed=seed, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     return make_toy_tokenizer()

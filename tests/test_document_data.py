@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import make_tiny_llama, make_toy_tokenizer
+from conftest import make_toy_tokenizer, save_tiny_llama
 from seqcpo.data import DataConfig, DataError, load_splits
 from seqcpo.data.examples import build_examples
 from seqcpo.data.sources import read_records
@@ -101,9 +101,7 @@ def test_a_stream_of_rows_resumes_mid_document_without_replay(corpus, tok):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("doc_assets")
-    t = make_toy_tokenizer()
-    make_tiny_llama(vocab_size=len(t)).save_pretrained(root / "tiny")
-    t.save_pretrained(root / "tiny")
+    save_tiny_llama(root / "tiny")
     return {"model": str(root / "tiny"), "data": write_corpus(root / "corpus.jsonl", 80, short_every=11)}
 
 

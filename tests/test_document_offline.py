@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_toy_tokenizer
+from conftest import make_tiny_llama, make_toy_tokenizer, save_tiny_llama
 from test_streaming import write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,9 +22,7 @@ C = 4
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("doc_offline")
-    t = make_toy_tokenizer()
-    make_tiny_llama(vocab_size=len(t)).save_pretrained(root / "tiny")
-    t.save_pretrained(root / "tiny")
+    save_tiny_llama(root / "tiny")
     return {"root": root, "model": str(root / "tiny"), "data": write_corpus(root / "corpus.jsonl", 30, short_every=7)}
 
 

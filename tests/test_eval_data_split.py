@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_llama, make_toy_tokenizer
+from conftest import make_toy_tokenizer, save_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +30,7 @@ def trained(tmp_path_factory):
     data.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"Say {i}.", "response": "It is."}) + "\n"
                             for i in range(160)))
     ckpt = root / "run" / "final"
-    tok = make_toy_tokenizer()
-    make_tiny_llama(vocab_size=len(tok)).save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
+    save_tiny_llama(ckpt)
     cfg = load_config(None, {"dataset": str(data), "task": "instruction", "prompt_template": "plain",
                              "validation_size": 32, "test_size": 16, "output_dir": str(root / "run"),
                              "report_to": "none", "use_cpu": True})

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_toy_tokenizer
+from conftest import save_tiny_llama
 
 CANARIES = {
     "hub_token": "CANARYhubtoken7f3a9c",
@@ -57,9 +57,7 @@ def _leaks(root) -> list[str]:
 
 @pytest.fixture
 def tiny_run_args(tmp_path):
-    tok = make_toy_tokenizer()
-    make_tiny_llama(vocab_size=len(tok)).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    save_tiny_llama(tmp_path / "m")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(
         json.dumps({"id": f"r{i}", "instruction": f"Name {i}.", "context": "", "response": f"It is {i}."}) + "\n"
@@ -181,9 +179,7 @@ def test_no_canary_from_a_judge_url_reaches_a_file_or_log_of_an_eval(tmp_path, m
 
     from seqcpo.cli import main
 
-    tok = make_toy_tokenizer()
-    make_tiny_llama(vocab_size=len(tok)).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    save_tiny_llama(tmp_path / "m")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "response": "It is."}) + "\n" for i in range(8)))
     httpd, seen = _judge_server()
