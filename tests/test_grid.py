@@ -653,3 +653,32 @@ def test_bad_controls_name_the_entry_and_the_key(tmp_path):
         with pytest.raises(GridError, match=match) as e:
             load_grid(path)
         assert str(e.value).startswith(path) and "\n" not in str(e.value)
+
+
+def test_headline_claims_claim_only_what_every_seed_pair_shows():
+    """scripts/headline_claims.py: 'lower' only when every seed pair's interval is below zero, 'mixed' when some
+    are, 'not resolved' when none is; metrics the controls did not show informative are left out."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headline_claims", Path(__file__).resolve().parents[1] / "scripts" / "headline_claims.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def d(diff, low, high):
+        return {"difference": diff, "low": low, "high": high}
+
+    paired = {
+        "cpo": {"vs": "mle", "by_decoding": {"greedy": {"rep_3": d(-0.08, -0.1, -0.06), "rouge_l": d(0.01, 0.002, 0.02),
+                                                        "mauve": d(0.0, -0.1, 0.1), "similarity": d(0.0, -0.1, 0.1)}}},
+        "cpo.s1": {"vs": "mle.s1", "by_decoding": {"greedy": {"rep_3": d(-0.07, -0.09, -0.05), "rouge_l": d(0.0, -0.01, 0.01),
+                                                              "mauve": d(0.0, -0.1, 0.1), "similarity": d(0.0, -0.1, 0.1)}}},
+    }
+    spread = {"cpo": {"vs": "mle", "pairs": ["cpo - mle", "cpo.s1 - mle.s1"],
+                      "greedy": {m: {"mean": 0.0, "std": 0.0} for m in ("rep_3", "rouge_l", "mauve", "similarity")}}}
+    results = {"grid": {"paired": paired, "seed_spread_of_difference": spread,
+                        "informative": {"greedy": {"rep_3": True, "rouge_l": True, "mauve": True, "similarity": False}}}}
+    rows = {line.split(" | ")[1]: line for line in mod.claims(results, "cpo").splitlines()[2:]}
+    assert rows["3-gram repetition (lower: repeats less)"].endswith("| **lower** |")
+    assert rows["ROUGE-L to the gold"].endswith("| mixed across seeds |")
+    assert rows["MAUVE against the gold"].endswith("| not resolved |")
+    assert "MiniLM cosine to the gold" not in rows  # not shown informative by a control: no row, no claim
