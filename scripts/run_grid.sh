@@ -22,12 +22,17 @@ export OMP_NUM_THREADS=${GRID_THREADS:-1} MKL_NUM_THREADS=${GRID_THREADS:-1}
 out=$("$py" -c 'import sys; from seqcpo.grid import load_grid; print(load_grid(sys.argv[1]).out_dir)' "$grid") || exit 2
 mkdir -p "$out"
 
+# Two workers on one tree (`--only` other arms) commit in turn: flock on a file in .git serializes them, so
+# neither loses a commit to the other's index.lock.
 commit() {
-  git add -- "$out" >/dev/null 2>&1
-  if ! git diff --cached --quiet -- "$out"; then
-    git commit -q -m "grid $(basename "$grid" .yaml): outputs as of $(date -u +%Y-%m-%dT%H:%MZ)" -- "$out" \
-      && echo "$(date -u +%H:%M) committed $out" >> "$out/grid.log"
-  fi
+  (
+    flock -w 120 9 || exit 0
+    git add -- "$out" >/dev/null 2>&1
+    if ! git diff --cached --quiet -- "$out"; then
+      git commit -q -m "grid $(basename "$grid" .yaml): outputs as of $(date -u +%Y-%m-%dT%H:%MZ)" -- "$out" \
+        && echo "$(date -u +%H:%M) committed $out" >> "$out/grid.log"
+    fi
+  ) 9>"$(git rev-parse --git-dir)/seqcpo-grid-commit.lock"
 }
 
 ( while sleep 300; do commit; done ) &
