@@ -3,7 +3,7 @@
     python benchmarks/an_bf16_cpu.py                 # SmolLM2-135M, 4 prefixes x K = 4, prefix 32, 64 new tokens
     python benchmarks/an_bf16_cpu.py --tiny          # a tiny random Llama: exercises the code in seconds
 
-AN negatives are made by the reference model (PAPER.md default); ``reference_dtype: bfloat16`` keeps that copy in
+AN negatives are made by the reference model (the paper's default, docs/method.md); ``reference_dtype: bfloat16`` keeps that copy in
 bf16, so its negatives decode in bf16 (the CPU has AVX512-BF16: half the weight bytes per decoding step). What
 this measures:
 

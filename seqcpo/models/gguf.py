@@ -66,7 +66,7 @@ def _convert_embedded(key: str, spec: EmbeddedModel, target: str) -> None:
         tok = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.gguf_file, dtype=torch.float32)
         # transformers tags a GGUF-loaded model as quantized although its weights are dense now: untag it
-        # so it can be saved and fine-tuned (OFFLINE.md).
+        # so it can be saved and fine-tuned.
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
