@@ -4,7 +4,8 @@
 
 For every decoding and every metric the controls showed informative, each training seed's paired difference
 (arm seed s minus baseline seed s, on the same 400 items, 95% paired bootstrap interval) and the verdict: a
-claim only where every seed pair's interval excludes zero on the same side; "not resolved" where none does;
+claim only where every evaluated seed pair's interval excludes zero on the same side (the first line says how many
+of the grid's seeds are in); "not resolved" where none does;
 "mixed" otherwise. Prints markdown.
 """
 
@@ -23,7 +24,10 @@ def claims(results: dict, arm: str) -> str:
     spread = grid["seed_spread_of_difference"].get(arm)
     pairs = spread["pairs"] if spread else [f"{arm} - {grid['paired'][arm]['vs']}"]
     arms = [p.split(" - ")[0] for p in pairs]
-    lines = [f"| decoding | metric | {' | '.join(arms)} | mean ± sd over seeds | claim |",
+    seeds = [a for a in grid.get("arms", {arm: None}) if a == arm or a.startswith(f"{arm}.s")]
+    missing = [a for a in seeds if a not in arms]
+    lines = [f"Seeds evaluated: {len(arms)} of {len(seeds)}" + (f" ({', '.join(missing)} not yet)" if missing else ""),
+             "", f"| decoding | metric | {' | '.join(arms)} | mean ± sd over seeds | claim |",
              "|---|---|" + "---|" * len(arms) + "---|---|"]
     for dec, informative in grid["informative"].items():
         for metric, name in NAMES.items():
@@ -34,11 +38,11 @@ def claims(results: dict, arm: str) -> str:
                 d = grid["paired"][a]["by_decoding"][dec][metric]
                 cells.append(f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
                 sides.add("+" if d["low"] > 0 else "-" if d["high"] < 0 else "0")
-            s = spread[dec][metric] if spread else None
+            s = spread.get(dec, {}).get(metric) if spread else None
             ms = f"{s['mean']:+.3f} ± {s['std']:.3f}" if s else "-"
             verdict = ("**lower**" if sides == {"-"} else "**higher**" if sides == {"+"} else
                        "not resolved" if sides == {"0"} else "mixed across seeds")
-            lines.append(f"| {dec.split(':')[0]} | {name} | {' | '.join(cells)} | {ms} | {verdict} |")
+            lines.append(f"| `{dec}` | {name} | {' | '.join(cells)} | {ms} | {verdict} |")
     return "\n".join(lines)
 
 

@@ -542,6 +542,14 @@ def test_controls_and_quality_curves_reach_the_report(assets, tmp_path, fake_min
     run_grid(grid, only=["base.loop"])
     assert (out / "arms" / "base.loop" / "generate" / "generations.jsonl").read_text() == first
     assert (out / "arms" / "base.loop" / "evaluate" / "done.json").is_file()
+    # ... but never from out-of-date rows of its source (the control's fingerprint does not cover them)
+    done = out / "arms" / "base" / "generate" / "done.json"
+    kept = done.read_text()
+    done.write_text(kept.replace(json.loads(kept)["fingerprint"], "0" * 16))
+    shutil.rmtree(out / "arms" / "base.loop")
+    with pytest.raises(GridError, match=r"needs arm 'base' generated again .*--only base base.loop"):
+        run_grid(grid, only=["base.loop"])
+    done.write_text(kept)
     training = results["grid"]["training"]
     assert [s for s, _ in training["mle"]["quality"]["quality/rouge_l"]] == [0, 1, 2]
     assert "## Quality over training steps" in text and (out / "quality.png").is_file()
@@ -675,9 +683,11 @@ def test_headline_claims_claim_only_what_every_seed_pair_shows():
     }
     spread = {"cpo": {"vs": "mle", "pairs": ["cpo - mle", "cpo.s1 - mle.s1"],
                       "greedy": {m: {"mean": 0.0, "std": 0.0} for m in ("rep_3", "rouge_l", "mauve", "similarity")}}}
-    results = {"grid": {"paired": paired, "seed_spread_of_difference": spread,
+    results = {"grid": {"paired": paired, "seed_spread_of_difference": spread, "arms": {"mle": {}, "cpo": {}, "cpo.s1": {}},
                         "informative": {"greedy": {"rep_3": True, "rouge_l": True, "mauve": True, "similarity": False}}}}
-    rows = {line.split(" | ")[1]: line for line in mod.claims(results, "cpo").splitlines()[2:]}
+    lines = mod.claims(results, "cpo").splitlines()
+    assert lines[0] == "Seeds evaluated: 2 of 2"
+    rows = {line.split(" | ")[1]: line for line in lines[4:]}
     assert rows["3-gram repetition (lower: repeats less)"].endswith("| **lower** |")
     assert rows["ROUGE-L to the gold"].endswith("| mixed across seeds |")
     assert rows["MAUVE against the gold"].endswith("| not resolved |")

@@ -73,8 +73,11 @@ def _rewritten(run: GridRun, arm: ArmSpec, folder: Path, fp: str) -> dict:
 
     src, kind = run.grid.arm(arm.control.of), arm.control.kind
     src_done = read_done(run.arm_dir(src) / "generate")
-    if src_done is None:
-        raise GridError(f"{run.grid.path}: control {arm.name!r} needs arm {src.name!r} generated first")
+    if src_done is None or not is_current(run.arm_dir(src) / "generate", run.generate_fp(src)):
+        # never built from stale rows: the control's fingerprint does not cover its source's generations
+        state = "generated first" if src_done is None else "generated again (its generations are out of date)"
+        raise GridError(f"{run.grid.path}: control {arm.name!r} needs arm {src.name!r} {state}: "
+                        f"run with --only {src.name} {arm.name}")
     done = _reuse(run, arm, src, folder, fp, lambda rows: rewritten_rows(kind, rows, arm.name),
                   src_done["checkpoint"])
     logger.info("grid: %s: %s's continuations %s", arm.name, src.name,

@@ -71,8 +71,9 @@ OPTIONS: dict[str, NegativeOption] = {
     "an_vllm_dtype": NegativeOption("AN on vLLM: auto (the checkpoint's) or a dtype name.", "auto", vllm_only=True),
     "an_vllm_gpu_memory_utilization": NegativeOption(
         "AN on vLLM: fraction of the GPU vLLM may take (leave room for training).", 0.3, "(0,1]", vllm_only=True),
-    "an_batch_size": NegativeOption("AN: prefixes decoded together (`seqcpo negatives` gathers them from consecutive "
-                                    "batches when every negative draws per example: AN, TN, data).", 16, ">=1"),
+    "an_batch_size": NegativeOption("AN: prefixes decoded together, K rows each (`seqcpo negatives` on windows "
+                                    "gathers them from consecutive batches when every negative draws per example: "
+                                    "AN, TN, data).", 16, ">=1"),
     "an_rank_by": NegativeOption("AN ranked: rouge (ROUGE-L F to the gold) | temperature.", "rouge",
                                  choices=("rouge", "temperature")),
 }

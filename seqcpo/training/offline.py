@@ -17,9 +17,13 @@ float64, gold first). ``datasets.load_dataset("parquet", data_files=...)`` reads
 Many processes (``accelerate launch -m seqcpo.cli negatives ...``): shard ``s`` is made by rank
 ``s % world_size``; every example draws from its own generator (``seqcpo.seeding.example_generators(seed, id,
 epoch 0)``), so the rows are the same for any number of processes and any shard size (BN excepted: it draws
-from the batch, which is why batch and shard size are in the plan). When every negative draws per example (AN, TN,
-data; not BN or MN), AN decodes ``an_batch_size`` prefixes of consecutive batches in one call, and each batch is
-then scored alone: the draws are the same, a decoding step serves more rows. With AN on vLLM each process runs its own engine on its own GPU. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
+from the batch, which is why batch and shard size are in the plan). For windows (not document rows), when every
+negative draws per example (AN, TN, data; not BN or MN), AN decodes ``an_batch_size`` prefixes of consecutive
+batches in one call (``an_batch_size`` x K rows in memory at once), and each batch is then scored alone: each
+example draws from its own generator as before, and a decoding step serves more rows. Only the decoding's batch
+shape changes, so a token can differ where float rounding of another shape flips a near-tie (none of 64 rows at
+SmolLM2-135M, BENCHMARKS.md). A folder begun by an older seqcpo (one batch per call) and resumed by this one holds
+shards of both shapes: the same draws, so it is not re-planned. With AN on vLLM each process runs its own engine on its own GPU. Every shard is written atomically, so a killed run resumes at the missing shards. The plan id
 ``<plan>`` is the fingerprint of everything that decides the content (model, data and its example tokens,
 generators, K, seed, batch and shard size, dtype): a resumed run with another shard size or batch size
 re-plans (old shards are deleted), one with other model/data/generator settings is refused. Rank 0 marks the
