@@ -95,7 +95,7 @@ def cmd_ensemble(args, extra) -> int:
 def cmd_reproduce(args, extra) -> int:
     from seqcpo.grid import run_grid
 
-    out = run_grid(args.grid, only=args.only, dry_run=args.dry_run)
+    out = run_grid(args.grid, only=args.only, dry_run=args.dry_run, weights=args.weights)
     print(out)
     return 0
 
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("grid", help="grid YAML (see configs/)")
     r.add_argument("--only", nargs="*", metavar="ARM", help="run only these arms")
     r.add_argument("--dry-run", action="store_true", help="print the plan without running it")
+    r.add_argument("--weights", action="store_true",
+                   help="also make the weights of the selected trained arms where only their committed outputs are "
+                        "(a fresh clone): two workers can prepare an ensemble's two endpoints at once")
     r.set_defaults(func=cmd_reproduce, takes_overrides=False)
 
     try:

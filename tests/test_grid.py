@@ -493,7 +493,10 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
     before = _mtimes(out)
     run_grid(grid)
     assert trained == [] and _mtimes(out) == before  # nothing redone
-    # the ensemble's generations are gone: it needs both endpoints' weights, which are trained again
+    # --weights: a worker makes one endpoint's weights ahead of the ensemble (another could make the other)
+    run_grid(grid, only=["mle"], weights=True)
+    assert trained == ["mle"] and any((out / "arms" / "mle" / "final").glob("*.safetensors"))
+    # the ensemble's generations are gone: it needs both endpoints' weights; the missing one is trained again
     shutil.rmtree(out / "arms" / "mle~cpo@0.5" / "generate")
     run_grid(grid)
     assert sorted(trained) == ["cpo_ranked", "mle"]

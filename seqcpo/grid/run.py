@@ -21,12 +21,13 @@ from seqcpo.grid.generate import generate
 from seqcpo.grid.report import arm_summary, write_grid_report
 from seqcpo.grid.spec import ArmSpec, EnsembleSpec, GridError, load_grid
 from seqcpo.grid.state import GridRun
-from seqcpo.grid.train import interpolate, train
+from seqcpo.grid.train import interpolate, train, weights
 
 logger = logging.getLogger("seqcpo")
 
 
-def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dry_run: bool = False) -> str:
+def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dry_run: bool = False,
+             weights: bool = False) -> str:
     """Run (or resume) a grid: train, generate and evaluate each arm, then write the report.
 
     Args:
@@ -34,6 +35,9 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
         only: run the stages of these arms only (arm names, an ensemble name for all its alphas, or a
             ``seeds:`` arm for all its seeds); the report still lists every arm evaluated so far.
         dry_run: print the plan (arms, what each trains, which stages are done) and run nothing.
+        weights: also make the weights of each selected trained arm whose stages are finished but whose checkpoint
+            is not on this machine (retrained: the same weights on CPU), as an ensemble would; so two workers
+            can each prepare one of an ensemble's endpoints (``--only mle --weights``, ``--only cpo --weights``).
 
     Returns:
         The path of ``report.md`` (not written by a dry run).
@@ -57,13 +61,13 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
         raise GridError(f"{grid.path}: eval.judge: {e}") from None
     grid.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    _run_stages(run, command)
+    _run_stages(run, command, weights)
     path = write_grid_report(run, command)  # the paired bootstrap against the baseline (cached per arm), the report
     logger.info("grid %s: done in %.0f s; report %s", grid.name, time.perf_counter() - t0, path)
     return path
 
 
-def _run_stages(run: GridRun, command: str) -> None:
+def _run_stages(run: GridRun, command: str, make_weights: bool = False) -> None:
     """Negatives (where fixed), train, generate and evaluate, arm by arm in the file's order; each control right
     after its source, each ensemble right after its endpoints; then every evaluation left, the baseline first."""
     grid, selected = run.grid, run.selected
@@ -73,6 +77,8 @@ def _run_stages(run: GridRun, command: str) -> None:
             continue
         if arm.name in selected:
             train(run, arm)
+            if make_weights and arm.kind == "train":
+                weights(run, arm)
             generate(run, arm)
             _evaluate_when_ready(run, arm, command)
         # a selected control runs even when its source is not selected (a control added to a finished grid, run
