@@ -5,8 +5,7 @@
 For every decoding and every metric the controls showed informative, each training seed's paired difference
 (arm seed s minus baseline seed s, on the same 400 items, 95% paired bootstrap interval) and the verdict: a
 claim only where every evaluated seed pair's interval excludes zero on the same side (the first line says how many
-of the grid's seeds are in); "not resolved" where none does;
-"mixed" otherwise. Prints markdown.
+of the grid's seeds are in); "not resolved" where none does; "mixed" otherwise. Prints markdown.
 """
 
 from __future__ import annotations

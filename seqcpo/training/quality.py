@@ -182,14 +182,15 @@ def keep_samples_up_to(path: str, step: int) -> None:
     from seqcpo.io import atomic_write_jsonl
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a run killed while writing
-                continue
-            if step > 0 and isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                rows.append(row)
+    if step > 0:  # a fresh run keeps nothing: no need to read the file
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run killed while writing
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    rows.append(row)
     atomic_write_jsonl(path, rows)
 
 
