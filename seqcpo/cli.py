@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", nargs="*", metavar="ARM", help="run only these arms")
     r.add_argument("--dry-run", action="store_true", help="print the plan without running it")
     r.add_argument("--weights", action="store_true",
-                   help="also make the weights of the selected trained arms where only their committed outputs are "
-                        "(a fresh clone): two workers can prepare an ensemble's two endpoints at once")
+                   help="also make the weights of the trained arms named in --only (all without it; a seeds: arm's "
+                        "name is its first seed) where only their committed outputs are (a fresh clone): two "
+                        "workers can prepare an ensemble's two endpoints at once")
     r.set_defaults(func=cmd_reproduce, takes_overrides=False)
 
     try:

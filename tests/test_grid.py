@@ -481,6 +481,9 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
     from seqcpo.training import run as training_run
 
     grid = _grid(assets, tmp_path, judge="none")
+    raw = yaml.safe_load(open(grid))
+    raw["arms"]["mle"]["seeds"] = [0, 1]
+    Path(grid).write_text(yaml.safe_dump(raw, sort_keys=False))
     out = tmp_path / "out"
     run_grid(grid)
     digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
@@ -493,9 +496,11 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
     before = _mtimes(out)
     run_grid(grid)
     assert trained == [] and _mtimes(out) == before  # nothing redone
-    # --weights: a worker makes one endpoint's weights ahead of the ensemble (another could make the other)
+    # --weights: a worker makes one endpoint's weights ahead of the ensemble (another could make the other); the
+    # seeds group's name makes its first seed's weights only (the ensemble's endpoint), not every seed's
     run_grid(grid, only=["mle"], weights=True)
     assert trained == ["mle"] and any((out / "arms" / "mle" / "final").glob("*.safetensors"))
+    assert not (out / "arms" / "mle.s1" / "final").exists()
     # the ensemble's generations are gone: it needs both endpoints' weights; the missing one is trained again
     shutil.rmtree(out / "arms" / "mle~cpo@0.5" / "generate")
     run_grid(grid)

@@ -35,9 +35,11 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
         only: run the stages of these arms only (arm names, an ensemble name for all its alphas, or a
             ``seeds:`` arm for all its seeds); the report still lists every arm evaluated so far.
         dry_run: print the plan (arms, what each trains, which stages are done) and run nothing.
-        weights: also make the weights of each selected trained arm whose stages are finished but whose checkpoint
-            is not on this machine (retrained: the same weights on CPU), as an ensemble would; so two workers
-            can each prepare one of an ensemble's endpoints (``--only mle --weights``, ``--only cpo --weights``).
+        weights: also make the weights of trained arms whose stages are finished but whose checkpoint is not on
+            this machine (retrained: the same weights on CPU), as an ensemble would; so two workers can each
+            prepare one of an ensemble's endpoints (``--only mle --weights``, ``--only cpo --weights``). With
+            ``only``, just the arms it names exactly: ``cpo`` is the first seed of a ``seeds:`` arm (its other
+            seeds are selected but not retrained; name them, ``cpo.s1``, to make theirs); without, every trained arm.
 
     Returns:
         The path of ``report.md`` (not written by a dry run).
@@ -61,13 +63,14 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
         raise GridError(f"{grid.path}: eval.judge: {e}") from None
     grid.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    _run_stages(run, command, weights)
+    make = {a.name for a in grid.arms if a.kind == "train" and (not only or a.name in only)} if weights else set()
+    _run_stages(run, command, make)
     path = write_grid_report(run, command)  # the paired bootstrap against the baseline (cached per arm), the report
     logger.info("grid %s: done in %.0f s; report %s", grid.name, time.perf_counter() - t0, path)
     return path
 
 
-def _run_stages(run: GridRun, command: str, make_weights: bool = False) -> None:
+def _run_stages(run: GridRun, command: str, make_weights: set[str] = frozenset()) -> None:
     """Negatives (where fixed), train, generate and evaluate, arm by arm in the file's order; each control right
     after its source, each ensemble right after its endpoints; then every evaluation left, the baseline first."""
     grid, selected = run.grid, run.selected
@@ -77,7 +80,7 @@ def _run_stages(run: GridRun, command: str, make_weights: bool = False) -> None:
             continue
         if arm.name in selected:
             train(run, arm)
-            if make_weights and arm.kind == "train":
+            if arm.name in make_weights:
                 weights(run, arm)
             generate(run, arm)
             _evaluate_when_ready(run, arm, command)
