@@ -498,9 +498,14 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
     assert trained == [] and _mtimes(out) == before  # nothing redone
     # --weights: a worker makes one endpoint's weights ahead of the ensemble (another could make the other); the
     # seeds group's name makes its first seed's weights only (the ensemble's endpoint), not every seed's
+    committed = {str(p): p.read_bytes() for p in (out / "arms" / "mle").rglob("*") if p.is_file()}
     run_grid(grid, only=["mle"], weights=True)
     assert trained == ["mle"] and any((out / "arms" / "mle" / "final").glob("*.safetensors"))
     assert not (out / "arms" / "mle.s1" / "final").exists()
+    # the retrain ran in a scratch folder: the committed outputs (done.json, logs) are untouched and it is gone
+    assert {str(p): p.read_bytes() for p in (out / "arms" / "mle").rglob("*")
+            if p.is_file() and "final" not in p.parts} == committed
+    assert not (out / "arms" / "mle" / ".weights").exists()
     # the ensemble's generations are gone: it needs both endpoints' weights; the missing one is trained again
     shutil.rmtree(out / "arms" / "mle~cpo@0.5" / "generate")
     run_grid(grid)

@@ -37,12 +37,11 @@ def negatives(run: GridRun, arm: ArmSpec) -> dict | None:
                         complete=lambda f: any(f.glob("*.parquet")))
 
 
-def train(run: GridRun, arm: ArmSpec, force: bool = False) -> dict:
+def train(run: GridRun, arm: ArmSpec) -> dict:
     """Train the arm (its fixed negatives first), or record the untrained model's checkpoint."""
     run.train_done(arm)  # a trained arm finished with another config: refuse before anything else
     folder = run.arm_dir(arm)
-    return cached_stage(folder, run.train_fp(arm), lambda: _train(run, arm, folder), f"{arm.name}: train",
-                        force=force)
+    return cached_stage(folder, run.train_fp(arm), lambda: _train(run, arm, folder), f"{arm.name}: train")
 
 
 def _train(run: GridRun, arm: ArmSpec, folder: Path) -> dict:
@@ -115,5 +114,34 @@ def weights(run: GridRun, arm: ArmSpec) -> str:
     else:
         logger.info("grid: %s: weights not on this machine (only the stage's committed outputs are): training "
                     "again, which gives the same weights on CPU", arm.name)
-        train(run, arm, force=True)
+        _retrain(run, arm, Path(path))
     return run.checkpoint(arm)
+
+
+def _retrain(run: GridRun, arm: ArmSpec, dest: Path) -> None:
+    """Train a finished arm again for its weights only: in a scratch folder beside its committed outputs (resumed
+    there if interrupted), then only the final weights move to the recorded checkpoint path. The committed
+    done.json, training log and quality samples stay those of the run that finished, so a retrain cut off half-way
+    cannot leave them half-written; the retrain's final training loss is checked against the recorded one."""
+    import shutil
+
+    from seqcpo.training import run as training_run
+
+    recorded = run.train_done(arm)
+    negatives(run, arm)  # fixed negatives are not committed either: made again (the same rows)
+    scratch = run.arm_dir(arm) / ".weights"
+    overrides = {**arm.overrides, "output_dir": str(scratch)}
+    if any(scratch.glob("checkpoint-*")):
+        overrides["resume_from_checkpoint"] = "auto"
+    result = training_run.train(load_config(None, overrides, where=f"arms.{arm.name}"))
+    if recorded.get("train_loss") is not None and result["train_loss"] != recorded["train_loss"]:
+        logger.warning("grid: %s: the retrained weights' training loss %r differs from the recorded %r: this machine "
+                       "does not reproduce the run bit for bit (another torch build or thread count?); the "
+                       "ensemble uses these weights", arm.name, result["train_loss"], recorded["train_loss"])
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    Path(result["final_checkpoint"]).replace(dest)
+    del result
+    gc.collect()
+    shutil.rmtree(scratch)
