@@ -504,7 +504,7 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
     assert not (out / "arms" / "mle.s1" / "final").exists()
     # the retrain ran in a scratch folder: the committed outputs (done.json, logs) are untouched and it is gone
     assert {str(p): p.read_bytes() for p in (out / "arms" / "mle").rglob("*")
-            if p.is_file() and "final" not in p.parts} == committed
+            if p.is_file() and "final" not in p.parts and p.name != ".weights.lock"} == committed
     assert not (out / "arms" / "mle" / ".weights").exists()
     # the ensemble's generations are gone: it needs both endpoints' weights; the missing one is trained again
     shutil.rmtree(out / "arms" / "mle~cpo@0.5" / "generate")
@@ -514,6 +514,21 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
              for p in (out / "arms" / "cpo" / "final").glob("*.safetensors")}
     assert again == digest  # deterministic on CPU: the same weights
     assert (out / "arms" / "mle~cpo@0.5" / "generate" / "done.json").is_file()
+    # a worker that needs weights another worker is making waits for them and does not train them again
+    import fcntl
+    import threading
+
+    shutil.copytree(out / "arms" / "mle" / "final", tmp_path / "made")
+    shutil.rmtree(out / "arms" / "mle" / "final")
+    with open(out / "arms" / "mle" / ".weights.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the other worker
+        waiter = threading.Thread(target=run_grid, args=(grid,), kwargs={"only": ["mle"], "weights": True})
+        waiter.start()
+        waiter.join(timeout=3)
+        assert waiter.is_alive()  # waiting on the lock
+        shutil.copytree(tmp_path / "made", out / "arms" / "mle" / "final")  # the other worker's weights land
+    waiter.join(timeout=120)
+    assert not waiter.is_alive() and sorted(trained) == ["cpo_ranked", "mle"]  # nothing trained again
 
 
 def test_controls_and_quality_curves_reach_the_report(assets, tmp_path, fake_minilm):

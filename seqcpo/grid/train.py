@@ -3,6 +3,7 @@ ensemble, and making an arm's weights again where only its committed outputs are
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -112,10 +113,31 @@ def weights(run: GridRun, arm: ArmSpec) -> str:
         logger.info("grid: %s: ensemble weights not on this machine: interpolating again", arm.name)
         interpolate(run, run.ensemble(arm), force=True)
     else:
-        logger.info("grid: %s: weights not on this machine (only the stage's committed outputs are): training "
-                    "again, which gives the same weights on CPU", arm.name)
-        _retrain(run, arm, Path(path))
+        with _weights_lock(run.arm_dir(arm), arm.name):
+            if not has_weights(path):  # another worker may have made them while this one waited
+                logger.info("grid: %s: weights not on this machine (only the stage's committed outputs are): "
+                            "training again, which gives the same weights on CPU", arm.name)
+                _retrain(run, arm, Path(path))
     return run.checkpoint(arm)
+
+
+@contextlib.contextmanager
+def _weights_lock(folder: Path, name: str):
+    """One worker at a time makes an arm's weights; another that needs them (an ensemble's endpoint that a
+    ``--weights`` worker is still training) waits for them instead of failing on the training lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: unguarded (the training lock still refuses a second run into the folder)
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".weights.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("grid: %s: another worker is making these weights: waiting for it", name)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _retrain(run: GridRun, arm: ArmSpec, dest: Path) -> None:
