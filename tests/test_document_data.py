@@ -167,8 +167,7 @@ def test_bad_document_settings_are_one_clear_line(assets, tmp_path, capsys):
     with pytest.raises(ConfigError, match="anchors_per_row.*4 anchors per device batch"):
         _train_cfg(assets, tmp_path / "x", anchors_per_row=1, negatives="bn", num_negatives=3,
                    per_device_train_batch_size=2)
-    with pytest.raises(ConfigError, match="reference='none': document rows score the reference"):
-        _train_cfg(assets, tmp_path / "y", reference="none")
+    assert _train_cfg(assets, tmp_path / "y", reference="none").normalized_logps  # reference-free rows: SimPO's s_i
     # fixed negatives are made before training (where BN's pool is checked), so a run on a folder needs none
     assert _train_cfg(assets, tmp_path / "y", anchors_per_row=1, negatives="bn", num_negatives=3,
                       negatives_path=str(tmp_path)).negatives_path == str(tmp_path)

@@ -141,8 +141,9 @@ def _window_loss(model, reference, rows, examples, negs, beta, ranked, length_no
     for ex, neg in zip(examples, negs):
         one = CandidateBatch([ex.prefix_ids], [[ex.continuation_ids] + neg], [[True] * (len(neg) + 1)])
         pol.append(naive_sequence_logps(model, one, length_normalize=length_normalize).logps)
-        with torch.no_grad():
-            ref.append(naive_sequence_logps(reference, one, length_normalize=length_normalize).logps)
+        with torch.no_grad():  # reference None: reference-free, zeros
+            ref.append(torch.zeros_like(pol[-1]) if reference is None
+                       else naive_sequence_logps(reference, one, length_normalize=length_normalize).logps)
     pol, ref = torch.cat(pol), torch.cat(ref)
     return nll / tokens + lam * cpo_loss_per_example(pol, ref, beta, ranked=ranked, mask=mask).mean(), pol
 
@@ -295,15 +296,18 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def test_a_trainer_step_on_rows_equals_the_naive_windows_and_not_its_split(model_dir, tmp_path):
+@pytest.mark.parametrize("reference", ["frozen_copy", "none"])
+def test_a_trainer_step_on_rows_equals_the_naive_windows_and_not_its_split(model_dir, tmp_path, reference):
     """One SGD step (lr 1): the update is minus the gradient of the naive loss (rows' MLE + CPO at the same
-    anchors as full-prefix windows, with the negatives the trainer made), and 2x2 gives 4x1's step."""
+    anchors as full-prefix windows, with the negatives the trainer made), and 2x2 gives 4x1's step. Reference-free
+    (none): the anchors' candidates scored by their mean token log-prob against zeros, MN from the policy."""
     from split_step import one_step
     from transformers import AutoModelForCausalLM
 
     examples = _doc_examples()
-    full = one_step(model_dir, str(tmp_path), "cpo", batch=4, accumulation=1, examples=examples, **DOC)
-    split = one_step(model_dir, str(tmp_path), "cpo", batch=2, accumulation=2, examples=examples, **DOC)
+    doc = {**DOC, "reference": reference}
+    full = one_step(model_dir, str(tmp_path), "cpo", batch=4, accumulation=1, examples=examples, **doc)
+    split = one_step(model_dir, str(tmp_path), "cpo", batch=2, accumulation=2, examples=examples, **doc)
     assert full["update"].norm() > 1e-3
     assert _relative(split["update"], full["update"]) < 1e-5
     assert split["negatives"] == full["negatives"]
@@ -311,7 +315,7 @@ def test_a_trainer_step_on_rows_equals_the_naive_windows_and_not_its_split(model
         assert split["log"][key] == pytest.approx(full["log"][key], rel=1e-4, abs=1e-6), key
     made = full["negatives"]  # anchor id -> [ids, valid]
     assert len(made) == sum(anchor_count(len(e.prefix_ids) + len(e.continuation_ids), 4, 3) for e in examples) == 12
-    model, reference = AutoModelForCausalLM.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    model, ref_model = AutoModelForCausalLM.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
     model.train()  # the trainer trains in train mode (no dropout in the tiny model)
     rows = [e.prefix_ids + e.continuation_ids for e in examples]
     windows, negs, valid = [], [], []
@@ -321,8 +325,9 @@ def test_a_trainer_step_on_rows_equals_the_naive_windows_and_not_its_split(model
             windows.append(Example(prefix_ids=rows[b][:a], continuation_ids=rows[b][a:a + 4]))
             negs.append(made[aid][0])
             valid.append([True] + made[aid][1])
-    loss, _ = _window_loss(model, reference, rows, windows, negs, 1.0, False, False, torch.tensor(valid),
-                           lam=DOC["cpo_lambda"])
+    free = reference == "none"
+    loss, _ = _window_loss(model, None if free else ref_model, rows, windows, negs, 1.0, False, free,
+                           torch.tensor(valid), lam=DOC["cpo_lambda"])
     model.zero_grad(set_to_none=True)
     loss.backward()
     assert _relative(full["update"], -_grads(model)) < 1e-5

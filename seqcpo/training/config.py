@@ -353,9 +353,6 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
         if per_row == 0:
             bad("anchors_per_row", "task document with a CPO objective needs at least one anchor per row "
                 "(or objective mle)")
-        if self.reference == "none":
-            bad("reference", "document rows score the reference in their one-pass layout; choose frozen_copy, "
-                "adapter_disabled, or precomputed with negatives_path")
         pool = None if per_row is None or self.negatives_path else per_row * self.per_device_train_batch_size
         if bn and pool is not None and pool < bn + 1:
             bad("anchors_per_row", f"{bn} batch negatives (bn) per anchor need at least {bn + 1} anchors per device "

@@ -43,7 +43,7 @@ from seqcpo.document_rows import (
 )
 from seqcpo.losses import cpo_loss_per_example, preference_metric_sums
 from seqcpo.negatives import uses_gold_logits
-from seqcpo.reference import PrecomputedReference
+from seqcpo.reference import NoReference, PrecomputedReference
 from seqcpo.types import Example
 
 
@@ -68,13 +68,15 @@ def document_terms(trainer, model, examples: list[Example], epochs, training: bo
         anchors, windows, negatives = _made(trainer, rows, ids, epochs, training, device)
         stored_ref = None
     layout = build_document_layout(rows, anchors, negatives.ids if negatives else None, C, device=device)
-    opts = dict(length_normalize=cfg.length_normalize, chunk_size=cfg.logits_chunk_size)
+    opts = dict(length_normalize=cfg.normalized_logps, chunk_size=cfg.logits_chunk_size)
     out = document_logps(model, layout, **opts)
     nll = -out.row_summed.sum()
     if not windows:  # rows too short for an anchor: the MLE term alone
         return nll, nll.new_zeros(()), {"loss/cpo": (0.0, 0)}
     if isinstance(trainer.reference, PrecomputedReference):  # cached by `seqcpo negatives` per window
         ref = trainer.reference.logps(SimpleNamespace(ref_logps=stored_ref)).to(out.anchors.logps.device)
+    elif isinstance(trainer.reference, NoReference):  # reference-free: s_i = beta * mean token log-prob
+        ref = torch.zeros(out.anchors.logps.shape, dtype=torch.float32, device=out.anchors.logps.device)
     else:
         ref = _reference_logps(trainer, layout, opts).to(out.anchors.logps.device)
     mask = torch.tensor([[True] + list(v) for v in negatives.valid], dtype=torch.bool, device=ref.device)
@@ -124,10 +126,11 @@ def _fixed(trainer, offline, rows, ids):
 def _gold_logits(trainer, rows, anchors, C, device) -> list[torch.Tensor]:
     """MN's logits: one pass over the rows of the model that makes the negatives (the reference by default)."""
     rows_only = build_document_layout(rows, anchors, None, C, device=device)
-    if trainer.cfg.negatives_model == "policy":
+    ref = trainer.reference
+    if trainer.cfg.negatives_model == "policy" or getattr(ref, "model", None) is None:
+        # the policy's, as the generators of reference-free runs (seqcpo.training.negatives_model)
         with torch.no_grad():
             return anchor_gold_logits(trainer.policy_for_negatives(), rows_only, C)
-    ref = trainer.reference
     with ref._context():
         return anchor_gold_logits(ref.model, rows_only, C)
 
