@@ -129,9 +129,10 @@ def _document_loss(model, reference, rows, anchors, negs, C, beta, ranked, lengt
     return -out.row_summed.sum() / lay.row_counts.sum() + 0.7 * cpo.mean(), out
 
 
-def _window_loss(model, reference, rows, examples, negs, beta, ranked, length_normalize, mask, lam=0.7):
+def _window_loss(model, reference, rows, examples, negs, beta, ranked, length_normalize, mask, lam=0.7, term=None):
     """The naive form: every row's MLE in its own full-vocabulary pass; every anchor on its own, one window of
-    its full prefix per candidate (seqcpo.logps.naive_sequence_logps)."""
+    its full prefix per candidate (seqcpo.logps.naive_sequence_logps); ``term(pol, ref, mask)`` the per-example
+    preference loss (CPO's by default)."""
     nll = tokens = 0
     for row in rows:
         one = CandidateBatch([row[:1]], [[row[1:]]], [[True]])
@@ -145,7 +146,8 @@ def _window_loss(model, reference, rows, examples, negs, beta, ranked, length_no
             ref.append(torch.zeros_like(pol[-1]) if reference is None
                        else naive_sequence_logps(reference, one, length_normalize=length_normalize).logps)
     pol, ref = torch.cat(pol), torch.cat(ref)
-    return nll / tokens + lam * cpo_loss_per_example(pol, ref, beta, ranked=ranked, mask=mask).mean(), pol
+    pref = term(pol, ref, mask) if term else cpo_loss_per_example(pol, ref, beta, ranked=ranked, mask=mask)
+    return nll / tokens + lam * pref.mean(), pol
 
 
 @pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2], ids=["llama", "gpt2"])
@@ -296,16 +298,21 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("reference", ["frozen_copy", "none"])
-def test_a_trainer_step_on_rows_equals_the_naive_windows_and_not_its_split(model_dir, tmp_path, reference):
-    """One SGD step (lr 1): the update is minus the gradient of the naive loss (rows' MLE + CPO at the same
-    anchors as full-prefix windows, with the negatives the trainer made), and 2x2 gives 4x1's step. Reference-free
-    (none): the anchors' candidates scored by their mean token log-prob against zeros, MN from the policy."""
+@pytest.mark.parametrize("over", [{}, {"reference": "none", "target_margin": 0.5}, {"objective": "lipo"}],
+                         ids=["cpo", "reference-free", "lipo"])
+def test_a_trainer_step_on_rows_equals_the_naive_windows_and_not_its_split(model_dir, tmp_path, over):
+    """One SGD step (lr 1): the update is minus the gradient of the naive loss (rows' MLE + the objective's term at
+    the same anchors as full-prefix windows, with the negatives the trainer made), and 2x2 gives 4x1's step.
+    Reference-free (none): the anchors' candidates scored by their mean token log-prob against zeros, the target
+    margin taken off the gold, MN from the policy; a list loss (LiPO) gets its labels from the column order."""
     from split_step import one_step
     from transformers import AutoModelForCausalLM
 
+    from seqcpo.losses import preference_loss_per_example
+    from seqcpo.negatives.data import candidate_labels
+
     examples = _doc_examples()
-    doc = {**DOC, "reference": reference}
+    doc = {**DOC, **over}
     full = one_step(model_dir, str(tmp_path), "cpo", batch=4, accumulation=1, examples=examples, **doc)
     split = one_step(model_dir, str(tmp_path), "cpo", batch=2, accumulation=2, examples=examples, **doc)
     assert full["update"].norm() > 1e-3
@@ -325,9 +332,15 @@ def test_a_trainer_step_on_rows_equals_the_naive_windows_and_not_its_split(model
             windows.append(Example(prefix_ids=rows[b][:a], continuation_ids=rows[b][a:a + 4]))
             negs.append(made[aid][0])
             valid.append([True] + made[aid][1])
-    free = reference == "none"
+    objective, free = doc["objective"], doc.get("reference") == "none"
+    labels, _ = candidate_labels(windows, [["tn", "mn"]] * len(windows), ranked=objective == "lipo")
+
+    def term(pol, ref, mask):
+        return preference_loss_per_example(objective, pol, ref, 1.0, mask=mask, margin=doc.get("target_margin", 0.0),
+                                           labels=torch.tensor(labels))
+
     loss, _ = _window_loss(model, None if free else ref_model, rows, windows, negs, 1.0, False, free,
-                           torch.tensor(valid), lam=DOC["cpo_lambda"])
+                           torch.tensor(valid), lam=DOC["cpo_lambda"], term=term)
     model.zero_grad(set_to_none=True)
     loss.backward()
     assert _relative(full["update"], -_grads(model)) < 1e-5

@@ -41,9 +41,10 @@ from seqcpo.document_rows import (
     choose_anchors,
     document_logps,
 )
-from seqcpo.losses import cpo_loss_per_example, preference_metric_sums
+from seqcpo.losses import preference_metric_sums
 from seqcpo.negatives import uses_gold_logits
 from seqcpo.reference import NoReference, PrecomputedReference
+from seqcpo.training.scoring import preference_term
 from seqcpo.types import Example
 
 
@@ -80,7 +81,9 @@ def document_terms(trainer, model, examples: list[Example], epochs, training: bo
     else:
         ref = _reference_logps(trainer, layout, opts).to(out.anchors.logps.device)
     mask = torch.tensor([[True] + list(v) for v in negatives.valid], dtype=torch.bool, device=ref.device)
-    cpo = cpo_loss_per_example(out.anchors.logps, ref, cfg.beta, ranked=cfg.ranked, mask=mask).sum()
+    # the objective's own term, as on windows (target margin, list losses' labels from the negatives' sources)
+    cands = SimpleNamespace(sources=negatives.sources, num_candidates=mask.shape[1])
+    cpo = preference_term(cfg, out.anchors.logps, ref, mask, cands, windows).sum()
     sums = preference_metric_sums(out.anchors.logps.detach(), ref, cfg.beta, mask=mask)
     sums["loss/cpo"] = (cpo.item(), len(windows))
     n_neg = mask[:, 1:].numel()
