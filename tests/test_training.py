@@ -128,6 +128,14 @@ def test_resume_reproduces_the_uninterrupted_losses(assets, tmp_path):
     resumed_losses = _losses(resumed["trainer"].state.log_history)
     assert len(full_losses) == 6
     assert resumed_losses[-3:] == pytest.approx(full_losses[-3:], rel=1e-5, abs=1e-6)
+    # the run's mean loss is the whole run's, not the 3 steps after the resume; the gold watch's deltas are
+    # measured from the run's start (the first gold_logp_window logged steps), not from the resume
+    assert resumed["train_loss"] == full["train_loss"]
+    info = json.load(open(out_b / "run" / "run_info.json"))
+    assert info["train_loss"] == full["train_loss"] and info["steps"] == 6
+    delta = [r.get("logps/chosen_delta") for r in full["trainer"].state.log_history if "loss" in r]
+    assert delta[-1] is not None
+    assert [r.get("logps/chosen_delta") for r in resumed["trainer"].state.log_history if "loss" in r] == delta
 
 
 def test_checkpoint_reloads_with_plain_transformers(assets, tmp_path):

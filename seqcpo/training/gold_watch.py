@@ -83,6 +83,13 @@ class GoldLikelihoodMonitor(TrainerCallback):
         self.values: list[float] = []
         self.reported: int | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed run: the start and the latest window come from the checkpoint's log history, so the deltas
+        # and the one warning are those of the uninterrupted run
+        self.values = [v for _, v in chosen_curve(state.log_history)] if state.global_step else []
+        done = gold_drop(state.log_history, self.window, self.max_drop) if self.values else None
+        self.reported = done
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or KEY not in logs or not math.isfinite(float(logs[KEY])):
             return

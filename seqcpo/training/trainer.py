@@ -48,6 +48,8 @@ from seqcpo.reference import build_reference
 from seqcpo.seeding import example_generators
 from seqcpo.two_pass import two_pass_supported
 from seqcpo.training.checkpoints import NonFiniteGuard, finite_logs, save_complete_checkpoint
+from seqcpo.training.checkpoints.run_loss import RunLossCarry
+from seqcpo.training.checkpoints.run_loss import store as store_run_loss
 from seqcpo.training.config import SeqCPOConfig
 from seqcpo.training.negatives_model import PolicySnapshot, negatives_model
 from seqcpo.training.policy_layout import agreed_layout, check_layout
@@ -109,6 +111,8 @@ class SeqCPOTrainer(Trainer):
             policy_two_pass=args.negatives_refresh_steps <= 1 and not self._checkpointing and two_pass_supported(model),
         )
         self.finite_guard = NonFiniteGuard()  # stops at a NaN/inf loss or gradient norm (checkpoints.py)
+        self.run_loss = RunLossCarry(self)  # train_loss over the whole run across a resume (checkpoints.run_loss)
+        self.add_callback(self.run_loss)
 
     def _build_scoring(self, model, reference_model) -> None:
         """The reference, and the negatives' generator unless the negatives are fixed (``negatives_path``)."""
@@ -280,6 +284,7 @@ class SeqCPOTrainer(Trainer):
         """Adds the pooled metrics (:meth:`StepMetrics.log_values`). Runs on every process (transformers logs on
         all of them): one all-reduce."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        self.run_loss.whole_run_loss(logs)
         logs.update(self.metrics.log_values(mode, self.args.device))
         super().log(finite_logs(logs), start_time)
 
@@ -295,7 +300,13 @@ class SeqCPOTrainer(Trainer):
         return grad_norm
 
     def _save_checkpoint(self, model, trial):
+        store_run_loss(self)
         save_complete_checkpoint(self, super()._save_checkpoint, model, trial)
+
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        loss = (out.metrics or {}).get("train_loss", out.training_loss)  # the whole run's (whole_run_loss)
+        return out._replace(training_loss=loss)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
