@@ -418,6 +418,10 @@ def test_seeds_judge_arms_paired_and_offline_negatives_are_checked(assets, tmp_p
         (lambda r: r.update(paired={"resample": 5}), r"unknown key 'resample'.*'resamples'"),
         (lambda r: r["arms"]["mle"].update(offline_negatives=True), r"offline_negatives: objective mle uses no"),
         (lambda r: r["arms"]["anr"].update(negatives_path="x"), r"arms.anr: offline_negatives makes negatives_path"),
+        (lambda r: r.update(ensembles=[{"from": "mle", "to": "cpo", "name": "anr"}]),
+         r"ensembles: name 'anr' is already an arm's"),
+        (lambda r: r.update(ensembles=[{"from": "mle", "to": "cpo", "alphas": [a]} for a in (0.25, 0.5)]),
+         r"ensembles: name 'mle~cpo' is already an arm's or another ensemble's"),
     ]:
         bad = yaml.safe_load(yaml.safe_dump(raw))
         change(bad)
@@ -427,6 +431,8 @@ def test_seeds_judge_arms_paired_and_offline_negatives_are_checked(assets, tmp_p
     Path(path).write_text(yaml.safe_dump(raw))
     with pytest.raises(GridError, match="--only: nope not in the grid"):
         run_grid(path, only=["nope"], dry_run=True)
+    with pytest.raises(GridError, match="--only: name at least one arm"):  # `--only $EMPTY`: not the whole grid
+        run_grid(path, only=[], dry_run=True)
     run_grid(path, only=["cpo"], dry_run=True)   # a seeds group selects all its seeds
 
 
@@ -472,7 +478,7 @@ def test_grid_fingerprints_are_frozen_and_ignore_bookkeeping(tmp_path):
     assert {k: v[1] for k, v in fps.items()} == FROZEN_GENERATE
 
 
-def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path, monkeypatch, fake_minilm):
+def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path, monkeypatch, fake_minilm, caplog):
     """A fresh clone holds the committed outputs (done.json, generations, scores, logs) but no weights: the rerun
     skips every finished stage; a stage that needs weights retrains them and gets the same weights."""
     import hashlib
@@ -506,9 +512,16 @@ def test_a_clone_without_weights_redoes_only_what_needs_weights(assets, tmp_path
     assert {str(p): p.read_bytes() for p in (out / "arms" / "mle").rglob("*")
             if p.is_file() and "final" not in p.parts and p.name != ".weights.lock"} == committed
     assert not (out / "arms" / "mle" / ".weights").exists()
-    # the ensemble's generations are gone: it needs both endpoints' weights; the missing one is trained again
+    assert "differ" not in caplog.text  # the retrain logged the committed run's step losses
+    # the ensemble's generations are gone: it needs both endpoints' weights; the missing one is trained again (its
+    # committed log altered here: a machine that does not reproduce the run is said)
     shutil.rmtree(out / "arms" / "mle~cpo@0.5" / "generate")
+    log = out / "arms" / "cpo" / "log_history.json"
+    rows = json.loads(log.read_text())
+    next(r for r in rows if "loss" in r)["loss"] += 0.5
+    log.write_text(json.dumps(rows))
     run_grid(grid)
+    assert "cpo: the retrain's training losses differ from the committed run's (first at (1," in caplog.text
     assert sorted(trained) == ["cpo_ranked", "mle"]
     again = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
              for p in (out / "arms" / "cpo" / "final").glob("*.safetensors")}

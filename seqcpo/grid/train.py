@@ -121,6 +121,29 @@ def weights(run: GridRun, arm: ArmSpec) -> str:
     return run.checkpoint(arm)
 
 
+def _check_same_losses(name: str, committed: Path, history: list[dict], recorded: dict) -> None:
+    """Warn when the retrain's logged step losses are not the committed run's (then its weights are not either):
+    another torch build or thread count. Without a committed log, the recorded training loss is compared."""
+    import json
+
+    def losses(rows):
+        return [(r.get("step"), r["loss"]) for r in rows if "loss" in r]
+
+    try:
+        before = losses(json.loads(committed.read_text()))
+    except (OSError, ValueError):
+        before = None
+    now = losses(history)
+    if before is not None:
+        differ = next((a for a, b in zip(before, now) if a != b), None) if len(before) == len(now) else before[-1:]
+    else:
+        differ = None if recorded.get("train_loss") in (None, history[-1].get("train_loss")) else "train_loss"
+    if differ:
+        logger.warning("grid: %s: the retrain's training losses differ from the committed run's (first at %s): this "
+                       "machine does not reproduce the run bit for bit (another torch build or thread count?); the "
+                       "ensemble uses these weights", name, differ)
+
+
 @contextlib.contextmanager
 def _weights_lock(folder: Path, name: str):
     """One worker at a time makes an arm's weights; another that needs them (an ensemble's endpoint that a
@@ -144,7 +167,7 @@ def _retrain(run: GridRun, arm: ArmSpec, dest: Path) -> None:
     """Train a finished arm again for its weights only: in a scratch folder beside its committed outputs (resumed
     there if interrupted), then only the final weights move to the recorded checkpoint path. The committed
     done.json, training log and quality samples stay those of the run that finished, so a retrain cut off half-way
-    cannot leave them half-written; the retrain's final training loss is checked against the recorded one."""
+    cannot leave them half-written; the retrain's logged step losses are checked against the committed log."""
     import shutil
 
     from seqcpo.training import run as training_run
@@ -156,10 +179,8 @@ def _retrain(run: GridRun, arm: ArmSpec, dest: Path) -> None:
     if any(scratch.glob("checkpoint-*")):
         overrides["resume_from_checkpoint"] = "auto"
     result = training_run.train(load_config(None, overrides, where=f"arms.{arm.name}"))
-    if recorded.get("train_loss") is not None and result["train_loss"] != recorded["train_loss"]:
-        logger.warning("grid: %s: the retrained weights' training loss %r differs from the recorded %r: this machine "
-                       "does not reproduce the run bit for bit (another torch build or thread count?); the "
-                       "ensemble uses these weights", arm.name, result["train_loss"], recorded["train_loss"])
+    _check_same_losses(arm.name, run.arm_dir(arm) / "log_history.json", result["trainer"].state.log_history,
+                       recorded)
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
