@@ -47,6 +47,8 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
     grid = load_grid(grid_path)
     names = [a.name for a in grid.arms]
     groups = {e.name for e in grid.ensembles} | {a.seed_group for a in grid.arms if a.seed_group}
+    if only is not None and not only:
+        raise GridError("--only: name at least one arm (without --only every arm runs)")
     unknown = [n for n in only or () if n not in names and n not in groups]
     if unknown:
         raise GridError(f"--only: {', '.join(unknown)} not in the grid (arms: {', '.join(names)})")

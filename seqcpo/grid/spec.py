@@ -138,6 +138,11 @@ def load_grid(path: str | os.PathLike) -> GridConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise GridError(f"{where}: arm names must be unique; repeated: {', '.join(dup)}")
+        ens_names = [e.name for e in ensembles]  # --only selects an ensemble's alphas by its name
+        clash = sorted({n for n in ens_names if n in names or ens_names.count(n) > 1})
+        if clash:
+            raise GridError(f"{where}: ensembles: name {', '.join(map(repr, clash))} is already an arm's or another "
+                            "ensemble's; give the ensemble a 'name' of its own")
         ev = _eval_config(where, _mapping(f"{where}: eval", raw.get("eval"), "EvalConfig fields"), names)
         judge_arms = raw.get("judge_arms")
         if judge_arms is not None:
