@@ -339,6 +339,19 @@ def test_an_decodes_several_batches_together_and_draws_the_same_rows(setup, monk
     for i in a:
         assert (a[i]["negatives"], a[i]["valid"], a[i]["sources"]) == (b[i]["negatives"], b[i]["valid"], b[i]["sources"])
         assert a[i]["ref_logps"] == pytest.approx(b[i]["ref_logps"], abs=1e-5)
+    # an_batch_size only changes speed: a folder resumed or trained on with another value keeps its shards
+    from seqcpo.training.offline_reader import read_offline_negatives
+
+    man, _ = _rows(root / "an_alone")
+    os.remove(root / "an_alone" / man["shards"][1]["file"])
+    calls[:] = []
+    make_negatives(_config(setup, an_batch_size=6, **over), str(root / "an_alone"), shard_size=8)
+    man2, again = _rows(root / "an_alone")
+    assert sum(calls) == man["shards"][1]["rows"]  # only the missing shard was made again
+    assert [m["file"] for m in man2["shards"]] == [m["file"] for m in man["shards"]] and again.keys() == a.keys()
+    assert all(again[i]["negatives"] == a[i]["negatives"] for i in a)
+    assert man2["settings"]["options"]["an_batch_size"] == 2  # the folder's record
+    read_offline_negatives(str(root / "an_alone"), _config(setup, an_batch_size=5, **over))
     # MN reads its batch's gold logits, BN draws from its batch: those stay one batch per call
     calls[:] = []
     make_negatives(_config(setup, an_batch_size=6, **{**over, "negatives": "an:1,mn:1"}), str(root / "an_mn"), shard_size=8)

@@ -39,6 +39,7 @@ class NegativeOption:
     choices: tuple[str, ...] | None = None
     config_name: str | None = None  # the SeqCPOConfig field, when not the option's own name
     vllm_only: bool = False  # passed on only when the AN backend is vllm
+    speed_only: bool = False  # changes how fast the rows are made, never which (not compared between runs)
 
 
 #: option key -> its declaration. Keys for a generator not in the spec are accepted and ignored.
@@ -70,13 +71,21 @@ OPTIONS: dict[str, NegativeOption] = {
         "AN on vLLM: the weights folder or Hub id (default: the model's own name_or_path).", None, vllm_only=True),
     "an_vllm_dtype": NegativeOption("AN on vLLM: auto (the checkpoint's) or a dtype name.", "auto", vllm_only=True),
     "an_vllm_gpu_memory_utilization": NegativeOption(
-        "AN on vLLM: fraction of the GPU vLLM may take (leave room for training).", 0.3, "(0,1]", vllm_only=True),
+        "AN on vLLM: fraction of the GPU vLLM may take (leave room for training).", 0.3, "(0,1]", vllm_only=True,
+        speed_only=True),
     "an_batch_size": NegativeOption("AN: prefixes decoded together, K rows each (`seqcpo negatives` on windows "
                                     "gathers them from consecutive batches when every negative draws per example: "
-                                    "AN, TN, data).", 16, ">=1"),
+                                    "AN, TN, data; each prefix draws from its own generator, so the rows do not "
+                                    "depend on it).", 16, ">=1", speed_only=True),
     "an_rank_by": NegativeOption("AN ranked: rouge (ROUGE-L F to the gold) | temperature.", "rouge",
                                  choices=("rouge", "temperature")),
 }
+
+
+def content_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """``opts`` without the options that only change speed (a folder of negatives made with another
+    ``an_batch_size`` holds the same rows)."""
+    return {k: v for k, v in opts.items() if not (k in OPTIONS and OPTIONS[k].speed_only)}
 
 
 def resolve_an_backend(backend: str, offline: bool = False, reference_made: bool = True) -> str:

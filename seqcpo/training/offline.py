@@ -51,6 +51,7 @@ from seqcpo.batching import negatives_to_offline
 from seqcpo.io import atomic_output, atomic_write_json
 from seqcpo.models.digest import sha256_file
 from seqcpo.negatives import build_negative_generator, uses_gold_logits
+from seqcpo.negatives.registry import content_options
 from seqcpo.reference import FrozenCopyReference
 from seqcpo.types import Example, Negatives
 
@@ -183,6 +184,18 @@ def _read_manifest(out_dir: str) -> dict | None:
         raise ValueError(f"{path}: unreadable ({e}); delete the folder or choose another --out") from None
 
 
+def _keep_speed_options(old: dict | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the speed-only options (``an_batch_size``) the folder recorded, when it has a manifest:
+    they do not change the rows, so a resume (or a check) with other values keeps the folder's shards and
+    fingerprint; the manifest records the values the folder was started with."""
+    recorded = ((old or {}).get("settings") or {}).get("options")
+    if not isinstance(recorded, dict):
+        return settings
+    opts = content_options(settings["options"])
+    opts.update({k: v for k, v in recorded.items() if k not in content_options(recorded)})
+    return {**settings, "options": opts}
+
+
 def _plan_decision(old: dict | None, settings: dict[str, Any], out_dir: str) -> str:
     """"new", "same" or "replan" for a folder holding ``old`` (its manifest); raises when it must be refused."""
     if old is None:
@@ -228,15 +241,14 @@ def make_offline_negatives(
     state = PartialState(cpu=bool(cfg.use_cpu))  # on the GPU(s) unless the config says CPU
     rank, world = state.process_index, state.num_processes
     units = shard_units(cfg, examples)
-    settings = offline_settings(cfg, units.num_rows, shard_size, units.digest())
+    os.makedirs(out_dir, exist_ok=True)
+    # every rank decides from the same manifest (before rank 0 rewrites it), so all refuse or go on together
+    old = _read_manifest(out_dir)
+    settings = _keep_speed_options(old, offline_settings(cfg, units.num_rows, shard_size, units.digest()))
     fp = _fingerprint(settings)
     n_shards = -(-units.num_units // shard_size)
     names = [shard_name(fp, s, n_shards) for s in range(n_shards)]
     manifest_path = os.path.join(out_dir, "manifest.json")
-
-    os.makedirs(out_dir, exist_ok=True)
-    # every rank decides from the same manifest (before rank 0 rewrites it), so all refuse or go on together
-    old = _read_manifest(out_dir)
     decision = _plan_decision(old, settings, out_dir)
     # a finished folder is returned as is only while every shard still holds its rows (checked by every rank
     # from the files, so all ranks agree); a deleted or damaged shard is remade below

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Iterator, Sequence
 
 from seqcpo.models.digest import sha256_file
+from seqcpo.negatives.registry import content_options
 from seqcpo.training.offline import (
     FORMAT_VERSION,
     _read_manifest,
@@ -161,7 +162,10 @@ def _check_fits(path: str, st: dict, cfg) -> None:
     else:
         logger.warning("negatives_path %s was made by a seqcpo that recorded no digest of the model's weights: "
                        "that they are the weights this run starts from cannot be checked", path)
-    diffs = settings_differences({k: st.get(k) for k in keys}, {k: expected[k] for k in keys})
+    def comparable(settings: dict) -> dict:  # speed-only options (an_batch_size) do not change the rows
+        return {k: content_options(settings.get(k) or {}) if k == "options" else settings.get(k) for k in keys}
+
+    diffs = settings_differences(comparable(st), comparable(expected))
     if diffs:
         replaced = any(name == "model_digest" for name, _, _ in diffs) and not any(
             name == "model" for name, _, _ in diffs)
