@@ -41,6 +41,7 @@ from seqcpo.document_rows import (
     choose_anchors,
     document_logps,
 )
+from seqcpo.hf_model import unwrap_model
 from seqcpo.losses import preference_metric_sums
 from seqcpo.negatives import uses_gold_logits
 from seqcpo.reference import NoReference, PrecomputedReference
@@ -131,9 +132,10 @@ def _gold_logits(trainer, rows, anchors, C, device) -> list[torch.Tensor]:
     rows_only = build_document_layout(rows, anchors, None, C, device=device)
     ref = trainer.reference
     if trainer.cfg.negatives_model == "policy" or getattr(ref, "model", None) is None:
-        # the policy's, as the generators of reference-free runs (seqcpo.training.negatives_model)
+        # the policy's (a reference-free run's generators use the live policy: seqcpo.training.negatives_model)
+        policy = trainer.policy_for_negatives() if trainer.cfg.negatives_model == "policy" else unwrap_model(trainer.model)
         with torch.no_grad():
-            return anchor_gold_logits(trainer.policy_for_negatives(), rows_only, C)
+            return anchor_gold_logits(policy, rows_only, C)
     with ref._context():
         return anchor_gold_logits(ref.model, rows_only, C)
 
