@@ -134,10 +134,12 @@ def _check_same_losses(name: str, committed: Path, history: list[dict], recorded
     except (OSError, ValueError):
         before = None
     now = losses(history)
-    if before is not None:
-        differ = next((a for a, b in zip(before, now) if a != b), None) if len(before) == len(now) else before[-1:]
-    else:
+    if before is None:  # no committed log: the recorded mean loss
         differ = None if recorded.get("train_loss") in (None, history[-1].get("train_loss")) else "train_loss"
+    elif len(before) != len(now):
+        differ = f"{len(before)} logged steps committed, {len(now)} now"
+    else:
+        differ = next((a for a, b in zip(before, now) if a != b), None)
     if differ:
         logger.warning("grid: %s: the retrain's training losses differ from the committed run's (first at %s): this "
                        "machine does not reproduce the run bit for bit (another torch build or thread count?); the "
