@@ -87,8 +87,7 @@ class GoldLikelihoodMonitor(TrainerCallback):
         # a resumed run: the start and the latest window come from the checkpoint's log history, so the deltas
         # and the one warning are those of the uninterrupted run
         self.values = [v for _, v in chosen_curve(state.log_history)] if state.global_step else []
-        done = gold_drop(state.log_history, self.window, self.max_drop) if self.values else None
-        self.reported = done
+        self.reported = gold_drop(state.log_history, self.window, self.max_drop) if self.values else None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or KEY not in logs or not math.isfinite(float(logs[KEY])):

@@ -192,7 +192,8 @@ def _keep_speed_options(old: dict | None, settings: dict[str, Any]) -> dict[str,
     if not isinstance(recorded, dict):
         return settings
     opts = content_options(settings["options"])
-    opts.update({k: v for k, v in recorded.items() if k not in content_options(recorded)})
+    recorded_content = content_options(recorded)
+    opts.update({k: v for k, v in recorded.items() if k not in recorded_content})
     return {**settings, "options": opts}
 
 
