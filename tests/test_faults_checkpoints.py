@@ -129,6 +129,20 @@ def test_resuming_with_fewer_steps_on_a_constant_schedule_trains_nothing(assets,
     assert again["steps"] == 3 and _checkpoints(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
 
+def test_a_resume_saves_and_logs_at_this_calls_intervals(assets, tmp_path):
+    """Defect: transformers restores ``save_steps``/``logging_steps`` from the checkpoint's trainer state, so a run
+    resumed with ``--save_steps 1`` after ``--save_steps 2`` still saved (and logged) every 2 steps."""
+    out = tmp_path / "run"
+    _train(_cfg(assets, out, lr_scheduler_type="constant", max_steps=2, save_steps=2, logging_steps=2))
+    assert _checkpoints(out) == ["checkpoint-2"]
+    _train(_cfg(assets, out, lr_scheduler_type="constant", max_steps=4, save_steps=1, logging_steps=1,
+                resume_from_checkpoint="true"))
+    assert _checkpoints(out) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["save_steps"] == 1 and state["logging_steps"] == 1
+    assert [r["step"] for r in state["log_history"] if "loss" in r] == [2, 3, 4]
+
+
 # ---------------------------------------------------------------- checksums in the completeness marker
 
 

@@ -1,4 +1,4 @@
-"""The whole run's mean training loss across a resume.
+"""The whole run's mean training loss across a resume, and this call's logging/eval/save intervals.
 
 transformers reports ``train_loss`` as the mean over the steps of one ``train()`` call: a run resumed at step s
 reported the mean of steps s+1..N, a different number from the uninterrupted run's (the grid compares a retrain's
@@ -28,9 +28,26 @@ def store(trainer) -> None:
                                                                         "step": trainer.state.global_step}}
 
 
+def current_intervals(args, state) -> None:
+    """A resumed run logs, evaluates and saves at this call's ``logging_steps``/``eval_steps``/``save_steps``.
+
+    transformers restores them from the checkpoint's ``trainer_state.json`` (and only warns that they differ), so a
+    run resumed with ``--save_steps 25`` after ``--save_steps 100`` still saved every 100 steps. They decide what
+    is logged and saved, never the weights (they leave every random draw alone), so this call's values apply.
+    """
+    before = (state.logging_steps, state.eval_steps, state.save_steps)
+    state.compute_steps(args, state.max_steps)
+    after = (state.logging_steps, state.eval_steps, state.save_steps)
+    if after != before:
+        logger.info("resumed at step %d with this run's intervals: logging/eval/save every %s steps (the "
+                    "checkpoint had %s)", state.global_step, "/".join(map(str, after)),
+                    "/".join(map(str, before)))
+
+
 class RunLossCarry(TrainerCallback):
     """On a resume, starts the trainer's loss sum at the checkpoint's (``carried``: the run's whole mean can be
-    reported); a checkpoint without one (an older seqcpo) leaves the mean over this call's steps, said once."""
+    reported); a checkpoint without one (an older seqcpo) leaves the mean over this call's steps, said once.
+    The resumed run keeps this call's bookkeeping intervals (:func:`current_intervals`)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -40,6 +57,7 @@ class RunLossCarry(TrainerCallback):
         self.carried = True
         if state.global_step == 0:
             return
+        current_intervals(args, state)
         stored = (state.stateful_callbacks or {}).get(KEY)
         attrs = stored.get("attributes", {}) if isinstance(stored, dict) else {}
         if attrs.get("step") == state.global_step and isinstance(attrs.get("loss_sum"), (int, float)):
