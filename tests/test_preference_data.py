@@ -143,3 +143,40 @@ def test_streaming_items_carry_the_rejected_answers(tok, tmp_path):
     first = next(it)
     assert first["continuation_ids"] == _ids(tok, "the river 0") + [2]
     assert first["rejected_ids"] == [_ids(tok, "fog 0") + [2]] and first["scores"] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".json"])
+def test_streaming_reads_rows_whose_field_types_vary_exactly_as_without_streaming(tok, tmp_path, ext):
+    """Defect: streamed JSON went through datasets' reader, which turns a field whose type varies across rows into
+    JSON text and gives every row every column: a row's rejected list became one negative '["fog 1", "salt 1"]',
+    a lone one kept its quotes ('"fog 0"'), string ids next to integer ones became '"s4"' (another split), and a
+    ranked row in a file of chosen/rejected rows was refused for a "chosen" it does not have."""
+    from seqcpo.data.streaming import load_streaming
+
+    rows = [{"id": 0, "prompt": "Q0", "chosen": "the river 0", "rejected": "fog 0"}]
+    rows += [{"id": i if i < 4 else f"s{i}", "prompt": f"Q{i}", "chosen": f"the river {i}",
+              "rejected": [f"fog {i}", f"salt {i}"]} for i in range(1, 8)]
+    rows += [{"id": "x", "prompt": "Qx", "completions": ["fog x", "the river x"], "scores": [0, 1]}]
+    if ext == ".jsonl":
+        path = _write(tmp_path / "mixed.jsonl", rows)
+    else:
+        path = str(tmp_path / "mixed.json")
+        with open(path, "w") as fh:
+            json.dump(rows, fh)
+    c = dict(dataset=path, validation_size=2, test_size=2)
+    memory = load_splits(DataConfig(**c), tok)
+    stream = load_streaming(DataConfig(**c, streaming=True), tok, need_validation=True, need_test=True)
+
+    def key(e):
+        return str(e.meta["id"]), list(e.continuation_ids), [list(r) for r in e.rejected_ids]
+
+    assert [key(e) for e in stream.validation] == [key(e) for e in memory.validation]
+    assert [key(e) for e in stream.test] == [key(e) for e in memory.test]
+    train, it = [], iter(stream.train(tok))
+    for _ in range(len(memory.train)):
+        item = next(it)
+        train.append((item["id"], list(item["continuation_ids"]), [list(r) for r in item["rejected_ids"]]))
+    assert train == [key(e) for e in memory.train]
+    by_id = dict((i, rej) for i, _, rej in train + [key(e) for e in memory.validation + memory.test])
+    assert by_id["1"] == [_ids(tok, "fog 1") + [2], _ids(tok, "salt 1") + [2]]
+    assert by_id["0"] == [_ids(tok, "fog 0") + [2]] and "s4" in by_id

@@ -428,7 +428,7 @@ def test_wikidump_recipe_streams_wikipedia_from_the_hub(name, model, tok, monkey
 def test_streaming_bad_input_gives_clear_errors(tmp_path, tok):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"id": 1, "text": "a b c"}\n{"id": 2, "text": broken}\n')
-    with pytest.raises(DataError, match=r"broken.jsonl: could not read the records from record 0 on"):
+    with pytest.raises(DataError, match=r"broken.jsonl line 2: not valid JSON"):  # as without streaming
         load_streaming(cfg(str(broken), streaming=True, validation_size=1, test_size=1), tok)
     with pytest.raises(DataError, match="no such file"):
         load_streaming(cfg(str(tmp_path / "missing.jsonl"), streaming=True), tok)
@@ -548,3 +548,15 @@ def test_a_two_process_resume_of_a_one_process_stream_is_one_line_per_process(as
     child_traceback = proc.stderr.split("seqcpo: error:")[-1]
     # what follows our line may only be the launcher's own report that a child exited with status 2
     assert "seqcpo/" not in child_traceback and "DataError" not in child_traceback, proc.stderr[-3000:]
+
+
+def test_lazy_lines_are_cut_as_splitlines_cuts_them_at_every_chunk_boundary():
+    """The streamed JSON-lines reader reads 1 MiB chunks: a \\r\\n split across two chunks is one line ending."""
+    import io
+
+    from seqcpo.data.sources import _split_lines
+
+    data = b'{"a": 1}\r\n\r\n{"b": 2}\r{"c": 3}\n\n \n{"d": "x\\r"}\r\n{"e": 5}'
+    for size in range(1, len(data) + 2):
+        assert list(_split_lines(io.BytesIO(data), size)) == data.splitlines(), size
+        assert list(_split_lines(io.BytesIO(data + b"\r\n"), size)) == (data + b"\r\n").splitlines(), size

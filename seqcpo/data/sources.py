@@ -79,7 +79,7 @@ def read_jsonl(path: str, id_field: str = "id") -> list[Record]:
     """One JSON object per line; blank lines are skipped (but still counted for line numbers)."""
     with open(path, "rb") as f:
         raw_lines = f.read().splitlines()
-    return _records_from_lines(path, raw_lines, id_field)
+    return list(_records_from_lines(path, raw_lines, id_field))
 
 
 def read_json(path: str, id_field: str = "id") -> list[Record]:
@@ -91,7 +91,7 @@ def read_json(path: str, id_field: str = "id") -> list[Record]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file
-            return _records_from_lines(path, data.splitlines(), id_field)
+            return list(_records_from_lines(path, data.splitlines(), id_field))
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
     if isinstance(obj, dict):
         values = list(obj.values())
@@ -219,8 +219,10 @@ def read_hub(name: str, cfg: DataConfig) -> list[Record]:
 # -- helpers
 
 
-def _records_from_lines(path: str, raw_lines: Iterable[bytes], id_field: str) -> list[Record]:
-    records = []
+def _records_from_lines(path: str, raw_lines: Iterable[bytes], id_field: str, start: int = 0) -> Iterator[Record]:
+    """The JSON-lines records of ``raw_lines`` from the ``start``-th on (those before are counted, not parsed):
+    blank lines are skipped but counted for line numbers; a record without an id gets its position."""
+    count = 0
     for lineno, raw in enumerate(raw_lines, start=1):
         where = f"{path} line {lineno}"
         try:
@@ -229,14 +231,37 @@ def _records_from_lines(path: str, raw_lines: Iterable[bytes], id_field: str) ->
             raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not line.strip():
             continue
+        count += 1
+        if count <= start:
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        records.append(_record(obj, id_field, default_id=str(len(records)), where=where))
-    return records
+        yield _record(obj, id_field, default_id=str(count - 1), where=where, index=count - 1)
+
+
+def _iter_jsonl(path: str, id_field: str, start: int) -> Iterator[Record]:
+    """:func:`read_jsonl`'s records read one line at a time (the same records, ids and line numbers)."""
+    with open(path, "rb") as f:
+        yield from _records_from_lines(path, _split_lines(f), id_field, start)
+
+
+def _split_lines(f, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """A binary file's lines as ``bytes.splitlines`` cuts them (\\n, \\r\\n or a lone \\r), read lazily."""
+    pending = b""
+    for chunk in iter(lambda: f.read(chunk_bytes), b""):
+        lines = (pending + chunk).splitlines(keepends=True)
+        pending = lines.pop() if lines else b""
+        if pending.endswith(b"\n"):  # complete (one ending in \r may be half of a \r\n: wait for the next chunk)
+            lines.append(pending)
+            pending = b""
+        for line in lines:
+            yield line.rstrip(b"\r\n")
+    if pending:
+        yield pending.rstrip(b"\r\n")
 
 
 def _record(fields: dict, id_field: str, default_id: str, where: str, index: int = -1) -> Record:
@@ -327,10 +352,21 @@ def stream_row_batches(
     if name == WIKI:
         yield from _list_batches(iter(read_wiki()), start, batch_rows, "wiki entry")
         return
-    if os.path.isfile(path) and os.path.splitext(path)[1].lower() == ".txt":
+    ext = os.path.splitext(path)[1].lower() if os.path.isfile(path) else None
+    if ext == ".txt":
         if cfg.task != "continuation":
             raise DataError(f"{path}: a .txt file holds plain documents; it only serves task=continuation")
         yield from _list_batches(_iter_txt(path, cfg.text_field), start, batch_rows, f"{path} paragraph")
+        return
+    # JSON files are read by the same parser as without streaming: datasets' JSON reader turns a field whose type
+    # varies across rows (a string here, a list there) into JSON text ('["a", "b"]'), and gives every row every
+    # column (null where absent), so the streamed records would differ from the file's
+    if ext == ".jsonl":
+        yield from _list_batches(_iter_jsonl(path, cfg.id_field, start), start, batch_rows, f"{path} line",
+                                 skipped=True)
+        return
+    if ext == ".json":  # a JSON document is parsed whole, streamed or not: use .jsonl for a large corpus
+        yield from _list_batches(iter(read_json(path, cfg.id_field)), start, batch_rows, f"{path} record")
         return
     yield from _arrow_batches(_open_stream(name, path, cfg), name, cfg, start, batch_rows, resume)
 
@@ -393,10 +429,12 @@ def _arrow_batches(ds, name: str, cfg: DataConfig, start: int, batch_rows: int,
         offset += n
 
 
-def _list_batches(records: Iterator[Record], start: int, batch_rows: int, where: str) -> Iterator[RowBatch]:
+def _list_batches(records: Iterator[Record], start: int, batch_rows: int, where: str,
+                  skipped: bool = False) -> Iterator[RowBatch]:
+    """``records`` from the ``start``-th on in batches (``skipped``: the iterator already starts there)."""
     batch: list[Record] = []
     first = start
-    for i, r in enumerate(records):
+    for i, r in enumerate(records, start=start if skipped else 0):
         if i < start:
             continue
         r.index = i
