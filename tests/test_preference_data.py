@@ -94,6 +94,17 @@ def test_answers_are_cut_to_the_context_and_counted(tok):
     ({"prompt": "x", "chosen": "a"}, 'field "chosen" without "rejected"'),
     ({"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"}, 'field "prompt" must be a string'),
     ({"chosen": "same start", "rejected": "same start and more"}, 'no field "prompt", and one answer is the others\' common beginning'),
+    # campaign 2: contradictory rows were read by one of their readings, a huge score or a lone surrogate crashed
+    ({"prompt": "x", "chosen": "a", "rejected": "b", "completions": ["a", "b"], "scores": [1, 0]},
+     'fields "chosen" and "completions" both given'),
+    ({"prompt": "x", "completions": ["a", "b"], "scores": [1, 0], "ranks": [2, 1]}, 'fields "scores" and "ranks" both'),
+    ({"prompt": "x", "completions": ["a", "b"], "ranks": [0, -1]}, r'field "ranks\[0\]" must be a whole number >= 1'),
+    ({"prompt": "x", "completions": ["a", "b"], "ranks": [1, 2.7]}, r'field "ranks\[1\]" must be a whole number >= 1'),
+    ({"prompt": "x", "completions": ["a", "b"], "scores": [10 ** 400, 0]}, r'field "scores\[0\]" must be a finite number'),
+    ({"prompt": "x", "chosen": "a\ud800b", "rejected": "b"}, 'field "chosen" holds an unpaired surrogate'),
+    ({"prompt": "x\udc00", "chosen": "a", "rejected": "b"}, 'field "prompt" holds an unpaired surrogate'),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "a\ud800"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, r'field "chosen\[0\].content" holds an unpaired'),
 ])
 def test_bad_rows_name_the_file_row_and_field(tok, fields, message):
     with pytest.raises(DataError, match="^prefs.jsonl line 3: " + message):
@@ -180,3 +191,32 @@ def test_streaming_reads_rows_whose_field_types_vary_exactly_as_without_streamin
     by_id = dict((i, rej) for i, _, rej in train + [key(e) for e in memory.validation + memory.test])
     assert by_id["1"] == [_ids(tok, "fog 1") + [2], _ids(tok, "salt 1") + [2]]
     assert by_id["0"] == [_ids(tok, "fog 0") + [2]] and "s4" in by_id
+
+
+def test_null_fields_are_absent_so_a_mixed_parquet_file_reads(tok, tmp_path):
+    """A Parquet (or Arrow) table gives every row every column, null where the row had none: a ranked row beside
+    chosen/rejected rows was refused for a "chosen" it does not have."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"p{i}", "prompt": f"Q{i}", "chosen": f"the river {i}", "rejected": f"fog {i}"} for i in range(4)]
+    rows.append({"id": "x", "prompt": "Qx", "completions": ["fog x", "the river x"], "scores": [0.0, 1.0]})
+    path = tmp_path / "mixed.parquet"
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
+                        ("rejected", pa.string()), ("completions", pa.list_(pa.string())),
+                        ("scores", pa.list_(pa.float64()))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    splits = load_splits(DataConfig(dataset=str(path), validation_size=0, test_size=0), tok)
+    by_id = {e.meta["id"]: e for e in splits.train}
+    assert set(by_id) == {"p0", "p1", "p2", "p3", "x"}
+    assert by_id["x"].continuation_ids == _ids(tok, "the river x") + [2] and by_id["x"].scores == [1.0, 0.0]
+
+
+def test_an_unpaired_surrogate_in_a_text_field_is_one_line(tmp_path):
+    from seqcpo.data.fields import text_records
+
+    recs = [Record("r0", {"text": "fine"}, "d.jsonl line 1"), Record("r1", {"text": "bad \ud800 text"}, "d.jsonl line 2")]
+    with pytest.raises(DataError, match=r'^d.jsonl line 2: field "text" holds an unpaired surrogate'):
+        text_records(recs, DataConfig(task="continuation"))
+    kept, _, bad = text_records(recs, DataConfig(task="continuation", skip_bad_records=True))
+    assert [r.id for r in kept] == ["r0"] and bad == 1

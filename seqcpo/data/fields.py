@@ -61,10 +61,23 @@ def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_em
     value = fields[name]
     if not isinstance(value, str):
         raise DataError(f'{record.where}: field "{name}" must be a string, got {type(value).__name__}')
+    check_unicode(value, record.where, name)
     value = value.strip()
     if required and not value and not allow_empty:
         raise DataError(f'{record.where}: field "{name}" is empty')
     return value
+
+
+def check_unicode(value: str, where: str, name: str) -> None:
+    """Refuse a string the tokenizer cannot take: JSON's ``\\ud800``-style escapes give Python strings with an
+    unpaired surrogate, which no UTF-8 tokenizer accepts (it raised a TypeError deep inside tokenization)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f'{where}: field "{name}" holds an unpaired surrogate ({value[e.start:e.end]!r} at character {e.start}), '
+            "not valid Unicode text; surrogate escapes must come in pairs"
+        ) from None
 
 
 def text_records(records: list[Record], cfg: DataConfig) -> tuple[list[Record], list[tuple], int]:

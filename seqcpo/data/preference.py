@@ -27,17 +27,20 @@ Context: a prompt is never cut. It must leave room for one answer token and EOS 
 Answers keep their first ``min(max_continuation_tokens, context - prompt) - 1`` tokens + EOS (``overlong: cut``,
 counted) or the row is skipped (``overlong: skip``). ``max_prefix_tokens`` does not apply to preference rows.
 
-Errors name the file, the row and the field: a row that fits no format, an empty answer, a chosen answer equal to
-a rejected one, a prompt that leaves no room for the answer.
+Errors name the file, the row and the field: a row that fits no format or gives two (``chosen`` and
+``completions``, ``scores`` and ``ranks``), an empty answer, a chosen answer equal to a rejected one, a score no
+float holds, a rank that is not a whole number >= 1, a string with an unpaired surrogate, a prompt that leaves no
+room for the answer. A null field counts as absent (Parquet and Arrow rows carry every column of the file).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from seqcpo.data.config import DataConfig, DataError
-from seqcpo.data.fields import _extract, _tokenize, leading_special_ids
+from seqcpo.data.fields import _extract, _tokenize, check_unicode, leading_special_ids
 from seqcpo.data.sources import Record
 from seqcpo.types import Example
 
@@ -68,16 +71,21 @@ def prompt_missing(fields: dict) -> bool:
 
 
 def is_preference_record(fields: dict) -> bool:
-    """Whether a record's fields name a preference format (``chosen`` or ``completions``)."""
-    return "chosen" in fields or "completions" in fields
+    """Whether a record's fields name a preference format (a non-null ``chosen`` or ``completions``)."""
+    return fields.get("chosen") is not None or fields.get("completions") is not None
 
 
 def parse_row(record: Record) -> PreferenceRow:
     """The row's prompt and answers (gold first), by the format its fields name; :class:`DataError` naming the
     row and the field otherwise."""
-    f, where = record.fields, record.where
+    where = record.where
+    f = {k: v for k, v in record.fields.items() if v is not None}  # null = absent (Arrow rows carry every column)
+    both = [k for k in ("chosen", "rejected") if k in f]
+    if both and "completions" in f:
+        raise DataError(f'{where}: fields "{both[0]}" and "completions" both given: a row has one format '
+                        f"({FORMAT_HELP})")
     if "chosen" in f:
-        if "rejected" not in f or f["rejected"] is None:
+        if "rejected" not in f:
             raise DataError(f'{where}: field "chosen" without "rejected" ({FORMAT_HELP})')
         rejected = f["rejected"]
         several = isinstance(rejected, list) and (not rejected or not _is_message(rejected[0]))
@@ -110,6 +118,8 @@ def parse_row(record: Record) -> PreferenceRow:
         raise DataError(f'{where}: field "prompt" must be {kind}, like the answers')
     if not conversational and not prompt.strip():
         raise DataError(f'{where}: field "prompt" is empty')
+    if not implicit:
+        _check_unicode_prompt(prompt, where)
     gold = _canonical(answers[0], conversational)
     for a, name in zip(answers[1:], names[1:]):
         if _canonical(a, conversational) == gold:
@@ -186,15 +196,42 @@ def _ranked(f: dict, where: str) -> tuple[list[Any], list[float]]:
     key = "scores" if f.get("scores") is not None else "ranks" if f.get("ranks") is not None else None
     if key is None:
         raise DataError(f'{where}: field "completions" needs "scores" (higher = better) or "ranks" (1 = best)')
+    if key == "scores" and f.get("ranks") is not None:
+        raise DataError(f'{where}: fields "scores" and "ranks" both given; give one (which would decide the order?)')
     values = f[key]
     if not isinstance(values, list) or len(values) != len(completions):
         n = len(values) if isinstance(values, list) else type(values).__name__
         raise DataError(f'{where}: field "{key}" must be a list of {len(completions)} numbers (one per completion), got {n}')
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
-            raise DataError(f'{where}: field "{key}[{i}]" must be a finite number, got {v!r}')
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+            raise DataError(f'{where}: field "{key}[{i}]" must be a finite number, got {_short(v)}')
+        if key == "ranks" and (v < 1 or v != int(v)):
+            raise DataError(f'{where}: field "ranks[{i}]" must be a whole number >= 1 (1 = best), got {v!r}')
     scores = [float(v) for v in values] if key == "scores" else [-float(v) for v in values]
     return list(completions), scores
+
+
+def _finite(v: int | float) -> bool:
+    """A float64 can hold it (a JSON integer may have hundreds of digits) and it is not NaN or infinite."""
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _check_unicode_prompt(prompt: Any, where: str) -> None:
+    if isinstance(prompt, str):
+        check_unicode(prompt, where, "prompt")
+        return
+    for i, m in enumerate(prompt):
+        for key in ("role", "content"):
+            if isinstance(m[key], str):
+                check_unicode(m[key], where, f"prompt[{i}].{key}")
 
 
 def _is_message(m: Any) -> bool:
@@ -211,10 +248,15 @@ def _check_answer(a: Any, name: str, conversational: bool, where: str) -> None:
             raise DataError(f'{where}: field "{name}" must be a list of messages {{"role", "content"}}, like "chosen"')
         if not any(isinstance(m["content"], str) and m["content"].strip() for m in a):
             raise DataError(f'{where}: field "{name}" is empty')
+        for i, m in enumerate(a):
+            for key in ("role", "content"):
+                if isinstance(m[key], str):
+                    check_unicode(m[key], where, f"{name}[{i}].{key}")
         return
     if not isinstance(a, str):
         raise DataError(f'{where}: field "{name}" must be a string (or every answer a list of messages), got '
                         f"{type(a).__name__}")
+    check_unicode(a, where, name)
     if not a.strip():
         raise DataError(f'{where}: field "{name}" is empty')
 
