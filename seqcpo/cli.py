@@ -9,16 +9,21 @@
 
 Every ``--key value`` after the known options overrides a field of the YAML config (docs/CONFIG.md), read
 by the one config loader (:mod:`seqcpo.config_loader`): by the field's type, floats finite, ranges checked.
-Errors in configs, flags and data end the command with one line naming the file, field or flag.
+Errors in configs, flags and data end the command with one line naming the file, field or flag; Ctrl-C ends it
+with one line saying how to resume (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 
 
 def _config(args, extra: list[str]):
@@ -86,10 +91,33 @@ def cmd_ensemble(args, extra) -> int:
 
     alphas = _check_flags({"--alphas": ",".join(args.alphas)}, {"--alphas": (list[float], None)})["--alphas"]
     check_output_dir(args.out, "--out")
-    paths = interpolate_checkpoints(args.from_, args.to, alphas, args.out)
+    with _sigterm_raises():  # a killed run removes its temp folder (hundreds of MB) like a Ctrl-C'd one
+        paths = interpolate_checkpoints(args.from_, args.to, alphas, args.out)
     for a, p in zip(alphas, paths):
         print(f"alpha={a:g}\t{p}")
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups (``finally``, ``except BaseException``) run."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Within the block, SIGTERM raises :class:`Terminated` (its default action ends the process at once, leaving
+    temp files behind). Only the CLI installs it: a library must not take over a process's signals."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_reproduce(args, extra) -> int:
@@ -159,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint A (alpha = 0), e.g. the MLE model")
     e.add_argument("--to", required=True, metavar="DIR", help="checkpoint B (alpha = 1), e.g. the CPO model")
     e.add_argument("--alphas", nargs="+", default=["0,0.25,0.5,0.75,1"], metavar="X",
-                   help="alphas, comma- or space-separated (default 0,0.25,0.5,0.75,1)")
+                   help="alphas, comma- or space-separated; values outside [0, 1] extrapolate (--alphas -0.5,1.5 or "
+                        "--alphas=-0.5,1.5; default 0,0.25,0.5,0.75,1)")
     e.add_argument("--out", required=True, metavar="DIR", help="folder for the alpha-* checkpoints")
     e.set_defaults(func=cmd_ensemble, takes_overrides=False)
 
@@ -184,18 +213,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NUMBERS = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)*,?")
+
+
+def _glue_alphas(argv: list[str]) -> list[str]:
+    """``ensemble --alphas -0.5,1.5`` -> ``--alphas=-0.5,1.5``: argparse reads a value with a leading minus as a
+    flag ("expected at least one argument"); the number lists after ``--alphas`` are glued to it as one value."""
+    if not argv or argv[0] != "ensemble" or "--alphas" not in argv:
+        return argv
+    i = argv.index("--alphas")
+    j = i + 1
+    while j < len(argv) and _NUMBERS.fullmatch(argv[j]):
+        j += 1
+    if not any(v.startswith("-") for v in argv[i + 1:j]):
+        return argv  # argparse reads these as they are
+    return [*argv[:i], "--alphas=" + ",".join(argv[i + 1:j]), *argv[j:]]
+
+
 def _parse(argv: list[str]):
     """(args, extra) of the command line; SystemExit(2) after one error line for a bad flag."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_glue_alphas(argv))
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"{args.command}: unrecognized arguments: {' '.join(extra)}")
     return args, extra
 
 
+# What to do after an interrupted command: every command leaves whole files behind, most resume where they stopped.
+_AFTER_INTERRUPT = {
+    "train": "rerun the same command with --resume_from_checkpoint true to resume from the newest complete checkpoint",
+    "ensemble": "no partial alpha-* folder is left; rerun the same command",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``seqcpo`` entry point. Exit status: 0 done, 2 bad input (flag, config, data: one line
-    ``seqcpo: error: ...``), 3 a run that cannot go on."""
+    ``seqcpo: error: ...``), 3 a run that cannot go on, 130 Ctrl-C, 143 SIGTERM (``ensemble``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -204,14 +257,22 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     from seqcpo.data import DataError
     from seqcpo.ensemble import EnsembleError
+    from seqcpo.models import DamagedWeightsError
     from seqcpo.training.checkpoints import TrainingStopped
     from seqcpo.training.config import ConfigError
 
     try:
         rc = args.func(args, extra) if getattr(args, "takes_overrides", None) is not None else args.func(args)
-    except (ConfigError, DataError, EnsembleError) as e:
+    except (ConfigError, DataError, EnsembleError, DamagedWeightsError) as e:
         print(f"seqcpo: error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as e:  # the user stopped it: no traceback, say how to go on
+        if os.environ.get("SEQCPO_DEBUG"):
+            raise
+        how = _AFTER_INTERRUPT.get(args.command, "rerun the same command to resume")
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"\nseqcpo {args.command}: {what}; {how}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     except TrainingStopped as e:  # a run that cannot go on (non-finite loss, checkpoint write): not bad input
         print(f"seqcpo: error: {e}", file=sys.stderr)
         return 3

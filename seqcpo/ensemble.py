@@ -15,8 +15,13 @@ folder, ``out_dir/alpha-0.25/``, that plain ``AutoModelForCausalLM.from_pretrain
 - ``seqcpo_ensemble.json``: ``{"alpha", "from", "to", "formula", ...}`` (the evaluation package reads
   ``alpha`` from it for its alpha-sweep plot), and a short ``README.md`` model card.
 
-Each alpha is written into a temporary folder beside its target and renamed into place, so a crash never
-leaves a half-written ``alpha-*`` folder. Alphas outside [0, 1] extrapolate and are allowed.
+Each alpha is written into a temporary folder beside its target (``.alpha-0.25.XXXXXXXX.tmp``) and renamed
+into place with the mode a plain ``mkdir`` gives, so a crash never leaves a half-written ``alpha-*`` folder; the
+temp folders of a run killed outright (SIGKILL, power loss) are removed by the next run into the same folder (one
+run writes into an output folder at a time). Alphas outside [0, 1] extrapolate and are allowed.
+
+Two checkpoints are refused unless they share model_type, parameter names and shapes, and the tokenizer (its
+vocabulary and special-token ids, when both folders hold one): the result carries A's tokenizer.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,8 +38,8 @@ from typing import Sequence
 
 import torch
 
-from seqcpo.io import atomic_write_json, atomic_write_text
-from seqcpo.models import CHECKPOINT_SIDE_FILES
+from seqcpo.io import _UMASK, atomic_write_json, atomic_write_text
+from seqcpo.models import CHECKPOINT_SIDE_FILES, check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,10 @@ ENSEMBLE_FILE = "seqcpo_ensemble.json"
 COPIED_FILES = CHECKPOINT_SIDE_FILES
 # Config keys that may differ between two checkpoints of one architecture without harm.
 _BENIGN_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
+# Files that make a tokenizer: a folder with none of them has no tokenizer to compare.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+# Our temp folders, tempfile.mkdtemp(prefix=".alpha-0.5." or ".alpha-0.5.old.", suffix=".tmp"): 8 random characters.
+_TEMP_NAME = re.compile(r"\.alpha-.+\.[a-z0-9_]{8}\.tmp")
 
 
 class EnsembleError(ValueError):
@@ -95,7 +105,7 @@ def _read_config(path: Path) -> dict:
 
 
 def check_compatible(path_a: str | os.PathLike, path_b: str | os.PathLike) -> None:
-    """Raise :class:`EnsembleError` naming what differs: model_type, parameter names or shapes."""
+    """Raise :class:`EnsembleError` naming what differs: model_type, parameter names or shapes, tokenizer."""
     a, b = Path(path_a), Path(path_b)
     cfg_a, cfg_b = _read_config(a), _read_config(b)
     if cfg_a.get("model_type") != cfg_b.get("model_type"):
@@ -122,8 +132,62 @@ def check_compatible(path_a: str | os.PathLike, path_b: str | os.PathLike) -> No
     other = sorted(
         k for k in set(cfg_a) | set(cfg_b) if k not in _BENIGN_CONFIG_KEYS and cfg_a.get(k) != cfg_b.get(k)
     )
+    check_same_tokenizer(a, b)
     if other:  # same tensors, other settings (say rope_theta): the result takes A's config
         logger.warning("config keys differ between %s and %s: %s; the ensembles use A's config", a, b, ", ".join(other))
+
+
+def _tokenizer(path: Path):
+    """The folder's tokenizer (read from its files, offline), or None when it holds no tokenizer files."""
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from seqcpo.models import load_tokenizer
+
+    try:
+        return load_tokenizer(str(path))
+    except (OSError, ValueError, ImportError) as e:
+        raise EnsembleError(f"{path}: its tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def _vocab_difference(va: dict[str, int], vb: dict[str, int]) -> str | None:
+    """How two vocabularies (token -> id) differ, by their first differing id; None when they are equal."""
+    if va == vb:
+        return None
+    ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+    first = min(i for i in set(ia) | set(ib) if ia.get(i) != ib.get(i))
+    sizes = f"sizes {len(va)} vs {len(vb)}, " if len(va) != len(vb) else ""
+    return f"vocabularies differ ({sizes}first at id {first}: {ia.get(first)!r} in A, {ib.get(first)!r} in B)"
+
+
+def _special_ids(tok) -> dict[str, object]:
+    """The special-token ids training and generation rely on, by role."""
+    roles = ("bos", "eos", "pad", "unk")
+    ids: dict[str, object] = {f"{r}_token_id": getattr(tok, f"{r}_token_id", None) for r in roles}
+    ids["all_special_ids"] = sorted(tok.all_special_ids)
+    return ids
+
+
+def check_same_tokenizer(a: Path, b: Path) -> None:
+    """Raise :class:`EnsembleError` when the two folders' tokenizers differ in vocabulary or special-token ids:
+    a weight-space average of embeddings over two vocabularies mixes unrelated tokens (the result keeps A's)."""
+    tok_a, tok_b = _tokenizer(a), _tokenizer(b)
+    if tok_a is None or tok_b is None:
+        if tok_a is not None or tok_b is not None:  # one folder has none: nothing to compare it with
+            missing = a if tok_a is None else b
+            logger.warning("%s has no tokenizer files: cannot check that %s and %s share a tokenizer", missing, a, b)
+        return
+    why = _vocab_difference(tok_a.get_vocab(), tok_b.get_vocab())
+    if why is None:
+        sa, sb = _special_ids(tok_a), _special_ids(tok_b)
+        diff = [k for k in sa if sa[k] != sb[k]]
+        if diff:
+            k = diff[0]
+            why = f"special tokens differ ({k} is {sa[k]} in A, {sb[k]} in B)"
+    if why:
+        raise EnsembleError(
+            f"tokenizers differ between A {a} and B {b}: {why}; a weight-space ensemble needs two checkpoints "
+            "with one tokenizer (the result would carry A's)"
+        )
 
 
 def _interpolate_tensor(ta: torch.Tensor, tb: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -201,14 +265,25 @@ def _write_one(a: Path, b: Path, files_a: dict[str, str], files_b: dict[str, str
         atomic_write_text(tmp / "README.md", _model_card(alpha, str(a), str(b)))
         old = None
         if target.exists():  # move the old folder aside first: a rename cannot replace a non-empty folder
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
             os.replace(target, old / target.name)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it owner-only; the result gets the mode a mkdir would give
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException:  # also KeyboardInterrupt, and SIGTERM where the CLI turns it into an exception
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Our temp folders left in ``out_dir`` by a run killed before it could clean up (SIGKILL, power loss)."""
+    if not out_dir.is_dir():
+        return
+    for entry in out_dir.iterdir():
+        if _TEMP_NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            logger.warning("removing %s, left by an interrupted ensemble run", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def interpolate_checkpoints(
@@ -223,10 +298,13 @@ def interpolate_checkpoints(
         path_a: checkpoint A (alpha = 0), a local safetensors folder or an embedded model name.
         path_b: checkpoint B (alpha = 1), same architecture and parameter names/shapes as A.
         alphas: the mixing weights (distinct; values outside [0, 1] extrapolate).
-        out_dir: parent folder of the ``alpha-*`` checkpoints (an existing ``alpha-*`` is replaced).
+        out_dir: parent folder of the ``alpha-*`` checkpoints (an existing ``alpha-*`` is replaced, and the temp
+            folders of an earlier run killed mid-write are removed).
 
     Raises:
-        EnsembleError: a missing checkpoint, or two that differ in model_type, parameter names or shapes.
+        EnsembleError: a missing checkpoint, or two that differ in model_type, parameter names or shapes, or
+            tokenizer.
+        DamagedWeightsError: a truncated or damaged safetensors file (named).
     """
     from seqcpo.models import resolve_model_path
 
@@ -243,8 +321,11 @@ def interpolate_checkpoints(
         if not p.is_dir():
             raise EnsembleError(f"checkpoint {which} {p}: no such folder (a Hub id must be downloaded first)")
     a, b = a.resolve(), b.resolve()
+    for p in (a, b):
+        check_safetensors(p)
     check_compatible(a, b)
     files_a, files_b = weight_files(a), weight_files(b)
+    _remove_stale_temps(Path(out_dir))
     out = []
     for alpha, name in zip(alphas, names):
         target = Path(out_dir) / name

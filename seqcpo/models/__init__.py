@@ -8,6 +8,7 @@ so a local checkpoint folder or a Hub id (``gpt2-xl``, ``openlm-research/open_ll
 same way.
 
 Weights are loaded with safetensors only (``use_safetensors=True``): a pickled ``.bin`` can run code. A
+safetensors file cut short or with a damaged header is refused by name (:class:`DamagedWeightsError`). A
 folder or Hub repository that ships only ``pytorch_model.bin`` (or ``pytorch_model.bin.index.json`` with its
 shards; OpenLLaMA-3B v2 is one) is read once through ``torch.load(weights_only=True)`` and converted to a
 safetensors copy under ``$SEQCPO_CACHE/models/bin-<name>-<key>`` (:mod:`seqcpo.models.pickled`).
@@ -16,13 +17,13 @@ A model's identity is its content: :func:`model_digest` hashes a folder's weight
 (each file hashed once, then cached by path, size and modification time; :mod:`seqcpo.models.digest`).
 
 Modules: :mod:`~seqcpo.models.loading` (names, folders, Hub ids -> model, tokenizer, LoRA),
-:mod:`~seqcpo.models.files` (cache folder, side files, convert-once lock), :mod:`~seqcpo.models.gguf` (the
+:mod:`~seqcpo.models.files` (cache folder, side files, whole-file check, convert-once lock), :mod:`~seqcpo.models.gguf` (the
 embedded model), :mod:`~seqcpo.models.pickled` (``.bin`` conversion), :mod:`~seqcpo.models.tokenizers`
 (OpenLLaMA's SentencePiece tokenizer), :mod:`~seqcpo.models.digest` (content digests).
 """
 
 from seqcpo.models.digest import file_digest, model_digest
-from seqcpo.models.files import CHECKPOINT_SIDE_FILES, cache_dir
+from seqcpo.models.files import CHECKPOINT_SIDE_FILES, DamagedWeightsError, cache_dir, check_safetensors
 from seqcpo.models.gguf import EMBEDDED_MODELS, PROVENANCE_FILE, EmbeddedModel
 from seqcpo.models.loading import (
     DTYPES,
@@ -46,8 +47,8 @@ from seqcpo.models.pickled import (
 from seqcpo.models.tokenizers import SENTENCEPIECE_MARK
 
 __all__ = [
-    "BIN_INDEX", "BIN_WEIGHTS", "CHECKPOINT_SIDE_FILES", "CONVERTED_FILE", "DTYPES", "EMBEDDED_MODELS",
-    "PROVENANCE_FILE", "SENTENCEPIECE_MARK", "EmbeddedModel", "UnsafeCheckpointError", "apply_lora", "cache_dir",
-    "converted_bin_checkpoint", "file_digest", "load_bin_state_dict", "load_model", "load_tokenizer",
-    "lora_target_modules", "model_digest", "resolve_model_path",
+    "BIN_INDEX", "BIN_WEIGHTS", "CHECKPOINT_SIDE_FILES", "CONVERTED_FILE", "DTYPES", "DamagedWeightsError",
+    "EMBEDDED_MODELS", "PROVENANCE_FILE", "SENTENCEPIECE_MARK", "EmbeddedModel", "UnsafeCheckpointError", "apply_lora",
+    "cache_dir", "check_safetensors", "converted_bin_checkpoint", "file_digest", "load_bin_state_dict", "load_model",
+    "load_tokenizer", "lora_target_modules", "model_digest", "resolve_model_path",
 ]

@@ -1,5 +1,6 @@
-"""Model files on disk: the seqcpo cache folder, a checkpoint folder's side files, and converting a model once
-under a lock (the embedded GGUF, pickled ``.bin`` weights) so concurrent processes never see half a folder."""
+"""Model files on disk: the seqcpo cache folder, a checkpoint folder's side files, a check that its safetensors
+files are whole, and converting a model once under a lock (the embedded GGUF, pickled ``.bin`` weights) so
+concurrent processes never see half a folder."""
 
 from __future__ import annotations
 
@@ -23,6 +24,27 @@ CHECKPOINT_SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+
+class DamagedWeightsError(ValueError):
+    """A safetensors weights file that cannot be read (truncated, header zeroed); the message names the file."""
+
+
+def check_safetensors(folder: str | os.PathLike) -> None:
+    """Raise :class:`DamagedWeightsError` naming the first ``*.safetensors`` file in ``folder`` whose header does
+    not read or does not cover the file (a copy cut short, a zeroed header). Reads the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass
+        except SafetensorError as e:  # not a ValueError/OSError: it would escape as a traceback
+            raise DamagedWeightsError(
+                f"checkpoint {folder}: {name} is truncated or damaged ({e}); copy or save it again"
+            ) from None
 
 
 def cache_dir() -> str:

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from seqcpo.models.files import _convert_once, cache_dir
+from seqcpo.models.files import _convert_once, cache_dir, check_safetensors
 from seqcpo.models.gguf import EMBEDDED_MODELS, _convert_embedded
 from seqcpo.models.pickled import _bin_only, _hub_bin_snapshot, converted_bin_checkpoint
 from seqcpo.models.tokenizers import _sentencepiece_advised, _sentencepiece_tokenizer
@@ -89,6 +89,7 @@ def load_model(
     path = _checked_path(name_or_path)
     if os.path.isdir(path):
         _require_safetensors(path)
+        check_safetensors(path)  # a cut-short file: one line naming it, not safetensors' error from deep inside
     kwargs: dict[str, Any] = dict(
         dtype=DTYPES.get(dtype, "auto"), use_safetensors=True, trust_remote_code=trust_remote_code
     )
