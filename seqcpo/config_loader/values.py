@@ -139,6 +139,11 @@ def _coerce(name, value, tp, where, default):
             if allow_none or default is None:
                 return None
             raise ValueError("may not be null")
+        enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+        if isinstance(value, str) and enums and str in members:
+            # TrainingArguments' `SchedulerType | str`: the str is the enum's value, read by transformers only
+            # after the data has loaded, in a message that names no field
+            return _coerce(name, value, enums[0], where, default)
         if isinstance(value, str) and str in members:
             return value  # strings stay strings
         errors = []
@@ -321,6 +326,9 @@ def resolve(cls, sources: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]
         for key, value in items.items():
             key = str(key)
             if key not in types_:
+                moved = getattr(cls, "MOVED_FIELDS", {}).get(key)
+                if moved:
+                    raise ConfigError(f"{where}: unknown field {key!r}: {moved}")
                 raise unknown_key_error(where, key, types_)
             tp, default = types_[key]
             prior = merged.get(key)
@@ -350,7 +358,7 @@ def load_dataclass(cls, path: str | os.PathLike | None = None, overrides: Mappin
 
     Unknown keys, wrong types and values out of range fail with a one-line :class:`ConfigError` naming the
     file (or ``where`` for the overrides) and the field; errors raised by ``cls`` itself are prefixed with
-    the file.
+    the place the field they name was given (:func:`blame`), the file by default.
     """
     sources: list[tuple[str, Mapping[str, Any]]] = []
     if path is not None:
@@ -362,8 +370,26 @@ def load_dataclass(cls, path: str | os.PathLike | None = None, overrides: Mappin
     except ConfigError as e:
         if _nested:
             raise ConfigError(f"{where}: {e}") from None
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+        raise ConfigError(f"{blame(str(e), sources, str(path))}: {e}" if path is not None else str(e)) from None
     except (TypeError, ValueError) as e:
-        place = where if _nested or path is None else str(path)
+        place = where if _nested or path is None else blame(str(e), sources, str(path))
         raise ConfigError(f"{place}: {e}") from None
+
+
+def blame(message: str, sources: list[tuple[str, Mapping[str, Any]]], default: str) -> str:
+    """Where the value an error is about was given: the source (a file, "command line") that last set the field
+    the message starts with (``name=value: why``, the house style), else the one source of the fields it
+    mentions (by a name with an underscore, or as ``name=``: ``task`` or ``beta`` may be plain words);
+    ``default`` when neither tells.
+
+    >>> given = [("a.yaml", {"anchor_stride": 4, "task": "document"}), ("command line", {"anchor_stride": 0})]
+    >>> blame("anchor_stride=0 must be at least 1", given, "a.yaml")
+    'command line'
+    """
+    origin = {str(k): where for where, items in sources for k in items}
+    first = re.match(r"(\w+)\s*=", message)
+    if first and first[1] in origin:
+        return origin[first[1]]
+    named = {origin[k] for k in origin if re.search(rf"\b{re.escape(k)}" + (r"\b" if "_" in k else "="), message)}
+    return named.pop() if len(named) == 1 else default
 

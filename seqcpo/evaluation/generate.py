@@ -82,6 +82,11 @@ _KEY_ALIASES = {
 }
 
 
+# what a strategy does not read: given in a spec, it would be ignored without a word
+_UNUSED_BY = {"greedy": ("temperature", "top_p", "top_k", "num_beams", "seed"),
+              "beam": ("temperature", "top_p", "top_k", "seed"), "sample": ("num_beams",)}
+
+
 def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> DecodingConfig:
     """Parse a compact decoding spec into a :class:`DecodingConfig`.
 
@@ -105,12 +110,18 @@ def parse_decoding(spec: str, max_new_tokens: int = 64, seed: int = 0) -> Decodi
     else:
         raise ValueError(f"unknown decoding {head!r} in {spec!r}; use greedy, sample, beam, topk or topp")
     fields["num_beams"] = 4 if head == "beam" else 1
+    given: set[str] = set()
     for part in filter(None, (p.strip() for p in tail.split(","))):
         key, eq, value = part.partition("=")
         key = key.strip().lower()
         if not eq or key not in _KEY_ALIASES:
             raise ValueError(f"bad option {part!r} in decoding {spec!r}; keys: t, p, k, n, m, s")
         name = _KEY_ALIASES[key]
+        if name in given:
+            raise ValueError(f"{key} in decoding {spec!r}: {name} is given twice")
+        if name in _UNUSED_BY[fields["strategy"]]:
+            raise ValueError(f"{key} in decoding {spec!r}: {head} decoding does not use {name}")
+        given.add(name)
         try:
             fields[name] = float(value) if name in ("temperature", "top_p") else int(value)
         except ValueError:

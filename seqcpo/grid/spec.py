@@ -25,13 +25,22 @@ GRID_KEYS = ("name", "out_dir", "base", "arms", "ensembles", "controls", "eval",
 # EvalConfig fields a grid sets itself (from its arms), and its own defaults for two others
 GRID_SETS_EVAL = ("models", "labels", "alphas", "head_to_head", "out", "data_config")
 GRID_EVAL_DEFAULTS = {"baseline": "mle", "progress": False}
-_NAME = re.compile(r"^[A-Za-z0-9_.+~-]+$")
+# Names are folders (out_dir/arms/NAME): no path separator, and no leading dot (`.` and `..` would be out_dir/arms
+# and out_dir itself, where the grid keeps its report; `.x` a hidden folder).
+_NAME = re.compile(r"^[A-Za-z0-9_+~-][A-Za-z0-9_.+~-]*$")
 # Checked against this machine's hardware by TrainingArguments; a GPU grid must dry-run on a laptop.
 _HOST_FLAGS = {"bf16": False, "fp16": False, "tf32": None, "use_cpu": True}
 
 
 class GridError(ConfigError):
     """A bad grid file or an inconsistent grid folder; the message names the file and the key."""
+
+
+def _check_name(key: str, name: str) -> None:
+    """GridError naming ``key`` when ``name`` (of an arm, ensemble or control) cannot be a folder of its own."""
+    if not _NAME.match(name):
+        raise GridError(f"{key}: {name!r}: names are folders (out_dir/arms/NAME): use letters, digits and "
+                        "_ . + ~ -, not starting with a dot")
 
 
 @dataclasses.dataclass
@@ -131,7 +140,8 @@ def load_grid(path: str | os.PathLike) -> GridConfig:
             controls = parse_controls(where, raw.get("controls"), [a.name for a in arms])
         except ValueError as e:
             raise GridError(str(e)) from None
-        for c in controls:
+        for i, c in enumerate(controls):
+            _check_name(f"{where}: controls[{i}].name", c.name)
             src = next(a for a in arms if a.name == c.of)
             arms.append(ArmSpec(c.name, "control", src.overrides, src.config, control=c))
         names = [a.name for a in arms]
@@ -163,10 +173,9 @@ def _arms(where: str, name: str, over, base: dict, out_dir: Path) -> list[ArmSpe
     """The arms of one ``arms:`` entry (one per training seed), each with its SeqCPOConfig built."""
     w = f"{where}: arms.{name}"
     over = _mapping(w, over, "SeqCPOConfig fields")
-    for key, bad in (("output_dir", "output_dir" in {**base, **over}), ("name", not _NAME.match(name))):
-        if bad:
-            raise GridError(f"{w}: {key} is set by the grid (out_dir/arms/NAME; names use letters, digits and "
-                            "_ . + ~ -)")
+    _check_name(f"{where}: arms: name", name)
+    if "output_dir" in {**base, **over}:
+        raise GridError(f"{w}: output_dir is set by the grid (out_dir/arms/NAME)")
     trained = coerce("train", over.pop("train", True), bool, w)
     offline = coerce("offline_negatives", over.pop("offline_negatives", False), bool, w)
     seeds = over.pop("seeds", None)
@@ -208,8 +217,7 @@ def _ensembles(where: str, specs, arms: list[ArmSpec]) -> list[EnsembleSpec]:
                 raise GridError(f"{w}.{key}: {spec.get(key)!r} is not a trained arm ({', '.join(sorted(trained))})")
         alphas = coerce("alphas", spec.get("alphas", [0, 0.5, 1]), list[float], w)
         ens = EnsembleSpec(str(spec.get("name") or f"{spec['from']}~{spec['to']}"), spec["from"], spec["to"], alphas)
-        if not _NAME.match(ens.name):
-            raise GridError(f"{w}.name: {ens.name!r}: use letters, digits and _ . + ~ - only")
+        _check_name(f"{w}.name", ens.name)
         out.append(ens)
         src = trained[ens.from_arm]
         arms += [ArmSpec(ensemble_arm_name(ens.name, a), "ensemble", src.overrides, src.config, ens.name, a)

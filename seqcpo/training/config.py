@@ -63,14 +63,17 @@ def negative_option(key: str):
 
 
 # Ranges of TrainingArguments fields (transformers checks few of them; a NaN learning rate trains NaN weights).
+# Seeds: numpy's range, which set_seed needs (transformers fails on it only after the data has loaded).
 _TRAINING_ARGS_CHECKS = {
+    "seed": "[0,4294967295]",
+    "data_seed": "[0,4294967295]",
     "learning_rate": ">=0",
     "weight_decay": ">=0",
     "adam_beta1": "[0,1)",
     "adam_beta2": "[0,1)",
     "adam_epsilon": ">=0",
     "max_grad_norm": ">=0",
-    "warmup_ratio": "[0,1]",
+    "warmup_steps": ">=0",
     "per_device_train_batch_size": ">=1",
     "per_device_eval_batch_size": ">=1",
     "gradient_accumulation_steps": ">=1",
@@ -81,9 +84,29 @@ _TRAINING_ARGS_CHECKS = {
 }
 
 
+# Fields of older transformers that the installed one folded into another: the loader says where they went.
+_MOVED_FIELDS = {
+    "warmup_ratio": "transformers 5 folded it into warmup_steps: a warmup_steps below 1 is a fraction of the steps",
+}
+
+
+def _integration_error(report_to) -> str | None:
+    """Why ``report_to`` (a name or a list) names no transformers integration ("none" and "all" are words of
+    report_to), or None: transformers itself says so only when the Trainer is built, after the data has loaded."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK and n not in ("none", "all")]
+    if not unknown:
+        return None
+    return (f"report_to={unknown[0]!r}: not a transformers integration; choose none, all or "
+            f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+
+
 @dataclass
 class SeqCPOConfig(TrainingArguments, DataConfig):
     EXTRA_CHECKS = _TRAINING_ARGS_CHECKS  # ranges of inherited fields, checked like the "check" metadata
+    MOVED_FIELDS = _MOVED_FIELDS
 
     # ---- model
     model_name_or_path: str = field(
@@ -286,6 +309,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 
         check_fields(self)  # floats finite, the declared ranges (num_negatives >= 1, beta > 0, ...)
         check_output_dir(self.output_dir, "output_dir")
+        why = _integration_error(self.report_to)
+        if why:
+            raise ConfigError(why)
         for tracker in _missing_trackers(self.report_to):
             module, extra = TRACKERS[tracker]
             raise ConfigError(f"report_to={tracker!r}: the {module} package is not installed; install the extra: "
@@ -324,6 +350,8 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             except ValueError as e:
                 raise ConfigError(f"negatives={self.negatives!r}: {e}") from None
             bn = parts.get("bn", 0)
+            if "an" in parts:
+                self._validate_an(bad, parts["an"])
             if self.task == "document":
                 self._validate_document(bad, bn)
             elif bn and not self.negatives_path and self.per_device_train_batch_size < bn + 1:
@@ -344,12 +372,36 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
                 "and set negatives_path, or use reference frozen_copy",
             )
 
+    def _validate_an(self, bad, count: int) -> None:
+        """The AN decoding against its ``count`` negatives, in the config's field names (the generator checks
+        the same in DecodingConfig's names, but only once the model and the data have loaded)."""
+        if self.an_strategy == "greedy" and count > 1:
+            bad("an_strategy", f"greedy decoding gives one continuation per prefix, not {count} AN negatives: "
+                f"use sample, or beam with an_num_beams >= {count}")
+        if self.an_strategy == "beam" and self.an_num_beams < max(2, count):
+            greedy = ", or an_strategy greedy for one beam" if count == 1 else ""
+            bad("an_num_beams", f"beam search needs at least 2 beams and one per AN negative ({count}): set "
+                f"an_num_beams >= {max(2, count)}{greedy}")
+        if self.an_temperatures is not None:
+            if self.an_strategy != "sample":
+                bad("an_temperatures", f"sampling temperatures need an_strategy sample, not {self.an_strategy}")
+            if len(self.an_temperatures) != count:
+                bad("an_temperatures", f"has {len(self.an_temperatures)} values for the {count} AN negatives of "
+                    f"negatives={self.negatives!r}; give one per AN negative")
+        if self.an_rank_by == "temperature" and self.an_temperatures is None:
+            bad("an_rank_by", f"ranking by temperature needs an_temperatures, one per AN negative ({count})")
+
     def _validate_document(self, bad, bn: int) -> None:
         """Document rows with negatives: made during training at anchors drawn per (row, epoch) and scored live,
         or fixed (``negatives_path``: anchors fixed at their epoch-0 draw, negatives and reference log-probs read
         by window id). BN's pool is the batch's other anchors, when ``seqcpo negatives`` makes them too (it runs
         without negatives_path): a training run on a folder makes none."""
         per_row = self.anchors_per_row if self.anchor_stride is None else None
+        # anchors sit at stride, 2*stride, ... <= n - continuation_tokens, and no row is longer than max_length
+        most = self.max_length - self.continuation_tokens
+        if self.anchor_stride is not None and self.anchor_stride > most:
+            bad("anchor_stride", f"no row gets an anchor (so no CPO term): the largest stride that gives one is "
+                f"max_length - continuation_tokens = {most} (or objective mle)")
         if per_row == 0:
             bad("anchors_per_row", "task document with a CPO objective needs at least one anchor per row "
                 "(or objective mle)")
