@@ -77,11 +77,33 @@ def cmd_negatives(args, extra) -> int:
 
     args.shard_size = _check_flags({"--shard-size": args.shard_size}, {"--shard-size": (int, ">=1")})["--shard-size"]
     check_output_dir(args.out, "--out")
-    cfg = _config(args, extra)
+    cfg = _negatives_config(args, extra)
     out = make_negatives(cfg, args.out, shard_size=args.shard_size)
     print(json.dumps(out, indent=2))
     print(f"Train on them with: {next_train_command(args.config, extra, args.out)}")
     return 0
+
+
+def _negatives_config(args, extra: list[str]):
+    """The training config the negatives are made for. ``reference: precomputed`` is the config that will train on
+    them (with ``--negatives_path``): here it is read as ``auto``, since the negatives' reference is always the
+    starting model, and ``precomputed`` alone is refused without a folder of negatives."""
+    import yaml
+
+    from seqcpo.training.config import load_config, parse_overrides
+
+    overrides = parse_overrides(extra)
+    given = overrides.get("reference")
+    if given is None and args.config:
+        try:
+            with open(args.config, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh)
+            given = raw.get("reference") if isinstance(raw, dict) else None
+        except (OSError, yaml.YAMLError):
+            given = None  # load_config says what is wrong with the file
+    if given == "precomputed":
+        overrides = {**overrides, "reference": "auto"}
+    return load_config(args.config, overrides)
 
 
 def cmd_ensemble(args, extra) -> int:

@@ -220,3 +220,16 @@ def test_an_unpaired_surrogate_in_a_text_field_is_one_line(tmp_path):
         text_records(recs, DataConfig(task="continuation"))
     kept, _, bad = text_records(recs, DataConfig(task="continuation", skip_bad_records=True))
     assert [r.id for r in kept] == ["r0"] and bad == 1
+
+
+def test_the_task_shown_for_a_preference_file_is_preference(tok, tmp_path):
+    """Campaign 2: the dry run and the streaming log called a preference file's task "continuation" (the default
+    the rows override)."""
+    from seqcpo.data.streaming import load_streaming
+
+    rows = [{"id": f"p{i}", "prompt": f"Q{i}", "chosen": f"the river {i}", "rejected": f"fog {i}"} for i in range(8)]
+    path = _write(tmp_path / "prefs.jsonl", rows)
+    for sizes in (dict(validation_size=1, test_size=1), dict(validation_size=0.2, test_size=0.2)):
+        assert load_splits(DataConfig(dataset=path, **sizes), tok).stats["task"] == "preference"
+        stream = load_streaming(DataConfig(dataset=path, streaming=True, **sizes), tok)
+        assert stream.stats["task"] == "preference"

@@ -502,3 +502,34 @@ def test_the_scoring_step_reuses_the_gold_pass_by_one_rule_and_makes_the_same_nu
     fixed = score_examples(examples, None, PrecomputedReference(), offline_rows=rows)
     assert fixed.batch.candidate_ids == alone.batch.candidate_ids
     torch.testing.assert_close(fixed.ref_logps, alone.ref_logps)
+
+
+def test_negatives_cli_takes_the_training_config_and_its_reference_dtype(assets, tmp_path, capsys):
+    """Defects (campaign 2): `seqcpo negatives` refused the config that trains on them (`reference: precomputed`,
+    "make them with `seqcpo negatives`"), and ignored `reference_dtype` (float32 log-probs) while repeating it in
+    the training command it printed."""
+    import yaml
+
+    from seqcpo.cli import main
+    from seqcpo.training.offline_reader import read_offline_negatives
+
+    over = dict(model_name_or_path=assets["model"], dataset=assets["data"], task="instruction",
+                prompt_template="plain", validation_size=4, test_size=4, per_device_train_batch_size=4,
+                objective="cpo", num_negatives=2, negatives="tn:1,mn:1", seed=0, use_cpu=True, report_to="none",
+                reference="precomputed", max_steps=2, save_strategy="no", disable_tqdm=True,
+                output_dir=str(tmp_path / "run"))
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(over))
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"neg-{dtype}"
+        assert main(["negatives", "--config", str(config), "--out", str(out), "--reference_dtype", dtype]) == 0
+        printed = capsys.readouterr().out
+        assert f"--reference_dtype {dtype} --negatives_path {out}" in printed
+        cfg = load_config(str(config), {"reference_dtype": dtype, "negatives_path": str(out)})
+        rows[dtype], meta = read_offline_negatives(str(out), cfg)
+    some = sorted(rows["float32"])[0]
+    assert rows["float32"][some]["ref_logps"] != rows["bfloat16"][some]["ref_logps"]  # scored at the asked dtype
+    # the printed command trains on them with the precomputed reference
+    cmd = printed.split("Train on them with: ", 1)[1].split()
+    assert main(cmd[1:]) == 0

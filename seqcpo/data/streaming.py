@@ -126,7 +126,8 @@ def load_streaming(cfg: DataConfig, tokenizer: Any, context_tokens: int | None =
     logger.info(
         "streaming data %s (task %s): validation %d, test %d held (planning read %d records in %.1f s)%s; training "
         "examples are read and tokenized on the fly",
-        source, cfg.task, len(validation), len(test), stats.get("records_read", 0), stats["planning_seconds"],
+        source, stats.get("task", cfg.task), len(validation), len(test), stats.get("records_read", 0),
+        stats["planning_seconds"],
         f" ({'; '.join(describe_counts(stats, cfg))})" if describe_counts(stats, cfg) else "",
     )
     return StreamingData(cfg, source, plan, validation, test, stats, context_tokens)
@@ -141,7 +142,7 @@ def plan_splits(cfg: DataConfig, tokenizer: Any, source: str, context_tokens: in
     n_val, n_test = int(cfg.validation_size), int(cfg.test_size)
     k = n_val + n_test
     heap: list[tuple] = []  # (-key, _neg(id), index, id, example): a max-heap on (key, id)
-    read = 0
+    read, task = 0, cfg.task
     for batch in stream_row_batches(cfg):
         ids = batch.ids(cfg.id_field)
         keys = [split_key(cfg.split_seed, i) for i in ids]
@@ -152,8 +153,9 @@ def plan_splits(cfg: DataConfig, tokenizer: Any, source: str, context_tokens: in
         offsets = [j for j, u in enumerate(keys) if (u, ids[j]) < bound]
         if not offsets:
             continue
-        pairs, _ = record_examples(batch.select(offsets, cfg.id_field), cfg, tokenizer, source,
-                                   context_tokens=context_tokens)
+        pairs, built = record_examples(batch.select(offsets, cfg.id_field), cfg, tokenizer, source,
+                                       context_tokens=context_tokens)
+        task = built.get("task", task)  # "preference" when the rows say so (examples.effective_task)
         for record, group in pairs:
             entry = (-split_key(cfg.split_seed, record.id), _neg(record.id), record.index, record.id, group[0])
             if len(heap) < k:
@@ -176,7 +178,7 @@ def plan_splits(cfg: DataConfig, tokenizer: Any, source: str, context_tokens: in
     plan = SplitPlan(cfg.validation_size, cfg.test_size, cfg.split_seed)
     plan.evaluation = {e[3]: "validation" for e in validation}
     plan.evaluation.update({e[3]: "test" for e in test})
-    stats = {"records_read": read}
+    stats = {"records_read": read, "task": task}
     return plan, [e[4] for e in validation], [e[4] for e in test], stats
 
 
@@ -206,7 +208,7 @@ class _neg(str):
 def _collect_fraction_splits(cfg, tokenizer, source, plan, wanted, context_tokens):
     """Fractions: the first ``max_eval_examples`` validation/test examples in source order."""
     held: dict[str, list[Example]] = {"validation": [], "test": []}
-    read = 0
+    read, task = 0, cfg.task
     if wanted:
         cap = cfg.max_eval_examples
         for batch in stream_row_batches(cfg):
@@ -214,8 +216,9 @@ def _collect_fraction_splits(cfg, tokenizer, source, plan, wanted, context_token
             read += batch.num_rows
             offsets = [j for j, s in enumerate(splits) if s in wanted and len(held[s]) < cap]
             if offsets:
-                pairs, _ = record_examples(batch.select(offsets, cfg.id_field), cfg, tokenizer, source,
-                                           context_tokens=context_tokens)
+                pairs, built = record_examples(batch.select(offsets, cfg.id_field), cfg, tokenizer, source,
+                                               context_tokens=context_tokens)
+                task = built.get("task", task)
                 for record, group in pairs:
                     split = plan.split_of(record.id)
                     if len(held[split]) < cap:
@@ -223,7 +226,7 @@ def _collect_fraction_splits(cfg, tokenizer, source, plan, wanted, context_token
             if all(len(held[s]) >= cap for s in wanted):
                 logger.info("streaming: evaluation splits capped at max_eval_examples=%d", cap)
                 break
-    return held["validation"], held["test"], {"records_read": read}
+    return held["validation"], held["test"], {"records_read": read, "task": task}
 
 
 class StreamingExamples(IterableDataset):

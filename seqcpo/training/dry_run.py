@@ -123,12 +123,12 @@ def _data(cfg, tokenizer, context, plan: Plan):
                 break
         from seqcpo.batching import collate_examples
 
-        plan.add("data", f"{cfg.dataset} ({cfg.task}), streamed: {_unit(cfg)} counted as read")
+        plan.add("data", f"{cfg.dataset} ({splits.stats.get('task', cfg.task)}), streamed: {_unit(cfg)} counted as read")
         return None, collate_examples(first)["examples"] if first else []
     from seqcpo.data import load_splits
 
     splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
-    plan.add("data", f"{cfg.dataset} ({cfg.task}): {len(splits.train)} train / {len(splits.validation)} validation / "
+    plan.add("data", f"{cfg.dataset} ({splits.stats.get('task', cfg.task)}): {len(splits.train)} train / {len(splits.validation)} validation / "
                      f"{len(splits.test)} test {_unit(cfg)}")
     return len(splits.train), list(splits.train[:bs])
 

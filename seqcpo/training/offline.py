@@ -98,6 +98,8 @@ def offline_settings(cfg, num_examples: int, shard_size: int | None = None, dige
         "length_normalize": cfg.length_normalize,
         "num_examples": num_examples,
     }
+    if getattr(cfg, "reference_dtype", None):  # recorded only when set: folders made without it keep their key
+        settings["reference_dtype"] = cfg.reference_dtype
     if getattr(cfg, "task", None) == "document":  # the rule that fixes the anchors (offline_documents.py)
         settings["anchors"] = "fixed: the epoch-0 draw of each row's generator"
     return settings

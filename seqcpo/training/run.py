@@ -272,6 +272,8 @@ def make_negatives(cfg: SeqCPOConfig, out_dir: str, shard_size: int = 256) -> di
     set_seed(cfg.seed)
     _, tokenizer, model = _load(cfg)
     model.requires_grad_(False)
+    if cfg.reference_dtype:  # the reference makes the negatives and scores them: at its dtype, as in training
+        model = model.to(getattr(torch, cfg.reference_dtype))
     splits = load_splits(cfg.data_config(), tokenizer, context_tokens=model_context_tokens(model.config))
     with torch.no_grad():
         manifest = make_offline_negatives(cfg, splits.train, model, tokenizer, out_dir, shard_size=shard_size)
