@@ -109,11 +109,11 @@ def test_the_checked_training_arguments_fields_exist():
     `--warmup_ratio 0.1` was refused as unknown."""
     import dataclasses
 
-    from seqcpo.training.config import _TRAINING_ARGS_CHECKS
+    from seqcpo.training.args_checks import TRAINING_ARGS_CHECKS
     from seqcpo.training.config_reference import config_reference
 
     names = {f.name for f in dataclasses.fields(SeqCPOConfig)}
-    assert set(_TRAINING_ARGS_CHECKS) <= names, set(_TRAINING_ARGS_CHECKS) - names
+    assert set(TRAINING_ARGS_CHECKS) <= names, set(TRAINING_ARGS_CHECKS) - names
     assert "warmup_ratio" not in config_reference()
 
 

@@ -22,6 +22,13 @@ from seqcpo.config_loader import ConfigError, check_fields, check_output_dir, lo
 from seqcpo.data.config import DataConfig
 from seqcpo.negatives.registry import OPTIONS as NEGATIVE_OPTIONS
 from seqcpo.negatives.registry import parse_spec, resolve_an_backend
+from seqcpo.training.args_checks import (
+    MOVED_FIELDS_BY_NAME,
+    TRACKERS,
+    TRAINING_ARGS_CHECKS,
+    integration_error,
+    missing_trackers,
+)
 
 OBJECTIVES = ("mle", "cpo", "cpo_ranked", "dpo", "pss", "lipo", "bt_pairs", "infonca", "nca")
 #: the objectives with a preference term over gold + K negatives (seqcpo.losses.preference_loss_per_example)
@@ -40,18 +47,6 @@ def _is_secret(name: str) -> bool:
 
 QUALITY_SPLITS = ("validation", "test")
 
-# report_to value -> (the package it needs, the pyproject extra that installs it)
-TRACKERS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tracking")}
-
-
-def _missing_trackers(report_to) -> list[str]:
-    """The trackers in ``report_to`` (a name or a list) whose package is not importable."""
-    import importlib.util
-
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    return [n for n in names if n in TRACKERS and importlib.util.find_spec(TRACKERS[n][0]) is None]
-
-
 def negative_option(key: str):
     """The config field of negatives option ``key``: default, help and range from its one declaration
     (:data:`seqcpo.negatives.registry.OPTIONS`)."""
@@ -62,51 +57,10 @@ def negative_option(key: str):
     return field(default=opt.default, metadata=meta)
 
 
-# Ranges of TrainingArguments fields (transformers checks few of them; a NaN learning rate trains NaN weights).
-# Seeds: numpy's range, which set_seed needs (transformers fails on it only after the data has loaded).
-_TRAINING_ARGS_CHECKS = {
-    "seed": "[0,4294967295]",
-    "data_seed": "[0,4294967295]",
-    "learning_rate": ">=0",
-    "weight_decay": ">=0",
-    "adam_beta1": "[0,1)",
-    "adam_beta2": "[0,1)",
-    "adam_epsilon": ">=0",
-    "max_grad_norm": ">=0",
-    "warmup_steps": ">=0",
-    "per_device_train_batch_size": ">=1",
-    "per_device_eval_batch_size": ">=1",
-    "gradient_accumulation_steps": ">=1",
-    "num_train_epochs": ">=0",
-    "logging_steps": ">=0",
-    "save_steps": ">=0",
-    "dataloader_num_workers": ">=0",
-}
-
-
-# Fields of older transformers that the installed one folded into another: the loader says where they went.
-_MOVED_FIELDS = {
-    "warmup_ratio": "transformers 5 folded it into warmup_steps: a warmup_steps below 1 is a fraction of the steps",
-}
-
-
-def _integration_error(report_to) -> str | None:
-    """Why ``report_to`` (a name or a list) names no transformers integration ("none" and "all" are words of
-    report_to), or None: transformers itself says so only when the Trainer is built, after the data has loaded."""
-    from transformers.integrations import INTEGRATION_TO_CALLBACK
-
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK and n not in ("none", "all")]
-    if not unknown:
-        return None
-    return (f"report_to={unknown[0]!r}: not a transformers integration; choose none, all or "
-            f"{', '.join(INTEGRATION_TO_CALLBACK)}")
-
-
 @dataclass
 class SeqCPOConfig(TrainingArguments, DataConfig):
-    EXTRA_CHECKS = _TRAINING_ARGS_CHECKS  # ranges of inherited fields, checked like the "check" metadata
-    MOVED_FIELDS = _MOVED_FIELDS
+    EXTRA_CHECKS = TRAINING_ARGS_CHECKS  # ranges of inherited fields, checked like the "check" metadata
+    MOVED_FIELDS = MOVED_FIELDS_BY_NAME
 
     # ---- model
     model_name_or_path: str = field(
@@ -309,10 +263,10 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
 
         check_fields(self)  # floats finite, the declared ranges (num_negatives >= 1, beta > 0, ...)
         check_output_dir(self.output_dir, "output_dir")
-        why = _integration_error(self.report_to)
+        why = integration_error(self.report_to)
         if why:
             raise ConfigError(why)
-        for tracker in _missing_trackers(self.report_to):
+        for tracker in missing_trackers(self.report_to):
             module, extra = TRACKERS[tracker]
             raise ConfigError(f"report_to={tracker!r}: the {module} package is not installed; install the extra: "
                               f"pip install 'seqcpo[{extra}]' (or pip install {module}), or choose another report_to")

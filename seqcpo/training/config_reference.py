@@ -8,7 +8,8 @@ import dataclasses
 from transformers import TrainingArguments
 
 from seqcpo.negatives.registry import OPTIONS as NEGATIVE_OPTIONS
-from seqcpo.training.config import _TRAINING_ARGS_CHECKS, SeqCPOConfig
+from seqcpo.training.args_checks import TRAINING_ARGS_CHECKS
+from seqcpo.training.config import SeqCPOConfig
 
 
 def config_reference() -> str:
@@ -46,7 +47,7 @@ def config_reference() -> str:
         rule = f"`{rule}`" if rule else ""
         lines.append(f"| `{f.name}` | `{default!r}` | {rule} | {help_text} |")
     lines += ["", "Ranges checked on `TrainingArguments` fields: "
-              + ", ".join(f"`{k}` `{v}`" for k, v in _TRAINING_ARGS_CHECKS.items()) + ".", ""]
+              + ", ".join(f"`{k}` `{v}`" for k, v in TRAINING_ARGS_CHECKS.items()) + ".", ""]
     lines += _eval_reference()
     return "\n".join(lines) + "\n"
 
