@@ -1,4 +1,4 @@
-"""Fault campaign 2, config and grid items (/work/notes/campaign2.md #3, #4, #8 and the decoding specs of #10):
+"""Fault campaign 2, config and grid items (document anchors, grid names, late errors, decoding specs):
 values that could not work passed config validation and failed late, or silently did something else, or an
 error named the wrong field or place. Each is now refused where it enters, in one line naming the field (or grid
 key), its value and where it was given. No model is loaded here: every check runs before one is."""
@@ -23,7 +23,7 @@ def _load(tmp_path, argv=(), **yaml_fields):
     return load_config(path, parse_overrides(list(argv)))
 
 
-# ----------------------------------------------------------------------------- #3 anchor_stride past every row
+# ----------------------------------------------------------------------------- anchor_stride past every row
 
 
 def test_an_anchor_stride_that_places_no_anchor_is_refused_under_cpo(tmp_path):
@@ -40,7 +40,7 @@ def test_an_anchor_stride_that_places_no_anchor_is_refused_under_cpo(tmp_path):
     assert _load(tmp_path, ["--anchor_stride", "100", "--objective", "mle"]).anchor_stride == 100  # no anchors needed
 
 
-# ----------------------------------------------------------------------------- #8 errors at entry, naming the field
+# ----------------------------------------------------------------------------- errors at entry, naming the field
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -117,7 +117,7 @@ def test_the_checked_training_arguments_fields_exist():
     assert "warmup_ratio" not in config_reference()
 
 
-# ----------------------------------------------------------------------------- #10 decoding specs
+# ----------------------------------------------------------------------------- decoding specs
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -139,7 +139,7 @@ def test_decoding_specs_refuse_repeated_and_unused_keys(spec, match):
         assert parse_decoding(good).name == good
 
 
-# ----------------------------------------------------------------------------- #4 grid names that are not folders
+# ----------------------------------------------------------------------------- grid names that are not folders
 
 
 def _grid(tmp_path, **over):

@@ -1,4 +1,4 @@
-"""Fault injection on ``seqcpo ensemble`` and the command line (campaign 2, items 5, 6, 7 and 10).
+"""Fault injection on ``seqcpo ensemble`` and the command line (the second fault campaign).
 
 Each test names the defect it guards against; each failed on the code before the fix: two tokenizers mixed
 silently, a SIGTERM'd ensemble's temp folder left forever (and 0700 outputs), safetensors' traceback for a cut-short
