@@ -119,7 +119,7 @@ def parse_row(record: Record) -> PreferenceRow:
     if not conversational and not prompt.strip():
         raise DataError(f'{where}: field "prompt" is empty')
     if not implicit:
-        _check_unicode_prompt(prompt, where)
+        _check_unicode_value(prompt, where, "prompt")
     gold = _canonical(answers[0], conversational)
     for a, name in zip(answers[1:], names[1:]):
         if _canonical(a, conversational) == gold:
@@ -224,14 +224,15 @@ def _short(v: Any) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
-def _check_unicode_prompt(prompt: Any, where: str) -> None:
-    if isinstance(prompt, str):
-        check_unicode(prompt, where, "prompt")
+def _check_unicode_value(value: Any, where: str, name: str) -> None:
+    """:func:`check_unicode` on a string, or on every message's role and content."""
+    if isinstance(value, str):
+        check_unicode(value, where, name)
         return
-    for i, m in enumerate(prompt):
+    for i, m in enumerate(value):
         for key in ("role", "content"):
             if isinstance(m[key], str):
-                check_unicode(m[key], where, f"prompt[{i}].{key}")
+                check_unicode(m[key], where, f"{name}[{i}].{key}")
 
 
 def _is_message(m: Any) -> bool:
@@ -248,15 +249,12 @@ def _check_answer(a: Any, name: str, conversational: bool, where: str) -> None:
             raise DataError(f'{where}: field "{name}" must be a list of messages {{"role", "content"}}, like "chosen"')
         if not any(isinstance(m["content"], str) and m["content"].strip() for m in a):
             raise DataError(f'{where}: field "{name}" is empty')
-        for i, m in enumerate(a):
-            for key in ("role", "content"):
-                if isinstance(m[key], str):
-                    check_unicode(m[key], where, f"{name}[{i}].{key}")
+        _check_unicode_value(a, where, name)
         return
     if not isinstance(a, str):
         raise DataError(f'{where}: field "{name}" must be a string (or every answer a list of messages), got '
                         f"{type(a).__name__}")
-    check_unicode(a, where, name)
+    _check_unicode_value(a, where, name)
     if not a.strip():
         raise DataError(f'{where}: field "{name}" is empty')
 
