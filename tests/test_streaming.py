@@ -123,6 +123,22 @@ def test_txt_paragraphs_stream_like_memory(tmp_path, tok):
     assert as_items_stream(one_pass(stream.train(tok))) == as_items(memory.train)
 
 
+def test_txt_paragraphs_are_cut_at_the_same_line_ends_streamed_or_not(tmp_path):
+    """\\r, \\r\\n and \\n end a line in both readers; a form feed or a line separator inside a line does not."""
+    from seqcpo.data.row_batches import stream_row_batches
+    from seqcpo.data.sources import read_records
+
+    docs = tmp_path / "mixed.txt"
+    docs.write_bytes("\ufeffone\rtwo\r\rthree\x0cfour\u2028five\r\n\r\nsix\n \nseven".encode())
+    c = DataConfig(dataset=str(docs))
+    memory = read_records(c)[0]
+    streamed = [r for b in stream_row_batches(c) for r in b.records]
+    texts = [r.fields["text"] for r in memory]
+    assert texts == ["one\ntwo", "three\x0cfour\u2028five", "six", "seven"]
+    assert [(r.id, r.fields, r.where) for r in streamed] == [(r.id, r.fields, r.where) for r in memory]
+    assert memory[1].where.endswith("line 4 (paragraph 1)")
+
+
 # -- shards
 
 
@@ -445,7 +461,7 @@ def test_resume_skips_whole_data_files_already_read(tmp_path, tok, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import seqcpo.data.sources as sources
+    import seqcpo.data.row_batches as sources
 
     monkeypatch.setattr(sources, "STREAM_BATCH_ROWS", 50)
     rows = [{"id": f"doc{i}", "text": " ".join(WORDS[(i * j + j) % 12] for j in range(20 + i % 30))}
@@ -560,3 +576,31 @@ def test_lazy_lines_are_cut_as_splitlines_cuts_them_at_every_chunk_boundary():
     for size in range(1, len(data) + 2):
         assert list(_split_lines(io.BytesIO(data), size)) == data.splitlines(), size
         assert list(_split_lines(io.BytesIO(data + b"\r\n"), size)) == (data + b"\r\n").splitlines(), size
+
+
+def test_a_folder_of_json_lines_with_mixed_field_types_streams_the_records_it_holds(tmp_path):
+    """datasets gives a field whose type varies across rows Arrow's JSON type (values as JSON text: '"x"');
+    streamed records are decoded back, at any depth, and equal the records read without streaming."""
+    from seqcpo.data.row_batches import stream_row_batches
+    from seqcpo.data.sources import read_records
+
+    rows = [
+        {"id": 1, "prompt": "Say hi.", "rejected": "no", "meta": {"tags": "a"}},
+        {"id": "b", "prompt": "Say bye.", "rejected": ["nah", "later"], "meta": {"tags": ["b", "c"]}},
+        {"id": "c", "prompt": [{"role": "user", "content": "Hello?"}], "rejected": None},
+    ]
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = DataConfig(dataset=str(folder))
+    memory = read_records(c)[0]
+    batches = list(stream_row_batches(c))
+    streamed = [r for b in batches for r in b.select(list(range(b.num_rows)), "id")]
+    assert [b.ids("id") for b in batches] == [["1", "b", "c"]]
+    assert [r.id for r in streamed] == [r.id for r in memory] == ["1", "b", "c"]
+    assert streamed[0].fields["rejected"] == "no" and streamed[1].fields["rejected"] == ["nah", "later"]
+    assert streamed[1].fields["meta"] == {"tags": ["b", "c"]}
+    assert streamed[2].fields["prompt"] == [{"role": "user", "content": "Hello?"}]
+    for s, m in zip(streamed, memory):  # streaming adds absent fields as null, which every reader reads as absent
+        assert {k: v for k, v in s.fields.items() if v is not None} == {
+            k: v for k, v in m.fields.items() if v is not None}

@@ -130,27 +130,7 @@ def read_parquet(path: str, id_field: str = "id") -> list[Record]:
 
 def read_txt(path: str, text_field: str = "text") -> list[Record]:
     """One document per paragraph; paragraphs are separated by blank lines (whitespace-only lines count)."""
-    with open(path, "rb") as f:
-        text = _decode(f.read(), path)
-    records: list[Record] = []
-    paragraph: list[str] = []
-    first_line = 0
-
-    def flush() -> None:
-        where = f"{path} line {first_line} (paragraph {len(records)})"
-        records.append(Record(id=str(len(records)), fields={text_field: "\n".join(paragraph).strip()}, where=where))
-        paragraph.clear()
-
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            if not paragraph:
-                first_line = lineno
-            paragraph.append(line)
-        elif paragraph:
-            flush()
-    if paragraph:
-        flush()
-    return records
+    return list(_iter_txt(path, text_field))
 
 
 def read_wiki() -> list[Record]:
@@ -278,182 +258,15 @@ def record_id(value: Any, id_field: str, default_id: str, where: str) -> str:
     return str(value)
 
 
-# -- lazy reading (streaming=True)
-
-#: Records read per batch in streaming mode (one Arrow table or list at a time).
-STREAM_BATCH_ROWS = 1000
-
-
-@dataclass
-class RowBatch:
-    """Consecutive records ``[start, start + num_rows)`` of a source, as read and not yet converted: an Arrow
-    ``table`` (files and Hub datasets through ``datasets``) or already built ``records`` (.txt, "wiki")."""
-
-    start: int
-    num_rows: int
-    where: str
-    table: Any = None
-    records: list[Record] | None = None
-    resume: dict | None = None  # {"state", "start"}: puts a new reader back at this batch (stream_row_batches)
-
-    def ids(self, id_field: str) -> list[str]:
-        """The record ids, read from the id column alone (positions where it is missing, null or empty)."""
-        if self.records is not None:
-            return [r.id for r in self.records]
-        values = (
-            self.table.column(id_field).to_pylist()
-            if id_field in self.table.column_names
-            else [None] * self.num_rows
-        )
-        return [
-            record_id(v, id_field, str(self.start + k), f"{self.where} {self.start + k}")
-            for k, v in enumerate(values)
-        ]
-
-    def select(self, offsets: list[int], id_field: str) -> list[Record]:
-        """The records at these offsets (0-based within the batch), converted to Python."""
-        if self.records is not None:
-            return [self.records[k] for k in offsets]
-        rows = self.table.take(offsets).to_pylist() if offsets else []
-        return [
-            _record(row, id_field, str(self.start + k), f"{self.where} {self.start + k}", self.start + k)
-            for k, row in zip(offsets, rows)
-        ]
-
-
-def stream_source(cfg: DataConfig) -> str:
-    """The source name of ``cfg.dataset`` for ``meta["source"]``; raises :class:`DataError` for a missing file."""
-    name = cfg.dataset
-    path = os.path.expanduser(name)
-    if name != WIKI and not os.path.exists(path):
-        if name.lower().endswith(FILE_EXTENSIONS) or name.startswith(("/", "./", "../", "~")):
-            raise DataError(f"{name}: no such file (dataset= takes a local file, a Hub dataset id, or \"wiki\")")
-    return name
-
-
-def stream_row_batches(
-    cfg: DataConfig, start: int = 0, batch_rows: int | None = None, resume: dict | None = None
-) -> Iterator[RowBatch]:
-    """Read ``cfg.dataset`` lazily from record ``start`` on, one :class:`RowBatch` at a time.
-
-    Local .jsonl/.json/.parquet files and Hub datasets go through ``datasets.load_dataset(..., streaming=True)``
-    (Hub datasets are streamed, never downloaded whole), a dataset folder saved by ``datasets`` is memory-mapped,
-    .txt files are read paragraph by paragraph. Records before ``start`` are passed over as Arrow tables,
-    never converted or tokenized. Memory holds one batch at a time, whatever the corpus size.
-
-    ``resume``: a batch's ``resume`` (``{"state": datasets state_dict, "start": its first record}``) at or before
-    ``start``: the reader is put back there by ``datasets``' ``load_state_dict``, so the data files (shards)
-    before it are not read again (datasets may reopen the one just before, to pass over its end); without it,
-    reading starts at the first record.
-    """
-    name = stream_source(cfg)
-    path = os.path.expanduser(name)
-    batch_rows = batch_rows or STREAM_BATCH_ROWS
-    if name == WIKI:
-        yield from _list_batches(iter(read_wiki()), start, batch_rows, "wiki entry")
-        return
-    ext = os.path.splitext(path)[1].lower() if os.path.isfile(path) else None
-    if ext == ".txt":
-        if cfg.task != "continuation":
-            raise DataError(f"{path}: a .txt file holds plain documents; it only serves task=continuation")
-        yield from _list_batches(_iter_txt(path, cfg.text_field), start, batch_rows, f"{path} paragraph")
-        return
-    # JSON files are read by the same parser as without streaming: datasets' JSON reader turns a field whose type
-    # varies across rows (a string here, a list there) into JSON text ('["a", "b"]'), and gives every row every
-    # column (null where absent), so the streamed records would differ from the file's
-    if ext == ".jsonl":
-        yield from _list_batches(_iter_jsonl(path, cfg.id_field, start), start, batch_rows, f"{path} line",
-                                 skipped=True)
-        return
-    if ext == ".json":  # a JSON document is parsed whole, streamed or not: use .jsonl for a large corpus
-        yield from _list_batches(iter(read_json(path, cfg.id_field)), start, batch_rows, f"{path} record")
-        return
-    yield from _arrow_batches(_open_stream(name, path, cfg), name, cfg, start, batch_rows, resume)
-
-
-def _open_stream(name: str, path: str, cfg: DataConfig):
-    import datasets
-
-    try:
-        if os.path.isdir(path) and any(
-            os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")
-        ):  # written by Dataset.save_to_disk: memory-mapped Arrow, not read into memory
-            ds = datasets.load_from_disk(path)
-            return ds[cfg.dataset_split] if isinstance(ds, datasets.DatasetDict) else ds
-        if os.path.isfile(path):
-            ext = os.path.splitext(path)[1].lower()
-            if ext not in (".jsonl", ".json", ".parquet"):
-                raise DataError(
-                    f"{path}: unknown file extension {ext or '(none)'!r}; use one of {', '.join(FILE_EXTENSIONS)}"
-                )
-            builder = "parquet" if ext == ".parquet" else "json"
-            return datasets.load_dataset(builder, data_files=path, split="train", streaming=True)
-        return datasets.load_dataset(name, cfg.dataset_config, split=cfg.dataset_split, streaming=True)
-    except DataError:
-        raise
-    except Exception as e:  # network, unknown id, missing split: all end the same way for the user
-        raise DataError(
-            f"{name}: could not open it as a streamed dataset (split {cfg.dataset_split!r}): {type(e).__name__}: "
-            f"{e}. Check the id and your network, or pass a local .jsonl/.json/.parquet/.txt file"
-        ) from None
-
-
-def _arrow_batches(ds, name: str, cfg: DataConfig, start: int, batch_rows: int,
-                   resume: dict | None) -> Iterator[RowBatch]:
-    where = f"{name} record" if os.path.exists(os.path.expanduser(name)) else f"{name} [{cfg.dataset_split}] row"
-    ds = ds.with_format("arrow")
-    stateful = hasattr(ds, "state_dict") and hasattr(ds, "load_state_dict")  # streamed, not memory-mapped
-    offset = 0
-    if resume and stateful and resume.get("state") is not None and resume.get("start", start + 1) <= start:
-        ds.load_state_dict(resume["state"])
-        offset = int(resume["start"])
-    tables = iter(ds.iter(batch_size=batch_rows))
-    while True:
-        state = ds.state_dict() if stateful else None  # where this table starts, for a later resume
-        try:
-            table = next(tables)
-        except StopIteration:
-            return
-        except Exception as e:  # a row that breaks the schema, bad JSON, a dropped connection
-            raise DataError(
-                f"{name}: could not read the records from record {offset} on ({type(e).__name__}: {str(e)[:300]}); "
-                "the row number is within that read batch: streaming=false names the file line"
-            ) from None
-        n = table.num_rows
-        if offset + n > start:
-            cut = max(0, start - offset)
-            if cut:
-                table = table.slice(cut)
-            yield RowBatch(start=offset + cut, num_rows=n - cut, where=where, table=table,
-                           resume={"state": state, "start": offset} if stateful else None)
-        offset += n
-
-
-def _list_batches(records: Iterator[Record], start: int, batch_rows: int, where: str,
-                  skipped: bool = False) -> Iterator[RowBatch]:
-    """``records`` from the ``start``-th on in batches (``skipped``: the iterator already starts there)."""
-    batch: list[Record] = []
-    first = start
-    for i, r in enumerate(records, start=start if skipped else 0):
-        if i < start:
-            continue
-        r.index = i
-        batch.append(r)
-        if len(batch) == batch_rows:
-            yield RowBatch(start=first, num_rows=len(batch), where=where, records=batch)
-            first, batch = i + 1, []
-    if batch:
-        yield RowBatch(start=first, num_rows=len(batch), where=where, records=batch)
-
-
 def _iter_txt(path: str, text_field: str) -> Iterator[Record]:
-    """:func:`read_txt`'s paragraphs, read line by line (the same ids: paragraph numbers)."""
+    """The paragraphs of a text file, read lazily; lines end at \\n, \\r\\n or \\r; a record's id is its paragraph
+    number."""
     paragraph: list[str] = []
     first_line = count = 0
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(_split_lines(f), start=1):
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path} line {lineno}: not UTF-8 text ({e.reason})") from None
             if line.strip():

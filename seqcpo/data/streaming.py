@@ -44,7 +44,7 @@ from torch.utils.data import IterableDataset
 
 from seqcpo.data.config import DataConfig, DataError
 from seqcpo.data.examples import describe_counts, record_examples
-from seqcpo.data.sources import stream_row_batches, stream_source
+from seqcpo.data.row_batches import stream_row_batches, stream_source
 from seqcpo.data.splits import fraction_split, split_key, uses_fractions
 from seqcpo.types import Example
 
