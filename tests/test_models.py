@@ -132,8 +132,12 @@ def test_hub_ids_pass_through(monkeypatch):
     assert resolve_model_path("gpt2-xl") == "gpt2-xl"
     assert resolve_model_path("openlm-research/open_llama_3b_v2") == "openlm-research/open_llama_3b_v2"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="could not load 'someone/not-a-model'.*Hub id"):
-        load_model("someone/not-a-model")
+    from seqcpo.models.loading import load_model_config
+
+    for load in (load_model, load_tokenizer, load_model_config):  # the run, its tokenizer, --dry-run's shape
+        with pytest.raises(OSError, match=r"^model_name_or_path: could not load 'someone/not-a-model'.*Hub id") as e:
+            load("someone/not-a-model")
+        assert "\n" not in str(e.value)
 
 
 def test_invalid_dtype():

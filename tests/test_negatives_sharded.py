@@ -356,3 +356,35 @@ def test_an_decodes_several_batches_together_and_draws_the_same_rows(setup, monk
     calls[:] = []
     make_negatives(_config(setup, an_batch_size=6, **{**over, "negatives": "an:1,mn:1"}), str(root / "an_mn"), shard_size=8)
     assert set(calls) == {2}
+
+
+def test_dry_run_refuses_what_the_run_refuses_and_counts_the_folders_negatives(setup, capsys):
+    """Defect: --dry-run printed a plan (rc 0) for runs the real run refuses: a negatives folder made under other
+    settings, streaming without max_steps, an output folder that cannot be written; and counted a negatives
+    folder's first batch as gold only. Each refusal is now the run's own line; the folder's rows are counted."""
+    from seqcpo.cli import main
+
+    out = setup["root"] / "dry-negatives"
+    make = ["negatives", "--config", setup["cfg"], "--out", str(out), "--shard-size", "100"]
+    assert main(make) == 0
+    capsys.readouterr()
+    base = ["train", "--config", setup["cfg"], "--dry-run", "--negatives_path", str(out)]
+    fresh = setup["root"] / "dry" / "nested" / "run"
+    assert main(base + ["--output_dir", str(fresh)]) == 0
+    text = capsys.readouterr().out
+    assert f"fixed negatives read from {out} (K = 2)" in text, text
+    packed = int(re.search(r"(\d+) tokens in prefix-shared rows", text).group(1))
+    assert packed > 2 * (6 + 6), text  # two examples' prefix + gold, and their negatives
+    assert not (setup["root"] / "dry").exists()  # the probe of the output folder leaves nothing
+
+    cases = [
+        (["--seed", "1", "--output_dir", str(fresh)], "was made with other settings than this run's (seed: 0"),
+        (["--streaming", "true", "--max_steps", "-1", "--output_dir", str(fresh)], "needs max_steps"),
+        (["--output_dir", "/proc/seqcpo-dry-run/out"], "--output_dir='/proc/seqcpo-dry-run/out': cannot write"),
+    ]
+    for extra, said in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (extra, err)
+        run = main(["train", "--config", setup["cfg"], "--negatives_path", str(out)] + extra)
+        assert run == 2 and said in capsys.readouterr().err, extra  # the real run's own refusal

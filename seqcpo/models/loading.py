@@ -68,6 +68,19 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """``AutoConfig`` of a model name/path/id (the model's shape, no weights), with :func:`load_model`'s errors."""
+    from transformers import AutoConfig
+
+    path = _checked_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if os.path.isdir(path):
+            raise
+        raise _not_found(name_or_path, e) from None
+
+
 def load_model(
     name_or_path: str,
     dtype: str = "float32",
@@ -211,7 +224,8 @@ def _require_safetensors(folder: str) -> None:
 
 
 def _not_found(name: str, err: Exception) -> OSError:
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return OSError(
-        f"could not load {name!r}: not a local folder and not loadable as a Hugging Face Hub id "
-        f"(offline, private or misspelt?). Original error: {err}"
+        f"model_name_or_path: could not load {name!r}: not a local folder and not loadable as a Hugging Face Hub "
+        f"id (offline, private or misspelt?): {first}"
     )

@@ -57,10 +57,27 @@ def load_for_dry_run(config_path, overrides: dict[str, Any]):
 def dry_run(config_path, overrides: dict[str, Any]) -> str:
     """The text ``seqcpo train --dry-run`` prints."""
     cfg, note = load_for_dry_run(config_path, overrides)
-    return render(make_plan(cfg, note))
+    return render(make_plan(cfg, note, "--output_dir" if "output_dir" in overrides else "output_dir"))
 
 
-def make_plan(cfg, note: str | None = None) -> Plan:
+def _preflight(cfg, output_option: str, plan: Plan) -> bool:
+    """The checks a run makes before loading anything (:func:`seqcpo.training.run.preflight`: streaming's needs,
+    the resume, the fixed negatives' settings) and the output folder proved writable (nothing is left in it);
+    True when the run has already reached its length (nothing to plan)."""
+    from seqcpo.training.checkpoints import probe_output_dir
+    from seqcpo.training.run import preflight
+
+    probe_output_dir(cfg.output_dir, output_option)
+    _, resume, done = preflight(cfg)
+    if done is not None:
+        plan.add("resume", f"{resume} is step {done}: the run has reached its length and would train nothing")
+        return True
+    if resume is not None:
+        plan.add("resume", f"from {resume} (complete, written under these settings)")
+    return False
+
+
+def make_plan(cfg, note: str | None = None, output_option: str = "output_dir") -> Plan:
     from seqcpo.data import model_context_tokens
     from seqcpo.models import load_tokenizer, resolve_model_path
 
@@ -72,25 +89,34 @@ def make_plan(cfg, note: str | None = None) -> Plan:
     document = cfg.task == "document"
     layout = "one pass per micro-batch (rows + branches)" if document and cfg.uses_negatives else cfg.logps_layout
     plan.add("config", f"objective {cfg.objective}{neg}{ref}, layout {layout}, output {cfg.output_dir}")
+    if _preflight(cfg, output_option, plan):
+        return plan
     path = resolve_model_path(cfg.model_name_or_path)
     model, shape = meta_model(path, cfg)
     plan.add("model", shape)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-    n_train, first = _data(cfg, tokenizer, model_context_tokens(model.config), plan)
-    _steps(cfg, n_train, plan)
+    train, first = _data(cfg, tokenizer, model_context_tokens(model.config), plan)
+    offline = None
+    if cfg.negatives_path and cfg.uses_negatives:  # the run's own checks of the folder, every row of the split
+        from seqcpo.training.offline_reader import read_offline_negatives
+
+        offline, _ = read_offline_negatives(cfg.negatives_path, cfg, train)
+    _steps(cfg, len(train) if train is not None else None, plan)
     if document:
         tokens = _first_rows(cfg, first, plan)
     else:
-        _, tokens = _first_batch(cfg, model, first, tokenizer, plan)
+        _, tokens = _first_batch(cfg, model, first, tokenizer, plan, offline)
     _memory(cfg, model, tokens, plan)
     return plan
 
 
 def meta_model(path: str, cfg):
     """The model built from its config on the ``meta`` device (shapes, no storage), and a line describing it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    from seqcpo.models.loading import load_model_config
+
+    config = load_model_config(path, trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora:
@@ -110,7 +136,7 @@ def meta_model(path: str, cfg):
 
 
 def _data(cfg, tokenizer, context, plan: Plan):
-    """Training examples (None for a stream) and the first micro-batch's examples."""
+    """The training examples (None for a stream) and the first micro-batch's examples."""
     bs = cfg.per_device_train_batch_size
     if cfg.streaming:
         from seqcpo.data.streaming import load_streaming
@@ -130,7 +156,7 @@ def _data(cfg, tokenizer, context, plan: Plan):
     splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
     plan.add("data", f"{cfg.dataset} ({splits.stats.get('task', cfg.task)}): {len(splits.train)} train / {len(splits.validation)} validation / "
                      f"{len(splits.test)} test {_unit(cfg)}")
-    return len(splits.train), list(splits.train[:bs])
+    return splits.train, list(splits.train[:bs])
 
 
 def _unit(cfg) -> str:
@@ -152,8 +178,9 @@ def _steps(cfg, n_train: int | None, plan: Plan) -> None:
     plan.add("plan", f"{steps} optimizer steps x {per_step} {unit} ({split}) = {steps * per_step} {unit}{epochs}")
 
 
-def _first_batch(cfg, model, examples, tokenizer, plan: Plan):
-    """The first micro-batch as candidates (gold + negatives), its layout, and the tokens it runs."""
+def _first_batch(cfg, model, examples, tokenizer, plan: Plan, offline=None):
+    """The first micro-batch as candidates (gold + negatives: ``offline``'s rows with a negatives folder), its
+    layout, and the tokens it runs."""
     from seqcpo.batching import candidate_batch
     from seqcpo.logps import choose_layout
     from seqcpo.packing import packed_tokens
@@ -161,7 +188,8 @@ def _first_batch(cfg, model, examples, tokenizer, plan: Plan):
     if not examples:
         plan.add("first batch", "no examples")
         return None, 0
-    negatives, said = (None, "no negatives") if not cfg.uses_negatives else _negatives(cfg, examples, tokenizer)
+    negatives, said = (None, "no negatives") if not cfg.uses_negatives else _negatives(cfg, examples, tokenizer,
+                                                                                       offline)
     batch = candidate_batch(examples, negatives)
     layout = cfg.logps_layout
     if layout == "auto":
@@ -211,14 +239,18 @@ def _first_rows(cfg, examples, plan: Plan) -> int:
     return tokens
 
 
-def _negatives(cfg, examples, tokenizer):
-    """The first batch's negatives: TN / BN made, AN / MN stood in for by their longest length."""
+def _negatives(cfg, examples, tokenizer, offline=None):
+    """The first batch's negatives: read from the negatives folder (``offline``), else TN / BN made and AN / MN
+    stood in for by their longest length."""
     from seqcpo.negatives import build_negative_generator
     from seqcpo.seeding import example_generators
     from seqcpo.types import Negatives
 
-    if cfg.negatives_path:
-        return None, f"fixed negatives from {cfg.negatives_path} (K = {cfg.num_negatives})"
+    if offline is not None:
+        from seqcpo.batching import negatives_from_offline
+
+        negatives, _ = negatives_from_offline([offline[str(e.meta.get("id", i))] for i, e in enumerate(examples)])
+        return negatives, f"fixed negatives read from {cfg.negatives_path} (K = {cfg.num_negatives})"
     parts = cfg.negatives_parts
     free = [(n, c) for n, c in parts if n in ("tn", "bn")]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -103,10 +103,8 @@ def read_offline_negatives(
     every example has a row made from these examples' tokens (document rows: every anchor window of every row,
     :mod:`seqcpo.training.offline_documents`). Returns ``(rows by id, manifest)``.
     """
-    manifest = _read_manifest(path)
-    _check_finished(path, manifest)
+    manifest = check_offline_settings(path, cfg)
     st = manifest.get("settings", {})
-    _check_fits(path, st, cfg)
     _check_shards(path, manifest)
     rows = OfflineNegatives(path, manifest)
     if examples is not None:
@@ -114,6 +112,15 @@ def read_offline_negatives(
 
         _check_rows(path, rows, st, shard_units(cfg, examples), getattr(cfg, "task", None) == "document")
     return rows, manifest
+
+
+def check_offline_settings(path: str, cfg) -> dict[str, Any]:
+    """The negatives folder is finished and was made under ``cfg``'s settings (its manifest alone: no shard is
+    read); one-line ``ValueError`` otherwise. Returns the manifest."""
+    manifest = _read_manifest(path)
+    _check_finished(path, manifest)
+    _check_fits(path, manifest.get("settings", {}), cfg)
+    return manifest
 
 
 _REMAKE = ("Make a folder for this config: seqcpo negatives --config FILE.yaml --out NEW_DIR (same overrides as this "

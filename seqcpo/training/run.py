@@ -111,28 +111,41 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
     }
 
 
-def _before_loading(cfg: SeqCPOConfig):
-    """``(identity, checkpoint to resume from or None, the result of a run already finished or None)``, checked
-    before any model or data is loaded (the output folder is checked by :func:`train`): streaming's needs, the
-    resume and its stream."""
+def preflight(cfg: SeqCPOConfig) -> tuple[dict, str | None, int | None]:
+    """``(identity, checkpoint to resume from or None, its step when the run already reached its length or
+    None)``: every check that needs no model or data, read-only (``seqcpo train --dry-run`` makes the same):
+    streaming's needs, the resume (its settings, completeness and stream position) and the fixed negatives'
+    folder (finished, made under these settings; its shards are checked when they are read)."""
     if cfg.streaming:
         from seqcpo.data.streaming import check_streaming_args
 
         check_streaming_args(cfg.max_steps)  # before loading the model: a missing max_steps fails at once
     identity = run_identity(cfg, cfg.world_size)
     resume = resolve_resume(cfg, identity)
+    done = finished_step(cfg, resume) if resume is not None else None
+    if resume is not None and done is None and cfg.streaming:
+        from seqcpo.data.stream_resume import check_stream_resume
+
+        check_stream_resume(resume, cfg)  # another number of processes or batch: refused before any loading
+    if cfg.negatives_path and cfg.uses_negatives and done is None:
+        from seqcpo.training.offline_reader import check_offline_settings
+
+        check_offline_settings(cfg.negatives_path, cfg)
+    return identity, resume, done
+
+
+def _before_loading(cfg: SeqCPOConfig):
+    """``(identity, checkpoint to resume from or None, the result of a run already finished or None)``, checked
+    before any model or data is loaded (the output folder is checked by :func:`train`): :func:`preflight`."""
+    identity, resume, done = preflight(cfg)
     if resume is None:
         _warn_foreign_checkpoints(cfg.output_dir, identity)
-    elif (done := finished_step(cfg, resume)) is not None:
+    elif done is not None:
         from seqcpo.training.finished import finish_without_training
 
         out = finish_without_training(cfg, resume, done, identity)
         _end_process_group()
         return identity, resume, out
-    elif cfg.streaming:
-        from seqcpo.data.stream_resume import check_stream_resume
-
-        check_stream_resume(resume, cfg)  # another number of processes or batch: refused before any loading
     return identity, resume, None
 
 

@@ -193,6 +193,23 @@ def prepare_output_dir(output_dir: str, option: str = "output_dir") -> None:
         raise ConfigError(f"{option}={output_dir!r}: cannot write there ({reason})") from None
 
 
+def probe_output_dir(output_dir: str, option: str = "output_dir") -> None:
+    """:func:`prepare_output_dir`'s proof, leaving nothing behind: the folders it had to create are removed
+    again (``--dry-run``)."""
+    created, p = [], os.path.abspath(output_dir)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        created.append(p)  # deepest first
+        p = os.path.dirname(p)
+    try:
+        prepare_output_dir(output_dir, option)
+    finally:
+        for folder in created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
 TRAIN_LOCK = ".seqcpo-train.lock"
 
 
