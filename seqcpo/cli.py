@@ -48,7 +48,8 @@ def cmd_train(args, extra) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print("\nseqcpo train finished:")
         for k in ("output_dir", "final_checkpoint", "config", "log_history", "steps", "train_loss", "seconds"):
-            print(f"  {k:18s} {out[k]}")
+            note = " (as recorded when it finished: nothing was trained now)" if out.get("already_finished") else ""
+            print(f"  {k:18s} {out[k]}" + (note if k == "seconds" else ""))
         print(f"  {'examples':18s} {out['examples']}")
         print(f"\nReload with plain transformers: AutoModelForCausalLM.from_pretrained({out['final_checkpoint']!r})")
     return 0

@@ -143,6 +143,32 @@ def test_a_resume_saves_and_logs_at_this_calls_intervals(assets, tmp_path):
     assert [r["step"] for r in state["log_history"] if "loss" in r] == [2, 3, 4]
 
 
+def test_a_resumed_run_counts_the_seconds_of_every_part(assets, tmp_path, monkeypatch):
+    """Defect: a resumed run's ``seconds`` (run_info.json, the grid's compute column) counted only the last part
+    (an arm trained in three parts reported a third of its time). Every checkpoint now records the run's seconds
+    so far; a resume adds to them; a checkpoint that recorded none is said, with the step it covers."""
+    out = tmp_path / "run"
+    _train(_cfg(assets, out, lr_scheduler_type="constant", max_steps=2))
+    first = read_marker(str(out / "checkpoint-2"))["seconds"]
+    info = json.loads((out / "run_info.json").read_text())
+    assert 0 < first <= info["seconds"] and "seconds_untimed_before_step" not in info
+    marker = read_marker(str(out / "checkpoint-2"))
+    marker["seconds"] = 1000.0  # as if the first part had taken 1,000 s
+    (out / "checkpoint-2" / COMPLETE_MARKER).write_text(json.dumps(marker))
+    again = _train(_cfg(assets, out, lr_scheduler_type="constant", max_steps=3, resume_from_checkpoint="true"))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["seconds"] == again["seconds"] > 1000 and "seconds_untimed_before_step" not in info
+    assert 1000 < read_marker(str(out / "checkpoint-3"))["seconds"] <= read_marker(str(out / "final"))["seconds"]
+    # a checkpoint from a seqcpo that recorded no seconds: counted from there, and said
+    marker = read_marker(str(out / "checkpoint-3"))
+    del marker["seconds"]
+    (out / "checkpoint-3" / COMPLETE_MARKER).write_text(json.dumps(marker))
+    later = _train(_cfg(assets, out, lr_scheduler_type="constant", max_steps=4, resume_from_checkpoint="true"))
+    info = json.loads((out / "run_info.json").read_text())
+    assert later["seconds_untimed_before_step"] == info["seconds_untimed_before_step"] == 3
+    assert info["seconds"] < 1000
+
+
 # ---------------------------------------------------------------- checksums in the completeness marker
 
 

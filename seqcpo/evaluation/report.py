@@ -222,6 +222,8 @@ def _arms_table(results: dict) -> list[str]:
     for r in results.get("runs", []):
         c = grid["compute"][r["label"]]
         train_s = c["train_seconds"] if c["kind"] != "ensemble" else f"({c['ensemble_seconds']} interp.)"
+        if c.get("train_untimed_before_step") is not None:
+            train_s = f"{train_s} (steps {c['train_untimed_before_step']}+ only)"
         gen_s = c["generate_seconds"] if not c["generations_copied_from"] else f"(= {c['generations_copied_from']})"
         sep = training.get(r["label"])
         sep = "-" if sep is None or not sep["curves"].get("rewards/accuracies") else (
@@ -238,7 +240,8 @@ def _arms_table(results: dict) -> list[str]:
     notes = ("Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items. " if judged else
              "No judge in this grid: the claims rest on the reference-based metrics and MAUVE. ")
     lines += ["", notes + "MAUVE marked (!) comes from too few samples to discriminate. MiniLM cos = mean cosine "
-              "similarity of continuation and gold embeddings. train s includes model loading; ensemble arms cost an "
+              "similarity of continuation and gold embeddings. train s includes model loading and adds up every resumed "
+              "part of a run (\"steps N+ only\": the part before step N was not timed); ensemble arms cost an "
               "interpolation on top of their two endpoints' training; alpha 0 and 1 are bit for bit their endpoints, "
               "so their generations are copied (gen s \"(= arm)\").", ""]
     return lines

@@ -49,6 +49,7 @@ def compute(run: GridRun, arm: ArmSpec) -> dict:
     ens = arm.kind in ("ensemble", "control")  # neither trains
     return {"kind": arm.kind, "summary": arm_summary(arm), "checkpoint": run.checkpoint(arm),
             "train_seconds": None if ens else tr.get("seconds"), "train_steps": None if ens else tr.get("steps"),
+            "train_untimed_before_step": None if ens else tr.get("seconds_untimed_before_step"),
             "negatives_seconds": neg.get("seconds"),
             "ensemble_seconds": tr.get("seconds") if ens else None, "generate_seconds": gen.get("seconds"),
             "generations_copied_from": gen.get("reused_from"), "generated_tokens": gen.get("generated_tokens"),

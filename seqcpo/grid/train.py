@@ -62,6 +62,7 @@ def _train(run: GridRun, arm: ArmSpec, folder: Path) -> dict:
     # built again here, not from arm.config: mixed precision is checked on the machine that trains
     result = training_run.train(load_config(None, overrides, where=f"arms.{arm.name}"))
     info = {"checkpoint": result["final_checkpoint"], "steps": result["steps"], "seconds": result["seconds"],
+            **({k: result[k]} if (k := "seconds_untimed_before_step") in result else {}),
             "train_loss": result["train_loss"], "trained": True, "examples": result["examples"]}
     del result
     gc.collect()

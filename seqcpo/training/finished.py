@@ -45,7 +45,7 @@ def finish_without_training(cfg, checkpoint: str, step: int, identity: dict[str,
         "log_history": os.path.join(cfg.output_dir, "log_history.json"),
         "train_loss": info.get("train_loss"),
         "steps": step,
-        "seconds": 0.0,
+        "seconds": info.get("seconds"),  # the run's, as recorded when it finished (nothing was trained now)
         "examples": info.get("examples") or {"train": None, "validation": None, "test": None},
         "model_path": info.get("model_path"),
         "trainer": None,
@@ -86,7 +86,7 @@ def write_final_from_checkpoint(cfg, checkpoint: str, final_dir: str, step: int,
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    write_complete_marker(final_dir, step, identity)
+    write_complete_marker(final_dir, step, identity, (read_marker(checkpoint) or {}).get("seconds"))
 
 
 def _merge_adapter(cfg, checkpoint: str, out: str) -> None:

@@ -63,6 +63,7 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
     identity, resume, finished = _before_loading(cfg)
     if finished is not None:
         return finished
+    before, untimed = _seconds_before(resume)
     set_seed(cfg.seed)
     path, tokenizer, model = _load(cfg)
     splits, train_ds, eval_ds, offline, offline_meta = _datasets(cfg, tokenizer, model)
@@ -70,6 +71,7 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)
     trainer = _trainer(cfg, model, tokenizer, train_ds, eval_ds, (offline, offline_meta), callbacks, identity)
+    trainer.seqcpo_seconds = lambda: round(before + time.time() - t0, 1)  # across resumes; in every checkpoint
     if wants_quality(cfg):  # quality/* metrics every eval_steps (seqcpo.training.quality)
         attach_quality(trainer, cfg, {"validation": splits.validation, "test": splits.test})
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
@@ -78,6 +80,7 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume)
     final_dir = os.path.join(cfg.output_dir, "final")
     _write_final(trainer, final_dir, tokenizer, identity)
+    seconds = trainer.seqcpo_seconds()
     if trainer.is_world_process_zero():
         from seqcpo.io import atomic_write_json
 
@@ -89,7 +92,8 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
                 "distributed_type": str(trainer.accelerator.distributed_type),
                 "steps": trainer.state.global_step,
                 "train_loss": result.training_loss,
-                "seconds": round(time.time() - t0, 1),
+                "seconds": seconds,
+                **untimed,
                 "model_path": path,
                 # the step from which every negative was separated (None: never; seqcpo.training.separation)
                 "separated_at_step": separation_onset(trainer.state.log_history).step,
@@ -104,11 +108,25 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
         "log_history": os.path.join(cfg.output_dir, "log_history.json"),
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
-        "seconds": round(time.time() - t0, 1),
+        "seconds": seconds,
+        **untimed,
         "examples": _example_counts(cfg, splits),
         "model_path": path,
         "trainer": trainer,
     }
+
+
+def _seconds_before(resume: str | None) -> tuple[float, dict]:
+    """The seconds the run took up to the checkpoint it resumes from (its marker's), and ``{"seconds_untimed_before_step":
+    step}`` when that checkpoint recorded none (written by an older seqcpo: ``seconds`` then counts from there)."""
+    if resume is None:
+        return 0.0, {}
+    from seqcpo.training.checkpoints import read_marker
+
+    marker = read_marker(resume) or {}
+    if isinstance(marker.get("seconds"), (int, float)):
+        return float(marker["seconds"]), {}
+    return 0.0, {"seconds_untimed_before_step": marker.get("step")}
 
 
 def preflight(cfg: SeqCPOConfig) -> tuple[dict, str | None, int | None]:
@@ -252,7 +270,7 @@ def _write_final(trainer, final_dir: str, tokenizer, identity: dict) -> None:
             trainer.save_model(final_dir)
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
-            write_complete_marker(final_dir, trainer.state.global_step, identity)
+            write_complete_marker(final_dir, trainer.state.global_step, identity, trainer.seqcpo_seconds())
     except write_errors() as e:
         last, _ = newest_complete(trainer.args.output_dir)
         why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -61,9 +61,9 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def write_complete_marker(folder: str, step: int, identity: dict[str, Any]) -> None:
+def write_complete_marker(folder: str, step: int, identity: dict[str, Any], seconds: float | None = None) -> None:
     """Mark ``folder`` complete: every file flushed first, then the marker (each file's size and sha256, the run's
-    identity) written atomically."""
+    identity, and ``seconds``: the run's time up to this step, across resumes, when known) written atomically."""
     _fsync_tree(folder)
     files = {}
     for rel in _checkpoint_files(folder):
@@ -72,7 +72,8 @@ def write_complete_marker(folder: str, step: int, identity: dict[str, Any]) -> N
     atomic_write_json(
         os.path.join(folder, COMPLETE_MARKER),
         {"version": _MARKER_VERSION, "step": int(step), "files": files,
-         "identity_key": identity_key(identity), "identity": identity},
+         "identity_key": identity_key(identity), "identity": identity,
+         **({"seconds": round(float(seconds), 1)} if seconds is not None else {})},
     )
     _fsync_dir(folder)
 
