@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -258,8 +259,23 @@ def _parse(argv: list[str]):
     parser = build_parser()
     args, extra = parser.parse_known_args(_glue_alphas(argv))
     if extra and not getattr(args, "takes_overrides", False):
-        parser.error(f"{args.command}: unrecognized arguments: {' '.join(extra)}")
+        sub = _subparser(parser, args.command)
+        flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")] if sub else []
+        hints = []
+        for word in extra:
+            name = word.split("=", 1)[0]
+            close = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.75)
+            if name.startswith("-") and close:
+                hints.append(f"{name}: did you mean {close[0]}?")
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
     return args, extra
+
+
+def _subparser(parser, command: str):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
 
 
 # What to do after an interrupted command: every command leaves whole files behind, most resume where they stopped.

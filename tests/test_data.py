@@ -390,6 +390,14 @@ def test_missing_text_field_continuation(tmp_path, toy_tokenizer):
     with pytest.raises(DataError, match=rf'^{path} line 1: missing field "text" \(fields present: body\); '
                                         "map another name with text_field$"):
         load_splits(small(dataset=path), toy_tokenizer)
+    # an instruction file read as continuation text: the error names the task that fits, not only text_field
+    path = write_jsonl(tmp_path / "instr.jsonl", dolly_rows())
+    with pytest.raises(DataError, match=rf'^{path} line 1: missing field "text" .*map another name with text_field, '
+                                        r"or set task: instruction \(--task instruction\)"):
+        load_splits(small(dataset=path), toy_tokenizer)
+    path = write_jsonl(tmp_path / "plain.jsonl", [{"id": "a", "text": "one two three"}])
+    with pytest.raises(DataError, match=r"or set task: continuation \(--task continuation\)"):
+        load_splits(small(dataset=path, task="instruction"), toy_tokenizer)
 
 
 def test_duplicate_ids(tmp_path, toy_tokenizer):

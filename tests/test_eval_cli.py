@@ -312,3 +312,31 @@ def test_grid_arms_table_shows_judge_columns_only_with_a_judge():
     assert "win vs gold % [95% CI]" in judged and "vs mle % [95% CI]" in judged
     header, rule = judged.splitlines()[2:4]
     assert header.count("|") == rule.count("|")
+
+
+def test_the_audits_small_errors_say_what_to_do(setup, tmp_path, capsys):
+    """A README audit's findings: a misspelt flag of eval/generate/ensemble got no suggestion; a missing model
+    folder's path was said twice and a failed command left an empty --out folder behind; scoring the training
+    split (--split train) was told to drop data flags that were never given."""
+    from seqcpo.cli import main
+
+    root, cfg, models, _ = setup
+    assert main(["eval", "--models", models[0], "--out", str(tmp_path / "o"), "--judge-modle", "x"]) == 2
+    assert "did you mean --judge-model?" in capsys.readouterr().err
+    assert main(["generate", "--models", models[0], "--out", str(tmp_path / "o"), "--nmu-examples", "3"]) == 2
+    assert "did you mean --num-examples?" in capsys.readouterr().err
+
+    out = tmp_path / "new" / "out"
+    with pytest.raises(SystemExit) as e:
+        _run(["eval", "--models", str(tmp_path / "no-such-run" / "final"), "--out", str(out), "--no-progress"])
+    said = str(e.value)
+    assert said.count("no-such-run") == 1 and "no such model folder" in said, said
+    assert not (tmp_path / "new").exists()  # made by the command, removed when it failed before writing
+
+    trained = tmp_path / "trained"
+    Path(_save(trained, 3))
+    (trained / "seqcpo_config.yaml").write_text(cfg.read_text().replace("data:\n", "").replace("  ", ""))
+    with pytest.raises(SystemExit) as e:
+        _run(["generate", "--models", str(trained), "--split", "train", "--out", str(tmp_path / "g"),
+              "--no-progress"])
+    assert "evaluate on --split test or validation" in str(e.value) and "drop the" not in str(e.value), e.value

@@ -426,8 +426,8 @@ def test_parse_spec():
 @pytest.mark.parametrize(
     "spec, k, match",
     [
-        ("tn:2,bn:1", 4, r"sum to 3, but k=4"),
-        ("an:3", 4, r"sum to 3, but k=4"),
+        ("tn:2,bn:1", 4, r"sum to 3, but num_negatives \(K\) = 4"),
+        ("an:3", 4, r"sum to 3, but num_negatives \(K\) = 4"),
         ("xn", 2, r"unknown negative generator 'xn'.*\('tn', 'bn', 'mn', 'an', 'data'\)"),
         ("tn,bn", 2, "needs a count for every generator"),
         ("tn:2,tn:2", 4, "appears twice"),

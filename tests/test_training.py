@@ -261,7 +261,7 @@ def test_config_yaml_and_overrides(tmp_path):
         ("objective: dpo\n", {}, r"num_negatives=4: objective dpo uses exactly one negative"),
         ("reference: precomputed\n", {}, r"reference='precomputed'.*seqcpo negatives"),
         ("negatives: bn:4\nper_device_train_batch_size: 4\n", {}, r"per_device_train_batch_size=4: 4 batch negatives"),
-        ("negatives: tn:2,bn:1\n", {}, r"negatives='tn:2,bn:1': the counts .* sum to 3, but k=4"),
+        ("negatives: tn:2,bn:1\n", {}, r"negatives='tn:2,bn:1': the counts .* sum to 3, but num_negatives \(K\) = 4"),
         ("negatives_path: /x\neval_strategy: steps\n", {}, r"eval_strategy='steps': fixed negatives"),
     ],
 )

@@ -57,6 +57,7 @@ def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_em
         state = "missing field" if name not in fields else "null field"
         raise DataError(
             f'{record.where}: {state} "{name}" (fields present: {present}); map another name with {option}'
+            + _task_hint(fields, cfg)
         )
     value = fields[name]
     if not isinstance(value, str):
@@ -66,6 +67,16 @@ def _text(record: Record, cfg: DataConfig, option: str, required: bool, allow_em
     if required and not value and not allow_empty:
         raise DataError(f'{record.where}: field "{name}" is empty')
     return value
+
+
+def _task_hint(fields: dict, cfg: DataConfig) -> str:
+    """``", or ..."`` when the record's fields look like another task's (the default field names)."""
+    present = {k for k, v in fields.items() if v is not None}
+    if cfg.task != "instruction" and {"instruction", "response"} <= present:
+        return ", or set task: instruction (--task instruction): this record has instruction and response fields"
+    if cfg.task not in ("continuation", "document") and "text" in present and len(present - {"id"}) == 1:
+        return ", or set task: continuation (--task continuation): this record has a text field alone"
+    return ""
 
 
 def check_unicode(value: str, where: str, name: str) -> None:

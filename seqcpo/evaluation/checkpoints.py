@@ -48,6 +48,8 @@ class CheckpointError(ValueError):
 
 def _one_line(path: str, err: Exception) -> CheckpointError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if first.startswith(f"{path}: "):  # the loader's message already starts with the path
+        first = first[len(path) + 2:]
     return CheckpointError(f"checkpoint {path}: {first}")
 
 

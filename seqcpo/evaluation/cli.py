@@ -27,12 +27,14 @@ fields from YAML, flags win), read by the one config loader (:mod:`seqcpo.config
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from seqcpo.config_loader import ConfigError, add_field_flags, check_output_dir, flag_sources, read_yaml, resolve
 from seqcpo.evaluation.config import EvalConfig, JudgeConfig
@@ -178,13 +180,25 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _out_dir(cfg: EvalConfig) -> Path:
+@contextlib.contextmanager
+def _out_dir(cfg: EvalConfig) -> Iterator[Path]:
+    """The ``--out`` folder, created; a folder this call created is removed again when the command fails before
+    writing anything into it (a typo in a model path leaves no empty folder behind)."""
     out = Path(cfg.out)
+    made = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"seqcpo: error: --out {out}: cannot create the folder ({e.strerror or e})") from None
-    return out
+    try:
+        yield out
+    except BaseException:
+        for folder in made:  # deepest first; a folder with anything in it stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 # ----------------------------------------------------------------------------- generate
@@ -198,18 +212,18 @@ def run_generate(args) -> int:
     _setup_logging()
     cfg = eval_config_from_args(args)
     cfg = dataclasses.replace(cfg, ppl=False, mauve="none")  # generation only
-    out = _out_dir(cfg)
-    source = example_source(args, cfg)
-    try:
-        labels = _labels(cfg)
-        check_training_overlap(cfg.models, labels, source, cfg.allow_train_overlap, load_tokenizer_only)
-        configs = decoding_configs(cfg, source.default_max_new_tokens())
-        for path, label in zip(cfg.models, labels):
-            # the tokenizer builds the examples; the model is loaded only if rows are missing
-            generate_model(path, label, source, configs, out / "generations.jsonl", cfg)
-            gc.collect()
-    except ValueError as e:
-        raise SystemExit(f"seqcpo: error: {e}") from None
+    with _out_dir(cfg) as out:
+        source = example_source(args, cfg)
+        try:
+            labels = _labels(cfg)
+            check_training_overlap(cfg.models, labels, source, cfg.allow_train_overlap, load_tokenizer_only)
+            configs = decoding_configs(cfg, source.default_max_new_tokens())
+            for path, label in zip(cfg.models, labels):
+                # the tokenizer builds the examples; the model is loaded only if rows are missing
+                generate_model(path, label, source, configs, out / "generations.jsonl", cfg)
+                gc.collect()
+        except ValueError as e:
+            raise SystemExit(f"seqcpo: error: {e}") from None
     print("split: " + ", ".join(f"{k}={v}" for k, v in source.describe().items()))
     print(f"generations: {out / 'generations.jsonl'}")
     return 0
@@ -225,13 +239,13 @@ def run_eval(args) -> int:
     _setup_logging()
     cfg = eval_config_from_args(args)
     labels, alphas = _labels(cfg), _alphas(cfg)
-    out = _out_dir(cfg)
-    source = example_source(args, cfg)
-    try:
-        results = evaluate(cfg, source, labels, alphas, out)
-    except (ValueError, ImportError) as e:  # a bad judge option, an empty split, a missing metric package
-        raise SystemExit(str(e)) from None
-    write_report(results, out)
+    with _out_dir(cfg) as out:
+        source = example_source(args, cfg)
+        try:
+            results = evaluate(cfg, source, labels, alphas, out)
+        except (ValueError, ImportError) as e:  # a bad judge option, an empty split, a missing metric package
+            raise SystemExit(str(e)) from None
+        write_report(results, out)
     print(f"report: {out / 'report.md'}")
     return 0
 

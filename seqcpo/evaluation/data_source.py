@@ -193,9 +193,11 @@ def check_training_overlap(models, labels, source: ExampleSource, allow: bool, t
         what = (f"{len(shared)} of the {len(items)} {source.split} items are in the training split of {label} "
                 f"({path}; ids {shown})")
         if not allow:
-            raise ValueError(f"{what}: evaluate with the checkpoint's own data settings (drop the --data-config "
-                             "or data flags that change its split), or pass --allow-train-overlap to score them "
-                             "anyway, flagged in the report")
+            fix = ("evaluate on --split test or validation" if source.split == "train" else
+                   "evaluate with the checkpoint's own data settings (drop the --data-config or data flags that "
+                   "change its split)")
+            raise ValueError(f"{what}: {fix}, or pass --allow-train-overlap to score them anyway, flagged in the "
+                             "report")
         logger.warning("TRAINING DATA SCORED: %s (--allow-train-overlap)", what)
         source.overlap[label] = f"{len(shared)} TRAINING ITEMS SCORED (ids {shown})"
     return source.overlap

@@ -153,7 +153,7 @@ def _check_parts(parts: list[tuple[str, int]], k: int, spec: str) -> list[tuple[
         seen.add(name)
     total = sum(c for _, c in parts)
     if total != k:
-        raise ValueError(f"the counts in negatives spec {spec} sum to {total}, but k={k}")
+        raise ValueError(f"the counts in negatives spec {spec} sum to {total}, but num_negatives (K) = {k}")
     return parts
 
 
