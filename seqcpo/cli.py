@@ -267,7 +267,8 @@ def _parse(argv: list[str]):
             close = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.75)
             if name.startswith("-") and close:
                 hints.append(f"{name}: did you mean {close[0]}?")
-        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     return args, extra
 
 

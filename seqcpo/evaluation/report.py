@@ -240,8 +240,8 @@ def _arms_table(results: dict) -> list[str]:
     notes = ("Win rate = (wins + 0.5 ties) / n with a 95% Wilson interval; n = judged items. " if judged else
              "No judge in this grid: the claims rest on the reference-based metrics and MAUVE. ")
     lines += ["", notes + "MAUVE marked (!) comes from too few samples to discriminate. MiniLM cos = mean cosine "
-              "similarity of continuation and gold embeddings. train s includes model loading and adds up every resumed "
-              "part of a run (\"steps N+ only\": the part before step N was not timed); ensemble arms cost an "
+              "similarity of continuation and gold embeddings. train s includes model loading and adds up every "
+              "resumed part of a run (\"steps N+ only\": the part before step N was not timed); ensemble arms cost an "
               "interpolation on top of their two endpoints' training; alpha 0 and 1 are bit for bit their endpoints, "
               "so their generations are copied (gen s \"(= arm)\").", ""]
     return lines

@@ -117,8 +117,9 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
 
 
 def _seconds_before(resume: str | None) -> tuple[float, dict]:
-    """The seconds the run took up to the checkpoint it resumes from (its marker's), and ``{"seconds_untimed_before_step":
-    step}`` when that checkpoint recorded none (written by an older seqcpo: ``seconds`` then counts from there)."""
+    """The seconds the run took up to the checkpoint it resumes from (its marker's), and
+    ``{"seconds_untimed_before_step": step}`` when that checkpoint recorded none (written by an older seqcpo:
+    ``seconds`` then counts from there)."""
     if resume is None:
         return 0.0, {}
     from seqcpo.training.checkpoints import read_marker

@@ -52,6 +52,7 @@ __all__ = [
     "COMPLETE_MARKER", "NOT_DECISIVE", "CheckpointWriteError", "NonFiniteError", "NonFiniteGuard", "TrainingStopped",
     "check_free_space", "check_resumable", "data_fingerprint", "estimate_checkpoint_bytes", "finished_step",
     "finite_logs", "identity_differences", "identity_key", "list_checkpoints", "model_fingerprint", "newest_complete",
-    "newest_trusted", "output_dir_lock", "prepare_output_dir", "probe_output_dir", "read_marker", "resolve_resume", "rotate",
+    "newest_trusted", "output_dir_lock", "prepare_output_dir", "probe_output_dir", "read_marker", "resolve_resume",
+    "rotate",
     "run_identity", "save_complete_checkpoint", "trainer_identity", "verify_checksums", "write_complete_marker",
 ]
