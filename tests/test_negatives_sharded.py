@@ -375,12 +375,16 @@ def test_dry_run_refuses_what_the_run_refuses_and_counts_the_folders_negatives(s
     assert f"fixed negatives read from {out} (K = 2)" in text, text
     packed = int(re.search(r"(\d+) tokens in prefix-shared rows", text).group(1))
     assert packed > 2 * (6 + 6), text  # two examples' prefix + gold, and their negatives
-    assert not (setup["root"] / "dry").exists()  # the probe of the output folder leaves nothing
+    assert not (setup["root"] / "dry").exists()  # nothing made (a parent missing here: a config for elsewhere)
+    assert "not probed" in text
+    assert main(base + ["--output_dir", str(setup["root"] / "dry-probed")]) == 0
+    assert "not probed" not in capsys.readouterr().out
+    assert not (setup["root"] / "dry-probed").exists()  # probed writable, and removed again
 
     cases = [
         (["--seed", "1", "--output_dir", str(fresh)], "was made with other settings than this run's (seed: 0"),
         (["--streaming", "true", "--max_steps", "-1", "--output_dir", str(fresh)], "needs max_steps"),
-        (["--output_dir", "/proc/seqcpo-dry-run/out"], "--output_dir='/proc/seqcpo-dry-run/out': cannot write"),
+        (["--output_dir", "/proc/seqcpo-dry-run"], "--output_dir='/proc/seqcpo-dry-run': cannot write"),
     ]
     for extra, said in cases:
         assert main(base + extra) == 2, extra

@@ -20,6 +20,7 @@ and the device checks transformers makes at load time are said to be skipped.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,12 +63,16 @@ def dry_run(config_path, overrides: dict[str, Any]) -> str:
 
 def _preflight(cfg, output_option: str, plan: Plan) -> bool:
     """The checks a run makes before loading anything (:func:`seqcpo.training.run.preflight`: streaming's needs,
-    the resume, the fixed negatives' settings) and the output folder proved writable (nothing is left in it);
-    True when the run has already reached its length (nothing to plan)."""
+    the resume, the fixed negatives' settings) and the output folder proved writable when it or its parent exists
+    here (nothing is left in it); True when the run has already reached its length (nothing to plan)."""
     from seqcpo.training.checkpoints import probe_output_dir
     from seqcpo.training.run import preflight
 
-    probe_output_dir(cfg.output_dir, output_option)
+    out = os.path.abspath(os.path.expanduser(cfg.output_dir))
+    if os.path.exists(out) or os.path.isdir(os.path.dirname(out)):
+        probe_output_dir(cfg.output_dir, output_option)
+    else:  # a config written here may run on another machine (as the config's own check: config_loader)
+        plan.add("output", f"{cfg.output_dir}: its parent folder is not on this machine; not probed")
     _, resume, done = preflight(cfg)
     if done is not None:
         plan.add("resume", f"{resume} is step {done}: the run has reached its length and would train nothing")
