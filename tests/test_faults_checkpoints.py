@@ -167,6 +167,34 @@ def test_a_resumed_run_counts_the_seconds_of_every_part(assets, tmp_path, monkey
     info = json.loads((out / "run_info.json").read_text())
     assert later["seconds_untimed_before_step"] == info["seconds_untimed_before_step"] == 3
     assert info["seconds"] < 1000
+    # resumed once more: the steps before 3 are still untimed (every later marker carries the note)
+    assert read_marker(str(out / "checkpoint-4"))["seconds_untimed_before_step"] == 3
+    _train(_cfg(assets, out, lr_scheduler_type="constant", max_steps=5, resume_from_checkpoint="true"))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["seconds_untimed_before_step"] == 3
+    assert read_marker(str(out / "final"))["seconds_untimed_before_step"] == 3
+    # a finished run resumed (its run_info.json lost): the time its last checkpoint recorded, the note kept
+    (out / "run_info.json").unlink()
+    done = _train(_cfg(assets, out, lr_scheduler_type="constant", max_steps=5, resume_from_checkpoint="true"))
+    assert done["seconds"] == read_marker(str(out / "checkpoint-5"))["seconds"] > 0
+    assert done["seconds_untimed_before_step"] == 3
+
+
+def test_dry_run_judges_a_checkpoint_for_the_processes_that_wrote_it(assets, tmp_path):
+    """Review finding: the one-process dry run refused (or planned a fresh start for) a checkpoint written by a
+    multi-process launch, which that launch resumes: the dry run judges it for the processes that wrote it."""
+    from seqcpo.training.dry_run import make_plan, render
+
+    out = tmp_path / "run"
+    _train(_cfg(assets, out, lr_scheduler_type="constant", max_steps=2))
+    cfg = _cfg(assets, out, lr_scheduler_type="constant", max_steps=4, resume_from_checkpoint="true")
+    marker = read_marker(str(out / "checkpoint-2"))
+    marker["identity"] = run_identity(cfg, 4)  # as if 4 processes had written it
+    (out / "checkpoint-2" / COMPLETE_MARKER).write_text(json.dumps(marker))
+    text = render(make_plan(cfg))
+    assert "resume" in text and "checkpoint-2 (complete, written under these settings, by 4 processes)" in text
+    with pytest.raises(ConfigError, match="processes"):  # this one process cannot resume it for real
+        _train(cfg)
 
 
 # ---------------------------------------------------------------- checksums in the completeness marker

@@ -135,9 +135,17 @@ def test_hub_ids_pass_through(monkeypatch):
     from seqcpo.models.loading import load_model_config
 
     for load in (load_model, load_tokenizer, load_model_config):  # the run, its tokenizer, --dry-run's shape
-        with pytest.raises(OSError, match=r"^model_name_or_path: could not load 'someone/not-a-model'.*Hub id") as e:
+        with pytest.raises(OSError, match=r"^could not load 'someone/not-a-model'.*Hub id") as e:
             load("someone/not-a-model")
         assert "\n" not in str(e.value)
+    from types import SimpleNamespace
+
+    from seqcpo.training.run import _load
+
+    cfg = SimpleNamespace(model_name_or_path="someone/not-a-model", trust_remote_code=False, model_dtype="float32",
+                          attn_implementation=None, gradient_checkpointing=False)
+    with pytest.raises(OSError, match=r"^model_name_or_path: could not load 'someone/not-a-model'"):
+        _load(cfg)  # `seqcpo train` names the setting that gave the name
 
 
 def test_invalid_dtype():

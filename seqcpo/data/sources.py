@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -258,22 +259,30 @@ def record_id(value: Any, id_field: str, default_id: str, where: str) -> str:
     return str(value)
 
 
+# the line ends str.splitlines knows beyond \n and \r (form feed, vertical tab, file/group/record separators, NEL,
+# line and paragraph separators): a text file's lines are cut at them too, as ever
+_MORE_LINE_ENDS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def _iter_txt(path: str, text_field: str) -> Iterator[Record]:
-    """The paragraphs of a text file, read lazily; lines end at \\n, \\r\\n or \\r; a record's id is its paragraph
-    number."""
+    """The paragraphs of a text file, read lazily; lines are cut where ``str.splitlines`` cuts them (line
+    numbers in messages count \\n, \\r\\n and \\r only, as an editor does); a record's id is its paragraph number."""
     paragraph: list[str] = []
     first_line = count = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(_split_lines(f), start=1):
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path} line {lineno}: not UTF-8 text ({e.reason})") from None
-            if line.strip():
+            for line in _MORE_LINE_ENDS.split(text):
+                if line.strip():
+                    if not paragraph:
+                        first_line = lineno
+                    paragraph.append(line)
+                    continue
                 if not paragraph:
-                    first_line = lineno
-                paragraph.append(line)
-            elif paragraph:
+                    continue
                 yield Record(id=str(count), fields={text_field: "\n".join(paragraph).strip()},
                              where=f"{path} line {first_line} (paragraph {count})")
                 count += 1

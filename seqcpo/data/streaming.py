@@ -2,7 +2,7 @@
 
 The data flow is the in-memory one (:func:`seqcpo.data.load_splits`), one read batch at a time:
 
-    stream_row_batches (sources.py) -> this process's records -> split by record id -> record_examples
+    stream_row_batches (row_batches.py) -> this process's records -> split by record id -> record_examples
     (examples.py) -> items {"prefix_ids", "continuation_ids", "id", "epoch"}
 
 1. **Splits: the same rule as in memory** (:mod:`seqcpo.data.splits`), so a record lands in the same split

@@ -223,9 +223,14 @@ def _require_safetensors(folder: str) -> None:
     raise FileNotFoundError(f"{folder}: no .safetensors weights found")
 
 
+class ModelNotFoundError(OSError):
+    """A model name that is neither a local folder nor loadable from the Hub; one line naming it."""
+
+
 def _not_found(name: str, err: Exception) -> OSError:
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    return OSError(
-        f"model_name_or_path: could not load {name!r}: not a local folder and not loadable as a Hugging Face Hub "
-        f"id (offline, private or misspelt?): {first}"
+    return ModelNotFoundError(
+        f"could not load {name!r}: not a local folder and not loadable as a Hugging Face Hub id (offline, private "
+        f"or misspelt?): {first}"
     )
+

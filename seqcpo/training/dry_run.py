@@ -65,20 +65,27 @@ def _preflight(cfg, output_option: str, plan: Plan) -> bool:
     """The checks a run makes before loading anything (:func:`seqcpo.training.run.preflight`: streaming's needs,
     the resume, the fixed negatives' settings) and the output folder proved writable when it or its parent exists
     here (nothing is left in it); True when the run has already reached its length (nothing to plan)."""
-    from seqcpo.training.checkpoints import probe_output_dir
+    from seqcpo.training.checkpoints import newest_complete, probe_output_dir, read_marker
     from seqcpo.training.run import preflight
 
     out = os.path.abspath(os.path.expanduser(cfg.output_dir))
-    if os.path.exists(out) or os.path.isdir(os.path.dirname(out)):
+    here = os.path.exists(out) or os.path.isdir(os.path.dirname(out))
+    if here:
         probe_output_dir(cfg.output_dir, output_option)
     else:  # a config written here may run on another machine (as the config's own check: config_loader)
-        plan.add("output", f"{cfg.output_dir}: its parent folder is not on this machine; not probed")
-    _, resume, done = preflight(cfg)
+        plan.add("output", f"{cfg.output_dir}: its parent folder is not on this machine; not probed, no resume "
+                           "judged")
+    # this one process judges a checkpoint for the number of processes that wrote it (a multi-GPU launch)
+    newest = newest_complete(out)[0] if here and os.path.isdir(out) else None
+    world = ((read_marker(newest) or {}).get("identity") or {}).get("world_size") if newest else None
+    _, resume, done = preflight(cfg, world_size=world if isinstance(world, int) and world > 0 else None,
+                                resume_here=here)
     if done is not None:
         plan.add("resume", f"{resume} is step {done}: the run has reached its length and would train nothing")
         return True
     if resume is not None:
-        plan.add("resume", f"from {resume} (complete, written under these settings)")
+        plan.add("resume", f"from {resume} (complete, written under these settings"
+                           + (f", by {world} processes" if world and world != cfg.world_size else "") + ")")
     return False
 
 
@@ -96,10 +103,15 @@ def make_plan(cfg, note: str | None = None, output_option: str = "output_dir") -
     plan.add("config", f"objective {cfg.objective}{neg}{ref}, layout {layout}, output {cfg.output_dir}")
     if _preflight(cfg, output_option, plan):
         return plan
-    path = resolve_model_path(cfg.model_name_or_path)
-    model, shape = meta_model(path, cfg)
+    from seqcpo.models.loading import ModelNotFoundError
+
+    try:
+        path = resolve_model_path(cfg.model_name_or_path)
+        model, shape = meta_model(path, cfg)
+        tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    except ModelNotFoundError as e:  # the setting that named it, as the run says it
+        raise ModelNotFoundError(f"model_name_or_path: {e}") from None
     plan.add("model", shape)
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     train, first = _data(cfg, tokenizer, model_context_tokens(model.config), plan)
     offline = None
     if cfg.negatives_path and cfg.uses_negatives:  # the run's own checks of the folder, every row of the split
@@ -254,7 +266,14 @@ def _negatives(cfg, examples, tokenizer, offline=None):
     if offline is not None:
         from seqcpo.batching import negatives_from_offline
 
-        negatives, _ = negatives_from_offline([offline[str(e.meta.get("id", i))] for i, e in enumerate(examples)])
+        ids = [str(e.meta.get("id", i)) for i, e in enumerate(examples)]
+        missing = [i for i in ids if i not in offline]
+        if missing:  # as the run's stream says it (seqcpo.data.streaming)
+            from seqcpo.data import DataError
+
+            raise DataError(f"negatives_path {cfg.negatives_path} has no row for example id {missing[0]}; re-run "
+                            "`seqcpo negatives` with the same data settings")
+        negatives, _ = negatives_from_offline([offline[i] for i in ids])
         return negatives, f"fixed negatives read from {cfg.negatives_path} (K = {cfg.num_negatives})"
     parts = cfg.negatives_parts
     free = [(n, c) for n, c in parts if n in ("tn", "bn")]

@@ -21,6 +21,8 @@ logger = logging.getLogger("seqcpo")
 
 # files of a checkpoint that a resume needs and a final model does not
 RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", COMPLETE_MARKER)
+# what a marker and run_info.json record of a run's time (seqcpo.training.run)
+TIMING_KEYS = ("seconds", "seconds_untimed_before_step")
 
 
 def finish_without_training(cfg, checkpoint: str, step: int, identity: dict[str, Any]) -> dict[str, Any]:
@@ -38,6 +40,9 @@ def finish_without_training(cfg, checkpoint: str, step: int, identity: dict[str,
         if cfg.process_index == 0:
             write_final_from_checkpoint(cfg, checkpoint, final_dir, step, identity)
     info = _run_info(cfg.output_dir)
+    timing = read_marker(checkpoint) or {}  # the checkpoint's own record first: run_info may be missing or older
+    if not isinstance(timing.get("seconds"), (int, float)):
+        timing = info
     return {
         "output_dir": cfg.output_dir,
         "final_checkpoint": final_dir,
@@ -45,7 +50,8 @@ def finish_without_training(cfg, checkpoint: str, step: int, identity: dict[str,
         "log_history": os.path.join(cfg.output_dir, "log_history.json"),
         "train_loss": info.get("train_loss"),
         "steps": step,
-        "seconds": info.get("seconds"),  # the run's, as recorded when it finished (nothing was trained now)
+        "seconds": timing.get("seconds"),  # the run's, as recorded when it finished (nothing was trained now)
+        **{k: timing[k] for k in TIMING_KEYS[1:] if timing.get(k) is not None},
         "examples": info.get("examples") or {"train": None, "validation": None, "test": None},
         "model_path": info.get("model_path"),
         "trainer": None,
@@ -86,7 +92,8 @@ def write_final_from_checkpoint(cfg, checkpoint: str, final_dir: str, step: int,
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    write_complete_marker(final_dir, step, identity, (read_marker(checkpoint) or {}).get("seconds"))
+    marker = read_marker(checkpoint) or {}
+    write_complete_marker(final_dir, step, identity, {k: marker.get(k) for k in TIMING_KEYS})
 
 
 def _merge_adapter(cfg, checkpoint: str, out: str) -> None:

@@ -27,15 +27,20 @@ logger = logging.getLogger("seqcpo")
 
 
 def _load(cfg: SeqCPOConfig):
-    path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(
-        path,
-        dtype=cfg.model_dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-    )
+    from seqcpo.models.loading import ModelNotFoundError
+
+    try:
+        path = resolve_model_path(cfg.model_name_or_path)
+        tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(
+            path,
+            dtype=cfg.model_dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+    except ModelNotFoundError as e:  # the setting that named it
+        raise ModelNotFoundError(f"model_name_or_path: {e}") from None
     return path, tokenizer, model
 
 
@@ -72,6 +77,7 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
                            target_modules=cfg.lora_target_modules)
     trainer = _trainer(cfg, model, tokenizer, train_ds, eval_ds, (offline, offline_meta), callbacks, identity)
     trainer.seqcpo_seconds = lambda: round(before + time.time() - t0, 1)  # across resumes; in every checkpoint
+    trainer.seqcpo_untimed = untimed  # carried into every checkpoint's marker with the seconds
     if wants_quality(cfg):  # quality/* metrics every eval_steps (seqcpo.training.quality)
         attach_quality(trainer, cfg, {"validation": splits.validation, "test": splits.test})
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
@@ -118,31 +124,37 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
 
 def _seconds_before(resume: str | None) -> tuple[float, dict]:
     """The seconds the run took up to the checkpoint it resumes from (its marker's), and
-    ``{"seconds_untimed_before_step": step}`` when that checkpoint recorded none (written by an older seqcpo:
-    ``seconds`` then counts from there)."""
+    ``{"seconds_untimed_before_step": step}`` when the steps before ``step`` were never timed (a checkpoint written
+    by an older seqcpo, or one resumed from such: ``seconds`` then count from there, and every later checkpoint
+    carries the note on)."""
     if resume is None:
         return 0.0, {}
     from seqcpo.training.checkpoints import read_marker
 
     marker = read_marker(resume) or {}
+    untimed = marker.get("seconds_untimed_before_step")
     if isinstance(marker.get("seconds"), (int, float)):
-        return float(marker["seconds"]), {}
+        return float(marker["seconds"]), ({"seconds_untimed_before_step": untimed} if untimed is not None else {})
     return 0.0, {"seconds_untimed_before_step": marker.get("step")}
 
 
-def preflight(cfg: SeqCPOConfig) -> tuple[dict, str | None, int | None]:
+def preflight(cfg: SeqCPOConfig, world_size: int | None = None,
+              resume_here: bool = True) -> tuple[dict, str | None, int | None]:
     """``(identity, checkpoint to resume from or None, its step when the run already reached its length or
     None)``: every check that needs no model or data, read-only (``seqcpo train --dry-run`` makes the same):
     streaming's needs, the resume (its settings, completeness and stream position) and the fixed negatives'
-    folder (finished, made under these settings; its shards are checked when they are read)."""
+    folder (finished, made under these settings; its shards are checked when they are read).
+
+    ``world_size``: the processes to judge the resume for (the dry run, one process, judges a checkpoint for the
+    processes that wrote it); ``resume_here``: False when ``output_dir`` is not on this machine (no resume)."""
     if cfg.streaming:
         from seqcpo.data.streaming import check_streaming_args
 
         check_streaming_args(cfg.max_steps)  # before loading the model: a missing max_steps fails at once
-    identity = run_identity(cfg, cfg.world_size)
-    resume = resolve_resume(cfg, identity)
+    identity = run_identity(cfg, world_size or cfg.world_size)
+    resume = resolve_resume(cfg, identity) if resume_here else None
     done = finished_step(cfg, resume) if resume is not None else None
-    if resume is not None and done is None and cfg.streaming:
+    if resume is not None and done is None and cfg.streaming and world_size in (None, cfg.world_size):
         from seqcpo.data.stream_resume import check_stream_resume
 
         check_stream_resume(resume, cfg)  # another number of processes or batch: refused before any loading
@@ -271,7 +283,8 @@ def _write_final(trainer, final_dir: str, tokenizer, identity: dict) -> None:
             trainer.save_model(final_dir)
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
-            write_complete_marker(final_dir, trainer.state.global_step, identity, trainer.seqcpo_seconds())
+            write_complete_marker(final_dir, trainer.state.global_step, identity,
+                                  {"seconds": trainer.seqcpo_seconds(), **trainer.seqcpo_untimed})
     except write_errors() as e:
         last, _ = newest_complete(trainer.args.output_dir)
         why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

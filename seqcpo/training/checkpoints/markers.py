@@ -61,9 +61,10 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def write_complete_marker(folder: str, step: int, identity: dict[str, Any], seconds: float | None = None) -> None:
+def write_complete_marker(folder: str, step: int, identity: dict[str, Any], timing: dict | None = None) -> None:
     """Mark ``folder`` complete: every file flushed first, then the marker (each file's size and sha256, the run's
-    identity, and ``seconds``: the run's time up to this step, across resumes, when known) written atomically."""
+    identity, and ``timing``: ``seconds``, the run's time up to this step across resumes, and
+    ``seconds_untimed_before_step`` when the steps before it were never timed) written atomically."""
     _fsync_tree(folder)
     files = {}
     for rel in _checkpoint_files(folder):
@@ -73,7 +74,7 @@ def write_complete_marker(folder: str, step: int, identity: dict[str, Any], seco
         os.path.join(folder, COMPLETE_MARKER),
         {"version": _MARKER_VERSION, "step": int(step), "files": files,
          "identity_key": identity_key(identity), "identity": identity,
-         **({"seconds": round(float(seconds), 1)} if seconds is not None else {})},
+         **{k: v for k, v in (timing or {}).items() if v is not None}},
     )
     _fsync_dir(folder)
 

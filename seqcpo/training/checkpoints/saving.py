@@ -143,7 +143,8 @@ def save_complete_checkpoint(trainer, save_checkpoint, model, trial) -> None:
         trainer.accelerator.wait_for_everyone()  # every process's shards are written before the marker
         if args.should_save:
             clock = getattr(trainer, "seqcpo_seconds", None)  # the run's time so far (seqcpo.training.run)
-            write_complete_marker(folder, trainer.state.global_step, identity, clock() if clock else None)
+            timing = {"seconds": clock(), **getattr(trainer, "seqcpo_untimed", {})} if clock else None
+            write_complete_marker(folder, trainer.state.global_step, identity, timing)
             rotate(run_dir, limit, identity_key(identity), protect=(trainer.state.best_model_checkpoint, folder))
     except write_errors() as e:
         raise _write_failed(trainer, run_dir, folder, e) from e
