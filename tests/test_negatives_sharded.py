@@ -255,6 +255,28 @@ def test_negatives_of_a_model_folder_whose_weights_were_replaced_are_refused(set
         make_negatives(cfg, str(out), shard_size=8)
 
 
+def test_a_folder_without_a_model_digest_is_warned_about_once(setup, tmp_path, caplog):
+    """Defect: a folder made before model digests were recorded was warned about twice in one run (its settings
+    are checked before the model loads and again when its rows are read)."""
+    import json
+    import logging
+
+    from seqcpo.training.offline_reader import check_offline_settings, read_offline_negatives
+    from seqcpo.training.run import make_negatives
+
+    cfg = _config(setup)
+    out = tmp_path / "neg"
+    make_negatives(cfg, str(out), shard_size=8)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["settings"].pop("model_digest", None)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="seqcpo"):
+        check_offline_settings(str(out), cfg)
+        read_offline_negatives(str(out), cfg)
+    said = [r for r in caplog.records if "recorded no digest of the model's weights" in r.getMessage()]
+    assert len(said) == 1, said
+
+
 def test_a_mismatch_names_each_field_with_both_values_in_one_line(setup):
     """Defect: training on a folder made with other data settings failed with a 1,490-character dump of two
     config dictionaries instead of naming the field that differs."""

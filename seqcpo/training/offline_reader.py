@@ -144,6 +144,9 @@ def _check_finished(path: str, manifest: dict | None) -> None:
         )
 
 
+_WARNED_NO_DIGEST: set[str] = set()
+
+
 def _check_fits(path: str, st: dict, cfg) -> None:
     """The folder's settings fit this run's: K, ranking, length normalization, and the same model (name and
     content), data, generators, options and seed."""
@@ -166,7 +169,8 @@ def _check_fits(path: str, st: dict, cfg) -> None:
         keys.append("anchors")
     if "model_digest" in st:
         keys.insert(1, "model_digest")
-    else:
+    elif path not in _WARNED_NO_DIGEST:  # said once a process: the folder is checked before and after loading
+        _WARNED_NO_DIGEST.add(path)
         logger.warning("negatives_path %s was made by a seqcpo that recorded no digest of the model's weights: "
                        "that they are the weights this run starts from cannot be checked", path)
     def comparable(settings: dict) -> dict:  # speed-only options (an_batch_size) do not change the rows
