@@ -105,6 +105,18 @@ def test_answers_are_cut_to_the_context_and_counted(tok):
     ({"prompt": "x\udc00", "chosen": "a", "rejected": "b"}, 'field "prompt" holds an unpaired surrogate'),
     ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "a\ud800"}],
       "rejected": [{"role": "assistant", "content": "b"}]}, r'field "chosen\[0\].content" holds an unpaired'),
+    # campaign 3: a malformed chat message was reported as "must be a string ..., got list"
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, r'field "chosen\[0\]" is a message without "content"'),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": None}]}, r'field "rejected\[0\]" has "content" None; it must be a'),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}, "more"],
+      "rejected": [{"role": "assistant", "content": "b"}]}, r'field "chosen\[1\]" is str, not a message'),
+    ({"prompt": [{"content": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, r'field "prompt\[0\]" is a message without "role"'),
+    ({"prompt": [{"role": "user", "content": 7}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, r'field "prompt\[0\]" has "content" 7'),
+    ({"prompt": "x", "chosen": ["a", "b"], "rejected": "c"}, r'field "chosen" must be a string .* got a list of str$'),
 ])
 def test_bad_rows_name_the_file_row_and_field(tok, fields, message):
     with pytest.raises(DataError, match="^prefs.jsonl line 3: " + message):

@@ -114,8 +114,12 @@ def parse_row(record: Record) -> PreferenceRow:
         for a, name in zip(answers, names):
             _check_answer(a, name, conversational, where)  # what is left after the common beginning
     elif conversational != _is_conversation(prompt) or (not conversational and not isinstance(prompt, str)):
+        if conversational and isinstance(prompt, list):
+            _check_messages(prompt, "prompt", where)
         kind = "a list of messages" if conversational else "a string"
-        raise DataError(f'{where}: field "prompt" must be {kind}, like the answers')
+        raise DataError(f'{where}: field "prompt" must be {kind}, like the answers, got {_kind(prompt)}')
+    elif conversational:
+        _check_messages(prompt, "prompt", where)
     if not conversational and not prompt.strip():
         raise DataError(f'{where}: field "prompt" is empty')
     if not implicit:
@@ -219,6 +223,14 @@ def _finite(v: int | float) -> bool:
         return False
 
 
+def _kind(v: Any) -> str:
+    """``str``, ``list of int``, ``empty list``, ...: what a field holds, for an error."""
+    if isinstance(v, list):
+        kinds = sorted({type(m).__name__ for m in v})
+        return f"a list of {' and '.join(kinds)}" if kinds else "an empty list"
+    return type(v).__name__
+
+
 def _short(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
@@ -243,17 +255,40 @@ def _is_conversation(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(_is_message(m) for m in v)
 
 
+def _message_problem(m: Any) -> str | None:
+    """What keeps ``m`` from being a chat message ``{"role": str, "content": str}``, or None."""
+    if not isinstance(m, dict):
+        return f'is {type(m).__name__}, not a message {{"role", "content"}}'
+    for key in ("role", "content"):
+        if key not in m:
+            return f'is a message without "{key}"'
+        if not isinstance(m[key], str):
+            return f'has "{key}" {_short(m[key])}; it must be a string'
+    return None
+
+
+def _check_messages(a: list, name: str, where: str) -> None:
+    """Every item of a list of messages is one (its index named otherwise)."""
+    for i, m in enumerate(a):
+        problem = _message_problem(m)
+        if problem:
+            raise DataError(f'{where}: field "{name}[{i}]" {problem}')
+
+
 def _check_answer(a: Any, name: str, conversational: bool, where: str) -> None:
     if conversational:
-        if not _is_conversation(a):
+        if not isinstance(a, list) or not a:
             raise DataError(f'{where}: field "{name}" must be a list of messages {{"role", "content"}}, like "chosen"')
-        if not any(isinstance(m["content"], str) and m["content"].strip() for m in a):
+        _check_messages(a, name, where)
+        if not any(m["content"].strip() for m in a):
             raise DataError(f'{where}: field "{name}" is empty')
         _check_unicode_value(a, where, name)
         return
+    if isinstance(a, list) and any(isinstance(m, dict) for m in a):
+        _check_messages(a, name, where)  # meant as messages: say which one is not
     if not isinstance(a, str):
-        raise DataError(f'{where}: field "{name}" must be a string (or every answer a list of messages), got '
-                        f"{type(a).__name__}")
+        raise DataError(f'{where}: field "{name}" must be a string (or every answer a list of messages '
+                        f'{{"role", "content"}}), got {_kind(a)}')
     _check_unicode_value(a, where, name)
     if not a.strip():
         raise DataError(f'{where}: field "{name}" is empty')
