@@ -197,3 +197,31 @@ def test_offline_folder_is_keyed_by_the_rejected_answers(assets, tmp_path):
     train_split = load_splits(cfg.data_config(), tok).train
     with pytest.raises(ValueError, match="made from"):
         read_offline_negatives(str(tmp_path / "neg"), cfg, train_split)
+
+
+def test_data_negatives_without_preference_data_are_refused_by_the_dry_run_and_before_training(assets, tmp_path,
+                                                                                              capsys):
+    """Defect (campaign 3): `--negatives data:4` on plain text passed `--dry-run` (rc 0, "data x4") and the real
+    run refused it only at its first step; with task instruction it could be refused from the config alone."""
+    from seqcpo.cli import main
+    from seqcpo.training.config import ConfigError
+    from seqcpo.training.run import train
+
+    words = ["river", "market", "bridge", "city", "wool", "salt", "square", "bread", "books", "fog"]
+    text = tmp_path / "plain.jsonl"
+    text.write_text("".join(json.dumps({"id": f"t{i}", "text": " ".join(words[(i + j) % 10] for j in range(30))})
+                            + "\n" for i in range(12)))
+    over = dict(dataset=str(text), task="continuation", prefix_tokens=6, continuation_tokens=6,
+                objective="cpo", negatives="data:1,tn:3")
+    with pytest.raises(ValueError, match="negatives 'data' needs preference examples"):
+        train(_cfg(assets, tmp_path, **over))
+    assert not (tmp_path / "run" / "final").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
+    args = ["train", "--dry-run"] + [a for k, v in {**over, "model_name_or_path": assets["model"],
+                                                    "output_dir": str(tmp_path / "dry"), "use_cpu": True,
+                                                    "report_to": "none", "max_steps": 2,
+                                                    "validation_size": 0, "test_size": 0}.items()
+                                     for a in (f"--{k}", str(v))]
+    assert main(args) == 2
+    assert "negatives 'data' needs preference examples" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^negatives='data:1,tn:3': 'data' negatives .* task instruction has none"):
+        _cfg(assets, tmp_path, **{**over, "task": "instruction"})

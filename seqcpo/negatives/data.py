@@ -27,6 +27,17 @@ from seqcpo.seeding import Generators, fork, per_example_generators
 from seqcpo.types import Example, Negatives
 
 
+def check_data_examples(examples: Sequence[Example]) -> None:
+    """Every example carries its data's rejected answers (a preference row's); a one-line ``ValueError`` naming the
+    first that does not. Checked where the examples are made (run and dry run) and again when negatives are made."""
+    for e in examples:
+        if e.rejected_ids is None:
+            raise ValueError(
+                f"negatives 'data' needs preference examples (rejected answers); example {e.meta.get('id')!r} has "
+                "none: use a preference dataset (task: preference) or drop 'data' from negatives"
+            )
+
+
 class DataNegatives:
     """The first k rejected answers of each example, missing ones filled by ``fill`` (or masked).
 
@@ -42,12 +53,7 @@ class DataNegatives:
 
     def __call__(self, examples: Sequence[Example], k: int, generator: Generators, ranked: bool = False) -> Negatives:
         check_k("data", k)
-        for e in examples:
-            if e.rejected_ids is None:
-                raise ValueError(
-                    f"negatives 'data' needs preference examples (rejected answers); example {e.meta.get('id')!r} has "
-                    "none: use a preference dataset (task: preference) or drop 'data' from negatives"
-                )
+        check_data_examples(examples)
         gens = per_example_generators(generator, len(examples))
         short = [b for b, e in enumerate(examples) if len(e.rejected_ids) < k]
         filled = {}

@@ -304,6 +304,9 @@ class SeqCPOConfig(TrainingArguments, DataConfig):
             except ValueError as e:
                 raise ConfigError(f"negatives={self.negatives!r}: {e}") from None
             bn = parts.get("bn", 0)
+            if "data" in parts and self.task in ("instruction", "document"):
+                bad("negatives", f"'data' negatives are a preference row's rejected answers and task {self.task} has "
+                    "none: train on preference data (task: preference), or choose tn, bn, an or mn")
             if "an" in parts:
                 self._validate_an(bad, parts["an"])
             if self.task == "document":

@@ -276,6 +276,10 @@ def _negatives(cfg, examples, tokenizer, offline=None):
         negatives, _ = negatives_from_offline([offline[i] for i in ids])
         return negatives, f"fixed negatives read from {cfg.negatives_path} (K = {cfg.num_negatives})"
     parts = cfg.negatives_parts
+    if "data" in dict(parts):
+        from seqcpo.negatives.data import check_data_examples
+
+        check_data_examples(examples)  # as the run checks its training split
     free = [(n, c) for n, c in parts if n in ("tn", "bn")]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = [[] for _ in examples]

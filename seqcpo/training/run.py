@@ -197,6 +197,10 @@ def _datasets(cfg: SeqCPOConfig, tokenizer, model):
                                 need_test=quality and cfg.quality_split == "test")
     else:
         splits = load_splits(cfg.data_config(), tokenizer, context_tokens=context)
+    if cfg.uses_negatives and not cfg.streaming and "data" in dict(cfg.negatives_parts):
+        from seqcpo.negatives.data import check_data_examples
+
+        check_data_examples(splits.train)  # before training: the data's task is known once it is read
     offline, offline_meta = None, None
     if cfg.negatives_path and cfg.uses_negatives:
         from seqcpo.training.offline_reader import read_offline_negatives
