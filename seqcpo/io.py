@@ -62,7 +62,9 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 _SECRET_WORDS = ("api_key", "apikey", "password", "passwd", "secret", "authorization", "credential")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s@?#]+)@")
-_QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:[A-Za-z0-9_\-]*(?:api[_\-]?key|token|secret|password|passwd|sig|signature)"
+# a query parameter whose name says it may carry a credential: ?key= (Gemini), ?code= (Azure Functions), ?sig= (SAS),
+# ?auth=, ?access_token=, ?subscription-key=, ?session=, ... (hiding a harmless one costs nothing)
+_QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:[A-Za-z0-9_\-]*(?:key|token|secret|pass|pwd|sig|auth|code|credential|session)"
                            r"[A-Za-z0-9_\-]*))=(?P<value>[^&#\s\"']*)", re.IGNORECASE)
 _BEARER = re.compile(r"(?P<key>\b(?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE)
 REDACTED = "***"
@@ -83,7 +85,8 @@ def is_secret_name(name: str) -> bool:
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` without URL credentials (``user:pw@``), secret query parameters (``?api_key=``, ``&token=``),
+    """``text`` without URL credentials (``user:pw@``), secret query parameters (``?api_key=``, ``&token=``,
+    ``?key=``, ``?code=``, ...),
     ``Bearer``/``Basic`` credentials, and any of the given ``secrets`` values.
 
     >>> redact_text("http://u:pw@host/v1?api_key=k1&x=2 Bearer sk-abcdefghij")

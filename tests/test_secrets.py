@@ -232,6 +232,17 @@ def test_report_writer_redacts_every_secret_field(tmp_path, monkeypatch):
     assert written["judge"]["url"] == "http://***@h/v1?token=***"
 
 
+@pytest.mark.parametrize("name", ["key", "api_key", "apikey", "subscription-key", "code", "auth", "access_token",
+                                  "sig", "session", "pwd"])
+def test_every_query_parameter_that_may_carry_a_credential_is_hidden(name):
+    """Defect (campaign 3): a judge URL's ``?key=`` (Gemini), ``?code=`` (Azure Functions) or ``?auth=`` was written
+    into the grid's results.json as it was: only names with api_key/token/secret/password/sig were hidden."""
+    from seqcpo.io import redact_text
+
+    url = f"https://judge.example/v1beta/models/m:generate?api-version=2024-06-01&{name}=CANARY-VALUE-1234#frag"
+    assert redact_text(url, secrets=()) == f"https://judge.example/v1beta/models/m:generate?api-version=2024-06-01&{name}=***#frag"
+
+
 def test_no_canary_from_a_grid_base_reaches_its_results(tiny_run_args, tmp_path, monkeypatch, capsys, caplog):
     """Defect: a grid whose ``base:`` set ``hub_token`` wrote it in plain text into ``results.json`` (the grid's
     record of its arms' fields). Every file a grid writes, and its console, are searched for the canary."""
