@@ -185,3 +185,34 @@ def test_grid_names_with_inner_dots_still_load(tmp_path):
     ev = {"num_examples": 4, "decoding": ["greedy"], "judge": {"backend": "none"}, "baseline": "base"}
     g = load_grid(_grid(tmp_path, arms=arms, controls=[{"of": "base", "kind": "loop"}], eval=ev))
     assert [a.name for a in g.arms] == ["base", "mle.v2", "cpo", "cpo.s2", "base.loop"]
+
+
+@pytest.mark.parametrize("text", ["{}", "[]", '"done"', '{"fingerprint": 3}', "\udcff"])
+def test_a_damaged_stage_mark_means_the_stage_is_redone_not_a_traceback(tmp_path, text):
+    """Defect (campaign 3): a grid ``done.json`` holding ``{}`` or ``[]`` stopped `seqcpo reproduce` with a
+    KeyError/TypeError traceback; a mark that is not a JSON object with a fingerprint now means "not finished"."""
+    from seqcpo.grid.cache import cached_stage, is_current, read_done
+
+    (tmp_path / "done.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert read_done(tmp_path) is None and not is_current(tmp_path, "fp")
+    assert cached_stage(tmp_path, "fp", lambda: {"made": True}) == {"made": True}
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ([], "damaged"), ({"settings": []}, "damaged"), ({"settings": {}, "shards": [3]}, "damaged"),
+    ({"settings": {"format": None, "ranked": False}, "complete": True}, None),
+])
+def test_a_damaged_negatives_manifest_is_one_line(tmp_path, manifest, message):
+    """Defect (campaign 3): a negatives folder whose manifest.json held ``[]`` (AttributeError) or lacked
+    ``settings.k`` (KeyError) stopped training with a traceback."""
+    import json
+
+    from seqcpo.training.offline_reader import FORMAT_VERSION, check_offline_settings
+
+    if message is None:  # the format is this seqcpo's, but K is gone
+        manifest["settings"]["format"] = FORMAT_VERSION
+        message = r"manifest.json is damaged \(settings.k is missing\)"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message) as err:
+        check_offline_settings(str(tmp_path), object())
+    assert "\n" not in str(err.value)

@@ -77,11 +77,13 @@ def now_utc() -> str:
 
 
 def read_done(folder: Path) -> dict | None:
-    """The stage's ``done.json``, or None when the stage has not finished."""
+    """The stage's ``done.json``, or None when the stage has not finished (or its mark is damaged: not a JSON
+    object with a fingerprint, so the stage is redone)."""
     try:
-        return json.loads((folder / "done.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        done = json.loads((folder / "done.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: JSON errors and bytes that are not UTF-8
         return None
+    return done if isinstance(done, dict) and isinstance(done.get("fingerprint"), str) else None
 
 
 def is_current(folder: Path, fp: str) -> bool:

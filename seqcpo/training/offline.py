@@ -181,9 +181,16 @@ def _read_manifest(out_dir: str) -> dict | None:
         return None
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as e:  # ValueError: JSON errors and bytes that are not UTF-8
         raise ValueError(f"{path}: unreadable ({e}); delete the folder or choose another --out") from None
+    shards = manifest.get("shards", []) if isinstance(manifest, dict) else None
+    if (not isinstance(manifest, dict) or not isinstance(manifest.get("settings", {}), dict)
+            or not isinstance(shards, list) or not all(isinstance(x, dict) and isinstance(x.get("file"), str)
+                                                       for x in shards)):
+        raise ValueError(f"{path}: damaged (not the JSON object of a seqcpo negatives manifest, with its settings "
+                         "and shards); delete the folder or choose another --out")
+    return manifest
 
 
 def _keep_speed_options(old: dict | None, settings: dict[str, Any]) -> dict[str, Any]:

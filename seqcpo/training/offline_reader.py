@@ -137,6 +137,10 @@ def _check_finished(path: str, manifest: dict | None) -> None:
             f"negatives_path {path}: made by an older seqcpo (format {st.get('format')}, JSONL shards); re-make it "
             "into a new folder with `seqcpo negatives --out NEW_DIR`"
         )
+    missing = [key for key in ("k", "ranked") if key not in st]
+    if missing:
+        raise ValueError(f"negatives_path {path}: its manifest.json is damaged (settings.{missing[0]} is missing); "
+                         "make the folder again with `seqcpo negatives --out NEW_DIR`")
     if not manifest.get("complete"):
         raise ValueError(
             f"negatives_path {path}: incomplete; run the same `seqcpo negatives` command again to finish it (it "
