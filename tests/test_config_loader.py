@@ -303,3 +303,17 @@ def test_train_help_lists_the_fields_grouped_and_points_to_the_reference(capsys)
     assert all(g in text for g in groups)
     assert text.index("--validation-size") < text.index("--beta") < text.index("learning_rate")
     assert "reward scale beta" in text.lower() and "--no-lora" in text
+
+
+def test_a_config_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    """Defect (campaign 3): a Latin-1 config file failed with "'utf-8' codec can't decode byte ..." and no file or
+    line. A UTF-8 BOM (what some editors write) still reads."""
+    from seqcpo.config_loader.yaml_io import ConfigError, read_yaml
+
+    bad = tmp_path / "c.yaml"
+    bad.write_bytes("beta: 0.1\n# caf\xe9\nseed: 1\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c\.yaml line 2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8$"):
+        read_yaml(bad)
+    bom = tmp_path / "b.yaml"
+    bom.write_bytes("\ufeffbeta: 0.1\nseed: 1\n".encode("utf-8"))
+    assert read_yaml(bom) == {"beta": 0.1, "seed": 1}

@@ -105,8 +105,17 @@ def read_yaml(path: str | os.PathLike, section: str | None = None) -> dict[str, 
         raise ConfigError(f"{path}: no such config file")
     if os.path.isdir(path):
         raise ConfigError(f"{path}: is a folder, not a config file")
-    with open(path, encoding="utf-8") as fh:
-        loaded = _load(fh, str(path))
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    loaded = _load(text, str(path))
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
