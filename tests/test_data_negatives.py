@@ -225,3 +225,16 @@ def test_data_negatives_without_preference_data_are_refused_by_the_dry_run_and_b
     assert "negatives 'data' needs preference examples" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"^negatives='data:1,tn:3': 'data' negatives .* task instruction has none"):
         _cfg(assets, tmp_path, **{**over, "task": "instruction"})
+
+
+def test_a_folder_row_fits_only_the_example_it_was_made_from():
+    """The streamed run's check of each row (seqcpo.batching.row_fits): prefix, gold and every "data" negative."""
+    from seqcpo.batching import row_fits
+
+    row = {"prefix_ids": [1, 2], "gold_ids": [3, 2], "negatives": [[4, 2], [5, 2]], "sources": ["data", "tn"],
+           "valid": [True, True]}
+    assert row_fits(row, [1, 2], [3, 2], [[4, 2], [6, 2]])
+    assert not row_fits(row, [1, 9], [3, 2], [[4, 2]])  # another prefix
+    assert not row_fits(row, [1, 2], [3, 9, 2], [[4, 2]])  # another gold
+    assert not row_fits(row, [1, 2], [3, 2], [[7, 2]])  # its rejected answer changed
+    assert row_fits({**row, "sources": ["tn", "tn"]}, [1, 2], [3, 2], None)  # no data negatives: none to match

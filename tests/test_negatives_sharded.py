@@ -414,3 +414,22 @@ def test_dry_run_refuses_what_the_run_refuses_and_counts_the_folders_negatives(s
         assert said in err and "Traceback" not in err, (extra, err)
         run = main(["train", "--config", setup["cfg"], "--negatives_path", str(out)] + extra)
         assert run == 2 and said in capsys.readouterr().err, extra  # the real run's own refusal
+
+
+def test_a_streamed_run_refuses_rows_made_from_a_data_file_since_changed_in_place(setup, tmp_path):
+    """Defect (campaign 3): with streaming, rows were matched to examples by id alone (the split's digest is only
+    taken in memory), so a data file edited in place under the same ids trained on the old negatives and the old
+    gold's reference log-probs. Each streamed example is now checked against its row's token ids."""
+    import shutil
+
+    from seqcpo.training.run import make_negatives, train
+
+    data = tmp_path / "docs.txt"
+    shutil.copy(setup["root"] / "docs.txt", data)
+    over = dict(dataset=str(data), validation_size=0, test_size=0, streaming=True, max_steps=1)
+    out = tmp_path / "neg"
+    make_negatives(_config(setup, **over), str(out), shard_size=8)
+    train(_config(setup, output_dir=str(tmp_path / "ok"), negatives_path=str(out), **over))  # unchanged: trains
+    data.write_text(data.read_text().replace("river", "harbour"))  # same paragraphs, same ids, other tokens
+    with pytest.raises(ValueError, match=r"its row for training example .* was made from other token ids"):
+        train(_config(setup, output_dir=str(tmp_path / "changed"), negatives_path=str(out), **over))

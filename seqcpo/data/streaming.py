@@ -42,6 +42,7 @@ from typing import Any, Iterator, Optional
 
 from torch.utils.data import IterableDataset
 
+from seqcpo.batching import row_fits
 from seqcpo.data.config import DataConfig, DataError
 from seqcpo.data.examples import describe_counts, record_examples
 from seqcpo.data.row_batches import stream_row_batches, stream_source
@@ -337,6 +338,15 @@ class StreamingExamples(IterableDataset):
                                         f"({rec.where}); re-run `seqcpo negatives` with the same data settings"
                                     )
                                 item["offline"] = self.offline[item["id"]]
+                                if not row_fits(item["offline"], ex.prefix_ids, ex.continuation_ids,
+                                                ex.rejected_ids):
+                                    raise DataError(
+                                        f"negatives_path {getattr(self.offline, 'path', '')}: its row for training "
+                                        f"example {item['id']!r} ({rec.where}) was made from other token ids (data "
+                                        "file or tokenizer changed since?); its reference log-probs would not "
+                                        "match. Make a folder for this run: seqcpo negatives --config FILE.yaml "
+                                        "--out NEW_DIR"
+                                    )
                             count += 1
                             yielded += 1
                             self._history.append(
