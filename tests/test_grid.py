@@ -2,6 +2,7 @@
 stages, reports every arm, and the shipped grid files load and dry-run."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -159,6 +160,35 @@ def test_changed_training_config_is_an_error_and_eval_changes_redo_evaluation(as
     raw["base"]["learning_rate"] = 5e-4  # a training option: refuse to mix old results with a new config
     Path(grid).write_text(yaml.safe_dump(raw))
     with pytest.raises(GridError, match="arm 'mle' was trained with another config"):
+        run_grid(grid)
+
+
+def test_a_data_file_or_model_folder_changed_under_finished_stages_is_refused(assets, tmp_path, fake_minilm):
+    """Defect (campaign 3): stage fingerprints hash the grid's settings, which name the data and the model by path,
+    so a data file edited in place (or a model folder rewritten) left every stage "done already" and the report
+    mixed old results with the new content. The content is now recorded (inputs.json) and a change refused."""
+    data, model = tmp_path / "data.jsonl", tmp_path / "model"
+    shutil.copy(assets["data"], data)
+    shutil.copytree(assets["model"], model)
+    grid = _grid({"model": str(model), "data": str(data)}, tmp_path, judge="none", mauve="none")
+    raw = yaml.safe_load(open(grid))
+    raw["arms"] = {"base": {"train": False}}
+    raw["eval"]["baseline"] = "base"
+    raw.pop("ensembles")
+    Path(grid).write_text(yaml.safe_dump(raw))
+    run_grid(grid)
+    recorded = json.loads((tmp_path / "out" / "inputs.json").read_text())
+    assert set(recorded) == {f"dataset {data}", f"model_name_or_path {model}"}
+    original = data.read_text()
+    data.write_text(original.replace("river", "harbour"))  # same rows and ids, other text
+    with pytest.raises(GridError, match=rf"dataset {re.escape(str(data))} changed since this grid's finished stages"):
+        run_grid(grid)
+    with pytest.raises(GridError, match="changed since"):
+        run_grid(grid, dry_run=True)  # the dry run says so too
+    data.write_text(original)
+    run_grid(grid)  # restored: every stage is skipped
+    make_tiny_llama(vocab_size=len(make_toy_tokenizer()), seed=5).save_pretrained(model)  # other weights, same path
+    with pytest.raises(GridError, match=rf"model_name_or_path {re.escape(str(model))} changed since"):
         run_grid(grid)
 
 

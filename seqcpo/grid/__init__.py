@@ -36,18 +36,20 @@ exists and whose inputs have not changed is skipped, so an interrupted grid resu
     arms/NAME/paired/          paired.json: every paired difference against the baseline + done.json
     ensembles/FROM~TO/         alpha-*/ checkpoints + done.json
     judge_cache/               verdicts, shared by all arms
+    inputs.json                content digests of the local data files and model folders the arms use
     report.md, results.json    arms, claims (paired differences), seed spread, separation; winrate.png,
                                mauve.png, alpha_sweep.png, separation.png (rewritten after every evaluated arm)
 
 Inputs of each stage are fingerprinted (the arm's merged config; the generation and scoring fields of the
 eval config). A changed training config is an error (delete ``arms/NAME`` to retrain); changed generation or
-evaluation options redo that stage and the ones after it.
+evaluation options redo that stage and the ones after it. The fingerprints name a data file or model folder by its
+path; what is there is checked by :mod:`~seqcpo.grid.inputs`: changed content under finished stages is refused.
 
 Modules: :mod:`~seqcpo.grid.spec` the grid file (typed, through the one config loader);
 :mod:`~seqcpo.grid.cache` fingerprints, ``done.json`` and the skip rule; :mod:`~seqcpo.grid.state` the run's
 folders, fingerprints and judge; the stages :mod:`~seqcpo.grid.train`, :mod:`~seqcpo.grid.generate`,
 :mod:`~seqcpo.grid.evaluate`; :mod:`~seqcpo.grid.report` the report; :mod:`~seqcpo.grid.run` their order;
-:mod:`~seqcpo.grid.controls` and :mod:`~seqcpo.grid.curves`. Generating, judging and scoring are
+:mod:`~seqcpo.grid.controls`, :mod:`~seqcpo.grid.curves` and :mod:`~seqcpo.grid.inputs`. Generating, judging and scoring are
 :mod:`seqcpo.evaluation.evaluate`'s, the common report :func:`seqcpo.evaluation.report.write_report`'s.
 """
 

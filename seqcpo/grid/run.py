@@ -18,6 +18,7 @@ from seqcpo.evaluation.config import check_judge
 from seqcpo.grid.cache import read_done
 from seqcpo.grid.evaluate import evaluate
 from seqcpo.grid.generate import generate
+from seqcpo.grid.inputs import check_inputs
 from seqcpo.grid.report import arm_summary, write_grid_report
 from seqcpo.grid.spec import ArmSpec, EnsembleSpec, GridError, load_grid
 from seqcpo.grid.state import GridRun
@@ -56,6 +57,7 @@ def run_grid(grid_path: str | os.PathLike, only: Sequence[str] | None = None, dr
                 if not only or a.name in only or a.ensemble in only or a.seed_group in only}
     run = GridRun(grid, selected)
     command = " ".join(shlex.quote(c) for c in ["seqcpo", "reproduce", str(grid_path), *(["--only", *only] if only else [])])
+    check_inputs(grid, write=not dry_run)  # a data file or model folder changed under a finished stage: refused
     if dry_run:
         print(plan(run, command))
         return str(grid.out_dir / "report.md")

@@ -55,7 +55,7 @@ _LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 _SPLIT_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")
 
 
-def _source_fingerprint(path: str) -> str:
+def source_fingerprint(path: str) -> str:
     """One file: its content digest. A folder: every file's relative name and content digest."""
     if os.path.isfile(path):
         return file_digest(path)
@@ -85,7 +85,7 @@ def data_fingerprint(cfg) -> str:
 
         parts["content"] = file_digest(wiki_path())
     elif os.path.exists(path):
-        parts["content"] = _source_fingerprint(path)
+        parts["content"] = source_fingerprint(path)
     negatives_path = getattr(cfg, "negatives_path", None)
     if negatives_path and getattr(cfg, "uses_negatives", False):
         manifest = os.path.join(negatives_path, "manifest.json")
