@@ -200,8 +200,11 @@ def _interpolate_tensor(ta: torch.Tensor, tb: torch.Tensor, alpha: float) -> tor
         if not torch.equal(ta, tb.to(ta.dtype)):
             raise EnsembleError("an integer tensor differs between the two checkpoints; it cannot be interpolated")
         return ta.clone()
-    mixed = (1.0 - alpha) * ta.float() + alpha * tb.float()
-    return mixed.to(ta.dtype)
+    mixed = ((1.0 - alpha) * ta.float() + alpha * tb.float()).to(ta.dtype)
+    if not torch.isfinite(mixed).all() and torch.isfinite(ta).all() and torch.isfinite(tb).all():
+        raise EnsembleError(f"alpha {alpha:g} takes the weights past what {str(ta.dtype).replace('torch.', '')} holds "
+                            "(infinite values): choose an alpha nearer [0, 1]")
+    return mixed
 
 
 def _model_card(alpha: float, a: str, b: str) -> str:

@@ -129,6 +129,15 @@ def test_bad_inputs(pair, tmp_path):
         interpolate_checkpoints(a, tmp_path / "nobin", [0.5], tmp_path / "out")
 
 
+def test_an_alpha_that_overflows_the_weights_is_refused_and_leaves_nothing(pair, tmp_path):
+    """Defect (campaign 3): `--alphas 1e300` wrote a checkpoint of infinite weights without a word."""
+    a, b, _ = pair
+    with pytest.raises(EnsembleError, match=r"alpha 1e\+300 takes the weights past what float32 holds"):
+        interpolate_checkpoints(a, b, [1e300], tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())  # no alpha folder, no temp folder
+    interpolate_checkpoints(a, b, [-0.5, 1.5], tmp_path / "out")  # extrapolation within range still works
+
+
 def test_cli_ensemble(pair, tmp_path, capsys):
     from seqcpo.cli import main
 
