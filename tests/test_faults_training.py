@@ -174,6 +174,25 @@ def test_resume_auto_takes_this_runs_newest_checkpoint_or_starts_afresh(assets, 
     assert len(aside) == 1 and read_marker(str(aside[0]))["identity"]["config"]["learning_rate"] == 1e-3
 
 
+def test_a_fresh_run_moves_another_runs_final_model_aside_instead_of_replacing_it(assets, tmp_path, caplog):
+    """Defect (campaign 3): a run into a folder holding another run's final/ replaced it without a word; with
+    save_strategy no that was the only copy of that model. It is now moved aside whole, with that run's files."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    _train(_cfg(assets, out, learning_rate=5e-3, max_steps=2, save_strategy="no"))
+    first = load_file(str(out / "final" / "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="seqcpo"):
+        _train(_cfg(assets, out, learning_rate=1e-3, max_steps=2, save_strategy="no"))
+    assert "held the final model of another run" in caplog.text
+    aside = [p for p in out.iterdir() if p.name.startswith("other-run-") and p.name.endswith("-final")]
+    assert len(aside) == 1 and read_marker(str(aside[0]))["identity"]["config"]["learning_rate"] == 5e-3
+    kept = load_file(str(aside[0] / "model.safetensors"))
+    assert all(torch.equal(first[k], kept[k]) for k in first)
+    assert "learning_rate: 0.005" in (aside[0] / "run-seqcpo_config.yaml").read_text()
+    assert read_marker(str(out / "final"))["identity"]["config"]["learning_rate"] == 1e-3
+
+
 # ---------------------------------------------------------------- completeness
 
 

@@ -82,6 +82,7 @@ def _train(cfg: SeqCPOConfig, callbacks: list | None) -> dict[str, Any]:
         attach_quality(trainer, cfg, {"validation": splits.validation, "test": splits.test})
     config_path = os.path.join(cfg.output_dir, "seqcpo_config.yaml")
     if trainer.is_world_process_zero():
+        _set_aside_other_final(cfg.output_dir, identity)
         save_config(cfg, config_path)
     result = trainer.train(resume_from_checkpoint=resume)
     final_dir = os.path.join(cfg.output_dir, "final")
@@ -269,6 +270,26 @@ def _warn_foreign_checkpoints(output_dir: str, identity: dict) -> None:
             "and leaves them alone; a folder at a step this run saves is replaced",
             output_dir, len(foreign), ", ".join(os.path.basename(p) for p in foreign[:5]),
         )
+
+
+def _set_aside_other_final(output_dir: str, identity: dict) -> None:
+    """Another run's complete ``final/`` in ``output_dir`` (the only copy of its model under ``save_strategy: no``)
+    is moved aside with that run's top-level files, never replaced: ``other-run-<key>-final/``, as a checkpoint of
+    another run at a step this run saves is (:mod:`seqcpo.training.checkpoints.saving`)."""
+    from seqcpo.training.checkpoints import identity_key, read_marker
+
+    final_dir = os.path.join(output_dir, "final")
+    other = read_marker(final_dir) if os.path.isdir(final_dir) else None
+    if other is None or other.get("identity_key") == identity_key(identity):
+        return
+    aside = os.path.join(output_dir, f"other-run-{str(other.get('identity_key'))[:12]}-final")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final_dir, aside)
+    for name in ("seqcpo_config.yaml", "run_info.json", "log_history.json"):  # that run's, about to be replaced
+        if os.path.isfile(os.path.join(output_dir, name)):
+            shutil.copy2(os.path.join(output_dir, name), os.path.join(aside, "run-" + name))
+    logger.warning("output_dir %s held the final model of another run (other settings): moved to %s with that "
+                   "run's files; this run writes its own final/", output_dir, aside)
 
 
 def _write_final(trainer, final_dir: str, tokenizer, identity: dict) -> None:
