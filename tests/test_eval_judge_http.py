@@ -194,6 +194,9 @@ def test_openai_judge_retries_failures_cache_and_key(server, tmp_path, monkeypat
     assert state.max_in_flight <= 4
     assert judge.stats["requests"] == sum(state.counts.values())
     assert judge.stats["failures"] == len(MARKERS_FAIL)
+    # failed comparisons are said as a warning (campaign 3: every request failing was INFO lines only)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "comparisons failed" in r.getMessage()]
+    assert len(said) == 1 and f"{len(MARKERS_FAIL)} of {len(MARKERS_OK + MARKERS_FAIL)} comparisons failed" in said[0]
 
     # the key reached the server, in the Authorization header of every request
     assert state.auth and all(a == f"Bearer {KEY}" for a in state.auth)

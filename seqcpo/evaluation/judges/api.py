@@ -258,6 +258,11 @@ class OpenAIJudge:
                 for f in as_completed(futures):
                     results[futures[f]] = f.result()
                     bar.update(1)
+        failed = [v for v in results.values() if v.failed]
+        if failed:  # said where the user looks, not only in the report's judge calls line
+            logger.warning("judge %s: %s of %d comparisons failed (first: %s); they count as no verdict%s",
+                           self.host, "every one" if len(failed) == len(results) else len(failed), len(results),
+                           failed[0].error, ": no win rate can be computed" if len(failed) == len(results) else "")
         return [results[t] for t in triples]
 
     def _judge_safely(self, prompt: str, a: str, b: str) -> Verdict:
