@@ -22,14 +22,13 @@ INPUTS_FILE = "inputs.json"
 
 def local_inputs(grid: GridConfig) -> dict[str, str]:
     """``{"dataset PATH": digest, "model_name_or_path PATH": digest}`` for every local input of every arm."""
-    from seqcpo.models import model_digest
-    from seqcpo.training.checkpoints.identity import source_fingerprint
+    from seqcpo.models import model_digest, source_digest
 
     found: dict[str, str] = {}
     for arm in grid.arms:
         data, model = str(arm.config.dataset), str(arm.config.model_name_or_path)
         if f"dataset {data}" not in found and os.path.exists(os.path.expanduser(data)):
-            found[f"dataset {data}"] = source_fingerprint(os.path.expanduser(data))
+            found[f"dataset {data}"] = source_digest(os.path.expanduser(data))
         if f"model_name_or_path {model}" not in found and os.path.isdir(os.path.expanduser(model)):
             digest = model_digest(os.path.expanduser(model))
             if digest:

@@ -22,7 +22,7 @@ embedded model), :mod:`~seqcpo.models.pickled` (``.bin`` conversion), :mod:`~seq
 (OpenLLaMA's SentencePiece tokenizer), :mod:`~seqcpo.models.digest` (content digests).
 """
 
-from seqcpo.models.digest import file_digest, model_digest
+from seqcpo.models.digest import file_digest, model_digest, source_digest
 from seqcpo.models.files import CHECKPOINT_SIDE_FILES, DamagedWeightsError, cache_dir, check_safetensors
 from seqcpo.models.gguf import EMBEDDED_MODELS, PROVENANCE_FILE, EmbeddedModel
 from seqcpo.models.loading import (
@@ -50,5 +50,5 @@ __all__ = [
     "BIN_INDEX", "BIN_WEIGHTS", "CHECKPOINT_SIDE_FILES", "CONVERTED_FILE", "DTYPES", "DamagedWeightsError",
     "EMBEDDED_MODELS", "PROVENANCE_FILE", "SENTENCEPIECE_MARK", "EmbeddedModel", "UnsafeCheckpointError", "apply_lora",
     "cache_dir", "check_safetensors", "converted_bin_checkpoint", "file_digest", "load_bin_state_dict", "load_model",
-    "load_tokenizer", "lora_target_modules", "model_digest", "resolve_model_path",
+    "load_tokenizer", "lora_target_modules", "model_digest", "resolve_model_path", "source_digest",
 ]

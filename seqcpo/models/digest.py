@@ -115,3 +115,16 @@ def model_digest(name_or_path: str) -> Optional[str]:
         return None
     names = model_files(path)
     return folder_digest(path, names)[:32] if names else None
+
+
+def source_digest(path: str) -> str:
+    """One file: its content digest. A folder: every file's relative name and content digest."""
+    if os.path.isfile(path):
+        return file_digest(path)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode() + b"\0" + file_digest(full).encode())
+    return h.hexdigest()

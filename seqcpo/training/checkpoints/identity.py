@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any
 
-from seqcpo.models import file_digest, model_digest
+from seqcpo.models import file_digest, model_digest, source_digest
 
 # Settings that do not change what a run computes: where and how often it writes, logs, evaluates or shows
 # progress, how data is fed (workers), and the resume options themselves. Everything else decides the run, so a
@@ -55,19 +55,6 @@ _LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 _SPLIT_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")
 
 
-def source_fingerprint(path: str) -> str:
-    """One file: its content digest. A folder: every file's relative name and content digest."""
-    if os.path.isfile(path):
-        return file_digest(path)
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            h.update(os.path.relpath(full, path).encode() + b"\0" + file_digest(full).encode())
-    return h.hexdigest()
-
-
 def data_fingerprint(cfg) -> str:
     """A hash of everything that decides the training records: the data settings, and the content of the local
     dataset file or folder (sha256 of every file, cached) or the embedded corpus; a Hub id by name, split and
@@ -85,7 +72,7 @@ def data_fingerprint(cfg) -> str:
 
         parts["content"] = file_digest(wiki_path())
     elif os.path.exists(path):
-        parts["content"] = source_fingerprint(path)
+        parts["content"] = source_digest(path)
     negatives_path = getattr(cfg, "negatives_path", None)
     if negatives_path and getattr(cfg, "uses_negatives", False):
         manifest = os.path.join(negatives_path, "manifest.json")
