@@ -112,9 +112,9 @@ def negatives_to_offline(examples: Sequence[Example], neg: Negatives, ref_logps:
 def row_fits(row: dict[str, Any], prefix_ids: Sequence[int], gold_ids: Sequence[int],
              rejected_ids: Sequence[Sequence[int]] | None = None) -> bool:
     """Whether a folder's row was made from this example: the same prefix and gold token ids, and every "data"
-    negative one of its rejected answers. The check of a streamed run, which cannot digest its whole split
-    before it starts (``seqcpo.training.offline_reader`` digests one held in memory): a data file changed in place under the
-    same ids is refused at the first changed example instead of training on the old rows."""
+    negative one of its rejected answers. The check of a streamed run, which cannot digest its whole split before
+    it starts (``seqcpo.training.offline_reader`` digests one held in memory): a data file changed in place under
+    the same ids is refused at the first changed example instead of training on the old rows."""
     if list(row.get("prefix_ids") or []) != list(prefix_ids) or list(row.get("gold_ids") or []) != list(gold_ids):
         return False
     rejected = [list(r) for r in rejected_ids or []]
