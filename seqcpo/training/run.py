@@ -276,15 +276,13 @@ def _set_aside_other_final(output_dir: str, identity: dict) -> None:
     """Another run's complete ``final/`` in ``output_dir`` (the only copy of its model under ``save_strategy: no``)
     is moved aside with that run's top-level files, never replaced: ``other-run-<key>-final/``, as a checkpoint of
     another run at a step this run saves is (:mod:`seqcpo.training.checkpoints.saving`)."""
-    from seqcpo.training.checkpoints import identity_key, read_marker
+    from seqcpo.training.checkpoints import identity_key, read_marker, set_aside
 
     final_dir = os.path.join(output_dir, "final")
     other = read_marker(final_dir) if os.path.isdir(final_dir) else None
     if other is None or other.get("identity_key") == identity_key(identity):
         return
-    aside = os.path.join(output_dir, f"other-run-{str(other.get('identity_key'))[:12]}-final")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(final_dir, aside)
+    aside = set_aside(output_dir, final_dir, other)
     for name in ("seqcpo_config.yaml", "run_info.json", "log_history.json"):  # that run's, about to be replaced
         if os.path.isfile(os.path.join(output_dir, name)):
             shutil.copy2(os.path.join(output_dir, name), os.path.join(aside, "run-" + name))

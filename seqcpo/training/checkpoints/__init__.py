@@ -45,6 +45,7 @@ from seqcpo.training.checkpoints.saving import (
     probe_output_dir,
     rotate,
     save_complete_checkpoint,
+    set_aside,
     trainer_identity,
 )
 
@@ -53,6 +54,6 @@ __all__ = [
     "check_free_space", "check_resumable", "data_fingerprint", "estimate_checkpoint_bytes", "finished_step",
     "finite_logs", "identity_differences", "identity_key", "list_checkpoints", "model_fingerprint", "newest_complete",
     "newest_trusted", "output_dir_lock", "prepare_output_dir", "probe_output_dir", "read_marker", "resolve_resume",
-    "rotate",
+    "rotate", "set_aside",
     "run_identity", "save_complete_checkpoint", "trainer_identity", "verify_checksums", "write_complete_marker",
 ]

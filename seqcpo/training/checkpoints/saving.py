@@ -92,6 +92,15 @@ def check_free_space(trainer, run_dir: str, folder: str, key: str) -> None:
         )
 
 
+def set_aside(run_dir: str, folder: str, marker: dict) -> str:
+    """Move another run's complete ``folder`` (its ``marker``) to ``run_dir/other-run-<key>-<name>``, whole, under
+    a name no resume or rotation reads; returns the new path."""
+    aside = os.path.join(run_dir, f"other-run-{str(marker.get('identity_key'))[:12]}-{os.path.basename(folder)}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    return aside
+
+
 def _clear_same_step(trainer, run_dir: str, folder: str) -> None:
     """Make room for ``folder``: another run's complete checkpoint there is moved aside, never deleted; a torn
     folder of this step, or this run's own, is removed whole (never mixed with the new files)."""
@@ -99,10 +108,8 @@ def _clear_same_step(trainer, run_dir: str, folder: str) -> None:
     if other is not None and other.get("identity_key") != identity_key(trainer_identity(trainer)):
         # another run's complete checkpoint at this step (resume "auto" started afresh beside it): kept, moved
         # aside under a name no resume or rotation reads
-        aside = os.path.join(run_dir, f"other-run-{str(other.get('identity_key'))[:12]}-{os.path.basename(folder)}")
+        aside = set_aside(run_dir, folder, other)
         logger.warning("%s was written by another run (other settings): moved to %s", folder, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(folder, aside)
         return
     marker = os.path.join(folder, COMPLETE_MARKER)
     if os.path.exists(marker):
